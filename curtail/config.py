@@ -1,0 +1,335 @@
+"""Typed experiment configuration: traces, curtailment rules, sites, execution model, runs.
+
+Every config is a frozen pydantic model with ``extra="forbid"``: a typo'd or renamed key is an
+error that names the key, never a silent default. Configs are TOML files (``experiments/*.toml``)
+or Python objects built in a notebook; both go through :func:`load_experiment` /
+:class:`ExperimentConfig` validation.
+
+Units are in the field names: ``_s`` seconds, ``_w`` watts, ``_g_per_kwh`` grams CO2 per kWh.
+Instants are tz-aware datetimes (TOML offset date-times, e.g. ``2026-01-11T17:00:00Z``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or object is invalid; the message names the file, the key and the fix."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Traces
+
+
+class TraceSource(StrictModel):
+    """One CSV of carbon intensity: a time column plus one column per region.
+
+    Covers the wide paper trace (``point_time,CAISO_NORTH,SPP_TX,...``), single-region files
+    (``time,Caiso_North``) and average-CI files (``Time,Carbon Intensity``; rename the value
+    column to a region with ``columns``).
+    """
+
+    path: Path
+    signal: Literal["marginal", "average"] = "marginal"
+    unit: Literal["g_per_kwh", "lbs_per_mwh"] = "g_per_kwh"
+    naive_timezone: str | None = Field(
+        default=None,
+        description="IANA zone of naive timestamps (e.g. 'UTC'); required if the file has no offsets",
+    )
+    time_column: str | None = Field(default=None, description="default: the first column")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="source column -> region name; other columns keep their name"
+    )
+    max_gap_s: float = Field(default=3600.0, gt=0, description="longest allowed gap between samples")
+
+
+class ForecastSource(StrictModel):
+    """A WattTime-style forecast CSV: ``request_time, forecast_time, <value column>``."""
+
+    path: Path
+    region: str
+    unit: Literal["g_per_kwh", "lbs_per_mwh"] = "g_per_kwh"
+    naive_timezone: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Rules, sites, execution
+
+
+class CurtailmentRules(StrictModel):
+    """When a site counts as curtailed, and how the calendar enters and leaves windows.
+
+    Defaults are the prior system's: curtailed below 100 gCO2/kWh, enter at the first sample
+    below, leave only after the signal stayed above for at least 600 s (a sample at or below
+    the threshold cancels the countdown), 240 s from the provisioning decision to a ready node,
+    signal polled every 10 s.
+    """
+
+    threshold_g_per_kwh: float = Field(default=100.0, ge=0)
+    hysteresis_s: float = Field(default=600.0, ge=0)
+    provisioning_s: float = Field(default=240.0, ge=0)
+    poll_s: float = Field(default=10.0, gt=0)
+
+
+class SiteConfig(StrictModel):
+    """A site: a GPU cluster in one grid region, its power draw and training throughput.
+
+    Power is given per site (``training_power_w``/``idle_power_w``) or per GPU
+    (``training_power_per_gpu_w``/``idle_power_per_gpu_w`` times ``num_gpus``), not both.
+    """
+
+    region: str
+    num_gpus: int = Field(default=4, ge=1)
+    training_power_w: float | None = Field(default=None, gt=0)
+    idle_power_w: float | None = Field(default=None, ge=0)
+    training_power_per_gpu_w: float | None = Field(default=None, gt=0)
+    idle_power_per_gpu_w: float | None = Field(default=None, ge=0)
+    tokens_per_s: float = Field(gt=0, description="site training throughput, all its GPUs")
+
+    @model_validator(mode="after")
+    def _one_power_spec(self) -> SiteConfig:
+        per_site = self.training_power_w is not None or self.idle_power_w is not None
+        per_gpu = self.training_power_per_gpu_w is not None or self.idle_power_per_gpu_w is not None
+        if per_site and per_gpu:
+            raise ValueError(
+                "give power per site (training_power_w, idle_power_w) or per GPU "
+                "(training_power_per_gpu_w, idle_power_per_gpu_w), not both"
+            )
+        if not per_site and not per_gpu:
+            raise ValueError("set training_power_w and idle_power_w (or the _per_gpu_w pair)")
+        pair = (
+            (self.training_power_w, self.idle_power_w)
+            if per_site
+            else (self.training_power_per_gpu_w, self.idle_power_per_gpu_w)
+        )
+        if None in pair:
+            raise ValueError("training and idle power must both be set")
+        return self
+
+    @property
+    def site_training_power_w(self) -> float:
+        if self.training_power_w is not None:
+            return self.training_power_w
+        assert self.training_power_per_gpu_w is not None
+        return self.training_power_per_gpu_w * self.num_gpus
+
+    @property
+    def site_idle_power_w(self) -> float:
+        if self.idle_power_w is not None:
+            return self.idle_power_w
+        assert self.idle_power_per_gpu_w is not None
+        return self.idle_power_per_gpu_w * self.num_gpus
+
+
+class ExecutionConfig(StrictModel):
+    """How training executes once a site is ready: rounds, overheads, joins.
+
+    The simulator replays exactly this model; the Ray runtime measures the real values.
+    ``round_restart_s`` and ``join = "next_round"`` describe the prior system (worker respawn
+    every round, a site ready mid-round waits); curtail's persistent worker groups use 0 and
+    ``"immediate"``.
+    """
+
+    round_s: float = Field(default=600.0, gt=0, description="wall time of a federated round's local phase")
+    sync_s: float = Field(default=5.0, ge=0, description="per-sync pause of each participating site")
+    group_start_s: float = Field(default=30.0, ge=0, description="worker-group start after a node is ready")
+    round_restart_s: float = Field(default=0.0, ge=0, description="lost at the start of every round")
+    join: Literal["immediate", "next_round"] = "immediate"
+
+    @model_validator(mode="after")
+    def _restart_fits_round(self) -> ExecutionConfig:
+        if self.round_restart_s >= self.round_s:
+            raise ValueError(
+                f"round_restart_s ({self.round_restart_s}) must be shorter than round_s ({self.round_s})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Policies (discriminated by `kind`)
+
+
+class ThresholdPolicyConfig(StrictModel):
+    """The prior system's rule: train whenever the calendar says the site is curtailed."""
+
+    kind: Literal["threshold"] = "threshold"
+
+
+class AlwaysOnPolicyConfig(StrictModel):
+    """Ignore the grid: every site trains from the start (centralized / always-on baselines)."""
+
+    kind: Literal["always_on"] = "always_on"
+
+
+PolicyConfig = Annotated[
+    ThresholdPolicyConfig | AlwaysOnPolicyConfig,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Runs and the experiment
+
+
+class RunSpec(StrictModel):
+    """One run of an experiment: a policy over a subset of the sites.
+
+    ``rules``, ``execution`` and ``token_budget`` override the experiment's values key by key.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    policy: PolicyConfig
+    sites: list[str] = Field(min_length=1)
+    start: datetime | None = None
+    deadline: datetime | None = None
+    token_budget: float | None = Field(default=None, gt=0)
+    rules: CurtailmentRules | None = None
+    execution: ExecutionConfig | None = None
+
+    @field_validator("start", "deadline")
+    @classmethod
+    def _tz_aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("give a zone, e.g. 2026-01-11T17:00:00Z (naive instants are ambiguous)")
+        return value
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_sites(cls, sites: list[str]) -> list[str]:
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"sites listed twice: {sites}")
+        return sites
+
+
+class ExperimentConfig(StrictModel):
+    """A set of runs sharing traces, sites and defaults (one TOML file)."""
+
+    name: str = "experiment"
+    seed: int = 0
+    traces: list[TraceSource] = Field(min_length=1)
+    forecasts: list[ForecastSource] = Field(default_factory=list)
+    rules: CurtailmentRules = CurtailmentRules()
+    execution: ExecutionConfig = ExecutionConfig()
+    sites: dict[str, SiteConfig] = Field(min_length=1)
+    token_budget: float = Field(gt=0, description="tokens to train per run")
+    runs: list[RunSpec] = Field(min_length=1)
+    output_dir: Path = Path("runs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_run_overrides(cls, data: Any) -> Any:
+        """Let a run override single keys of ``rules`` and ``execution``."""
+        if not isinstance(data, dict):
+            return data
+        runs = data.get("runs")
+        if not isinstance(runs, list):
+            return data
+        merged = []
+        for run in runs:
+            if isinstance(run, dict):
+                run = dict(run)
+                for section in ("rules", "execution"):
+                    base = data.get(section, {})
+                    if isinstance(base, BaseModel):
+                        base = base.model_dump()
+                    if isinstance(run.get(section), dict):
+                        run[section] = {**base, **run[section]}
+            merged.append(run)
+        return {**data, "runs": merged}
+
+    @model_validator(mode="after")
+    def _runs_use_known_sites(self) -> ExperimentConfig:
+        names = [run.name for run in self.runs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"run names must be unique; repeated: {duplicates}")
+        for run in self.runs:
+            unknown = [s for s in run.sites if s not in self.sites]
+            if unknown:
+                raise ValueError(
+                    f"run {run.name!r} uses sites {unknown} that are not defined; "
+                    f"defined sites: {sorted(self.sites)}"
+                )
+        return self
+
+    def rules_for(self, run: RunSpec) -> CurtailmentRules:
+        return run.rules or self.rules
+
+    def execution_for(self, run: RunSpec) -> ExecutionConfig:
+        return run.execution or self.execution
+
+    def token_budget_for(self, run: RunSpec) -> float:
+        return run.token_budget if run.token_budget is not None else self.token_budget
+
+    def run(self, name: str) -> RunSpec:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise ConfigError(f"no run named {name!r}; runs: {[r.name for r in self.runs]}")
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (typo or renamed field?); remove it or fix its name"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make trace, forecast and output paths relative to the config file's folder."""
+
+    def fix(entry: Any) -> Any:
+        if isinstance(entry, dict) and "path" in entry and not Path(entry["path"]).is_absolute():
+            return {**entry, "path": str(base_dir / entry["path"])}
+        return entry
+
+    data = dict(data)
+    for key in ("traces", "forecasts"):
+        if isinstance(data.get(key), list):
+            data[key] = [fix(e) for e in data[key]]
+    return data
+
+
+def parse_experiment(data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a config dict (from TOML or a notebook); paths resolve against ``base_dir``."""
+    if base_dir is not None:
+        data = _resolve_paths(data, base_dir)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def project_root() -> Path:
+    """The folder holding ``pyproject.toml`` and ``data/`` (the package's parent)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Load and validate an experiment TOML file.
+
+    Relative trace and forecast paths resolve against the config file's folder;
+    ``output_dir`` stays relative to the working directory.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return parse_experiment(data, source=str(path), base_dir=path.parent)
