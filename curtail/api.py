@@ -1,0 +1,151 @@
+"""The Python API: ``curtail.simulate`` (and, as they land, ``run`` and ``sweep``).
+
+Notebook use::
+
+    import curtail
+    result = curtail.simulate("experiments/paper.toml")
+    result.table()            # comparison as a pandas DataFrame
+    result.run_dirs           # one run directory per run
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from curtail.config import ExperimentConfig, load_experiment, parse_experiment
+from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
+from curtail.planning.simulator import Simulator
+from curtail.planning.summary import summarize, timeseries
+from curtail.planning.trajectory import Trajectory
+from curtail.runlog import RunRecord, events_frame, intervals_frame, modes_frame, package_versions, write_run_dir
+
+SUMMARY_COLUMNS = [
+    "run",
+    "policy",
+    "sites",
+    "completed",
+    "tokens",
+    "hours",
+    "energy_kwh",
+    "emissions_kg",
+    "share_energy_in_windows",
+    "window_utilisation",
+    "num_syncs",
+]
+
+
+@dataclass
+class SimulationResult:
+    """All runs of one ``simulate`` call."""
+
+    experiment: ExperimentConfig
+    records: list[RunRecord]
+
+    @property
+    def summaries(self) -> list[dict[str, Any]]:
+        return [r.summary for r in self.records]
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [r.path for r in self.records if r.path is not None]
+
+    def summary(self, run: str) -> dict[str, Any]:
+        for record in self.records:
+            if record.summary["run"] == run:
+                return record.summary
+        raise KeyError(f"no run {run!r}; runs: {[r.summary['run'] for r in self.records]}")
+
+    def table(self) -> pd.DataFrame:
+        """One row per run with the headline columns (mode hours appended)."""
+        rows = []
+        for s in self.summaries:
+            row = {key: s[key] for key in SUMMARY_COLUMNS}
+            row["sites"] = "+".join(s["sites"])
+            row.update({f"{mode.lower()}_h": hours for mode, hours in s["mode_hours"].items()})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def as_experiment(config: ExperimentConfig | str | Path | dict[str, Any]) -> ExperimentConfig:
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_experiment(config, base_dir=Path.cwd())
+    return load_experiment(config)
+
+
+def record_of(plan: RunPlan, trajectory: Trajectory, config: ExperimentConfig, *, executor: str, traces_checksums: dict[str, str], extra: dict[str, Any] | None = None) -> RunRecord:
+    """Account a trajectory (simulated or real) into a run record."""
+    summary = summarize(
+        trajectory,
+        run=plan.run.name,
+        policy=plan.policy_label,
+        regions=plan.regions,
+        power=plan.power,
+        signals=plan.signals,
+        calendar=plan.calendar,
+        token_budget=plan.context.token_budget,
+        executor=executor,
+        extra=extra,
+    )
+    manifest = {
+        "executor": executor,
+        "experiment": config.name,
+        "run": plan.run.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
+        "versions": package_versions(),
+        "trace_checksums_sha256": traces_checksums,
+    }
+    return RunRecord(
+        summary=summary,
+        events=events_frame(trajectory),
+        intervals=intervals_frame(trajectory),
+        modes=modes_frame(trajectory),
+        timeseries=timeseries(trajectory, plan.power, plan.signals),
+        manifest=manifest,
+    )
+
+
+def simulate(
+    config: ExperimentConfig | str | Path | dict[str, Any],
+    *,
+    runs: Iterable[str] | None = None,
+    output_dir: str | Path | None = None,
+    write: bool = True,
+) -> SimulationResult:
+    """Simulate every run of an experiment (or the named ones) and write their run directories.
+
+    Args:
+        config: an :class:`ExperimentConfig`, a TOML path, or a config dict.
+        runs: names of runs to simulate (default: all).
+        output_dir: root for run directories (default: the config's ``output_dir``);
+            each run goes to ``output_dir/<experiment>/<run>``.
+        write: set False to keep everything in memory.
+    """
+    experiment = as_experiment(config)
+    traces, forecasts = load_experiment_traces(experiment)
+    selected = [experiment.run(name) for name in runs] if runs is not None else list(experiment.runs)
+    root = Path(output_dir) if output_dir is not None else experiment.output_dir
+    records = []
+    for run in selected:
+        plan = plan_run(experiment, run, traces, forecasts)
+        started = time.perf_counter()
+        trajectory = Simulator(plan.context, plan.policy).run()
+        record = record_of(
+            plan,
+            trajectory,
+            experiment,
+            executor="simulator",
+            traces_checksums=traces.checksums,
+            extra={"simulation_s": time.perf_counter() - started},
+        )
+        if write:
+            write_run_dir(record, root / experiment.name / run.name)
+        records.append(record)
+    return SimulationResult(experiment, records)

@@ -1,0 +1,83 @@
+"""Resolve one run of an experiment into what both executors need: context, policy, power.
+
+``RunPlan`` is built identically for the simulator and the Ray coordinator, so both execute the
+same policy object against the same calendar and validated signals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from curtail.config import ExperimentConfig, RunSpec
+from curtail.planning.energy import PowerModel
+from curtail.planning.policy import Policy, PolicyContext, make_policy
+from curtail.planning.signals import Signal, to_epoch_s
+from curtail.planning.traces import Forecast, TraceError, TraceSet, load_forecast, load_traces
+from curtail.planning.windows import CurtailmentCalendar
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run: RunSpec
+    context: PolicyContext
+    policy: Policy
+    power: dict[str, PowerModel]
+    regions: dict[str, str]
+    signals: dict[str, Signal]
+
+    @property
+    def calendar(self) -> CurtailmentCalendar:
+        return self.context.calendar
+
+    @property
+    def policy_label(self) -> str:
+        return self.policy.name
+
+
+def load_experiment_traces(config: ExperimentConfig) -> tuple[TraceSet, dict[str, Forecast]]:
+    traces = load_traces(config.traces)
+    forecasts = {f.region: load_forecast(f) for f in config.forecasts}
+    return traces, forecasts
+
+
+def plan_run(
+    config: ExperimentConfig,
+    run: RunSpec,
+    traces: TraceSet,
+    forecasts: dict[str, Forecast] | None = None,
+) -> RunPlan:
+    """Validate the run against its traces and build the policy that will drive it."""
+    sites = {name: config.sites[name] for name in run.sites}
+    regions = {name: site.region for name, site in sites.items()}
+    signals = {name: traces.signal(region, needed_by=name) for name, region in regions.items()}
+    start_s = to_epoch_s(run.start) if run.start else max(s.start_s for s in signals.values())
+    deadline_s = to_epoch_s(run.deadline) if run.deadline else min(s.end_s for s in signals.values())
+    if deadline_s <= start_s:
+        raise TraceError(
+            next(iter(signals.values())).source,
+            f"run {run.name!r} ends before it starts",
+            "set deadline after start (and both inside the trace)",
+        )
+    for name, region in regions.items():
+        traces.require_span(region, start_s, deadline_s, needed_by=name)
+    rules = config.rules_for(run)
+    calendar = CurtailmentCalendar(signals, rules)
+    site_forecasts = {
+        name: forecasts[region] for name, region in regions.items() if forecasts and region in forecasts
+    }
+    context = PolicyContext(
+        sites=sites,
+        signals=signals,
+        calendar=calendar,
+        rules=rules,
+        execution=config.execution_for(run),
+        start_s=start_s,
+        deadline_s=deadline_s,
+        token_budget=config.token_budget_for(run),
+        forecasts=site_forecasts,
+    )
+    params: dict[str, Any] = run.policy.model_dump(exclude={"kind"})
+    policy = make_policy(run.policy.kind, context, **params)
+    power = {name: PowerModel.of_site(site) for name, site in sites.items()}
+    return RunPlan(run, context, policy, power, regions, signals)

@@ -1,0 +1,170 @@
+"""The curtailment calendar: per-site windows from a signal, a threshold and hysteresis.
+
+Rules (the prior system's, all configurable through :class:`~curtail.config.CurtailmentRules`):
+
+* a site is *curtailed* while its carbon intensity is below the threshold;
+* a window **opens** at the first poll that sees a sample below the threshold;
+* it **closes** only after the signal stayed above the threshold for ``hysteresis_s``;
+  a sample at or below the threshold cancels the countdown;
+* the site is **provisioning** for ``provisioning_s`` after the window opens, then **ready**;
+  while the close countdown runs it is **draining** (still allowed to train).
+
+The calendar is causal: whether a window is open at ``t`` depends only on samples up to ``t``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from curtail.config import CurtailmentRules
+from curtail.planning.signals import Signal, StepFunction, iso
+
+
+class WindowState(enum.StrEnum):
+    OFF = "off"
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class Window:
+    """One curtailment window of a site. ``close_s`` is the leave decision (or the trace end)."""
+
+    site: str
+    open_s: float
+    close_s: float
+    ready_s: float
+    draining_s: tuple[tuple[float, float], ...] = ()  # countdowns that ran (cancelled or final)
+
+    @property
+    def duration_s(self) -> float:
+        return self.close_s - self.open_s
+
+    def __str__(self) -> str:
+        return f"{self.site}: {iso(self.open_s)} .. {iso(self.close_s)} ({self.duration_s / 3600:.2f} h)"
+
+
+def _poll_after(t_s: float, origin_s: float, poll_s: float) -> float:
+    """The first poll instant at or after ``t_s`` on a grid starting at ``origin_s``."""
+    return origin_s + math.ceil((t_s - origin_s) / poll_s - 1e-9) * poll_s
+
+
+def compute_windows(site: str, signal: Signal, rules: CurtailmentRules) -> list[Window]:
+    """Walk the samples once and apply the enter / leave rules."""
+    times = signal.times_s.tolist()
+    values = signal.ci_g_per_kwh.tolist()
+    threshold = rules.threshold_g_per_kwh
+    origin = times[0]
+    end_s = signal.end_s
+    windows: list[Window] = []
+    open_s: float | None = None
+    above_since: float | None = None
+    countdowns: list[tuple[float, float]] = []
+
+    def close_at(t_close: float) -> None:
+        nonlocal open_s, above_since, countdowns
+        assert open_s is not None
+        if above_since is not None:
+            countdowns.append((above_since, t_close))
+        ready = min(open_s + rules.provisioning_s, t_close)
+        windows.append(Window(site, open_s, t_close, ready, tuple(countdowns)))
+        open_s, above_since, countdowns = None, None, []
+
+    for index, (t, value) in enumerate(zip(times, values)):
+        t_next = times[index + 1] if index + 1 < len(times) else end_s
+        poll_t = _poll_after(t, origin, rules.poll_s)
+        if poll_t >= t_next:  # no poll sees this sample
+            continue
+        if open_s is None:
+            if value < threshold:
+                open_s = poll_t
+            continue
+        if value > threshold:
+            if above_since is None:
+                above_since = poll_t
+            leave_t = _poll_after(above_since + rules.hysteresis_s, origin, rules.poll_s)
+            if leave_t < t_next:
+                close_at(leave_t)
+                # the same sample may not re-open the window: it is above the threshold
+        else:
+            if above_since is not None:
+                countdowns.append((above_since, poll_t))
+            above_since = None
+    if open_s is not None:
+        close_at(end_s)
+    return windows
+
+
+class CurtailmentCalendar:
+    """Windows of every site, with state queries at any instant.
+
+    >>> calendar = CurtailmentCalendar({"caiso": signal}, CurtailmentRules())
+    >>> calendar.state_at("caiso", t_s), calendar.next_change_after(t_s)
+    """
+
+    def __init__(self, signals: dict[str, Signal], rules: CurtailmentRules):
+        self.rules = rules
+        self.signals = dict(signals)
+        self._windows = {site: compute_windows(site, s, rules) for site, s in self.signals.items()}
+        self._curtailed = {
+            site: StepFunction(s.times_s, (s.ci_g_per_kwh < rules.threshold_g_per_kwh).astype(float), s.end_s)
+            for site, s in self.signals.items()
+        }
+        self._opens = {site: np.array([w.open_s for w in ws]) for site, ws in self._windows.items()}
+        changes: list[float] = []
+        for ws in self._windows.values():
+            for w in ws:
+                changes += [w.open_s, w.ready_s, w.close_s]
+                for a, b in w.draining_s:
+                    changes += [a, b]
+        self._changes = np.unique(np.array(changes, dtype=float))
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.signals)
+
+    def windows(self, site: str | None = None) -> list[Window]:
+        """Windows of one site, or of every site sorted by opening time."""
+        if site is not None:
+            return list(self._windows[site])
+        return sorted((w for ws in self._windows.values() for w in ws), key=lambda w: (w.open_s, w.site))
+
+    def window_at(self, site: str, t_s: float) -> Window | None:
+        opens = self._opens[site]
+        index = int(np.searchsorted(opens, t_s, side="right")) - 1
+        if index >= 0:
+            window = self._windows[site][index]
+            if t_s < window.close_s:
+                return window
+        return None
+
+    def state_at(self, site: str, t_s: float) -> WindowState:
+        window = self.window_at(site, t_s)
+        if window is None:
+            return WindowState.OFF
+        if t_s < window.ready_s:
+            return WindowState.PROVISIONING
+        for a, b in window.draining_s:
+            if a <= t_s < b:
+                return WindowState.DRAINING
+        return WindowState.READY
+
+    def states_at(self, t_s: float) -> dict[str, WindowState]:
+        return {site: self.state_at(site, t_s) for site in self.signals}
+
+    def next_change_after(self, t_s: float) -> float | None:
+        """The next instant after ``t_s`` at which any site's state changes, or None."""
+        index = int(np.searchsorted(self._changes, t_s, side="right"))
+        return float(self._changes[index]) if index < len(self._changes) else None
+
+    def curtailed(self, site: str) -> StepFunction:
+        """1 while the site's signal is below the threshold, else 0 (for in-window shares)."""
+        return self._curtailed[site]
+
+    def curtailed_seconds(self, site: str, start_s: float, end_s: float) -> float:
+        return float(self._curtailed[site].integral(start_s, end_s))

@@ -1,0 +1,151 @@
+"""The run directory: one on-disk contract for simulated and real runs.
+
+::
+
+    RUN_DIR/
+      manifest.json    resolved config, package versions, trace checksums, executor
+      summary.json     the summary object (keys in DESIGN.md)
+      events.csv       time, t_s, site, event, details (JSON)
+      intervals.csv    site, state, start, end, start_s, end_s (exact state intervals)
+      modes.csv        mode, start, end, start_s, end_s (IDLE / SINGLE / FEDERATED)
+      timeseries.csv   per site at trace resolution: state, run_mode, power, energy, CI, emissions, tokens, loss
+      losses.csv       (real runs) t_s, site, tokens, loss, kind
+
+Reports, notebooks and sweeps read only these files (:func:`read_run_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from curtail.planning.signals import iso
+from curtail.planning.trajectory import Trajectory
+
+RUN_FILES = ("manifest.json", "summary.json", "events.csv", "intervals.csv", "modes.csv", "timeseries.csv")
+
+
+@dataclass
+class RunRecord:
+    """Everything a run leaves behind, in memory."""
+
+    summary: dict[str, Any]
+    events: pd.DataFrame
+    intervals: pd.DataFrame
+    modes: pd.DataFrame
+    timeseries: pd.DataFrame
+    manifest: dict[str, Any] = field(default_factory=dict)
+    losses: pd.DataFrame | None = None
+    path: Path | None = None
+
+
+def package_versions(names: tuple[str, ...] = ("curtail", "numpy", "pandas", "pydantic", "ray", "torch", "transformers")) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def events_frame(trajectory: Trajectory) -> pd.DataFrame:
+    rows = [
+        {
+            "time": iso(e.t_s),
+            "t_s": e.t_s,
+            "site": e.site,
+            "event": e.event,
+            "details": json.dumps(e.details, sort_keys=True, default=str),
+        }
+        for e in trajectory.events
+    ]
+    return pd.DataFrame(rows, columns=["time", "t_s", "site", "event", "details"])
+
+
+def intervals_frame(trajectory: Trajectory) -> pd.DataFrame:
+    rows = [
+        {"site": i.site, "state": i.state.value, "start": iso(i.start_s), "end": iso(i.end_s), "start_s": i.start_s, "end_s": i.end_s}
+        for i in trajectory.intervals
+    ]
+    return pd.DataFrame(rows, columns=["site", "state", "start", "end", "start_s", "end_s"])
+
+
+def modes_frame(trajectory: Trajectory) -> pd.DataFrame:
+    rows = [
+        {"mode": m.mode.value, "start": iso(m.start_s), "end": iso(m.end_s), "start_s": m.start_s, "end_s": m.end_s}
+        for m in trajectory.modes
+    ]
+    return pd.DataFrame(rows, columns=["mode", "start", "end", "start_s", "end_s"])
+
+
+def losses_frame(trajectory: Trajectory) -> pd.DataFrame | None:
+    if not trajectory.losses:
+        return None
+    return pd.DataFrame(
+        [{"t_s": p.t_s, "time": iso(p.t_s), "site": p.site, "tokens": p.tokens, "loss": p.loss, "kind": p.kind} for p in trajectory.losses]
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(temp, path)
+
+
+def write_run_dir(record: RunRecord, path: Path, *, replace_simulated: bool = True) -> Path:
+    """Write the run directory. An existing *simulated* run of the same path is replaced;
+    anything else there is an error (a real run's outputs are never overwritten)."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        manifest = path / "manifest.json"
+        executor = json.loads(manifest.read_text()).get("executor") if manifest.is_file() else None
+        if not (replace_simulated and executor == "simulator" and record.manifest.get("executor") == "simulator"):
+            raise FileExistsError(
+                f"{path} already holds a run (executor={executor!r}); choose another output_dir or run name"
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path / "manifest.json", json.dumps(record.manifest, indent=2, default=str))
+    record.events.to_csv(path / "events.csv", index=False)
+    record.intervals.to_csv(path / "intervals.csv", index=False)
+    record.modes.to_csv(path / "modes.csv", index=False)
+    record.timeseries.to_csv(path / "timeseries.csv", index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
+    if record.losses is not None:
+        record.losses.to_csv(path / "losses.csv", index=False)
+    # summary last: its presence marks a complete run directory
+    _atomic_write_text(path / "summary.json", json.dumps(record.summary, indent=2, default=str))
+    record.path = path
+    return path
+
+
+def read_run_dir(path: str | Path) -> RunRecord:
+    """Load a run directory written by :func:`write_run_dir` (simulated or real)."""
+    path = Path(path)
+    missing = [name for name in RUN_FILES if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete run directory: missing {missing}")
+    timeseries = pd.read_csv(path / "timeseries.csv")
+    if "time" in timeseries:
+        timeseries["time"] = pd.to_datetime(timeseries["time"], utc=True)
+    losses = pd.read_csv(path / "losses.csv") if (path / "losses.csv").is_file() else None
+    return RunRecord(
+        summary=json.loads((path / "summary.json").read_text()),
+        events=pd.read_csv(path / "events.csv", keep_default_na=False),
+        intervals=pd.read_csv(path / "intervals.csv"),
+        modes=pd.read_csv(path / "modes.csv"),
+        timeseries=timeseries,
+        manifest=json.loads((path / "manifest.json").read_text()),
+        losses=losses,
+        path=path,
+    )

@@ -1,0 +1,15 @@
+"""Training layer: everything torch- and transformers-side of one curtail run, and no Ray.
+
+One module per concept:
+
+- ``model``      — Llama model presets (``tiny``, ``small``, ``d20``) and ``build_model``.
+- ``tokenizer``  — byte-level BPE trained on a corpus, cached, saved as a HF fast tokenizer.
+- ``data``       — a corpus tokenized once into a flat token array; train / held-out parts.
+- ``ledger``     — which token ranges each site was handed and actually trained, per epoch.
+- ``schedule``   — the one global learning-rate schedule, indexed by tokens trained.
+- ``averaging``  — the DiLoCo outer step: pseudo-gradients, token weighting, outer optimizers.
+- ``loop``       — ``SiteTrainer``: a site's model, inner AdamW and training/eval steps.
+
+Importing this package imports nothing heavy; import the submodules you need.
+``ledger`` and ``schedule`` are pure Python (no torch) so anything may use them.
+"""
