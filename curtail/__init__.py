@@ -1,0 +1,33 @@
+"""curtail: train language models on Ray across sites, only while their grids curtail renewables.
+
+Python API (imports are lazy so ``import curtail`` stays light and side-effect free)::
+
+    import curtail
+    result = curtail.simulate("experiments/paper.toml")   # fast simulator, run directories
+    result.table()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "simulate": "curtail.api",
+    "SimulationResult": "curtail.api",
+    "load_experiment": "curtail.config",
+    "ExperimentConfig": "curtail.config",
+    "read_run_dir": "curtail.runlog",
+    "report": "curtail.report",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'curtail' has no attribute {name!r}")

@@ -68,6 +68,10 @@ class SimulationResult:
             row = {key: s[key] for key in SUMMARY_COLUMNS}
             row["sites"] = "+".join(s["sites"])
             row.update({f"{mode.lower()}_h": hours for mode, hours in s["mode_hours"].items()})
+            reference = s.get("reference") or {}
+            row["reference_emissions_kg"] = reference.get("emissions_kg")
+            row["reference_share_energy_in_windows"] = reference.get("share_energy_in_windows")
+            row["reference_hours"] = reference.get("hours")
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -143,7 +147,10 @@ def simulate(
             experiment,
             executor="simulator",
             traces_checksums=traces.checksums,
-            extra={"simulation_s": time.perf_counter() - started},
+            extra={
+                "simulation_s": time.perf_counter() - started,
+                "reference": run.reference.model_dump() if run.reference else None,
+            },
         )
         if write:
             write_run_dir(record, root / experiment.name / run.name)

@@ -181,6 +181,15 @@ PolicyConfig = Annotated[
 # Runs and the experiment
 
 
+class ReferenceFigures(StrictModel):
+    """Published figures a run should reproduce; shown beside the simulated ones."""
+
+    source: str
+    emissions_kg: float | None = None
+    share_energy_in_windows: float | None = Field(default=None, ge=0, le=1)
+    hours: float | None = None
+
+
 class RunSpec(StrictModel):
     """One run of an experiment: a policy over a subset of the sites.
 
@@ -195,6 +204,7 @@ class RunSpec(StrictModel):
     token_budget: float | None = Field(default=None, gt=0)
     rules: CurtailmentRules | None = None
     execution: ExecutionConfig | None = None
+    reference: ReferenceFigures | None = None
 
     @field_validator("start", "deadline")
     @classmethod

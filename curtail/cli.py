@@ -1,0 +1,114 @@
+"""Command line: a thin layer over the Python API.
+
+    curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
+    curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from curtail.config import ConfigError, project_root
+from curtail.planning.traces import TraceError
+
+DEFAULT_SIMULATION = "experiments/paper.toml"
+
+
+def _default_config(name: str) -> Path:
+    """A bundled experiment, found from the working directory or the project root."""
+    local = Path(name)
+    return local if local.is_file() else project_root() / name
+
+
+def _print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold", caption="ref: published figures where the config gives them")
+
+    def ref(value: float | None, fmt: str) -> str:
+        return "" if value is None or value != value else fmt.format(value)
+
+    columns = [
+        ("run", "run", str),
+        ("done", "completed", lambda v: "yes" if v else "NO"),
+        ("tokens (B)", "tokens", lambda v: f"{v / 1e9:.2f}"),
+        ("hours", "hours", lambda v: f"{v:.2f}"),
+        ("energy kWh", "energy_kwh", lambda v: f"{v:.1f}"),
+        ("ref h", "reference_hours", lambda v: ref(v, "{:.1f}")),
+        ("emissions kg", "emissions_kg", lambda v: f"{v:.2f}"),
+        ("ref kg", "reference_emissions_kg", lambda v: ref(v, "{:.2f}")),
+        ("in windows", "share_energy_in_windows", lambda v: f"{100 * v:.1f}%"),
+        ("ref", "reference_share_energy_in_windows", lambda v: ref(v, "{:.0%}")),
+        ("window use", "window_utilisation", lambda v: f"{100 * v:.1f}%"),
+        ("single h", "single_h", lambda v: f"{v:.1f}"),
+        ("fed. h", "federated_h", lambda v: f"{v:.1f}"),
+        ("syncs", "num_syncs", str),
+    ]
+    for header, _, _ in columns:
+        table.add_column(header, justify="left" if header in ("run", "sites") else "right")
+    for row in rows:
+        table.add_row(*(fmt(row[key]) for _, key, fmt in columns))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from curtail.api import simulate
+
+    config = Path(args.config) if args.config else _default_config(DEFAULT_SIMULATION)
+    result = simulate(config, runs=args.run or None, output_dir=args.output_dir)
+    if args.json:
+        print(json.dumps(result.summaries, indent=2, default=str))
+        return 0
+    _print_table(result.table().to_dict("records"), f"{result.experiment.name}: simulated runs")
+    root = result.run_dirs[0].parent if result.run_dirs else None
+    if root is not None:
+        print(f"run directories: {root}/<run>   (plots: curtail report {root}/*)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from curtail.report import report
+
+    paths = report(args.run_dirs, args.out)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="replay an experiment's runs in the fast simulator")
+    simulate.add_argument("config", nargs="?", help=f"experiment TOML (default: {DEFAULT_SIMULATION})")
+    simulate.add_argument("--run", action="append", help="only this run (repeatable)")
+    simulate.add_argument("--output-dir", help="root of the run directories (default: the config's output_dir)")
+    simulate.add_argument("--json", action="store_true", help="print the runs' summary.json objects as a JSON list")
+    simulate.set_defaults(handler=cmd_simulate)
+
+    report = commands.add_parser("report", help="plot run directories (PNG and PDF)")
+    report.add_argument("run_dirs", nargs="+", help="run directories written by simulate or run")
+    report.add_argument("--out", default="reports", help="folder for the figures (default: reports)")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, TraceError, FileNotFoundError, FileExistsError) as error:
+        print(f"curtail: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
