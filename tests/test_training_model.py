@@ -1,0 +1,70 @@
+"""Model presets: shapes, parameter counts, deterministic initialisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curtail.training.model import PRESETS, ModelSpec, build_model, count_parameters, get_spec
+
+torch.set_num_threads(2)
+
+
+def test_d20_has_about_561m_parameters() -> None:
+    model = build_model("d20", device="meta")
+    num_params = count_parameters(model)
+    assert 560e6 <= num_params <= 562e6, num_params
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (20, 1280, 10)
+    assert (config.intermediate_size, config.vocab_size) == (3413, 65_536)
+    assert config.max_position_embeddings == 2048
+    assert not config.tie_word_embeddings
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+
+
+def test_presets_are_frozen_specs() -> None:
+    for name, preset in PRESETS.items():
+        spec = preset()
+        assert spec.name == name
+        assert get_spec(name) == spec
+        with pytest.raises(Exception):
+            spec.num_layers = 3  # type: ignore[misc]
+
+
+def test_spec_rejects_bad_shapes_and_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        ModelSpec(name="bad", num_layers=1, hidden_size=65, num_heads=4,
+                  intermediate_size=8, vocab_size=300, seq_len=8)
+    with pytest.raises(ValueError, match="extra"):
+        ModelSpec(name="bad", num_layers=1, hidden_size=64, num_heads=4, intermediate_size=8,
+                  vocab_size=300, seq_len=8, num_layer=2)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="unknown model preset 'd21'"):
+        get_spec("d21")
+
+
+def test_build_model_is_deterministic_by_seed() -> None:
+    first = build_model("tiny", vocab_size=300, seed=1)
+    again = build_model("tiny", vocab_size=300, seed=1)
+    other = build_model("tiny", vocab_size=300, seed=2)
+    assert first.config.vocab_size == 300
+    pairs = list(zip(first.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(first.lm_head.weight, other.lm_head.weight)
+
+
+def test_build_model_leaves_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_model("tiny", seed=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_forward_backward() -> None:
+    spec = get_spec("tiny")
+    model = build_model(spec)
+    input_ids = torch.randint(0, spec.vocab_size, (4, spec.seq_len))
+    logits = model(input_ids=input_ids).logits
+    assert logits.shape == (4, spec.seq_len, spec.vocab_size)
+    logits.sum().backward()
+    assert model.model.embed_tokens.weight.grad is not None
