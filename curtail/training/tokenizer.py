@@ -36,7 +36,7 @@ PathLike = str | os.PathLike[str]
 def file_sha256(paths: PathLike | Sequence[PathLike]) -> str:
     """sha256 over the bytes of one file or several (in order), as hex."""
     digest = hashlib.sha256()
-    for path in _as_paths(paths):
+    for path in as_path_list(paths):
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
@@ -54,7 +54,7 @@ def train_tokenizer(
     257. The result's ``len(tokenizer)`` may come out below ``vocab_size`` on a corpus too
     small to learn that many merges; size the model with ``len(tokenizer)``.
     """
-    paths = _as_paths(corpus_paths)
+    paths = as_path_list(corpus_paths)
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer corpus {path} does not exist; pass a text file")
@@ -117,7 +117,8 @@ def _wrap(bpe: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
-def _as_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+def as_path_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """One path or several, as a non-empty list of ``Path``."""
     if isinstance(paths, (str, os.PathLike)):
         return [Path(paths)]
     result = [Path(path) for path in paths]
