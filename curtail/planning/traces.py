@@ -63,10 +63,24 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str | None) -> np.ndarray:
     """Parse a column of timestamps into UTC epoch seconds, with line-precise errors."""
     text = raw.astype(str).str.strip()
+    # Unreadable cells first: otherwise "garbage" (no offset) among offset timestamps is
+    # reported as a zone mix-up instead of what it is.
+    readable = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+    bad = np.flatnonzero(readable.isna().to_numpy())
+    if len(bad):
+        raise TraceError(
+            path,
+            f"cannot read timestamp {text.iloc[bad[0]]!r} in column {column!r}",
+            "use ISO-8601 timestamps such as 2026-01-11 17:00:00+00:00",
+            _line_of(bad[0]),
+        )
     has_offset = text.str.contains(_OFFSET)
     if has_offset.any() and not has_offset.all():
-        first_kind = bool(has_offset.iloc[0])
-        odd = int(np.flatnonzero(has_offset.to_numpy() != first_kind)[0])
+        # the odd one out is the first row written unlike the majority (not unlike row 1,
+        # which may itself be the odd one)
+        counts = has_offset.value_counts()
+        usual = bool(has_offset.iloc[0]) if counts.get(True, 0) == counts.get(False, 0) else bool(counts.idxmax())
+        odd = int(np.flatnonzero(has_offset.to_numpy() != usual)[0])
         raise TraceError(
             path,
             f"column {column!r} mixes timestamps with and without a UTC offset ({text.iloc[odd]!r})",
