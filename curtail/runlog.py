@@ -8,7 +8,8 @@
       events.csv       time, t_s, site, event, details (JSON)
       intervals.csv    site, state, start, end, start_s, end_s (exact state intervals)
       modes.csv        mode, start, end, start_s, end_s (IDLE / SINGLE / FEDERATED)
-      timeseries.csv   per site at trace resolution: state, run_mode, power, energy, CI, emissions, tokens, loss
+      timeseries.parquet  per site at trace resolution: state, run_mode, power, energy, CI,
+                       emissions, tokens, loss (Parquet: a simulated year is 300k rows)
       losses.csv       (real runs) t_s, site, tokens, loss, kind
 
 Reports, notebooks and sweeps read only these files (:func:`read_run_dir`).
@@ -28,10 +29,12 @@ from typing import Any
 
 import pandas as pd
 
-from curtail.planning.signals import iso
+import numpy as np
+
+from curtail.planning.signals import iso, iso_array
 from curtail.planning.trajectory import Trajectory
 
-RUN_FILES = ("manifest.json", "summary.json", "events.csv", "intervals.csv", "modes.csv", "timeseries.csv")
+RUN_FILES = ("manifest.json", "summary.json", "events.csv", "intervals.csv", "modes.csv", "timeseries.parquet")
 
 
 @dataclass
@@ -59,33 +62,37 @@ def package_versions(names: tuple[str, ...] = ("curtail", "numpy", "pandas", "py
 
 
 def events_frame(trajectory: Trajectory) -> pd.DataFrame:
-    rows = [
+    t_s = np.array([e.t_s for e in trajectory.events], dtype=float)
+    return pd.DataFrame(
         {
-            "time": iso(e.t_s),
-            "t_s": e.t_s,
-            "site": e.site,
-            "event": e.event,
-            "details": json.dumps(e.details, sort_keys=True, default=str),
+            "time": iso_array(t_s),
+            "t_s": t_s,
+            "site": [e.site for e in trajectory.events],
+            "event": [e.event for e in trajectory.events],
+            "details": [json.dumps(e.details, sort_keys=True, default=str) for e in trajectory.events],
         }
-        for e in trajectory.events
-    ]
-    return pd.DataFrame(rows, columns=["time", "t_s", "site", "event", "details"])
+    )
+
+
+def _spans_frame(label: str, labels: list[str], start_s: list[float], end_s: list[float]) -> pd.DataFrame:
+    starts, ends = np.array(start_s, dtype=float), np.array(end_s, dtype=float)
+    return pd.DataFrame(
+        {label: labels, "start": iso_array(starts), "end": iso_array(ends), "start_s": starts, "end_s": ends}
+    )
 
 
 def intervals_frame(trajectory: Trajectory) -> pd.DataFrame:
-    rows = [
-        {"site": i.site, "state": i.state.value, "start": iso(i.start_s), "end": iso(i.end_s), "start_s": i.start_s, "end_s": i.end_s}
-        for i in trajectory.intervals
-    ]
-    return pd.DataFrame(rows, columns=["site", "state", "start", "end", "start_s", "end_s"])
+    intervals = trajectory.intervals
+    frame = _spans_frame(
+        "state", [i.state.value for i in intervals], [i.start_s for i in intervals], [i.end_s for i in intervals]
+    )
+    frame.insert(0, "site", [i.site for i in intervals])
+    return frame
 
 
 def modes_frame(trajectory: Trajectory) -> pd.DataFrame:
-    rows = [
-        {"mode": m.mode.value, "start": iso(m.start_s), "end": iso(m.end_s), "start_s": m.start_s, "end_s": m.end_s}
-        for m in trajectory.modes
-    ]
-    return pd.DataFrame(rows, columns=["mode", "start", "end", "start_s", "end_s"])
+    modes = trajectory.modes
+    return _spans_frame("mode", [m.mode.value for m in modes], [m.start_s for m in modes], [m.end_s for m in modes])
 
 
 def losses_frame(trajectory: Trajectory) -> pd.DataFrame | None:
@@ -120,7 +127,7 @@ def write_run_dir(record: RunRecord, path: Path, *, replace_simulated: bool = Tr
     record.events.to_csv(path / "events.csv", index=False)
     record.intervals.to_csv(path / "intervals.csv", index=False)
     record.modes.to_csv(path / "modes.csv", index=False)
-    record.timeseries.to_csv(path / "timeseries.csv", index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
+    record.timeseries.to_parquet(path / "timeseries.parquet", index=False)
     if record.losses is not None:
         record.losses.to_csv(path / "losses.csv", index=False)
     # summary last: its presence marks a complete run directory
@@ -135,9 +142,7 @@ def read_run_dir(path: str | Path) -> RunRecord:
     missing = [name for name in RUN_FILES if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{path} is not a complete run directory: missing {missing}")
-    timeseries = pd.read_csv(path / "timeseries.csv")
-    if "time" in timeseries:
-        timeseries["time"] = pd.to_datetime(timeseries["time"], utc=True)
+    timeseries = pd.read_parquet(path / "timeseries.parquet")
     losses = pd.read_csv(path / "losses.csv") if (path / "losses.csv").is_file() else None
     return RunRecord(
         summary=json.loads((path / "summary.json").read_text()),

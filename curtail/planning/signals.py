@@ -30,6 +30,12 @@ def iso(t_s: float) -> str:
     return from_epoch_s(t_s).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def iso_array(t_s: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`iso` for many instants."""
+    stamps = (np.asarray(t_s, dtype=float) * 1e3).round().astype("datetime64[ms]")
+    return np.char.add(np.datetime_as_string(stamps, unit="s"), "Z")
+
+
 @dataclass(frozen=True)
 class StepFunction:
     """A piecewise-constant function: ``values[i]`` on ``[times_s[i], times_s[i+1])``.

@@ -188,12 +188,12 @@ class Simulator:
             self._update_mode(t_s)
 
     def _expire_timers(self, t_s: float) -> bool:
+        """Advance every phase that ends at ``t_s``; True if a site became ready."""
         changed = False
         for site in self.sites.values():
             if site.until_s > t_s + _EPS_S:
                 continue
             state = self._state(site)
-            changed = True
             if state is SiteState.PROVISIONING:
                 group_start_s = self.execution.group_start_s
                 self.recorder.event(t_s, site.name, "nodes_ready")
@@ -202,24 +202,32 @@ class Simulator:
                 else:
                     self.recorder.event(t_s, site.name, "ready")
                     self._set(site, SiteState.WAITING, t_s)
+                    changed = True
             elif state is SiteState.STARTING and not site.member:
                 self.recorder.event(t_s, site.name, "ready")
                 self._set(site, SiteState.WAITING, t_s)
+                changed = True
             elif state in (SiteState.STARTING, SiteState.SYNCING) and self.round is not None:
                 self._set(site, SiteState.TRAINING, t_s)
             else:
                 site.until_s = math.inf
         if self.sync_until_s is not None and self.sync_until_s <= t_s + _EPS_S:
             self._finish_sync(t_s)
-            changed = True
         if (
             self.round is not None
             and self.round.kind is RunMode.FEDERATED
             and self.round.end_s <= t_s + _EPS_S
         ):
             self._end_round_with_sync(t_s, set())
-            changed = True
         return changed
+
+    def _timers_due(self, t_s: float) -> bool:
+        due = t_s + _EPS_S
+        return (
+            any(site.until_s <= due for site in self.sites.values())
+            or (self.sync_until_s is not None and self.sync_until_s <= due)
+            or (self.round is not None and self.round.end_s <= due)
+        )
 
     def _decide(self, t_s: float) -> float:
         observation = Observation(
@@ -238,14 +246,20 @@ class Simulator:
             )
         return decision.next_decision_s
 
-    def _settle(self, t_s: float) -> float:
-        """Decide and apply until nothing changes at this instant (zero-length phases)."""
-        next_decision_s = math.inf
+    def _settle(self, t_s: float, next_decision_s: float, ask: bool) -> float:
+        """Advance timers, ask the policy when due, apply, until this instant is steady.
+
+        The policy is asked at the time it requested and whenever a site became ready; round
+        ends and syncs are the executor's business.
+        """
         for _ in range(100):
-            next_decision_s = self._decide(t_s)
+            ask = self._expire_timers(t_s) or ask or t_s >= next_decision_s - _EPS_S
+            if ask:
+                next_decision_s = self._decide(t_s)
+                ask = False
             self._apply_intents(t_s)
             self._join_ready_sites(t_s)
-            if not self._expire_timers(t_s):
+            if not self._timers_due(t_s):
                 return next_decision_s
         raise PolicyProtocolError(f"no steady state at t={t_s}: the policy and timers keep flipping")
 
@@ -255,7 +269,7 @@ class Simulator:
         context = self.context
         t_s = context.start_s
         budget = context.token_budget
-        next_decision_s = self._settle(t_s)
+        next_decision_s = self._settle(t_s, math.inf, ask=True)
         while True:
             training = [s for s in self.sites.values() if self._state(s) is SiteState.TRAINING]
             rate = sum(s.tokens_per_s for s in training)
@@ -279,5 +293,4 @@ class Simulator:
             if t_s >= context.deadline_s - _EPS_S:
                 self.recorder.event(t_s, "", "deadline", tokens=round(self.tokens))
                 return self.recorder.finish(t_s, completed=False)
-            self._expire_timers(t_s)
-            next_decision_s = self._settle(t_s)
+            next_decision_s = self._settle(t_s, next_decision_s, ask=False)

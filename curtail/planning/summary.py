@@ -92,10 +92,16 @@ def summarize(
 
 
 def _state_at(intervals: list, query_s: np.ndarray) -> np.ndarray:
+    """The state of one site (non-overlapping, sorted intervals) at each query instant."""
     states = np.full(len(query_s), SiteState.OFF.value, dtype=object)
-    for interval in intervals:
-        inside = (query_s >= interval.start_s) & (query_s < interval.end_s)
-        states[inside] = interval.state.value
+    if not intervals:
+        return states
+    starts = np.array([i.start_s for i in intervals])
+    ends = np.array([i.end_s for i in intervals])
+    labels = np.array([i.state.value for i in intervals], dtype=object)
+    index = np.searchsorted(starts, query_s, side="right") - 1
+    inside = (index >= 0) & (query_s < ends[np.clip(index, 0, None)])
+    states[inside] = labels[index[inside]]
     return states
 
 

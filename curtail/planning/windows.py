@@ -55,7 +55,61 @@ def _poll_after(t_s: float, origin_s: float, poll_s: float) -> float:
 
 
 def compute_windows(site: str, signal: Signal, rules: CurtailmentRules) -> list[Window]:
-    """Walk the samples once and apply the enter / leave rules."""
+    """The site's windows under ``rules`` (vectorised over runs of samples).
+
+    Equivalent to :func:`compute_windows_stepwise`, which walks the samples one by one and is
+    kept as the readable definition (and test oracle). Falls back to it when polls are
+    sparser than samples (some samples are never seen).
+    """
+    times = signal.times_s
+    values = signal.ci_g_per_kwh
+    end_s = signal.end_s
+    origin, poll_s = float(times[0]), rules.poll_s
+    polls = origin + np.ceil((times - origin) / poll_s - 1e-9) * poll_s
+    change_s = np.append(times[1:], end_s)  # when each sample is replaced
+    if not np.all(polls < change_s):
+        return compute_windows_stepwise(site, signal, rules)
+    threshold = rules.threshold_g_per_kwh
+    above = values > threshold
+    # maximal runs of consecutive above-threshold samples: [first, after)
+    edges = np.diff(np.concatenate(([False], above, [False])).astype(np.int8))
+    run_first = np.flatnonzero(edges == 1)
+    run_after = np.flatnonzero(edges == -1)
+    run_start_s = polls[run_first]
+    run_cancel_s = np.where(run_after < len(times), polls[np.minimum(run_after, len(times) - 1)], end_s)
+    run_change_s = np.where(run_after < len(times), times[np.minimum(run_after, len(times) - 1)], end_s)
+    run_leave_s = origin + np.ceil((run_start_s + rules.hysteresis_s - origin) / poll_s - 1e-9) * poll_s
+    closes = run_leave_s < run_change_s
+    # a run either closes the window (at its leave time) or is a countdown cancelled by the
+    # next sample (or cut by the trace end)
+    run_stop_s = np.where(closes, run_leave_s, run_cancel_s)
+    close_s = run_leave_s[closes]
+    below_s = polls[values < threshold]
+
+    windows: list[Window] = []
+    cursor = -math.inf
+    while True:
+        i = int(np.searchsorted(below_s, cursor, side="right"))
+        if i == len(below_s):
+            break
+        open_s = float(below_s[i])
+        j = int(np.searchsorted(close_s, open_s, side="right"))
+        window_close_s = float(close_s[j]) if j < len(close_s) else end_s
+        k0 = int(np.searchsorted(run_start_s, open_s, side="left"))
+        k1 = int(np.searchsorted(run_start_s, window_close_s, side="left"))
+        countdowns = tuple(
+            (float(a), float(min(b, window_close_s))) for a, b in zip(run_start_s[k0:k1], run_stop_s[k0:k1])
+        )
+        ready = min(open_s + rules.provisioning_s, window_close_s)
+        windows.append(Window(site, open_s, window_close_s, ready, countdowns))
+        if j >= len(close_s):
+            break
+        cursor = window_close_s
+    return windows
+
+
+def compute_windows_stepwise(site: str, signal: Signal, rules: CurtailmentRules) -> list[Window]:
+    """Walk the samples once and apply the enter / leave rules (the reference definition)."""
     times = signal.times_s.tolist()
     values = signal.ci_g_per_kwh.tolist()
     threshold = rules.threshold_g_per_kwh
@@ -69,7 +123,7 @@ def compute_windows(site: str, signal: Signal, rules: CurtailmentRules) -> list[
     def close_at(t_close: float) -> None:
         nonlocal open_s, above_since, countdowns
         assert open_s is not None
-        if above_since is not None:
+        if above_since is not None and t_close > above_since:
             countdowns.append((above_since, t_close))
         ready = min(open_s + rules.provisioning_s, t_close)
         windows.append(Window(site, open_s, t_close, ready, tuple(countdowns)))
