@@ -1,0 +1,197 @@
+"""Experiment configs: every file in experiments/ loads; typos, unknown sites, double power specs
+and naive instants are refused with a message naming the key; run overrides merge key by key."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from curtail.config import ConfigError, ExecutionConfig, ExperimentConfig, SiteConfig, load_experiment, parse_experiment
+from planning_fixtures import PAPER_TOML, REPO
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))
+
+
+def test_there_are_experiments():
+    assert PAPER_TOML in EXPERIMENTS
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_loads(path):
+    experiment = load_experiment(path)
+    assert isinstance(experiment, ExperimentConfig) and experiment.runs
+    for source in experiment.traces:
+        assert source.path.is_absolute() and source.path.is_file(), source.path
+    for forecast in experiment.forecasts:
+        assert forecast.path.is_file(), forecast.path
+    for run in experiment.runs:
+        assert set(run.sites) <= set(experiment.sites)
+        assert experiment.token_budget_for(run) > 0
+
+
+def test_paper_values():
+    experiment = load_experiment(PAPER_TOML)
+    assert experiment.token_budget == 12_268_339_200
+    assert experiment.rules.threshold_g_per_kwh == 100 and experiment.rules.hysteresis_s == 600
+    assert experiment.rules.provisioning_s == 240 and experiment.rules.poll_s == 10
+    for site in experiment.sites.values():
+        assert site.site_training_power_w == 2024 and site.site_idle_power_w == 468
+    prior = experiment.run("threshold-prior-overheads")
+    assert experiment.execution_for(prior).round_restart_s == 91
+    with pytest.raises(ConfigError, match="no run named 'nope'"):
+        experiment.run("nope")
+
+
+# ------------------------------------------------------------------------------- rejections
+
+
+@pytest.fixture
+def paper() -> dict:
+    return tomllib.loads(PAPER_TOML.read_text())
+
+
+def write_toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "experiment.toml"
+    path.write_text(text)
+    return path
+
+
+def rejection(data: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_experiment(data, source="bad.toml", base_dir=PAPER_TOML.parent)
+    message = str(info.value)
+    assert message.startswith("bad.toml: invalid config")
+    return message
+
+
+UNKNOWN_KEYS = {
+    "top level": (lambda d: d.update(token_budgett=1), "token_budgett"),
+    "site": (lambda d: d["sites"]["de"].update(training_power=2024), "sites.de.training_power"),
+    "execution": (lambda d: d["execution"].update(round_seconds=600), "execution.round_seconds"),
+    "rules": (lambda d: d["rules"].update(threshold=100), "rules.threshold"),
+    "trace": (lambda d: d["traces"][0].update(units="g_per_kwh"), "traces.0.units"),
+    "run": (lambda d: d["runs"][2].update(site=["de"]), "runs.2.site"),
+    "run execution override": (lambda d: d["runs"][0]["execution"].update(sync_seconds=5), "runs.0.execution.sync_seconds"),
+    "run rules override": (lambda d: d["runs"][0]["rules"].update(hysteresis=5), "runs.0.rules.hysteresis"),
+    "run policy": (lambda d: d["runs"][6]["policy"].update(threshold_g_per_kwh=5), "threshold_g_per_kwh"),
+}
+
+
+@pytest.mark.parametrize("where", UNKNOWN_KEYS)
+def test_unknown_keys_are_rejected_by_name(paper, where):
+    mutate, named = UNKNOWN_KEYS[where]
+    mutate(paper)
+    message = rejection(paper)
+    line = next(line for line in message.splitlines() if named in line)
+    assert "unknown key" in line and "remove it or fix its name" in line
+
+
+def test_unknown_key_in_a_toml_file_names_file_and_key(tmp_path):
+    text = PAPER_TOML.read_text().replace("round_restart_s = 0", "round_restart_s = 0\nrestart_s = 0", 1)
+    path = write_toml(tmp_path, text.replace("../data", str(REPO / "data")))
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert str(path) in str(info.value) and "execution.restart_s: unknown key" in str(info.value)
+
+
+def test_unknown_site_is_rejected(paper):
+    paper["runs"][1]["sites"] = ["spp_tx", "mars"]
+    message = rejection(paper)
+    assert "run 'centralized-spp_tx' uses sites ['mars'] that are not defined" in message
+    assert "defined sites: ['caiso_north', 'de', 'nem_sa', 'spp_tx']" in message
+
+
+def test_site_listed_twice_is_rejected(paper):
+    paper["runs"][4]["sites"] = ["nem_sa", "nem_sa"]
+    assert "runs.4.sites" in rejection(paper)
+
+
+def test_duplicate_run_names_are_rejected(paper):
+    paper["runs"][1]["name"] = paper["runs"][0]["name"]
+    assert "run names must be unique; repeated: ['centralized-caiso_north']" in rejection(paper)
+
+
+def test_power_both_per_site_and_per_gpu_is_rejected(paper):
+    paper["sites"]["nem_sa"].update(training_power_per_gpu_w=506, idle_power_per_gpu_w=117)
+    message = rejection(paper)
+    assert "sites.nem_sa" in message and "not both" in message
+
+
+def test_power_per_gpu_multiplies_by_gpus():
+    site = SiteConfig(region="R", num_gpus=8, training_power_per_gpu_w=506, idle_power_per_gpu_w=117, tokens_per_s=1)
+    assert site.site_training_power_w == 8 * 506 and site.site_idle_power_w == 8 * 117
+    with pytest.raises(ValueError, match="must both be set"):
+        SiteConfig(region="R", training_power_w=2024, tokens_per_s=1)
+    with pytest.raises(ValueError, match="set training_power_w and idle_power_w"):
+        SiteConfig(region="R", tokens_per_s=1)
+
+
+@pytest.mark.parametrize("key", ["start", "deadline"])
+def test_naive_instants_are_rejected(paper, key):
+    paper["runs"][0][key] = datetime(2026, 1, 11, 18)  # TOML local date-time: no zone
+    message = rejection(paper)
+    assert f"runs.0.{key}" in message and "give a zone" in message
+    paper["runs"][0][key] = datetime(2026, 1, 11, 18, tzinfo=timezone.utc)
+    parse_experiment(paper, base_dir=PAPER_TOML.parent)
+
+
+def test_naive_start_in_toml_is_rejected(tmp_path):
+    text = PAPER_TOML.read_text().replace("../data", str(REPO / "data"))
+    text = text.replace('name = "threshold"\n', 'name = "threshold"\nstart = 2026-01-11T18:00:00\n')
+    with pytest.raises(ConfigError, match=r"runs\.6\.start: .*give a zone"):
+        load_experiment(write_toml(tmp_path, text))
+
+
+def test_restart_longer_than_round_is_rejected(paper):
+    paper["runs"][6]["execution"] = {"round_restart_s": 600}
+    assert "round_restart_s (600.0) must be shorter than round_s (600.0)" in rejection(paper)
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_experiment(write_toml(tmp_path, "name = \n"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_experiment(tmp_path / "missing.toml")
+
+
+# ------------------------------------------------------------------------------- overrides
+
+
+def test_run_overrides_merge_with_the_experiment(paper):
+    paper["execution"].update(sync_s=7, round_s=900)
+    paper["rules"].update(threshold_g_per_kwh=80)
+    experiment = parse_experiment(paper, base_dir=PAPER_TOML.parent)
+
+    prior = experiment.execution_for(experiment.run("threshold-prior-overheads"))
+    assert (prior.sync_s, prior.round_restart_s, prior.group_start_s, prior.join) == (47, 91, 0, "next_round")
+    assert prior.round_s == 900  # not overridden: the experiment's value, not the default 600
+
+    centralized = experiment.run("centralized-de")
+    execution, rules = experiment.execution_for(centralized), experiment.rules_for(centralized)
+    assert execution.group_start_s == 0 and (execution.sync_s, execution.round_s) == (7, 900)
+    assert rules.provisioning_s == 0 and rules.threshold_g_per_kwh == 80 and rules.hysteresis_s == 600
+
+    plain = experiment.run("threshold")  # no override: the experiment's objects
+    assert experiment.execution_for(plain) == experiment.execution
+    assert experiment.rules_for(plain).threshold_g_per_kwh == 80
+
+
+def test_override_with_experiment_defaults_and_budget(paper):
+    data = copy.deepcopy(paper)
+    del data["execution"]
+    data["runs"][6]["token_budget"] = 1e9
+    experiment = parse_experiment(data, base_dir=PAPER_TOML.parent)
+    prior = experiment.execution_for(experiment.run("threshold-prior-overheads"))
+    assert prior.round_s == ExecutionConfig().round_s and prior.sync_s == 47
+    assert experiment.token_budget_for(experiment.run("threshold")) == 1e9
+    assert experiment.token_budget_for(experiment.run("centralized-de")) == 12_268_339_200
+
+
+def test_configs_are_frozen():
+    experiment = load_experiment(PAPER_TOML)
+    with pytest.raises(Exception):
+        experiment.rules.threshold_g_per_kwh = 50  # type: ignore[misc]
