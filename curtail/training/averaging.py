@@ -1,0 +1,256 @@
+"""Averaging: the DiLoCo outer step that merges the sites' rounds into the global weights.
+
+Parameters travel as numpy float32 state dicts, ``dict[str, np.ndarray]`` (parameter name →
+array), so the averaging actor needs no model and Ray's object store can share them
+zero-copy.
+
+After a round, site ``k`` sends its **pseudo-gradient** ``g_k = θ_global − θ_k`` (the
+direction the global weights should move *against*, like a gradient). The outer step takes
+the **token-weighted mean** ``g = Σ_k n_k g_k / Σ_k n_k`` (``n_k``: tokens site ``k`` trained
+this round, so a site with 3× the tokens pulls 3× harder) and applies an
+:class:`OuterOptimizer`:
+
+- :class:`NesterovOuterOptimizer` (DiLoCo's, the default): SGD with Nesterov momentum,
+  ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``, lr 0.7, μ 0.9 (PyTorch's ``SGD(nesterov=True)``).
+- :class:`AveragingOuterOptimizer`: plain weighted averaging of the sites' weights,
+  ``θ ← θ − g`` (lr 1, no momentum; FedAvg).
+
+A new outer optimizer is one small subclass implementing :meth:`OuterOptimizer.apply`.
+
+For transfer, :func:`compress` turns a state dict into bf16 (round to nearest even, via
+torch, as numpy has no bfloat16) stored as numpy ``uint16`` bit patterns — half the bytes of
+fp32, relative error at most 2⁻⁸ — and :func:`decompress` restores float32.
+
+Example::
+
+    outer = make_outer_optimizer("nesterov")
+    grads = {site: pseudo_gradient(global_params, params) for site, params in sites.items()}
+    global_params = outer.step(global_params, grads, tokens_by_site)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+StateDict = dict[str, np.ndarray]
+
+OuterOptimizerName = Literal["nesterov", "average"]
+
+
+def pseudo_gradient(global_params: Mapping[str, np.ndarray], site_params: Mapping[str, np.ndarray]) -> StateDict:
+    """``θ_global − θ_site`` per parameter, as new float32 arrays."""
+    _check_same_keys(global_params, site_params, "site parameters")
+    return {
+        name: np.subtract(global_params[name], site_params[name], dtype=np.float32)
+        for name in global_params
+    }
+
+
+def weighted_mean(
+    pseudo_grads_by_site: Mapping[str, Mapping[str, np.ndarray]],
+    tokens_by_site: Mapping[str, int | float],
+) -> StateDict:
+    """Token-weighted mean of the sites' pseudo-gradients (new float32 arrays).
+
+    Sites with 0 tokens carry no weight. Raises ``ValueError`` if the sites of the two
+    mappings differ, a token count is negative, or no site trained any tokens.
+    """
+    if set(pseudo_grads_by_site) != set(tokens_by_site):
+        raise ValueError(
+            f"pseudo-gradients from sites {sorted(pseudo_grads_by_site)} but token counts for "
+            f"{sorted(tokens_by_site)}; pass one token count per site"
+        )
+    for site, tokens in tokens_by_site.items():
+        if tokens < 0:
+            raise ValueError(f"site {site!r} reported {tokens} tokens; token counts must be >= 0")
+    total_tokens = float(sum(tokens_by_site.values()))
+    if total_tokens <= 0:
+        raise ValueError(
+            "no site trained any tokens this round; skip the outer step instead of calling it"
+        )
+    sites = [site for site in pseudo_grads_by_site if tokens_by_site[site] > 0]
+    reference = pseudo_grads_by_site[sites[0]]
+    mean: StateDict = {}
+    for name in reference:
+        accumulator = np.zeros(np.shape(reference[name]), dtype=np.float32)
+        for site in sites:
+            grads = pseudo_grads_by_site[site]
+            if name not in grads:
+                raise ValueError(f"site {site!r} sent no pseudo-gradient for {name!r}")
+            weight = np.float32(tokens_by_site[site] / total_tokens)
+            accumulator += weight * np.asarray(grads[name], dtype=np.float32)
+        mean[name] = accumulator
+    for site in sites:
+        _check_same_keys(reference, pseudo_grads_by_site[site], f"site {site!r} pseudo-gradient")
+    return mean
+
+
+class OuterOptimizer(ABC):
+    """Applies the token-weighted mean pseudo-gradient to the global parameters."""
+
+    name: str = "outer"
+
+    def step(
+        self,
+        global_params: StateDict,
+        pseudo_grads_by_site: Mapping[str, Mapping[str, np.ndarray]],
+        tokens_by_site: Mapping[str, int | float],
+    ) -> StateDict:
+        """One outer step. Updates ``global_params`` (float32 arrays) in place and returns it."""
+        mean = weighted_mean(pseudo_grads_by_site, tokens_by_site)
+        _check_same_keys(global_params, mean, "pseudo-gradients")
+        for name, value in global_params.items():
+            if value.dtype != np.float32 or not value.flags.writeable:
+                raise ValueError(
+                    f"global parameter {name!r} is {value.dtype}"
+                    f"{'' if value.flags.writeable else ' read-only'}; the outer step updates "
+                    "writable float32 arrays in place (copy them with np.array(x, np.float32))"
+                )
+            if value.shape != mean[name].shape:
+                raise ValueError(
+                    f"{name!r}: global shape {value.shape} != pseudo-gradient {mean[name].shape}"
+                )
+        self.apply(global_params, mean)
+        return global_params
+
+    @abstractmethod
+    def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
+        """Update ``global_params`` in place from the mean pseudo-gradient."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state (numpy arrays and plain values), for checkpoints."""
+        return {"name": self.name}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"outer optimizer state is for {state.get('name')!r}, this optimizer is "
+                f"{self.name!r}; resume with the same outer optimizer"
+            )
+
+
+class AveragingOuterOptimizer(OuterOptimizer):
+    """Plain weighted averaging: ``θ ← θ − mean g`` (= the token-weighted mean of site weights)."""
+
+    name = "average"
+
+    def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
+        for name, value in global_params.items():
+            value -= mean_pseudo_grad[name]
+
+
+class NesterovOuterOptimizer(OuterOptimizer):
+    """SGD with Nesterov momentum: ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``."""
+
+    name = "nesterov"
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9) -> None:
+        if not lr > 0:
+            raise ValueError(f"outer lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"outer momentum must be in [0, 1), got {momentum}")
+        self.lr = lr
+        self.momentum = momentum
+        self.momentum_buffers: StateDict = {}
+
+    def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
+        lr, mu = np.float32(self.lr), np.float32(self.momentum)
+        for name, value in global_params.items():
+            grad = mean_pseudo_grad[name]
+            buffer = self.momentum_buffers.get(name)
+            if buffer is None:
+                buffer = self.momentum_buffers[name] = np.zeros_like(value)
+            buffer *= mu
+            buffer += grad
+            grad += mu * buffer  # grad is our own copy from weighted_mean: reuse it
+            grad *= lr
+            value -= grad
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "momentum_buffers": {name: buf.copy() for name, buf in self.momentum_buffers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.lr = float(state["lr"])
+        self.momentum = float(state["momentum"])
+        self.momentum_buffers = {
+            name: np.array(buf, dtype=np.float32) for name, buf in state["momentum_buffers"].items()
+        }
+
+
+def make_outer_optimizer(name: OuterOptimizerName = "nesterov", **kwargs: float) -> OuterOptimizer:
+    """``"nesterov"`` (kwargs ``lr``, ``momentum``) or ``"average"``."""
+    if name == "nesterov":
+        return NesterovOuterOptimizer(**kwargs)
+    if name == "average":
+        if kwargs:
+            raise ValueError(f"the 'average' outer optimizer takes no options, got {sorted(kwargs)}")
+        return AveragingOuterOptimizer()
+    raise ValueError(f"unknown outer optimizer {name!r}; choose 'nesterov' or 'average'")
+
+
+# -------------------------------------------------------------------------------------------
+# Compression for transfer
+
+CompressionDtype = Literal["bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class CompressedState:
+    """A state dict packed for transfer. ``dtype="bf16"``: arrays are ``uint16`` bf16 bit
+    patterns; ``dtype="fp32"``: arrays are float32 as they were."""
+
+    dtype: CompressionDtype
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
+
+
+def compress(state: Mapping[str, np.ndarray], dtype: CompressionDtype = "bf16") -> CompressedState:
+    """Pack a float32 state dict for transfer (bf16: round to nearest even, half the bytes)."""
+    if dtype == "fp32":
+        return CompressedState("fp32", {n: np.asarray(a, dtype=np.float32) for n, a in state.items()})
+    if dtype != "bf16":
+        raise ValueError(f"unknown compression dtype {dtype!r}; choose 'bf16' or 'fp32'")
+    import torch
+
+    arrays = {}
+    for name, array in state.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        arrays[name] = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return CompressedState("bf16", arrays)
+
+
+def decompress(packed: CompressedState) -> StateDict:
+    """The float32 state dict of :func:`compress` (new arrays)."""
+    if packed.dtype == "fp32":
+        return {name: np.array(array, dtype=np.float32) for name, array in packed.arrays.items()}
+    if packed.dtype != "bf16":
+        raise ValueError(f"unknown compression dtype {packed.dtype!r}")
+    # bf16 is the top half of a float32: widen the bit pattern by a 16-bit shift.
+    return {
+        name: (array.astype(np.uint32) << 16).view(np.float32)
+        for name, array in packed.arrays.items()
+    }
+
+
+def _check_same_keys(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:
+    if set(expected) != set(actual):
+        missing = sorted(set(expected) - set(actual))
+        extra = sorted(set(actual) - set(expected))
+        raise ValueError(
+            f"{what} do not match the global parameters: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}; were they exported from the same model preset?"
+        )

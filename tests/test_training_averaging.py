@@ -1,0 +1,144 @@
+"""Outer step: hand-worked two-site examples, token weighting, state, bf16 compression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curtail.training.averaging import (
+    AveragingOuterOptimizer,
+    NesterovOuterOptimizer,
+    compress,
+    decompress,
+    make_outer_optimizer,
+    pseudo_gradient,
+    weighted_mean,
+)
+
+torch.set_num_threads(2)
+
+
+def f32(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+# Round 1, worked by hand: global θ = [1, 2]; site a trained 3 tokens to [0.5, 2.5],
+# site b 1 token to [1.5, 1.0].  g_a = [0.5, -0.5], g_b = [-0.5, 1.0];
+# token-weighted mean g = (3·g_a + 1·g_b) / 4 = [0.25, -0.125].
+GLOBAL = {"w": f32(1.0, 2.0)}
+SITES = {"a": {"w": f32(0.5, 2.5)}, "b": {"w": f32(1.5, 1.0)}}
+TOKENS = {"a": 3, "b": 1}
+
+
+def round_one_grads() -> dict[str, dict[str, np.ndarray]]:
+    return {site: pseudo_gradient(GLOBAL, params) for site, params in SITES.items()}
+
+
+def test_pseudo_gradient_and_weighted_mean() -> None:
+    grads = round_one_grads()
+    np.testing.assert_array_equal(grads["a"]["w"], f32(0.5, -0.5))
+    np.testing.assert_array_equal(grads["b"]["w"], f32(-0.5, 1.0))
+    np.testing.assert_array_equal(weighted_mean(grads, TOKENS)["w"], f32(0.25, -0.125))
+
+
+def test_average_is_the_token_weighted_mean_of_site_weights() -> None:
+    global_params = {"w": GLOBAL["w"].copy()}
+    result = AveragingOuterOptimizer().step(global_params, round_one_grads(), TOKENS)
+    # θ − g = [0.75, 2.125] = (3·θ_a + θ_b) / 4
+    np.testing.assert_allclose(result["w"], f32(0.75, 2.125), rtol=0, atol=1e-7)
+    assert result is global_params  # in place
+
+
+def test_nesterov_two_rounds_by_hand() -> None:
+    outer = NesterovOuterOptimizer()  # lr 0.7, momentum 0.9
+    params = {"w": GLOBAL["w"].copy()}
+    weights = params["w"]
+    outer.step(params, round_one_grads(), TOKENS)
+    # v = g = [0.25, -0.125]; θ −= 0.7·(g + 0.9·v) = 1.33·g = [0.3325, -0.16625]
+    np.testing.assert_allclose(params["w"], f32(0.6675, 2.16625), rtol=1e-6)
+    np.testing.assert_allclose(outer.momentum_buffers["w"], f32(0.25, -0.125), rtol=1e-6)
+    # Round 2: equal tokens, g = mean([0.1, 0], [0.1, 0.4]) = [0.1, 0.2]
+    # v = 0.9·[0.25, -0.125] + g = [0.325, 0.0875]; θ −= 0.7·(g + 0.9·v) = [0.27475, 0.195125]
+    outer.step(params, {"a": {"w": f32(0.1, 0.0)}, "b": {"w": f32(0.1, 0.4)}}, {"a": 5, "b": 5})
+    np.testing.assert_allclose(params["w"], f32(0.39275, 1.971125), rtol=1e-6)
+    np.testing.assert_allclose(outer.momentum_buffers["w"], f32(0.325, 0.0875), rtol=1e-6)
+    assert params["w"] is weights  # updated in place, no new arrays
+
+
+def test_nesterov_matches_torch_sgd() -> None:
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+    reference = torch.nn.Parameter(torch.from_numpy(params["w"].copy()))
+    sgd = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
+    outer = make_outer_optimizer("nesterov")
+    for _ in range(4):
+        grads = {s: {"w": rng.normal(size=(4, 3)).astype(np.float32)} for s in "ab"}
+        tokens = {"a": int(rng.integers(1, 100)), "b": int(rng.integers(1, 100))}
+        reference.grad = torch.from_numpy(weighted_mean(grads, tokens)["w"])
+        sgd.step()
+        outer.step(params, grads, tokens)
+    np.testing.assert_allclose(params["w"], reference.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_three_times_the_tokens_pulls_three_times_harder() -> None:
+    grads = {"a": {"w": f32(1.0, -2.0)}, "b": {"w": f32(0.0, 0.0)}}
+    heavy = weighted_mean(grads, {"a": 3_000, "b": 1_000})["w"]
+    light = weighted_mean(grads, {"a": 1_000, "b": 3_000})["w"]
+    np.testing.assert_allclose(heavy, 3 * light, rtol=1e-6)
+    np.testing.assert_allclose(heavy, f32(0.75, -1.5), rtol=1e-6)
+
+
+def test_sites_without_tokens_carry_no_weight() -> None:
+    grads = {"a": {"w": f32(1.0, 1.0)}, "failed": {"w": f32(np.nan, np.inf)}}
+    np.testing.assert_array_equal(weighted_mean(grads, {"a": 7, "failed": 0})["w"], f32(1.0, 1.0))
+    with pytest.raises(ValueError, match="skip the outer step"):
+        weighted_mean(grads, {"a": 0, "failed": 0})
+
+
+def test_mismatches_are_reported() -> None:
+    with pytest.raises(ValueError, match="one token count per site"):
+        weighted_mean(round_one_grads(), {"a": 1})
+    with pytest.raises(ValueError, match="missing \\['w'\\]"):
+        pseudo_gradient(GLOBAL, {"v": f32(1.0, 2.0)})
+    with pytest.raises(ValueError, match="writable float32"):
+        AveragingOuterOptimizer().step({"w": GLOBAL["w"].astype(np.float64)}, round_one_grads(), TOKENS)
+    with pytest.raises(ValueError, match="choose 'nesterov' or 'average'"):
+        make_outer_optimizer("adam")  # type: ignore[arg-type]
+
+
+def test_outer_state_round_trip() -> None:
+    first, params = NesterovOuterOptimizer(lr=0.5, momentum=0.8), {"w": GLOBAL["w"].copy()}
+    first.step(params, round_one_grads(), TOKENS)
+    resumed = NesterovOuterOptimizer()
+    resumed.load_state_dict(first.state_dict())
+    assert (resumed.lr, resumed.momentum) == (0.5, 0.8)
+    params_resumed = {"w": params["w"].copy()}
+    first.step(params, round_one_grads(), TOKENS)
+    resumed.step(params_resumed, round_one_grads(), TOKENS)
+    np.testing.assert_array_equal(params["w"], params_resumed["w"])
+    with pytest.raises(ValueError, match="same outer optimizer"):
+        AveragingOuterOptimizer().load_state_dict(first.state_dict())
+
+
+def test_bf16_round_trip_error_bound() -> None:
+    rng = np.random.default_rng(1)
+    delta = {
+        "small": (rng.normal(size=(64, 32)) * 1e-6).astype(np.float32),
+        "large": (rng.normal(size=(128,)) * 1e3).astype(np.float32),
+        "exact": f32(0.0, 1.0, -2.0, 0.5),
+    }
+    packed = compress(delta)
+    assert packed.dtype == "bf16"
+    assert all(array.dtype == np.uint16 for array in packed.arrays.values())
+    assert packed.num_bytes * 2 == sum(array.nbytes for array in delta.values())
+    restored = decompress(packed)
+    for name, original in delta.items():
+        assert restored[name].dtype == np.float32 and restored[name].shape == original.shape
+        # bf16 keeps 8 significant bits: round-to-nearest error is at most 2^-8 relative
+        assert np.all(np.abs(restored[name] - original) <= 2.0**-8 * np.abs(original))
+        as_torch = torch.from_numpy(original).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(restored[name], as_torch)
+    np.testing.assert_array_equal(restored["exact"], delta["exact"])
+    fp32 = decompress(compress(delta, dtype="fp32"))
+    np.testing.assert_array_equal(fp32["large"], delta["large"])
