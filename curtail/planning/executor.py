@@ -1,0 +1,332 @@
+"""Executing a policy: the run state machine both executors share.
+
+:class:`Executor` turns a policy's intents into what sites physically do, with the execution
+model of :class:`~curtail.config.ExecutionConfig`:
+
+* ``OFF → TRAIN`` intent: provisioning (``rules.provisioning_s``), worker-group start
+  (``group_start_s``), then the site is ready;
+* one ready site trains alone in an open-ended SINGLE round; a second ready site ends it
+  with a hand-off sync and FEDERATED rounds of ``round_s`` begin;
+* every federated round ends with a sync (``sync_s`` paused per participating site); a
+  site ready mid-round joins at once (``join = "immediate"``, paying one ``sync_s`` to fetch
+  the global weights) or waits for the next round (``"next_round"``, the prior system);
+* ``round_restart_s`` is lost at the start of every round (the prior system's respawn);
+* a site told to stop drains at the next step boundary; its partial round still counts.
+
+Time only jumps between events (policy decisions, timers, round ends, budget completion).
+Subclasses supply the work: :class:`~curtail.planning.simulator.Simulator` multiplies
+throughput by time; the Ray coordinator trains real models for the same segments and performs
+the syncs, through the ``on_*`` hooks below (no-ops here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from curtail.planning.policy import Intent, Observation, Policy, PolicyContext, SiteState
+from curtail.planning.trajectory import RunMode, Trajectory, TrajectoryRecorder
+
+_EPS_S = 1e-6
+
+
+class PolicyProtocolError(RuntimeError):
+    """A policy returned something the executor cannot act on."""
+
+
+@dataclass
+class _Site:
+    name: str
+    tokens_per_s: float
+    intent: Intent = Intent.OFF
+    until_s: float = math.inf  # end of the current timed phase
+    member: bool = False  # in the current round (or the sync after it)
+
+
+@dataclass
+class _Round:
+    index: int
+    kind: RunMode
+    start_s: float
+    end_s: float  # inf for SINGLE
+    members: set[str] = field(default_factory=set)
+
+
+class Executor:
+    """The run state machine. Subclasses implement :meth:`work`; hooks default to no-ops."""
+
+    def __init__(self, context: PolicyContext, policy: Policy):
+        self.context = context
+        self.policy = policy
+        self.execution = context.execution
+        self.sites = {name: _Site(name, cfg.tokens_per_s) for name, cfg in context.sites.items()}
+        self.recorder = TrajectoryRecorder(list(context.sites), context.start_s)
+        self.round: _Round | None = None
+        self.sync_until_s: float | None = None  # a run-level sync between rounds
+        self.sync_members: set[str] = set()
+        self.num_rounds = 0
+        self.tokens = 0.0
+
+    # ---------------------------------------------------------------- work and hooks
+
+    def work(self, sites: list[str], start_s: float, end_s: float) -> dict[str, float]:
+        """Train ``sites`` over ``[start_s, end_s)`` of the run's clock; tokens trained per site."""
+        raise NotImplementedError
+
+    def on_nodes_ready(self, site: str, t_s: float) -> None:
+        """A site's nodes are provisioned: start its worker group."""
+
+    def on_round_start(self, index: int, members: list[str], t_s: float) -> None:
+        """A round begins; members must hold the newest global weights."""
+
+    def on_sync(self, index: int, members: list[str], kind: RunMode, t_s: float) -> None:
+        """End of round ``index``: average (FEDERATED) or hand off (SINGLE) and load the result."""
+
+    def on_join(self, site: str, index: int, t_s: float) -> None:
+        """A site joins a running federated round: load the newest global weights."""
+
+    def on_leave(self, site: str, index: int, kind: RunMode, t_s: float) -> None:
+        """A site leaves round ``index`` mid-way: keep its partial work."""
+
+    def on_drain(self, site: str, t_s: float) -> None:
+        """A site is released: stop its worker group at the next step boundary."""
+
+    def on_finish(self, t_s: float, completed: bool) -> None:
+        """The run ends: make the global model final."""
+
+    # ---------------------------------------------------------------- state helpers
+
+    def _state(self, site: _Site) -> SiteState:
+        return self.recorder.state(site.name)
+
+    def _set(self, site: _Site, state: SiteState, t_s: float, until_s: float = math.inf) -> None:
+        self.recorder.set_state(site.name, state, t_s)
+        site.until_s = until_s
+
+    def _update_mode(self, t_s: float) -> None:
+        if self.round is not None:
+            count = len(self.round.members)
+        elif self.sync_until_s is not None:
+            count = len(self.sync_members)
+        else:
+            count = 0
+        self.recorder.set_mode(RunMode.of(count), t_s)
+
+    # ---------------------------------------------------------------- rounds
+
+    def _start_round(self, t_s: float, members: set[str]) -> None:
+        self.num_rounds += 1
+        kind = RunMode.of(len(members))
+        end_s = t_s + self.execution.round_s if kind is RunMode.FEDERATED else math.inf
+        self.round = _Round(self.num_rounds, kind, t_s, end_s, set(members))
+        self.recorder.event(t_s, "", "round_start", round=self.num_rounds, mode=kind.value, sites=sorted(members))
+        self.on_round_start(self.num_rounds, sorted(members), t_s)
+        restart_s = self.execution.round_restart_s
+        for name in members:
+            site = self.sites[name]
+            site.member = True
+            if restart_s > 0:
+                self._set(site, SiteState.STARTING, t_s, t_s + restart_s)
+            else:
+                self._set(site, SiteState.TRAINING, t_s)
+        self._update_mode(t_s)
+
+    def _end_round_with_sync(self, t_s: float, extra: set[str]) -> None:
+        """Close the current round and pause its members (plus joiners) for one sync."""
+        assert self.round is not None
+        members = set(self.round.members) | extra
+        self.recorder.event(t_s, "", "round_end", round=self.round.index, mode=self.round.kind.value)
+        self.recorder.num_syncs += 1
+        self.recorder.event(t_s, "", "sync", round=self.round.index, sites=sorted(members))
+        self.on_sync(self.round.index, sorted(members), self.round.kind, t_s)
+        self.round = None
+        self.sync_until_s = t_s + self.execution.sync_s
+        self.sync_members = members
+        for name in members:
+            self.sites[name].member = True
+            self._set(self.sites[name], SiteState.SYNCING, t_s, self.sync_until_s)
+        self._update_mode(t_s)
+
+    def _finish_sync(self, t_s: float) -> None:
+        members = {n for n in self.sync_members if self.sites[n].intent is Intent.TRAIN}
+        self.sync_until_s, self.sync_members = None, set()
+        for name in self.sites:
+            self.sites[name].member = False
+        if members:
+            self._start_round(t_s, members)
+        else:
+            self._update_mode(t_s)
+
+    def _leave(self, site: _Site, t_s: float) -> None:
+        """Remove a site from the round or sync it is in (its partial work already counts)."""
+        if not site.member:
+            return
+        site.member = False
+        if self.round is not None and site.name in self.round.members:
+            self.round.members.discard(site.name)
+            self.recorder.event(t_s, site.name, "leave_round", round=self.round.index)
+            self.on_leave(site.name, self.round.index, self.round.kind, t_s)
+            if not self.round.members:
+                self.recorder.event(t_s, "", "round_end", round=self.round.index, mode=self.round.kind.value)
+                self.round = None
+        if site.name in self.sync_members:
+            self.sync_members.discard(site.name)
+            if not self.sync_members:
+                self.sync_until_s = None
+        self._update_mode(t_s)
+
+    # ---------------------------------------------------------------- transitions
+
+    def _apply_intents(self, t_s: float) -> None:
+        for site in self.sites.values():
+            state = self._state(site)
+            if site.intent is Intent.OFF and state is not SiteState.OFF:
+                self._leave(site, t_s)
+                self.recorder.event(t_s, site.name, "drain", previous=state.value)
+                self._set(site, SiteState.OFF, t_s)
+                self.on_drain(site.name, t_s)
+            elif site.intent is Intent.STANDBY and site.member:
+                self._leave(site, t_s)
+                self._set(site, SiteState.WAITING, t_s)
+            elif site.intent is not Intent.OFF and state is SiteState.OFF:
+                self.recorder.event(t_s, site.name, "provision", intent=site.intent.value)
+                self._set(site, SiteState.PROVISIONING, t_s, t_s + self.context.rules.provisioning_s)
+
+    def _join_ready_sites(self, t_s: float) -> None:
+        joiners = {
+            s.name
+            for s in self.sites.values()
+            if s.intent is Intent.TRAIN and not s.member and self._state(s) is SiteState.WAITING
+        }
+        if not joiners:
+            return
+        if self.sync_until_s is not None:  # fetch the new global weights with everyone else
+            for name in joiners:
+                self.sites[name].member = True
+                self._set(self.sites[name], SiteState.SYNCING, t_s, self.sync_until_s)
+            self.sync_members |= joiners
+            self._update_mode(t_s)
+        elif self.round is None:
+            self._start_round(t_s, joiners)
+        elif self.round.kind is RunMode.SINGLE:  # hand-off: the single site's weights become global
+            self._end_round_with_sync(t_s, joiners)
+        elif self.execution.join == "immediate":
+            for name in joiners:
+                site = self.sites[name]
+                site.member = True
+                self.round.members.add(name)
+                self.recorder.event(t_s, name, "join_round", round=self.round.index)
+                self.on_join(name, self.round.index, t_s)
+                self._set(site, SiteState.SYNCING, t_s, t_s + self.execution.sync_s)
+            self._update_mode(t_s)
+
+    def _expire_timers(self, t_s: float) -> bool:
+        """Advance every phase that ends at ``t_s``; True if a site became ready."""
+        changed = False
+        for site in self.sites.values():
+            if site.until_s > t_s + _EPS_S:
+                continue
+            state = self._state(site)
+            if state is SiteState.PROVISIONING:
+                group_start_s = self.execution.group_start_s
+                self.recorder.event(t_s, site.name, "nodes_ready")
+                self.on_nodes_ready(site.name, t_s)
+                if group_start_s > 0:
+                    self._set(site, SiteState.STARTING, t_s, t_s + group_start_s)
+                else:
+                    self.recorder.event(t_s, site.name, "ready")
+                    self._set(site, SiteState.WAITING, t_s)
+                    changed = True
+            elif state is SiteState.STARTING and not site.member:
+                self.recorder.event(t_s, site.name, "ready")
+                self._set(site, SiteState.WAITING, t_s)
+                changed = True
+            elif state in (SiteState.STARTING, SiteState.SYNCING) and self.round is not None:
+                self._set(site, SiteState.TRAINING, t_s)
+            else:
+                site.until_s = math.inf
+        if self.sync_until_s is not None and self.sync_until_s <= t_s + _EPS_S:
+            self._finish_sync(t_s)
+        if (
+            self.round is not None
+            and self.round.kind is RunMode.FEDERATED
+            and self.round.end_s <= t_s + _EPS_S
+        ):
+            self._end_round_with_sync(t_s, set())
+        return changed
+
+    def _timers_due(self, t_s: float) -> bool:
+        due = t_s + _EPS_S
+        return (
+            any(site.until_s <= due for site in self.sites.values())
+            or (self.sync_until_s is not None and self.sync_until_s <= due)
+            or (self.round is not None and self.round.end_s <= due)
+        )
+
+    def _decide(self, t_s: float) -> float:
+        observation = Observation(
+            now_s=t_s,
+            site_states={name: self._state(s) for name, s in self.sites.items()},
+            tokens_trained=self.tokens,
+            token_budget=self.context.token_budget,
+        )
+        decision = self.policy.decide(t_s, observation)
+        for name, site in self.sites.items():
+            site.intent = Intent(decision.intents.get(name, Intent.OFF))
+        if decision.next_decision_s <= t_s:
+            raise PolicyProtocolError(
+                f"policy {self.policy.name!r} asked to decide again at {decision.next_decision_s} "
+                f"which is not after now ({t_s}); return math.inf when nothing is planned"
+            )
+        return decision.next_decision_s
+
+    def _settle(self, t_s: float, next_decision_s: float, ask: bool) -> float:
+        """Advance timers, ask the policy when due, apply, until this instant is steady.
+
+        The policy is asked at the time it requested and whenever a site became ready; round
+        ends and syncs are the executor's business.
+        """
+        for _ in range(100):
+            ask = self._expire_timers(t_s) or ask or t_s >= next_decision_s - _EPS_S
+            if ask:
+                next_decision_s = self._decide(t_s)
+                ask = False
+            self._apply_intents(t_s)
+            self._join_ready_sites(t_s)
+            if not self._timers_due(t_s):
+                return next_decision_s
+        raise PolicyProtocolError(f"no steady state at t={t_s}: the policy and timers keep flipping")
+
+    # ---------------------------------------------------------------- main loop
+
+    def run(self) -> Trajectory:
+        context = self.context
+        t_s = context.start_s
+        budget = context.token_budget
+        next_decision_s = self._settle(t_s, math.inf, ask=True)
+        while True:
+            training = [s for s in self.sites.values() if self._state(s) is SiteState.TRAINING]
+            rate = sum(s.tokens_per_s for s in training)
+            candidates = [next_decision_s, context.deadline_s]
+            candidates += [s.until_s for s in self.sites.values()]
+            if self.round is not None:
+                candidates.append(self.round.end_s)
+            if self.sync_until_s is not None:
+                candidates.append(self.sync_until_s)
+            if rate > 0:
+                candidates.append(t_s + (budget - self.tokens) / rate)
+            t_next = max(min(candidates), t_s)
+            if training and t_next > t_s:
+                for name, tokens in self.work([s.name for s in training], t_s, t_next).items():
+                    self.recorder.add_tokens(name, tokens)
+                    self.tokens += tokens
+            t_s = t_next
+            if self.tokens >= budget * (1 - 1e-12):
+                self.recorder.event(t_s, "", "budget_reached", tokens=round(self.tokens))
+                self.on_finish(t_s, completed=True)
+                return self.recorder.finish(t_s, completed=True)
+            if t_s >= context.deadline_s - _EPS_S:
+                self.recorder.event(t_s, "", "deadline", tokens=round(self.tokens))
+                self.on_finish(t_s, completed=False)
+                return self.recorder.finish(t_s, completed=False)
+            next_decision_s = self._settle(t_s, next_decision_s, ask=False)
