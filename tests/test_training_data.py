@@ -104,7 +104,7 @@ def test_batches_read_consecutive_tokens() -> None:
     assert input_ids.dtype == torch.int64
     assert input_ids.tolist() == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 20, 21]]
     assert labels.tolist() == [[11, 12, 13, 14], [15, 16, 17, 18], [19, 20, 21, 22]]
-    last_input, last_labels = corpus.batch(start_token=95, batch_size=1, seq_len=4)
+    _, last_labels = corpus.batch(start_token=95, batch_size=1, seq_len=4)
     assert last_labels[0, -1].item() == 99  # the last token is only ever a label
     with pytest.raises(ValueError, match="only \\[0, 99\\) can be trained"):
         corpus.batch(start_token=96, batch_size=1, seq_len=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from curtail.training.model import PRESETS, ModelSpec, build_model, count_parameters, get_spec
 
@@ -27,7 +28,7 @@ def test_presets_are_frozen_specs() -> None:
         spec = preset()
         assert spec.name == name
         assert get_spec(name) == spec
-        with pytest.raises(Exception):
+        with pytest.raises(ValidationError, match="frozen"):
             spec.num_layers = 3  # type: ignore[misc]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from curtail.training.schedule import LRSchedule, lr_at
@@ -43,7 +45,7 @@ def test_never_negative_and_monotone_phases() -> None:
     to_zero = LRSchedule(peak_lr=0.5, total_tokens=1_000, warmdown_tokens=1_000)
     values = [to_zero.lr_at(t) for t in range(0, 3_000, 7)]
     assert min(values) == 0.0
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     assert to_zero.lr_at(0) == 0.5  # no warmup: starts at the peak
 
 

@@ -158,7 +158,7 @@ def load_corpus(
         raise ValueError(
             f"heldout_fraction must be in (0, 1), got {heldout_fraction}; or pass heldout_paths"
         )
-    split = len(tokens) - int(round(len(tokens) * heldout_fraction))
+    split = len(tokens) - round(len(tokens) * heldout_fraction)
     if split < 2 or len(tokens) - split < 2:
         raise ValueError(
             f"corpus of {len(tokens)} tokens is too small to hold out {heldout_fraction:.0%}; "
