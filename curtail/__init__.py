@@ -5,6 +5,7 @@ Python API (imports are lazy so ``import curtail`` stays light and side-effect f
     import curtail
     result = curtail.simulate("experiments/paper.toml")   # fast simulator, run directories
     result.table()
+    trained = curtail.run()                               # real training on a local Ray cluster
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 
 _API = {
     "simulate": "curtail.api",
+    "run": "curtail.api",
+    "RunResult": "curtail.api",
     "SimulationResult": "curtail.api",
     "load_experiment": "curtail.config",
     "ExperimentConfig": "curtail.config",

@@ -1,4 +1,4 @@
-"""The Python API: ``curtail.simulate`` (and, as they land, ``run`` and ``sweep``).
+"""The Python API: ``curtail.simulate`` (fast simulator) and ``curtail.run`` (real training on Ray).
 
 Notebook use::
 
@@ -6,13 +6,17 @@ Notebook use::
     result = curtail.simulate("experiments/paper.toml")
     result.table()            # comparison as a pandas DataFrame
     result.run_dirs           # one run directory per run
+
+    trained = curtail.run("experiments/demo.toml")    # local Ray cluster, real model, minutes
+    trained.summary["final_eval_loss"], trained.run_dir / "model"
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,15 @@ from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.planning.summary import summarize, timeseries
 from curtail.planning.trajectory import Trajectory
-from curtail.runlog import RunRecord, events_frame, intervals_frame, modes_frame, package_versions, write_run_dir
+from curtail.runlog import (
+    RunRecord,
+    events_frame,
+    intervals_frame,
+    losses_frame,
+    modes_frame,
+    package_versions,
+    write_run_dir,
+)
 
 SUMMARY_COLUMNS = [
     "run",
@@ -156,3 +168,99 @@ def simulate(
             write_run_dir(record, root / experiment.name / run.name)
         records.append(record)
     return SimulationResult(experiment, records)
+
+
+DEFAULT_RUN_CONFIG = "experiments/demo.toml"
+
+
+@dataclass
+class RunResult:
+    """A real run: its summary, run directory and record."""
+
+    summary: dict[str, Any]
+    run_dir: Path
+    record: RunRecord
+
+    @property
+    def model_dir(self) -> Path:
+        return self.run_dir / "model"
+
+
+def _fresh_run_dir(root: Path, experiment: str, run: str) -> Path:
+    """``root/experiment/run``; a real run never overwrites another: a time suffix if taken."""
+    path = root / experiment / run
+    if path.exists() and any(path.iterdir()):
+        path = root / experiment / f"{run}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def run(
+    config: ExperimentConfig | str | Path | dict[str, Any] | None = None,
+    *,
+    run: str | None = None,
+    output_dir: str | Path | None = None,
+    address: str | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    progress_interval_s: float = 2.0,
+) -> RunResult:
+    """Train for real on Ray, following the curtailment calendar; write the run directory.
+
+    Args:
+        config: experiment (default: ``experiments/demo.toml``: 3 sites on the paper trace,
+            the ``small`` preset on Tiny Shakespeare).
+        run: which of the experiment's runs (default: its first).
+        output_dir: root of run directories (default: the config's ``output_dir``).
+        address: a Ray cluster to join (default: ``RAY_ADDRESS``, else a local cluster that
+            declares one resource per site).
+        on_progress: called every ``progress_interval_s`` with the coordinator's progress
+            (clock, mode, active sites, tokens, loss).
+    """
+    import ray
+
+    from curtail.runtime.cluster import connect
+    from curtail.runtime.coordinator import HEAD_NODE, Coordinator
+
+    from curtail.config import project_root
+
+    if config is None:
+        local = Path(DEFAULT_RUN_CONFIG)
+        config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
+    experiment = as_experiment(config)
+    spec = experiment.run(run) if run is not None else experiment.runs[0]
+    traces, forecasts = load_experiment_traces(experiment)
+    plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
+    root = Path(output_dir) if output_dir is not None else experiment.output_dir
+    run_dir = _fresh_run_dir(root, experiment.name, spec.name).resolve()
+    started_ray = connect(
+        list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site
+    )
+    try:
+        coordinator = Coordinator.options(resources=HEAD_NODE).remote(
+            experiment.model_dump(mode="json"), spec.name, str(run_dir)
+        )
+        pending = coordinator.run.remote()
+        while True:
+            done, _ = ray.wait([pending], timeout=progress_interval_s)
+            if done:
+                break
+            if on_progress is not None:
+                on_progress(ray.get(coordinator.progress.remote()))
+        artifacts = ray.get(pending)
+        ray.kill(coordinator)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    record = record_of(
+        plan,
+        artifacts.trajectory,
+        experiment,
+        executor="ray",
+        traces_checksums=traces.checksums,
+        extra={**artifacts.summary_extra, "reference": spec.reference.model_dump() if spec.reference else None},
+    )
+    record.manifest["training"] = experiment.training.model_dump(mode="json")
+    record.losses = losses_frame(artifacts.trajectory)
+    record.timings = pd.DataFrame([vars(t) for t in artifacts.timings])
+    write_run_dir(record, run_dir)
+    return RunResult(record.summary, run_dir, record)

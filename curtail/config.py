@@ -155,6 +155,48 @@ class ExecutionConfig(StrictModel):
         return self
 
 
+class TrainingConfig(StrictModel):
+    """What a real run trains and how the Ray runtime lays it out (``curtail run`` only).
+
+    Clock: with ``clock = "virtual"`` every optimizer step at a site advances that site's time
+    by ``tokens_per_step / site.tokens_per_s`` (the hardware the site represents), so a trace of
+    hours replays in minutes, deterministically. ``clock = "realtime"`` follows the wall clock,
+    ``realtime_speedup`` times faster than the trace.
+    """
+
+    preset: Literal["tiny", "small", "d20"] = "small"
+    corpus: list[Path] = Field(default_factory=lambda: [Path("data/text/tinyshakespeare.txt")], min_length=1)
+    heldout: list[Path] | None = Field(default=None, description="default: the last heldout_fraction of corpus")
+    heldout_fraction: float = Field(default=0.05, gt=0, lt=1)
+    vocab_size: int = Field(default=2048, ge=257)
+    batch_size: int = Field(default=8, ge=1, description="sequences per worker per optimizer step")
+    seq_len: int | None = Field(default=None, ge=8, description="default: the preset's")
+    peak_lr: float = Field(default=3e-3, gt=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    warmdown_fraction: float = Field(default=0.3, ge=0, lt=1)
+    final_lr_fraction: float = Field(default=0.1, ge=0, le=1)
+    outer_optimizer: Literal["nesterov", "average"] = "nesterov"
+    outer_lr: float = Field(default=0.7, gt=0)
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    transfer_dtype: Literal["bf16", "fp32"] = "bf16"
+    workers_per_site: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=0.5, ge=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    torch_threads_per_worker: int = Field(default=1, ge=1)
+    eval_batches: int = Field(default=8, ge=1)
+    eval_batch_size: int = Field(default=8, ge=1)
+    clock: Literal["virtual", "realtime"] = "virtual"
+    realtime_speedup: float = Field(default=1.0, gt=0)
+    cache_dir: Path = Field(default=Path(".cache"), description="tokenizer and token arrays (reused across runs)")
+    command_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for one site command")
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> TrainingConfig:
+        if self.warmup_fraction + self.warmdown_fraction > 1:
+            raise ValueError("warmup_fraction + warmdown_fraction must be at most 1")
+        return self
+
+
 # --------------------------------------------------------------------------------------------
 # Policies (discriminated by `kind`)
 
@@ -233,6 +275,7 @@ class ExperimentConfig(StrictModel):
     sites: dict[str, SiteConfig] = Field(min_length=1)
     token_budget: float = Field(gt=0, description="tokens to train per run")
     runs: list[RunSpec] = Field(min_length=1)
+    training: TrainingConfig = TrainingConfig()
     output_dir: Path = Path("runs")
 
     @model_validator(mode="before")
@@ -311,6 +354,13 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     for key in ("traces", "forecasts"):
         if isinstance(data.get(key), list):
             data[key] = [fix(e) for e in data[key]]
+    training = data.get("training")
+    if isinstance(training, dict):
+        training = dict(training)
+        for key in ("corpus", "heldout"):
+            if isinstance(training.get(key), list):
+                training[key] = [p if Path(p).is_absolute() else str(base_dir / p) for p in training[key]]
+        data["training"] = training
     return data
 
 
@@ -342,4 +392,4 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    return parse_experiment(data, source=str(path), base_dir=path.parent)
+    return parse_experiment(data, source=str(path), base_dir=path.parent.resolve())

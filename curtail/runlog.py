@@ -10,7 +10,9 @@
       modes.csv        mode, start, end, start_s, end_s (IDLE / SINGLE / FEDERATED)
       timeseries.parquet  per site at trace resolution: state, run_mode, power, energy, CI,
                        emissions, tokens, loss (Parquet: a simulated year is 300k rows)
-      losses.csv       (real runs) t_s, site, tokens, loss, kind
+      losses.csv       (real runs) t_s, site, tokens, loss, kind (train per site, eval of the global model)
+      timings.csv      (real runs) measured wall seconds of every train / submit / load / eval command
+      model/           (real runs) the final global model and tokenizer (save_pretrained)
 
 Reports, notebooks and sweeps read only these files (:func:`read_run_dir`).
 """
@@ -48,6 +50,7 @@ class RunRecord:
     timeseries: pd.DataFrame
     manifest: dict[str, Any] = field(default_factory=dict)
     losses: pd.DataFrame | None = None
+    timings: pd.DataFrame | None = None
     path: Path | None = None
 
 
@@ -114,9 +117,9 @@ def write_run_dir(record: RunRecord, path: Path, *, replace_simulated: bool = Tr
     """Write the run directory. An existing *simulated* run of the same path is replaced;
     anything else there is an error (a real run's outputs are never overwritten)."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        manifest = path / "manifest.json"
-        executor = json.loads(manifest.read_text()).get("executor") if manifest.is_file() else None
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        executor = json.loads(manifest.read_text()).get("executor")
         if not (replace_simulated and executor == "simulator" and record.manifest.get("executor") == "simulator"):
             raise FileExistsError(
                 f"{path} already holds a run (executor={executor!r}); choose another output_dir or run name"
@@ -130,6 +133,8 @@ def write_run_dir(record: RunRecord, path: Path, *, replace_simulated: bool = Tr
     record.timeseries.to_parquet(path / "timeseries.parquet", index=False)
     if record.losses is not None:
         record.losses.to_csv(path / "losses.csv", index=False)
+    if record.timings is not None:
+        record.timings.to_csv(path / "timings.csv", index=False)
     # summary last: its presence marks a complete run directory
     _atomic_write_text(path / "summary.json", json.dumps(record.summary, indent=2, default=str))
     record.path = path
@@ -144,6 +149,7 @@ def read_run_dir(path: str | Path) -> RunRecord:
         raise FileNotFoundError(f"{path} is not a complete run directory: missing {missing}")
     timeseries = pd.read_parquet(path / "timeseries.parquet")
     losses = pd.read_csv(path / "losses.csv") if (path / "losses.csv").is_file() else None
+    timings = pd.read_csv(path / "timings.csv") if (path / "timings.csv").is_file() else None
     return RunRecord(
         summary=json.loads((path / "summary.json").read_text()),
         events=pd.read_csv(path / "events.csv", keep_default_na=False),
@@ -152,5 +158,6 @@ def read_run_dir(path: str | Path) -> RunRecord:
         timeseries=timeseries,
         manifest=json.loads((path / "manifest.json").read_text()),
         losses=losses,
+        timings=timings,
         path=path,
     )

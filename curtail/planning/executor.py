@@ -204,6 +204,7 @@ class Executor:
             for name in joiners:
                 self.sites[name].member = True
                 self._set(self.sites[name], SiteState.SYNCING, t_s, self.sync_until_s)
+                self.on_join(name, self.num_rounds, t_s)
             self.sync_members |= joiners
             self._update_mode(t_s)
         elif self.round is None:
@@ -313,8 +314,8 @@ class Executor:
                 candidates.append(self.round.end_s)
             if self.sync_until_s is not None:
                 candidates.append(self.sync_until_s)
-            if rate > 0:
-                candidates.append(t_s + (budget - self.tokens) / rate)
+            if rate > 0:  # never less than one float step: tiny remainders must still advance time
+                candidates.append(max(t_s + (budget - self.tokens) / rate, math.nextafter(t_s, math.inf)))
             t_next = max(min(candidates), t_s)
             if training and t_next > t_s:
                 for name, tokens in self.work([s.name for s in training], t_s, t_next).items():

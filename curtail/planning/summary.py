@@ -138,7 +138,7 @@ def timeseries(
         frames.append(
             pd.DataFrame(
                 {
-                    "time": pd.to_datetime(edges[:-1], unit="s", utc=True),
+                    "time": pd.to_datetime(edges[:-1], unit="s", utc=True).as_unit("ns"),
                     "site": site,
                     "state": _state_at(intervals, edges[:-1]),
                     "run_mode": run_mode,
@@ -160,7 +160,7 @@ def timeseries(
     if train_losses:  # each row carries the site's latest training loss reported by then
         losses = pd.DataFrame(
             {
-                "time": pd.to_datetime([p.t_s for p in train_losses], unit="s", utc=True),
+                "time": pd.to_datetime([p.t_s for p in train_losses], unit="s", utc=True).as_unit("ns"),
                 "site": [p.site for p in train_losses],
                 "loss": [p.loss for p in train_losses],
             }

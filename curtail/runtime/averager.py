@@ -1,0 +1,83 @@
+"""The parameter-averaging actor: global fp32 weights and the outer optimizer.
+
+Sites send pseudo-gradients (θ_global − θ_site, bf16 by default) with the tokens they
+trained; at the end of a federated round the actor takes the token-weighted mean and applies
+the outer optimizer (Nesterov by default). A site leaving mid-round submits its partial work
+to the same round, so it still counts. In single-site mode the site's weights replace the
+global state when another site joins or it leaves (:meth:`Averager.publish`).
+
+Weights leave the actor as numpy arrays through the object store (zero-copy, read-only on the
+same node). Every change bumps ``version``; ``digest()`` fingerprints the weights for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import ray
+
+from curtail.training.averaging import CompressedState, decompress, make_outer_optimizer
+
+
+@ray.remote(num_cpus=0)
+class Averager:
+    def __init__(self, initial_params: dict[str, np.ndarray], outer_optimizer: str, outer_lr: float, outer_momentum: float):
+        self._params = {name: np.array(value, dtype=np.float32) for name, value in initial_params.items()}
+        kwargs = {"lr": outer_lr, "momentum": outer_momentum} if outer_optimizer == "nesterov" else {}
+        self._optimizer = make_outer_optimizer(outer_optimizer, **kwargs)
+        self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
+        self.version = 0
+        self.num_outer_steps = 0
+
+    def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
+        return self.version, self._params
+
+    def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
+        """Add a site's work to round ``round_index`` (idempotent per site and round)."""
+        self._pending.setdefault(round_index, {})[site] = (decompress(pseudo_grad), float(tokens))
+        return len(self._pending[round_index])
+
+    def outer_step(self, round_index: int) -> dict[str, Any]:
+        """Average round ``round_index``'s submissions and apply the outer optimizer."""
+        submissions = self._pending.pop(round_index, {})
+        contributing = {site: item for site, item in submissions.items() if item[1] > 0}
+        if contributing:
+            self._optimizer.step(
+                self._params,
+                {site: grad for site, (grad, _) in contributing.items()},
+                {site: tokens for site, (_, tokens) in contributing.items()},
+            )
+            self.version += 1
+            self.num_outer_steps += 1
+        return {
+            "version": self.version,
+            "sites": sorted(contributing),
+            "tokens": {site: tokens for site, (_, tokens) in contributing.items()},
+        }
+
+    def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
+        """Single-site hand-off: the site's weights become the global state."""
+        for name, value in params.items():
+            self._params[name][...] = value
+        self.version += 1
+        return self.version
+
+    def pending_rounds(self) -> list[int]:
+        return sorted(self._pending)
+
+    def digest(self) -> str:
+        hasher = hashlib.sha256()
+        for name in sorted(self._params):
+            hasher.update(name.encode())
+            hasher.update(np.ascontiguousarray(self._params[name]).tobytes())
+        return hasher.hexdigest()[:16]
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "num_outer_steps": self.num_outer_steps,
+            "params": self._params,
+            "optimizer": self._optimizer.state_dict(),
+        }

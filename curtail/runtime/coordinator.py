@@ -1,0 +1,369 @@
+"""The coordinator: the Ray driver actor that owns the calendar, the clock and the run.
+
+:class:`RayExecutor` is the planning layer's :class:`~curtail.planning.executor.Executor`
+state machine — the same one the simulator runs, driven by the same policy — with real work:
+each training segment becomes "train N steps" commands to the sites' persistent Ray Train
+worker groups (N from the virtual clock: the step time of the hardware a site represents),
+and every sync, join, hand-off and leave becomes pseudo-gradient submissions to the averaging
+actor and global-weight loads. The data ledger hands each site disjoint token ranges and
+records a site's work as trained once it has entered the global model.
+
+:class:`Coordinator` is the actor wrapper: prepares tokenizer and corpus, creates the
+averaging actor and the command mailbox, runs the executor, evaluates and saves the final
+global model in the Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from curtail.config import ExperimentConfig, TrainingConfig, project_root
+from curtail.planning.executor import Executor
+from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
+from curtail.planning.policy import Policy, PolicyContext
+from curtail.planning.signals import iso
+from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
+from curtail.runtime.averager import Averager
+from curtail.runtime.mailbox import Mailbox
+from curtail.runtime.sites import SiteFailure, SiteGroup, site_resource
+from curtail.training.data import load_corpus
+from curtail.training.ledger import DataLedger, TokenRange
+from curtail.training.loop import SiteTrainer
+from curtail.training.model import build_model, get_spec
+from curtail.training.schedule import LRSchedule
+from curtail.training.tokenizer import train_tokenizer
+
+HEAD_NODE = {"node:__internal_head__": 0.001}
+"""Resource request that keeps the coordinator, averager and fit() drivers on the head node."""
+
+
+def resolve_data_path(path: Path) -> Path:
+    """Relative corpus paths: the working directory first, then the project root."""
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (project_root() / path).resolve()
+
+
+@dataclass
+class Timing:
+    """One measured action (wall clock) of a real run, for benchmarks."""
+
+    t_s: float
+    site: str
+    kind: str
+    round: int
+    wall_s: float
+    steps: int = 0
+
+
+@dataclass
+class RunArtifacts:
+    """What the coordinator hands back to the driver."""
+
+    trajectory: Trajectory
+    summary_extra: dict[str, Any]
+    timings: list[Timing] = field(default_factory=list)
+
+
+class RayExecutor(Executor):
+    """The executor state machine with real training on Ray; see the module doc."""
+
+    def __init__(
+        self,
+        context: PolicyContext,
+        policy: Policy,
+        *,
+        groups: dict[str, SiteGroup],
+        averager: Any,
+        ledger: DataLedger,
+        tokens_per_step: int,
+        on_progress: Any = None,
+    ):
+        super().__init__(context, policy)
+        self.groups = groups
+        self.averager = averager
+        self.ledger = ledger
+        self.tokens_per_step = tokens_per_step
+        self.step_s = {name: tokens_per_step / cfg.tokens_per_s for name, cfg in context.sites.items()}
+        self.carry_steps = dict.fromkeys(context.sites, 0.0)
+        self.pending: dict[str, list[tuple[TokenRange, int]]] = {name: [] for name in context.sites}
+        self.round_tokens = dict.fromkeys(context.sites, 0.0)
+        self.loaded_version = dict.fromkeys(context.sites, -1)
+        self.global_version = 0
+        self.timings: list[Timing] = []
+        self.digests: list[dict[str, Any]] = []
+        self.on_progress = on_progress
+        self.last_loss = math.nan
+
+    # ------------------------------------------------------------------ helpers
+
+    def _timed(self, t_s: float, site: str, kind: str, round_index: int, result: dict[str, Any]) -> None:
+        self.timings.append(Timing(t_s, site, kind, round_index, float(result.get("wall_s", 0.0)), int(result.get("steps", 0))))
+
+    def _broadcast(self, sites: list[str], command: dict[str, Any], t_s: float, round_index: int) -> dict[str, dict[str, Any]]:
+        for site in sites:
+            self.groups[site].send(command)
+        results = {site: self.groups[site].receive() for site in sites}
+        for site, result in results.items():
+            self._timed(t_s, site, command["kind"], round_index, result)
+        return results
+
+    def _complete_ledger(self, site: str) -> None:
+        """The site's work has entered the global model: record its ranges as trained."""
+        for token_range, trained in self.pending[site]:
+            self.ledger.complete(site, token_range, trained)
+        self.pending[site] = []
+        self.round_tokens[site] = 0.0
+
+    def _load(self, sites: list[str], t_s: float, round_index: int) -> None:
+        sites = [s for s in sites if self.loaded_version[s] != self.global_version]
+        if not sites:
+            return
+        results = self._broadcast(sites, {"kind": "load"}, t_s, round_index)
+        for site, result in results.items():
+            self.loaded_version[site] = result["version"]
+        digests = {result["digest"] for result in results.values()}
+        self.digests.append({"t_s": t_s, "round": round_index, "version": self.global_version,
+                             "sites": sorted(results), "digests": sorted(digests)})
+
+    def _outer_step(self, round_index: int, t_s: float) -> None:
+        started = time.perf_counter()
+        outcome = ray.get(self.averager.outer_step.remote(round_index))
+        self.global_version = outcome["version"]
+        self.timings.append(Timing(t_s, "", "outer_step", round_index, time.perf_counter() - started))
+
+    def _submit(self, sites: list[str], round_index: int, t_s: float) -> None:
+        contributing = [s for s in sites if self.round_tokens[s] > 0]
+        for site in contributing:
+            self.groups[site].send({"kind": "submit", "round": round_index, "tokens": self.round_tokens[site]})
+        for site in contributing:
+            self._timed(t_s, site, "submit", round_index, self.groups[site].receive())
+            self._complete_ledger(site)
+
+    def _publish(self, site: str, t_s: float, round_index: int) -> None:
+        result = self.groups[site].call({"kind": "publish"})
+        self._timed(t_s, site, "publish", round_index, result)
+        self.global_version = result["version"]
+        self.loaded_version[site] = self.global_version
+        self._complete_ledger(site)
+
+    def _evaluate(self, site: str, t_s: float, round_index: int) -> None:
+        result = self.groups[site].call({"kind": "eval"})
+        self._timed(t_s, site, "eval", round_index, result)
+        self.recorder.loss(LossPoint(t_s, "", self.tokens, float(result["loss"]), kind="eval"))
+
+    def _claim(self, site: str, num_steps: int) -> list[tuple[int, int]]:
+        chunks = []
+        remaining = num_steps * self.tokens_per_step
+        while remaining > 0:
+            token_range = self.ledger.claim(site, remaining)
+            steps = token_range.num_tokens // self.tokens_per_step
+            self.pending[site].append((token_range, token_range.num_tokens))
+            chunks.append((token_range.start, steps))
+            remaining -= token_range.num_tokens
+        return chunks
+
+    # ------------------------------------------------------------------ executor hooks
+
+    def work(self, sites: list[str], start_s: float, end_s: float) -> dict[str, float]:
+        rates = {s: self.context.sites[s].tokens_per_s for s in sites}
+        total_rate = sum(rates.values())
+        sent = []
+        for site in sites:
+            carry = self.carry_steps[site] + (end_s - start_s) / self.step_s[site]
+            steps = int(carry + 1e-9)
+            self.carry_steps[site] = carry - steps
+            if steps == 0:
+                continue
+            self.groups[site].send(
+                {"kind": "train", "chunks": self._claim(site, steps), "tokens_before": self.tokens,
+                 "concurrency": total_rate / rates[site]}
+            )
+            sent.append(site)
+        tokens = {}
+        index = self.round.index if self.round is not None else 0
+        for site in sent:
+            result = self.groups[site].receive()
+            self._timed(end_s, site, "train", index, result)
+            tokens[site] = float(result["tokens"])
+            self.round_tokens[site] += tokens[site]
+            self.last_loss = float(result["loss"])
+            self.recorder.loss(LossPoint(end_s, site, self.tokens + sum(tokens.values()), self.last_loss))
+        if self.on_progress is not None:
+            self.on_progress(self, end_s)
+        return tokens
+
+    def on_nodes_ready(self, site: str, t_s: float) -> None:
+        self.groups[site].start()
+
+    def on_round_start(self, index: int, members: list[str], t_s: float) -> None:
+        self._load(members, t_s, index)
+
+    def on_sync(self, index: int, members: list[str], kind: RunMode, t_s: float) -> None:
+        trained = sorted(self.round.members) if self.round is not None else []
+        if kind is RunMode.SINGLE:  # hand-off: the single site's weights become global
+            for site in trained:
+                self._publish(site, t_s, index)
+        else:
+            self._submit(trained, index, t_s)
+            self._outer_step(index, t_s)
+        self._load(members, t_s, index)
+        self._evaluate(members[0], t_s, index)
+
+    def on_join(self, site: str, index: int, t_s: float) -> None:
+        self._load([site], t_s, index)
+
+    def on_leave(self, site: str, index: int, kind: RunMode, t_s: float) -> None:
+        if kind is RunMode.SINGLE:
+            self._publish(site, t_s, index)
+            return
+        self._submit([site], index, t_s)
+        if self.round is not None and not self.round.members:  # the last one out averages
+            self._outer_step(index, t_s)
+
+    def on_drain(self, site: str, t_s: float) -> None:
+        result = self.groups[site].stop()
+        self._timed(t_s, site, "stop", 0, result)
+        self.loaded_version[site] = -1
+
+    def on_finish(self, t_s: float, completed: bool) -> None:
+        if self.round is not None and self.round.members:
+            members = sorted(self.round.members)
+            if self.round.kind is RunMode.SINGLE:
+                self._publish(members[0], t_s, self.round.index)
+            else:
+                self._submit(members, self.round.index, t_s)
+                self._outer_step(self.round.index, t_s)
+        for site, group in self.groups.items():
+            if group.running:
+                self.on_drain(site, t_s)
+
+
+def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Tokenizer (trained once per corpus and vocabulary, cached) and the token arrays."""
+    corpus = [resolve_data_path(p) for p in training.corpus]
+    heldout = [resolve_data_path(p) for p in training.heldout] if training.heldout else None
+    tokenizer = train_tokenizer(corpus, training.vocab_size, cache_dir)
+    train, held = load_corpus(corpus, tokenizer, cache_dir, heldout_paths=heldout, heldout_fraction=training.heldout_fraction)
+    return tokenizer, np.array(train.tokens), np.array(held.tokens)
+
+
+@ray.remote(num_cpus=0, max_concurrency=2)
+class Coordinator:
+    """The driver actor of one real run (see the module doc)."""
+
+    def __init__(self, experiment: dict[str, Any], run_name: str, run_dir: str):
+        self.config = ExperimentConfig.model_validate(experiment)
+        self.run_spec = self.config.run(run_name)
+        self.run_dir = Path(run_dir)
+        self._progress: dict[str, Any] = {"phase": "starting"}
+
+    def progress(self) -> dict[str, Any]:
+        return dict(self._progress)
+
+    def _report_progress(self, executor: RayExecutor, t_s: float) -> None:
+        self._progress = {
+            "phase": "training",
+            "clock": iso(t_s),
+            "mode": executor.recorder.mode.value,
+            "active_sites": sorted(s for s, g in executor.groups.items() if g.running),
+            "tokens": executor.tokens,
+            "token_budget": executor.context.token_budget,
+            "loss": executor.last_loss,
+        }
+
+    def run(self) -> RunArtifacts:
+        import torch
+
+        config, training = self.config, self.config.training
+        traces, forecasts = load_experiment_traces(config)
+        plan: RunPlan = plan_run(config, self.run_spec, traces, forecasts)
+        self._progress = {"phase": "preparing data"}
+        cache_dir = resolve_data_path(training.cache_dir) if not training.cache_dir.is_absolute() else training.cache_dir
+        tokenizer, train_tokens, heldout_tokens = prepare_data(training, cache_dir)
+        vocab_size = len(tokenizer)
+        spec = get_spec(training.preset)
+        seq_len = training.seq_len or spec.seq_len
+        tokens_per_step = training.batch_size * seq_len * training.workers_per_site
+        initial = {n: p.detach().numpy().copy() for n, p in build_model(spec, vocab_size, config.seed).named_parameters()}
+        averager = Averager.options(resources=HEAD_NODE).remote(
+            initial, training.outer_optimizer, training.outer_lr, training.outer_momentum
+        )
+        mailbox = Mailbox.options(resources=HEAD_NODE).remote()
+        schedule = LRSchedule.from_fractions(
+            training.peak_lr, int(plan.context.token_budget), training.warmup_fraction,
+            training.warmdown_fraction, training.final_lr_fraction,
+        )
+        loop_config = {
+            "mailbox": mailbox, "averager": averager,
+            "train_tokens": ray.put(train_tokens), "heldout_tokens": ray.put(heldout_tokens),
+            "model_spec": spec.model_dump(), "vocab_size": vocab_size, "seed": config.seed,
+            "batch_size": training.batch_size, "seq_len": seq_len,
+            "schedule": schedule.model_dump(), "transfer_dtype": training.transfer_dtype,
+            "torch_threads": training.torch_threads_per_worker, "use_gpu": training.gpus_per_worker > 0,
+            "eval_batches": training.eval_batches, "eval_batch_size": training.eval_batch_size,
+        }
+        storage = str((self.run_dir / "ray_train").resolve())
+        groups = {}
+        for site in plan.context.sites:
+            resources = {"CPU": training.cpus_per_worker, site_resource(site): 1}
+            if training.gpus_per_worker > 0:
+                resources["GPU"] = training.gpus_per_worker
+            groups[site] = SiteGroup(
+                site=site, mailbox=mailbox, loop_config={**loop_config, "site": site},
+                scaling={"num_workers": training.workers_per_site, "use_gpu": training.gpus_per_worker > 0,
+                         "resources_per_worker": resources},
+                run_name=f"{self.run_spec.name}-{site}", storage_path=storage,
+                head_resources=HEAD_NODE, timeout_s=training.command_timeout_s,
+            )
+        ledger = DataLedger(len(train_tokens) - 1, block_tokens=tokens_per_step)
+        executor = RayExecutor(
+            plan.context, plan.policy, groups=groups, averager=averager, ledger=ledger,
+            tokens_per_step=tokens_per_step, on_progress=self._report_progress,
+        )
+        started = time.perf_counter()
+        try:
+            trajectory = executor.run()
+        finally:
+            for group in groups.values():
+                if group.running:
+                    try:
+                        group.stop()
+                    except SiteFailure:
+                        pass
+        wall_s = time.perf_counter() - started
+        self._progress = {"phase": "evaluating the final global model"}
+        torch.set_num_threads(max(1, training.torch_threads_per_worker))
+        final = SiteTrainer(spec, vocab_size, config.seed, device="cpu")
+        _, global_params = ray.get(averager.get_global.remote())
+        final.load_global(global_params)
+        from curtail.training.data import TokenCorpus
+
+        final_eval_loss = final.evaluate(TokenCorpus(heldout_tokens, "heldout"), training.eval_batches, training.eval_batch_size, seq_len)
+        model_dir = final.save_pretrained(self.run_dir / "model", tokenizer)
+        ledger.check_invariants()
+        extra = {
+            "final_eval_loss": final_eval_loss,
+            "model_dir": str(model_dir),
+            "preset": spec.name,
+            "num_parameters": int(sum(v.size for v in initial.values())),
+            "tokens_per_step": tokens_per_step,
+            "virtual_step_s": executor.step_s,
+            "ledger_trained_tokens": ledger.trained_tokens,
+            "ledger_trained_by_site": ledger.trained_by_site,
+            "ledger_epochs": ledger.epoch + 1 if ledger.trained_tokens else 0,
+            "wall_s": wall_s,
+            "global_version": executor.global_version,
+            "weight_digests": executor.digests,
+        }
+        ray.kill(mailbox)
+        ray.kill(averager)
+        self._progress = {"phase": "done"}
+        return RunArtifacts(trajectory, extra, executor.timings)
