@@ -26,12 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 def lr_at(
-    tokens_trained: int | float,
+    tokens_trained: float,
     *,
     peak_lr: float,
-    total_tokens: int | float,
-    warmup_tokens: int | float = 0,
-    warmdown_tokens: int | float = 0,
+    total_tokens: float,
+    warmup_tokens: float = 0,
+    warmdown_tokens: float = 0,
     final_lr_fraction: float = 0.0,
 ) -> float:
     """Learning rate after ``tokens_trained`` tokens (see the module doc for the shape).
@@ -91,7 +91,7 @@ class LRSchedule(BaseModel):
             final_lr_fraction=final_lr_fraction,
         )
 
-    def lr_at(self, tokens_trained: int | float) -> float:
+    def lr_at(self, tokens_trained: float) -> float:
         """Learning rate after ``tokens_trained`` tokens across all sites."""
         return lr_at(
             tokens_trained,
@@ -105,9 +105,9 @@ class LRSchedule(BaseModel):
 
 def _validate(
     peak_lr: float,
-    total_tokens: int | float,
-    warmup_tokens: int | float,
-    warmdown_tokens: int | float,
+    total_tokens: float,
+    warmup_tokens: float,
+    warmdown_tokens: float,
     final_lr_fraction: float,
 ) -> None:
     if not peak_lr > 0:
