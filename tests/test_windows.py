@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from curtail.config import CurtailmentRules, ExecutionConfig, TraceSource
 from curtail.planning.policy import SiteState
 from curtail.planning.traces import load_trace
-from curtail.planning.windows import CurtailmentCalendar, WindowState, compute_windows
+from curtail.planning.windows import CurtailmentCalendar, WindowState, compute_windows, compute_windows_stepwise
 from planning_fixtures import HIGH, LOW, STEP_S, T0_S, TRACES, make_context, make_signal, pattern, simulate
 
 RULES = CurtailmentRules()  # the prior system's: < 100 g/kWh, 600 s hysteresis, 240 s provisioning, 10 s poll
@@ -111,6 +111,11 @@ def test_draining_during_a_countdown_then_off():
     assert state(calendar, 1800) is WindowState.PROVISIONING and state(calendar, 2040) is WindowState.READY
     cancelled = calendar_of("LLLHHLLL")
     assert state(cancelled, 1200) is WindowState.DRAINING and state(cancelled, 1500) is WindowState.READY
+    # off the sample grid (polls every 7 s) the countdown runs from the poll that saw the first
+    # high sample (903) to the poll that saw the low one (1505)
+    sparse = calendar_of("LLLHHLLL", CurtailmentRules(poll_s=7))
+    assert [(a - T0_S, b - T0_S) for a, b in sparse.windows("s")[0].draining_s] == [(903, 1505)]
+    assert state(sparse, 1504) is WindowState.DRAINING and state(sparse, 1505) is WindowState.READY
 
 
 def test_next_change_after():
@@ -200,6 +205,19 @@ def test_paper_trace_caiso_north_windows():
         assert [(w.open_s, w.close_s) for w in calendar.windows(region)] == expected, region
     assert calendar.windows("DE") == []
     assert len(calendar.windows("NEM_SA")) == 1 and len(calendar.windows("SPP_TX")) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spec=st.text("LHT", min_size=1, max_size=40),
+    poll_s=st.sampled_from([1, 7, 10, 60, 70, 299, 300, 301, 900]),
+    hysteresis_s=st.sampled_from([0, 10, 299, 300, 301, 600, 900, 2000]),
+    provisioning_s=st.sampled_from([0, 240, 1000]),
+)
+def test_vectorised_windows_match_the_stepwise_definition(spec, poll_s, hysteresis_s, provisioning_s):
+    rules = CurtailmentRules(poll_s=poll_s, hysteresis_s=hysteresis_s, provisioning_s=provisioning_s)
+    signal = make_signal(pattern(spec))
+    assert compute_windows("s", signal, rules) == compute_windows_stepwise("s", signal, rules)
 
 
 @settings(max_examples=150, deadline=None)

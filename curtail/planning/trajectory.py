@@ -126,6 +126,14 @@ class TrajectoryRecorder:
         for site in self.sites:
             self.set_state(site, SiteState.OFF, t_s)
         self.set_mode(RunMode.IDLE, t_s)
+        # close the open intervals too: a run that ends idle (deadline) still spent that time idle
+        for site in self.sites:
+            if t_s > self._since[site]:
+                self._intervals.append(Interval(site, self._state[site], self._since[site], t_s))
+                self._since[site] = t_s
+        if t_s > self._mode_since:
+            self._modes.append(ModeInterval(self._mode, self._mode_since, t_s))
+            self._mode_since = t_s
         return Trajectory(
             sites=self.sites,
             start_s=self.start_s,
