@@ -80,7 +80,7 @@ class ModelSpec(BaseModel):
 
 
 def tiny() -> ModelSpec:
-    """Test model (≈0.15M parameters at vocab 512): a step takes milliseconds on a CPU."""
+    """Test model (≈0.16M parameters at vocab 512): a step takes milliseconds on a CPU."""
     return ModelSpec(
         name="tiny", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=172,
         vocab_size=512, seq_len=64,
