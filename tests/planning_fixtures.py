@@ -45,7 +45,9 @@ def at(minutes: float) -> float:
     return T0_S + 60.0 * minutes
 
 
-def make_signal(values: Sequence[float], *, region: str = "R", start_s: float = T0_S, step_s: float = STEP_S) -> Signal:
+def make_signal(
+    values: Sequence[float], *, region: str = "R", start_s: float = T0_S, step_s: float = STEP_S
+) -> Signal:
     values = np.asarray(values, dtype=float)
     times = start_s + step_s * np.arange(len(values))
     return Signal(region, times, values, step_s, "marginal", f"<{region}>")
@@ -59,7 +61,9 @@ def pattern(spec: str) -> list[float]:
 
 
 def site(tokens_per_s: float = RATE, region: str = "R") -> SiteConfig:
-    return SiteConfig(region=region, training_power_w=TRAINING_W, idle_power_w=IDLE_W, tokens_per_s=tokens_per_s)
+    return SiteConfig(
+        region=region, training_power_w=TRAINING_W, idle_power_w=IDLE_W, tokens_per_s=tokens_per_s
+    )
 
 
 def make_context(

@@ -4,19 +4,12 @@ and the prior system's published table on the paper trace."""
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 import signal
 import subprocess
 import sys
 
 import pytest
-
-from curtail.api import simulate as simulate_experiment
-from curtail.config import CurtailmentRules, ExecutionConfig, load_experiment
-from curtail.planning.plan import load_experiment_traces, plan_run
-from curtail.planning.policy import Decision, Observation, SiteState, ThresholdPolicy
-from curtail.planning.simulator import Simulator
-from curtail.planning.trajectory import RunMode
 from planning_fixtures import (
     PAPER_TOML,
     RATE,
@@ -31,7 +24,16 @@ from planning_fixtures import (
     summary_of,
 )
 
-INSTANT = CurtailmentRules(hysteresis_s=0, provisioning_s=0)  # windows = the low samples, ready at once
+from curtail.api import simulate as simulate_experiment
+from curtail.config import CurtailmentRules, ExecutionConfig, load_experiment
+from curtail.planning.plan import load_experiment_traces, plan_run
+from curtail.planning.policy import Decision, Observation, SiteState, ThresholdPolicy, make_policy
+from curtail.planning.simulator import PolicyProtocolError, Simulator
+from curtail.planning.trajectory import RunMode
+
+INSTANT = CurtailmentRules(
+    hysteresis_s=0, provisioning_s=0
+)  # windows = the low samples, ready at once
 NO_OVERHEAD = ExecutionConfig(group_start_s=0, sync_s=0, round_s=600)
 
 
@@ -69,13 +71,17 @@ def test_always_on_single_site_finishes_at_budget_over_rate():
 
 
 def test_always_on_pays_provisioning_and_group_start_once():
-    context = make_context({"a": pattern("H" * 24)}, execution=ExecutionConfig(), token_budget=3.6e6)
+    context = make_context(
+        {"a": pattern("H" * 24)}, execution=ExecutionConfig(), token_budget=3.6e6
+    )
     trajectory = simulate(context, "always_on")
     assert trajectory.finish_s == pytest.approx(T0_S + 240 + 30 + 3600, abs=1e-6)
     assert seconds_in(trajectory, "a", SiteState.PROVISIONING) == 240
     assert seconds_in(trajectory, "a", SiteState.STARTING) == 30
     summary = summary_of(context, trajectory, "always_on")
-    assert summary["mode_hours"] == pytest.approx({"IDLE": 270 / 3600, "SINGLE": 1.0, "FEDERATED": 0.0})
+    assert summary["mode_hours"] == pytest.approx(
+        {"IDLE": 270 / 3600, "SINGLE": 1.0, "FEDERATED": 0.0}
+    )
     assert summary["energy_kwh"] == pytest.approx((468 * 270 + 2024 * 3600) / 3.6e6, rel=1e-12)
 
 
@@ -90,7 +96,11 @@ def test_threshold_single_site_trains_from_open_plus_startup_through_the_countdo
         ("leave_round", 3000),
         ("drain", 3000),
     ]
-    training = [(i.start_s - T0_S, i.end_s - T0_S) for i in trajectory.intervals_of("a") if i.state is SiteState.TRAINING]
+    training = [
+        (i.start_s - T0_S, i.end_s - T0_S)
+        for i in trajectory.intervals_of("a")
+        if i.state is SiteState.TRAINING
+    ]
     assert training == [(870, 3000)]
     assert trajectory.tokens_by_site["a"] == pytest.approx(RATE * 2130)
     assert not trajectory.completed and trajectory.finish_s == T0_S + 16 * 300
@@ -106,12 +116,19 @@ OVERLAP = {
 
 @pytest.mark.parametrize("round_s, num_syncs", [(300, 7), (600, 4), (900, 3), (1800, 2)])
 def test_overlapping_windows_give_single_federated_idle(round_s, num_syncs):
-    context = make_context(OVERLAP, rules=INSTANT, execution=NO_OVERHEAD.model_copy(update={"round_s": round_s}))
+    context = make_context(
+        OVERLAP, rules=INSTANT, execution=NO_OVERHEAD.model_copy(update={"round_s": round_s})
+    )
     trajectory = simulate(context)
     summary = summary_of(context, trajectory)
     # IDLE 0:00-0:10 and 1:30-2:00; SINGLE 0:10-0:30 (a) and 1:00-1:30 (b); FEDERATED 0:30-1:00
-    assert summary["mode_hours"] == pytest.approx({"IDLE": 40 / 60, "SINGLE": 50 / 60, "FEDERATED": 30 / 60})
-    assert sum(summary["mode_hours"].values()) == pytest.approx(summary["hours"]) and summary["hours"] == 2
+    assert summary["mode_hours"] == pytest.approx(
+        {"IDLE": 40 / 60, "SINGLE": 50 / 60, "FEDERATED": 30 / 60}
+    )
+    assert (
+        sum(summary["mode_hours"].values()) == pytest.approx(summary["hours"])
+        and summary["hours"] == 2
+    )
     assert [(m.mode, m.start_s - T0_S, m.end_s - T0_S) for m in trajectory.modes] == [
         (RunMode.IDLE, 0, 600),
         (RunMode.SINGLE, 600, 1800),
@@ -141,21 +158,41 @@ def three_sites(join: str):
 
 def test_join_immediate_pays_one_sync():
     trajectory = three_sites("immediate")
-    c = [(i.state, i.start_s - T0_S, i.end_s - T0_S) for i in trajectory.intervals_of("c") if i.state.provisioned]
-    assert c[:3] == [(SiteState.SYNCING, 300, 305), (SiteState.TRAINING, 305, 600), (SiteState.SYNCING, 600, 605)]
+    c = [
+        (i.state, i.start_s - T0_S, i.end_s - T0_S)
+        for i in trajectory.intervals_of("c")
+        if i.state.provisioned
+    ]
+    assert c[:3] == [
+        (SiteState.SYNCING, 300, 305),
+        (SiteState.TRAINING, 305, 600),
+        (SiteState.SYNCING, 600, 605),
+    ]
     assert [e.t_s - T0_S for e in events(trajectory, "join_round")] == [300]
     # c trains [305, 600), [605, 1205), [1210, 1800); a and b [0, 600), [605, 1205), [1210, 1800)
-    assert trajectory.tokens_by_site == pytest.approx({"a": RATE * 1790, "b": RATE * 1790, "c": RATE * 1485})
+    assert trajectory.tokens_by_site == pytest.approx(
+        {"a": RATE * 1790, "b": RATE * 1790, "c": RATE * 1485}
+    )
     assert trajectory.num_syncs == 2
 
 
 def test_join_next_round_waits_for_the_round_end():
     trajectory = three_sites("next_round")
-    c = [(i.state, i.start_s - T0_S, i.end_s - T0_S) for i in trajectory.intervals_of("c") if i.state.provisioned]
-    assert c[:3] == [(SiteState.WAITING, 300, 600), (SiteState.SYNCING, 600, 605), (SiteState.TRAINING, 605, 1205)]
+    c = [
+        (i.state, i.start_s - T0_S, i.end_s - T0_S)
+        for i in trajectory.intervals_of("c")
+        if i.state.provisioned
+    ]
+    assert c[:3] == [
+        (SiteState.WAITING, 300, 600),
+        (SiteState.SYNCING, 600, 605),
+        (SiteState.TRAINING, 605, 1205),
+    ]
     assert events(trajectory, "join_round") == []
     assert events(trajectory, "round_start")[1].details["sites"] == ["a", "b", "c"]
-    assert trajectory.tokens_by_site == pytest.approx({"a": RATE * 1790, "b": RATE * 1790, "c": RATE * 1190})
+    assert trajectory.tokens_by_site == pytest.approx(
+        {"a": RATE * 1790, "b": RATE * 1790, "c": RATE * 1190}
+    )
     # the waiting joiner is provisioned but idle: idle power for 300 s more than with "immediate"
     waiting = seconds_in(trajectory, "c", SiteState.WAITING)
     assert waiting == 300
@@ -164,21 +201,29 @@ def test_join_next_round_waits_for_the_round_end():
 @pytest.mark.parametrize("sites", [("a",), ("a", "b")])
 def test_round_restart_costs_restart_s_per_round(sites):
     def run(restart_s):
-        execution = ExecutionConfig(group_start_s=0, sync_s=5, round_s=600, round_restart_s=restart_s)
-        context = make_context({s: pattern("L" * 12) for s in sites}, rules=INSTANT, execution=execution)
+        execution = ExecutionConfig(
+            group_start_s=0, sync_s=5, round_s=600, round_restart_s=restart_s
+        )
+        context = make_context(
+            {s: pattern("L" * 12) for s in sites}, rules=INSTANT, execution=execution
+        )
         return simulate(context, "always_on")
 
     base, restarted = run(0), run(100)
     rounds = len(events(restarted, "round_start"))
     assert rounds == len(events(base, "round_start")) == (6 if len(sites) == 2 else 1)
     for site in sites:
-        assert base.tokens_by_site[site] - restarted.tokens_by_site[site] == pytest.approx(100 * RATE * rounds)
+        assert base.tokens_by_site[site] - restarted.tokens_by_site[site] == pytest.approx(
+            100 * RATE * rounds
+        )
         assert seconds_in(restarted, site, SiteState.STARTING) == pytest.approx(100 * rounds)
 
 
 def test_prior_system_round_is_647_s_of_which_509_trained():
     execution = ExecutionConfig(group_start_s=0, sync_s=47, round_s=600, round_restart_s=91)
-    context = make_context({"a": pattern("L" * 12), "b": pattern("L" * 12)}, rules=INSTANT, execution=execution)
+    context = make_context(
+        {"a": pattern("L" * 12), "b": pattern("L" * 12)}, rules=INSTANT, execution=execution
+    )
     trajectory = simulate(context, "always_on")
     starts = [e.t_s - T0_S for e in events(trajectory, "round_start")]
     assert starts[:5] == [0, 647, 1294, 1941, 2588]
@@ -221,10 +266,19 @@ def test_a_site_leaving_mid_round_keeps_its_tokens():
 
 
 def test_deadline_before_budget():
-    context = make_context({"a": pattern("L" * 12)}, rules=INSTANT, execution=NO_OVERHEAD, token_budget=1e12, deadline_s=at(45))
+    context = make_context(
+        {"a": pattern("L" * 12)},
+        rules=INSTANT,
+        execution=NO_OVERHEAD,
+        token_budget=1e12,
+        deadline_s=at(45),
+    )
     trajectory = simulate(context, "always_on")
     assert not trajectory.completed and trajectory.finish_s == at(45)
-    assert trajectory.tokens == pytest.approx(RATE * 45 * 60) and trajectory.tokens < context.token_budget
+    assert (
+        trajectory.tokens == pytest.approx(RATE * 45 * 60)
+        and trajectory.tokens < context.token_budget
+    )
     assert [e.event for e in trajectory.events][-2:] == ["deadline", "mode"]
     assert summary_of(context, trajectory, "always_on")["completed"] is False
 
@@ -233,7 +287,10 @@ def test_deadline_before_budget():
 def test_budget_reached_mid_federated_round(budget):
     # epoch-second clocks resolve ~2e-7 s: the last tokens must not stall the loop (it once did)
     context = make_context(
-        {"a": pattern("L" * 12), "b": pattern("L" * 12)}, rules=INSTANT, execution=NO_OVERHEAD, token_budget=budget
+        {"a": pattern("L" * 12), "b": pattern("L" * 12)},
+        rules=INSTANT,
+        execution=NO_OVERHEAD,
+        token_budget=budget,
     )
     with time_limit(10):
         trajectory = simulate(context)
@@ -245,8 +302,27 @@ def test_budget_reached_mid_federated_round(budget):
 
 def test_same_inputs_same_trajectory():
     first = simulate(make_context(OVERLAP, execution=ExecutionConfig(sync_s=5, round_restart_s=20)))
-    second = simulate(make_context(OVERLAP, execution=ExecutionConfig(sync_s=5, round_restart_s=20)))
+    second = simulate(
+        make_context(OVERLAP, execution=ExecutionConfig(sync_s=5, round_restart_s=20))
+    )
     assert first == second and first.events == second.events and first.intervals == second.intervals
+
+
+class AsksForNow(ThresholdPolicy):
+    kind = "threshold"
+
+    def decide(self, now_s: float, observation: Observation) -> Decision:
+        return Decision(super().decide(now_s, observation).intents, next_decision_s=now_s)
+
+
+def test_policy_protocol_errors():
+    context = make_context({"a": pattern("L" * 4)}, rules=INSTANT, execution=NO_OVERHEAD)
+    with pytest.raises(PolicyProtocolError, match="not after now"):
+        Simulator(context, AsksForNow(context)).run()
+    with pytest.raises(ValueError, match="unknown policy kind 'greedy'"):
+        make_policy("greedy", context)
+    with pytest.raises(TypeError, match="takes no parameters"):
+        make_policy("threshold", context, lookahead_s=600)
 
 
 # ------------------------------------------------------------------------------- accounting
@@ -255,10 +331,16 @@ def test_same_inputs_same_trajectory():
 def check_accounting(context, trajectory, summary):
     """Identities every run must satisfy, whatever the policy."""
     power = power_of(context)
-    energy_kwh = sum(power[i.site].power_w(i.state) * i.duration_s for i in trajectory.intervals) / 3.6e6
+    energy_kwh = (
+        sum(power[i.site].power_w(i.state) * i.duration_s for i in trajectory.intervals) / 3.6e6
+    )
     assert summary["energy_kwh"] == pytest.approx(energy_kwh, rel=1e-9)
-    assert sum(summary["energy_kwh_by_site"].values()) == pytest.approx(summary["energy_kwh"], rel=1e-9)
-    assert sum(summary["emissions_kg_by_site"].values()) == pytest.approx(summary["emissions_kg"], rel=1e-9)
+    assert sum(summary["energy_kwh_by_site"].values()) == pytest.approx(
+        summary["energy_kwh"], rel=1e-9
+    )
+    assert sum(summary["emissions_kg_by_site"].values()) == pytest.approx(
+        summary["emissions_kg"], rel=1e-9
+    )
     assert 0.0 <= summary["share_energy_in_windows"] <= 1.0
     assert 0.0 <= summary["window_utilisation"] <= 1.0
     assert summary["tokens"] == pytest.approx(sum(summary["tokens_by_site"].values()), rel=1e-12)
@@ -266,13 +348,25 @@ def check_accounting(context, trajectory, summary):
     for site, cfg in context.sites.items():
         intervals = trajectory.intervals_of(site)
         training_s = sum(i.duration_s for i in intervals if i.state is SiteState.TRAINING)
-        idle_s = sum(i.duration_s for i in intervals if i.state.provisioned and i.state is not SiteState.TRAINING)
-        assert summary["site_hours"][site]["training"] == pytest.approx(training_s / 3600, rel=1e-9, abs=1e-12)
-        assert summary["site_hours"][site]["provisioned_idle"] == pytest.approx(idle_s / 3600, rel=1e-9, abs=1e-12)
-        assert trajectory.tokens_by_site[site] == pytest.approx(cfg.tokens_per_s * training_s, rel=1e-9, abs=1e-6)
-        for earlier, later in zip(intervals, intervals[1:]):  # a site is in one state at a time
+        idle_s = sum(
+            i.duration_s
+            for i in intervals
+            if i.state.provisioned and i.state is not SiteState.TRAINING
+        )
+        assert summary["site_hours"][site]["training"] == pytest.approx(
+            training_s / 3600, rel=1e-9, abs=1e-12
+        )
+        assert summary["site_hours"][site]["provisioned_idle"] == pytest.approx(
+            idle_s / 3600, rel=1e-9, abs=1e-12
+        )
+        assert trajectory.tokens_by_site[site] == pytest.approx(
+            cfg.tokens_per_s * training_s, rel=1e-9, abs=1e-6
+        )
+        for earlier, later in itertools.pairwise(intervals):  # a site is in one state at a time
             assert earlier.end_s <= later.start_s + 1e-9
-        assert all(trajectory.start_s <= i.start_s < i.end_s <= trajectory.finish_s for i in intervals)
+        assert all(
+            trajectory.start_s <= i.start_s < i.end_s <= trajectory.finish_s for i in intervals
+        )
     if summary["completed"]:
         assert summary["tokens"] == pytest.approx(summary["token_budget"], rel=1e-9)
 
@@ -295,7 +389,12 @@ def paper():
 
 @pytest.mark.parametrize(
     "site, emissions_kg, share",
-    [("caiso_north", 11.4, 0.33), ("spp_tx", 14.5, 0.37), ("nem_sa", 12.3, 0.59), ("de", 27.1, 0.0)],
+    [
+        ("caiso_north", 11.4, 0.33),
+        ("spp_tx", 14.5, 0.37),
+        ("nem_sa", 12.3, 0.59),
+        ("de", 27.1, 0.0),
+    ],
 )
 def test_published_centralized_baselines(paper, site, emissions_kg, share):
     summary = paper[f"centralized-{site}"]
@@ -312,7 +411,11 @@ def test_published_curtailment_aware_runs(paper, run):
     assert summary["completed"] and summary["sites"] == ["caiso_north", "spp_tx", "nem_sa"]
     assert summary["share_energy_in_windows"] >= 0.97
     assert 0.9 <= summary["emissions_kg"] <= 1.6
-    assert summary["num_syncs"] > 0 and summary["mode_hours"]["FEDERATED"] > 0 and summary["mode_hours"]["SINGLE"] > 0
+    assert (
+        summary["num_syncs"] > 0
+        and summary["mode_hours"]["FEDERATED"] > 0
+        and summary["mode_hours"]["SINGLE"] > 0
+    )
     if run == "threshold-prior-overheads":
         assert summary["hours"] == pytest.approx(14.6, rel=0.05)
 
@@ -323,7 +426,9 @@ def test_paper_accounting_and_determinism():
     for run in experiment.runs:
         plan = plan_run(experiment, run, traces, forecasts)
         trajectory = Simulator(plan.context, plan.policy).run()
-        check_accounting(plan.context, trajectory, summary_of(plan.context, trajectory, run.policy.kind))
+        check_accounting(
+            plan.context, trajectory, summary_of(plan.context, trajectory, run.policy.kind)
+        )
         again = plan_run(experiment, run, traces, forecasts)
         assert Simulator(again.context, again.policy).run() == trajectory
 
@@ -334,6 +439,12 @@ def test_planning_imports_neither_torch_nor_ray():
         "bad = sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules); "
         "assert not bad, bad"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
-    assert math.isfinite(0.0)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from planning_fixtures import TRACES
 
 from curtail.config import ForecastSource, TraceSource, parse_experiment
 from curtail.planning.plan import plan_run
@@ -22,7 +23,6 @@ from curtail.planning.traces import (
     load_trace,
     load_traces,
 )
-from planning_fixtures import PAPER_TOML, TRACES
 
 HEADER = "time,R"
 
@@ -33,9 +33,18 @@ def write(tmp_path: Path, lines: list[str], name: str = "trace.csv") -> Path:
     return path
 
 
-def rows(values: list[str] | list[float], *, start: str = "2026-01-11 17:00", step_min: int = 5, offset: str = "+00:00") -> list[str]:
+def rows(
+    values: list[str] | list[float],
+    *,
+    start: str = "2026-01-11 17:00",
+    step_min: int = 5,
+    offset: str = "+00:00",
+) -> list[str]:
     t0 = datetime.fromisoformat(start)
-    return [f"{(t0 + timedelta(minutes=step_min * i)).isoformat(sep=' ')}{offset},{v}" for i, v in enumerate(values)]
+    return [
+        f"{(t0 + timedelta(minutes=step_min * i)).isoformat(sep=' ')}{offset},{v}"
+        for i, v in enumerate(values)
+    ]
 
 
 def load_error(path: Path, **source) -> TraceError:
@@ -62,7 +71,10 @@ def assert_names(error: TraceError, path: Path, line: int | None) -> str:
 
 def test_unsorted_timestamps(tmp_path):
     lines = rows([200, 210, 220, 230])
-    lines[2], lines[3] = lines[3].split(",")[0] + ",220", lines[2].split(",")[0] + ",230"  # rows 2, 3 swapped
+    lines[2], lines[3] = (
+        lines[3].split(",")[0] + ",220",
+        lines[2].split(",")[0] + ",230",
+    )  # rows 2, 3 swapped
     path = write(tmp_path, [HEADER, *lines])
     message = assert_names(load_error(path), path, line=5)
     assert "out-of-order" in message and "sort" in message
@@ -152,7 +164,14 @@ def test_region_missing_names_site_and_files(tmp_path):
 def _config(path: Path, **run) -> dict:
     return {
         "traces": [{"path": str(path)}],
-        "sites": {"a": {"region": "R", "training_power_w": 2024, "idle_power_w": 468, "tokens_per_s": 1000}},
+        "sites": {
+            "a": {
+                "region": "R",
+                "training_power_w": 2024,
+                "idle_power_w": 468,
+                "tokens_per_s": 1000,
+            }
+        },
         "token_budget": 1e9,
         "runs": [{"name": "r", "policy": {"kind": "threshold"}, "sites": ["a"], **run}],
     }
@@ -168,7 +187,9 @@ def test_site_region_missing_via_plan_run(tmp_path):
 
 
 def test_run_outlasting_the_trace(tmp_path):
-    path = write(tmp_path, [HEADER, *rows([200] * 12)])  # 17:00 .. 18:00 (last sample valid to 18:00)
+    path = write(
+        tmp_path, [HEADER, *rows([200] * 12)]
+    )  # 17:00 .. 18:00 (last sample valid to 18:00)
     traces = load_traces([TraceSource(path=path)])
     start = datetime(2026, 1, 11, 17, tzinfo=timezone.utc).timestamp()
     traces.require_span("R", start, start + 3600)  # exactly covered: fine
@@ -179,10 +200,15 @@ def test_run_outlasting_the_trace(tmp_path):
         assert "covers only 2026-01-11T17:00:00Z .. 2026-01-11T18:00:00Z" in message
 
     experiment = parse_experiment(_config(path, deadline="2026-01-11T19:00:00Z"))
-    with pytest.raises(TraceError, match="the run spans 2026-01-11T17:00:00Z .. 2026-01-11T19:00:00Z"):
+    with pytest.raises(
+        TraceError, match="the run spans 2026-01-11T17:00:00Z .. 2026-01-11T19:00:00Z"
+    ):
         plan_run(experiment, experiment.runs[0], traces)
     experiment = parse_experiment(_config(path, start="2026-01-11T16:00:00+00:00"))
     with pytest.raises(TraceError, match="move the run's start/deadline inside the trace"):
+        plan_run(experiment, experiment.runs[0], traces)
+    experiment = parse_experiment(_config(path, start="2026-01-11T18:30:00Z"))  # after the trace
+    with pytest.raises(TraceError, match="ends before it starts"):
         plan_run(experiment, experiment.runs[0], traces)
     experiment = parse_experiment(_config(path, deadline="2026-01-11T18:00:00Z"))
     assert plan_run(experiment, experiment.runs[0], traces).context.deadline_s == start + 3600
@@ -212,11 +238,17 @@ def test_caiso_month_with_naive_timezone():
     path = TRACES / "watttime_moer_2023-06_caiso-north_actual.csv"
     signal = load_trace(TraceSource(path=path, naive_timezone="UTC")).signals["Caiso_North"]
     assert len(signal.times_s) == 8928 and signal.resolution_s == 300
-    assert signal.start_s == utc("2023-06-08T00:00Z") and signal.times_s[-1] == utc("2023-07-08T23:55Z")
+    assert signal.start_s == utc("2023-06-08T00:00Z") and signal.times_s[-1] == utc(
+        "2023-07-08T23:55Z"
+    )
     assert signal.ci_g_per_kwh[0] == pytest.approx(425.01605069, abs=1e-9)
-    pacific = load_trace(TraceSource(path=path, naive_timezone="America/Los_Angeles")).signals["Caiso_North"]
+    pacific = load_trace(TraceSource(path=path, naive_timezone="America/Los_Angeles")).signals[
+        "Caiso_North"
+    ]
     assert pacific.start_s == utc("2023-06-08T07:00Z")  # PDT is UTC-7 in June
-    renamed = load_trace(TraceSource(path=path, naive_timezone="UTC", columns={"Caiso_North": "CAISO_NORTH"}))
+    renamed = load_trace(
+        TraceSource(path=path, naive_timezone="UTC", columns={"Caiso_North": "CAISO_NORTH"})
+    )
     assert list(renamed.signals) == ["CAISO_NORTH"]
 
 
@@ -229,12 +261,19 @@ def test_caiso_month_with_naive_timezone():
 )
 def test_average_ci_files_renamed(name, region, count, resolution_s, first):
     source = TraceSource(
-        path=TRACES / name, signal="average", naive_timezone="UTC", columns={"Carbon Intensity": region}
+        path=TRACES / name,
+        signal="average",
+        naive_timezone="UTC",
+        columns={"Carbon Intensity": region},
     )
     signals = load_trace(source).signals
     assert list(signals) == [region]
     signal = signals[region]
-    assert signal.kind == "average" and len(signal.times_s) == count and signal.resolution_s == resolution_s
+    assert (
+        signal.kind == "average"
+        and len(signal.times_s) == count
+        and signal.resolution_s == resolution_s
+    )
     assert signal.start_s == utc("2019-12-20T00:00Z")
     assert signal.ci_g_per_kwh[0] == first
 
@@ -242,15 +281,23 @@ def test_average_ci_files_renamed(name, region, count, resolution_s, first):
 def test_forecast_gz():
     forecast = load_forecast(
         ForecastSource(
-            path=TRACES / "watttime_moer_2023-06_caiso-north_forecast.csv.gz", region="CAISO_NORTH", naive_timezone="UTC"
+            path=TRACES / "watttime_moer_2023-06_caiso-north_forecast.csv.gz",
+            region="CAISO_NORTH",
+            naive_timezone="UTC",
         )
     )
     assert len(forecast.target_s) == 115932 and len(forecast.request_s) == 8917
-    assert forecast.request_s[0] == utc("2023-06-08T00:00Z") and forecast.target_s[0] == utc("2023-06-08T00:05Z")
+    assert forecast.request_s[0] == utc("2023-06-08T00:00Z") and forecast.target_s[0] == utc(
+        "2023-06-08T00:05Z"
+    )
     assert forecast.ci_g_per_kwh[0] == pytest.approx(412.406182804, abs=1e-9)
     assert forecast.latest(forecast.request_s[0] - 1) is None
     targets, values = forecast.latest(forecast.request_s[0] + 150)
-    assert targets[0] == utc("2023-06-08T00:05Z") and np.all(np.diff(targets) > 0) and len(values) == len(targets)
+    assert (
+        targets[0] == utc("2023-06-08T00:05Z")
+        and np.all(np.diff(targets) > 0)
+        and len(values) == len(targets)
+    )
 
 
 def test_lbs_per_mwh_converted_exactly_once(tmp_path):
@@ -261,16 +308,22 @@ def test_lbs_per_mwh_converted_exactly_once(tmp_path):
     # CAISO_NORTH was WattTime's integer lbs/MWh, converted once before it reached the file
     np.testing.assert_allclose(lbs["CAISO_NORTH"], np.round(lbs["CAISO_NORTH"]), rtol=0, atol=1e-9)
     lbs["CAISO_NORTH"] = np.round(lbs["CAISO_NORTH"])
-    assert lbs["NEM_SA"].max() > 1500 > paper["NEM_SA"].ci_g_per_kwh.max()  # lbs read as g/kWh: refused
+    assert (
+        lbs["NEM_SA"].max() > 1500 > paper["NEM_SA"].ci_g_per_kwh.max()
+    )  # lbs read as g/kWh: refused
 
     times = pd.to_datetime(paper["CAISO_NORTH"].times_s, unit="s", utc=True)
     path = tmp_path / "lbs.csv"
-    pd.DataFrame({"time": times, "R": lbs["CAISO_NORTH"], "NEM_SA": lbs["NEM_SA"]}).to_csv(path, index=False)
+    pd.DataFrame({"time": times, "R": lbs["CAISO_NORTH"], "NEM_SA": lbs["NEM_SA"]}).to_csv(
+        path, index=False
+    )
     with pytest.raises(TraceError, match="lbs_per_mwh"):
         load_trace(TraceSource(path=path))
     loaded = load_trace(TraceSource(path=path, unit="lbs_per_mwh")).signals
     np.testing.assert_array_equal(loaded["R"].ci_g_per_kwh, lbs["CAISO_NORTH"] * 0.453592)
-    np.testing.assert_allclose(loaded["NEM_SA"].ci_g_per_kwh, paper["NEM_SA"].ci_g_per_kwh, rtol=1e-12)
+    np.testing.assert_allclose(
+        loaded["NEM_SA"].ci_g_per_kwh, paper["NEM_SA"].ci_g_per_kwh, rtol=1e-12
+    )
     lbs = lbs["CAISO_NORTH"]
 
     config = _config(path)
@@ -281,7 +334,9 @@ def test_lbs_per_mwh_converted_exactly_once(tmp_path):
     np.testing.assert_array_equal(plan.context.signals["a"].ci_g_per_kwh, lbs * 0.453592)
 
     forecast_path = tmp_path / "forecast.csv"
-    forecast_path.write_text("request_time,forecast_time,R\n2026-01-11T17:00Z,2026-01-11T17:05Z,1022\n")
+    forecast_path.write_text(
+        "request_time,forecast_time,R\n2026-01-11T17:00Z,2026-01-11T17:05Z,1022\n"
+    )
     forecast = load_forecast(ForecastSource(path=forecast_path, region="R", unit="lbs_per_mwh"))
     assert forecast.ci_g_per_kwh[0] == 1022 * 0.453592
 
@@ -300,7 +355,9 @@ def well_formed_traces(draw):
     columns = draw(st.integers(1, 3))
     values = draw(
         st.lists(
-            st.lists(st.floats(0, 1500, allow_nan=False) | st.integers(0, 1500), min_size=n, max_size=n),
+            st.lists(
+                st.floats(0, 1500, allow_nan=False) | st.integers(0, 1500), min_size=n, max_size=n
+            ),
             min_size=columns,
             max_size=columns,
         )
@@ -329,14 +386,18 @@ def trace_lines(times_s, values, offsets) -> list[str]:
     return [header, *body]
 
 
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @PROPERTY_SETTINGS
 @given(trace=well_formed_traces())
 def test_well_formed_traces_round_trip(tmp_path_factory, trace):
     times_s, values, offsets = trace
-    path = write(tmp_path_factory.getbasetemp(), trace_lines(times_s, values, offsets), "round_trip.csv")
+    path = write(
+        tmp_path_factory.getbasetemp(), trace_lines(times_s, values, offsets), "round_trip.csv"
+    )
     loaded = load_trace(TraceSource(path=path, naive_timezone="UTC", max_gap_s=3600))
     assert sorted(loaded.signals) == [f"R{c}" for c in range(len(values))]
     for c, column in enumerate(values):
@@ -350,14 +411,22 @@ def test_well_formed_traces_round_trip(tmp_path_factory, trace):
 def test_one_corrupted_row_is_named(tmp_path_factory, trace, data):
     times_s, values, offsets = trace
     n = len(times_s)
-    kinds = ["nan", "empty", "text", "negative", "huge", "bad_time"] + (["swap", "duplicate"] if n >= 2 else [])
+    kinds = ["nan", "empty", "text", "negative", "huge", "bad_time"] + (
+        ["swap", "duplicate"] if n >= 2 else []
+    )
     kind = data.draw(st.sampled_from(kinds), label="kind")
     row = data.draw(st.integers(1 if kind in ("swap", "duplicate") else 0, n - 1), label="row")
     column = data.draw(st.integers(0, len(values) - 1), label="column")
     lines = trace_lines(times_s, values, offsets)
     cells = lines[row + 1].split(",")
     if kind in ("nan", "empty", "text", "negative", "huge"):
-        cells[column + 1] = {"nan": "NaN", "empty": "", "text": "12;5", "negative": "-1.5", "huge": "4000"}[kind]
+        cells[column + 1] = {
+            "nan": "NaN",
+            "empty": "",
+            "text": "12;5",
+            "negative": "-1.5",
+            "huge": "4000",
+        }[kind]
     elif kind == "bad_time":
         cells[0] = "2026-02-30T00:00:00" + offsets[row]
     elif kind == "swap":  # rows row-1 and row trade timestamps

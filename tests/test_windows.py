@@ -8,19 +8,39 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from planning_fixtures import (
+    HIGH,
+    LOW,
+    STEP_S,
+    T0_S,
+    TRACES,
+    make_context,
+    make_signal,
+    pattern,
+    simulate,
+)
 
 from curtail.config import CurtailmentRules, ExecutionConfig, TraceSource
 from curtail.planning.policy import SiteState
 from curtail.planning.traces import load_trace
-from curtail.planning.windows import CurtailmentCalendar, WindowState, compute_windows, compute_windows_stepwise
-from planning_fixtures import HIGH, LOW, STEP_S, T0_S, TRACES, make_context, make_signal, pattern, simulate
+from curtail.planning.windows import (
+    CurtailmentCalendar,
+    WindowState,
+    compute_windows,
+    compute_windows_stepwise,
+)
 
-RULES = CurtailmentRules()  # the prior system's: < 100 g/kWh, 600 s hysteresis, 240 s provisioning, 10 s poll
+RULES = (
+    CurtailmentRules()
+)  # the prior system's: < 100 g/kWh, 600 s hysteresis, 240 s provisioning, 10 s poll
 
 
 def windows_of(spec: str, rules: CurtailmentRules = RULES) -> list[tuple[float, float]]:
     """(open, close) of each window, in seconds after T0."""
-    return [(w.open_s - T0_S, w.close_s - T0_S) for w in compute_windows("s", make_signal(pattern(spec)), rules)]
+    return [
+        (w.open_s - T0_S, w.close_s - T0_S)
+        for w in compute_windows("s", make_signal(pattern(spec)), rules)
+    ]
 
 
 def calendar_of(spec: str, rules: CurtailmentRules = RULES) -> CurtailmentCalendar:
@@ -69,7 +89,9 @@ def test_three_samples_above_close_600_s_after_the_first():
     assert windows_of("LLLHHHHHHL") == [(0, 1500), (2700, 3000)]
 
 
-@pytest.mark.parametrize("hysteresis_s, close_s", [(0, 900), (300, 1200), (299, 1200), (301, 1210), (900, 1800)])
+@pytest.mark.parametrize(
+    "hysteresis_s, close_s", [(0, 900), (300, 1200), (299, 1200), (301, 1210), (900, 1800)]
+)
 def test_hysteresis_length(hysteresis_s, close_s):
     # above from 900: the window closes at the first poll at least hysteresis_s later
     assert windows_of("LLLHHHHHH", CurtailmentRules(hysteresis_s=hysteresis_s))[0][1] == close_s
@@ -80,15 +102,23 @@ def test_sample_at_threshold_cancels_but_does_not_open():
     assert windows_of("HTLH") == [(600, 1200)]
     # countdown from 600 cancelled by the T at 1200; a new one from 1500 closes at 2100
     calendar = calendar_of("LLHHTHHHL")
-    assert [(w.open_s - T0_S, w.close_s - T0_S) for w in calendar.windows("s")] == [(0, 2100), (2400, 2700)]
+    assert [(w.open_s - T0_S, w.close_s - T0_S) for w in calendar.windows("s")] == [
+        (0, 2100),
+        (2400, 2700),
+    ]
     first = calendar.windows("s")[0]
     assert [(a - T0_S, b - T0_S) for a, b in first.draining_s] == [(600, 1200), (1500, 2100)]
-    assert state(calendar, 1200) is WindowState.READY and state(calendar, 1500) is WindowState.DRAINING
+    assert (
+        state(calendar, 1200) is WindowState.READY and state(calendar, 1500) is WindowState.DRAINING
+    )
 
 
 def test_custom_threshold():
     signal = make_signal([150, 90, 120, 120, 120, 80])
-    assert [w.open_s - T0_S for w in compute_windows("s", signal, CurtailmentRules(threshold_g_per_kwh=95))] == [300, 1500]
+    assert [
+        w.open_s - T0_S
+        for w in compute_windows("s", signal, CurtailmentRules(threshold_g_per_kwh=95))
+    ] == [300, 1500]
     assert compute_windows("s", signal, CurtailmentRules(threshold_g_per_kwh=200))[0].open_s == T0_S
 
 
@@ -98,7 +128,10 @@ def test_custom_threshold():
 def test_provisioning_for_240_s_then_ready():
     calendar = calendar_of("HLLLLL")
     assert state(calendar, 0) is WindowState.OFF and state(calendar, 299) is WindowState.OFF
-    assert state(calendar, 300) is WindowState.PROVISIONING and state(calendar, 539.9) is WindowState.PROVISIONING
+    assert (
+        state(calendar, 300) is WindowState.PROVISIONING
+        and state(calendar, 539.9) is WindowState.PROVISIONING
+    )
     assert state(calendar, 540) is WindowState.READY and state(calendar, 1799) is WindowState.READY
     assert calendar.windows("s")[0].ready_s == T0_S + 540
 
@@ -106,11 +139,20 @@ def test_provisioning_for_240_s_then_ready():
 def test_draining_during_a_countdown_then_off():
     calendar = calendar_of("LLLHHHLL")
     assert state(calendar, 899) is WindowState.READY
-    assert state(calendar, 900) is WindowState.DRAINING and state(calendar, 1499) is WindowState.DRAINING
+    assert (
+        state(calendar, 900) is WindowState.DRAINING
+        and state(calendar, 1499) is WindowState.DRAINING
+    )
     assert state(calendar, 1500) is WindowState.OFF and state(calendar, 1799) is WindowState.OFF
-    assert state(calendar, 1800) is WindowState.PROVISIONING and state(calendar, 2040) is WindowState.READY
+    assert (
+        state(calendar, 1800) is WindowState.PROVISIONING
+        and state(calendar, 2040) is WindowState.READY
+    )
     cancelled = calendar_of("LLLHHLLL")
-    assert state(cancelled, 1200) is WindowState.DRAINING and state(cancelled, 1500) is WindowState.READY
+    assert (
+        state(cancelled, 1200) is WindowState.DRAINING
+        and state(cancelled, 1500) is WindowState.READY
+    )
     # off the sample grid (polls every 7 s) the countdown runs from the poll that saw the first
     # high sample (903) to the poll that saw the low one (1505)
     sparse = calendar_of("LLLHHLLL", CurtailmentRules(poll_s=7))
@@ -119,7 +161,9 @@ def test_draining_during_a_countdown_then_off():
 
 
 def test_next_change_after():
-    calendar = calendar_of("HLLLHHHL")  # open 300, ready 540, drain 1200, close 1800, open 2100, ready 2340, end 2400
+    calendar = calendar_of(
+        "HLLLHHHL"
+    )  # open 300, ready 540, drain 1200, close 1800, open 2100, ready 2340, end 2400
     expected = [300, 540, 1200, 1800, 2100, 2340, 2400]
     t, seen = T0_S, []
     while (t := calendar.next_change_after(t)) is not None:
@@ -137,12 +181,16 @@ def test_window_shorter_than_provisioning_never_becomes_ready():
     states = {state(calendar, t) for t in np.arange(0, 1800, 10)}
     assert states == {WindowState.OFF, WindowState.PROVISIONING}
     # and the threshold policy never trains there: provisioned-idle for the 300 s, then drained
-    context = make_context({"s": pattern("HLHHHH")}, rules=rules, execution=ExecutionConfig(group_start_s=0))
+    context = make_context(
+        {"s": pattern("HLHHHH")}, rules=rules, execution=ExecutionConfig(group_start_s=0)
+    )
     trajectory = simulate(context)
     assert trajectory.tokens == 0
-    assert [(i.state, i.start_s - T0_S, i.end_s - T0_S) for i in trajectory.intervals if i.state.provisioned] == [
-        (SiteState.PROVISIONING, 300, 600)
-    ]
+    assert [
+        (i.state, i.start_s - T0_S, i.end_s - T0_S)
+        for i in trajectory.intervals
+        if i.state.provisioned
+    ] == [(SiteState.PROVISIONING, 300, 600)]
 
 
 def test_calendar_sites_and_queries():
@@ -152,7 +200,10 @@ def test_calendar_sites_and_queries():
     assert calendar.sites == ["a", "b"]
     assert [(w.site, w.open_s - T0_S) for w in calendar.windows()] == [("b", 0), ("a", 600)]
     assert calendar.states_at(T0_S + 600) == {"a": WindowState.PROVISIONING, "b": WindowState.READY}
-    assert calendar.window_at("a", T0_S + 599) is None and calendar.window_at("a", T0_S + 600).site == "a"
+    assert (
+        calendar.window_at("a", T0_S + 599) is None
+        and calendar.window_at("a", T0_S + 600).site == "a"
+    )
     assert calendar.curtailed_seconds("a", T0_S, T0_S + 1800) == 1200
     assert calendar.curtailed_seconds("b", T0_S + 150, T0_S + 1000) == 750
 
@@ -188,18 +239,27 @@ def test_paper_trace_caiso_north_windows():
     # by hand from the data: low from 17:05; high at 19:05, 19:10, 19:15; low again at 19:20;
     # high from 23:25 to the end
     assert caiso[0] > 100 and caiso[1] < 100 and times[1] == pd.Timestamp("2026-01-11T17:05Z")
-    first_high = [times[i] for i in range(2, len(caiso) - 2) if (caiso[i : i + 3] > 100).all()][0]
+    first_high = next(times[i] for i in range(2, len(caiso) - 2) if (caiso[i : i + 3] > 100).all())
     assert first_high == pd.Timestamp("2026-01-11T19:05Z") and caiso[28] < 100
-    assert (caiso[77:] > 100).all() and caiso[76] < 100 and times[77] == pd.Timestamp("2026-01-11T23:25Z")
+    assert (
+        (caiso[77:] > 100).all()
+        and caiso[76] < 100
+        and times[77] == pd.Timestamp("2026-01-11T23:25Z")
+    )
 
     signals = load_trace(TraceSource(path=path)).signals
     calendar = CurtailmentCalendar(signals, RULES)
-    got = [(pd.Timestamp(w.open_s, unit="s", tz="UTC"), pd.Timestamp(w.close_s, unit="s", tz="UTC")) for w in calendar.windows("CAISO_NORTH")]
+    got = [
+        (pd.Timestamp(w.open_s, unit="s", tz="UTC"), pd.Timestamp(w.close_s, unit="s", tz="UTC"))
+        for w in calendar.windows("CAISO_NORTH")
+    ]
     assert got == [
         (pd.Timestamp("2026-01-11T17:05Z"), pd.Timestamp("2026-01-11T19:15Z")),
         (pd.Timestamp("2026-01-11T19:20Z"), pd.Timestamp("2026-01-11T23:35Z")),
     ]
-    assert calendar.windows("CAISO_NORTH")[0].ready_s == pd.Timestamp("2026-01-11T17:09Z").timestamp()
+    assert (
+        calendar.windows("CAISO_NORTH")[0].ready_s == pd.Timestamp("2026-01-11T17:09Z").timestamp()
+    )
     for region, signal in signals.items():
         expected = reference_windows(signal.times_s, signal.ci_g_per_kwh, signal.end_s)
         assert [(w.open_s, w.close_s) for w in calendar.windows(region)] == expected, region
@@ -214,8 +274,12 @@ def test_paper_trace_caiso_north_windows():
     hysteresis_s=st.sampled_from([0, 10, 299, 300, 301, 600, 900, 2000]),
     provisioning_s=st.sampled_from([0, 240, 1000]),
 )
-def test_vectorised_windows_match_the_stepwise_definition(spec, poll_s, hysteresis_s, provisioning_s):
-    rules = CurtailmentRules(poll_s=poll_s, hysteresis_s=hysteresis_s, provisioning_s=provisioning_s)
+def test_vectorised_windows_match_the_stepwise_definition(
+    spec, poll_s, hysteresis_s, provisioning_s
+):
+    rules = CurtailmentRules(
+        poll_s=poll_s, hysteresis_s=hysteresis_s, provisioning_s=provisioning_s
+    )
     signal = make_signal(pattern(spec))
     assert compute_windows("s", signal, rules) == compute_windows_stepwise("s", signal, rules)
 
@@ -230,7 +294,9 @@ def test_matches_reference_and_is_causal(spec, cut):
     prefix = spec[: min(cut, len(spec))]
     prefix_end = T0_S + STEP_S * len(prefix)
     early = [(o, c) for o, c in windows if o < prefix_end]
-    prefix_windows = [(w.open_s, w.close_s) for w in compute_windows("s", make_signal(pattern(prefix)), RULES)]
+    prefix_windows = [
+        (w.open_s, w.close_s) for w in compute_windows("s", make_signal(pattern(prefix)), RULES)
+    ]
     assert [o for o, _ in prefix_windows] == [o for o, _ in early]
     assert [c for _, c in prefix_windows[:-1]] == [c for _, c in early[:-1]]
     if prefix_windows:
