@@ -1,5 +1,6 @@
 """Command line: a thin layer over the Python API.
 
+    curtail run [CONFIG] [--run NAME] [--json] [--output-dir DIR] [--address ADDR]
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
 """
@@ -16,6 +17,15 @@ from curtail.config import ConfigError, project_root
 from curtail.planning.traces import TraceError
 
 DEFAULT_SIMULATION = "experiments/paper.toml"
+DEFAULT_RUN = "experiments/demo.toml"
+
+
+def _count(value: float) -> str:
+    """Token counts for people: 12.27B, 300.0k."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
 
 
 def _default_config(name: str) -> Path:
@@ -36,7 +46,7 @@ def _print_table(rows: list[dict], title: str) -> None:
     columns = [
         ("run", "run", str),
         ("done", "completed", lambda v: "yes" if v else "NO"),
-        ("tokens (B)", "tokens", lambda v: f"{v / 1e9:.2f}"),
+        ("tokens", "tokens", _count),
         ("hours", "hours", lambda v: f"{v:.2f}"),
         ("energy kWh", "energy_kwh", lambda v: f"{v:.1f}"),
         ("ref h", "reference_hours", lambda v: ref(v, "{:.1f}")),
@@ -74,6 +84,59 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from curtail.api import run
+
+    config = Path(args.config) if args.config else _default_config(DEFAULT_RUN)
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]{task.fields[clock]}"),
+        BarColumn(),
+        TextColumn("{task.fields[tokens]} tokens"),
+        TextColumn("{task.fields[mode]:<9} {task.fields[sites]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.json or not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("run", total=1.0, clock="starting", tokens="0", mode="", sites="", loss="-")
+
+        def show(state: dict) -> None:
+            if state.get("phase") != "training":
+                progress.update(task, clock=state.get("phase", ""))
+                return
+            progress.update(
+                task,
+                completed=state["tokens"] / state["token_budget"],
+                clock=state["clock"],
+                tokens=_count(state["tokens"]),
+                mode=state["mode"],
+                sites="+".join(state["active_sites"]) or "-",
+                loss=f"{state['loss']:.3f}",
+            )
+            if not console.is_terminal and not args.json:
+                print(f"{state['clock']}  {state['mode']:<9} {_count(state['tokens']):>8} tokens  "
+                      f"loss {state['loss']:.3f}  sites {'+'.join(state['active_sites']) or '-'}", flush=True)
+
+        result = run(config, run=args.run, output_dir=args.output_dir, address=args.address, on_progress=show)
+    if args.json:
+        print(json.dumps(result.summary, indent=2, default=str))
+        return 0
+    s = result.summary
+    print(
+        f"{s['run']}: {_count(s['tokens'])} tokens in {s['hours']:.2f} h on the run's clock "
+        f"({s['wall_s']:.0f} s wall) | {s['emissions_kg']:.2f} kg CO2, "
+        f"{100 * s['share_energy_in_windows']:.1f}% of energy in windows | modes (h): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in s["mode_hours"].items())
+        + f" | {s['num_syncs']} syncs | final held-out loss {s['final_eval_loss']:.3f}"
+    )
+    print(f"run directory: {result.run_dir}   model: {result.model_dir}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from curtail.report import report
 
@@ -86,6 +149,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train for real on Ray, following the curtailment calendar")
+    run.add_argument("config", nargs="?", help=f"experiment TOML (default: {DEFAULT_RUN})")
+    run.add_argument("--run", help="which of the experiment's runs (default: the first)")
+    run.add_argument("--output-dir", help="root of the run directories (default: the config's output_dir)")
+    run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+    run.add_argument("--json", action="store_true", help="print the run's summary.json object")
+    run.set_defaults(handler=cmd_run)
 
     simulate = commands.add_parser("simulate", help="replay an experiment's runs in the fast simulator")
     simulate.add_argument("config", nargs="?", help=f"experiment TOML (default: {DEFAULT_SIMULATION})")

@@ -55,6 +55,9 @@ class _Round:
 class Executor:
     """The run state machine. Subclasses implement :meth:`work`; hooks default to no-ops."""
 
+    max_segment_s: float = math.inf
+    """Longest stretch handed to :meth:`work` at once (real runs report progress between)."""
+
     def __init__(self, context: PolicyContext, policy: Policy):
         self.context = context
         self.policy = policy
@@ -308,7 +311,7 @@ class Executor:
         while True:
             training = [s for s in self.sites.values() if self._state(s) is SiteState.TRAINING]
             rate = sum(s.tokens_per_s for s in training)
-            candidates = [next_decision_s, context.deadline_s]
+            candidates = [next_decision_s, context.deadline_s, t_s + self.max_segment_s]
             candidates += [s.until_s for s in self.sites.values()]
             if self.round is not None:
                 candidates.append(self.round.end_s)

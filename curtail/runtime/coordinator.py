@@ -75,6 +75,8 @@ class RunArtifacts:
 class RayExecutor(Executor):
     """The executor state machine with real training on Ray; see the module doc."""
 
+    max_segment_s = 600.0  # progress (and, later, single-site checkpoints) at least every 10 minutes
+
     def __init__(
         self,
         context: PolicyContext,
@@ -131,7 +133,8 @@ class RayExecutor(Executor):
             self.loaded_version[site] = result["version"]
         digests = {result["digest"] for result in results.values()}
         self.digests.append({"t_s": t_s, "round": round_index, "version": self.global_version,
-                             "sites": sorted(results), "digests": sorted(digests)})
+                             "sites": sorted(results), "digests": sorted(digests),
+                             "loaded_versions": [results[s]["version"] for s in sorted(results)]})
 
     def _outer_step(self, round_index: int, t_s: float) -> None:
         started = time.perf_counter()
