@@ -103,6 +103,7 @@ class RayExecutor(Executor):
         self.digests: list[dict[str, Any]] = []
         self.on_progress = on_progress
         self.last_loss = math.nan
+        self.site_nodes: dict[str, set[str]] = {name: set() for name in context.sites}  # Ray node ids
 
     # ------------------------------------------------------------------ helpers
 
@@ -131,6 +132,7 @@ class RayExecutor(Executor):
         results = self._broadcast(sites, {"kind": "load"}, t_s, round_index)
         for site, result in results.items():
             self.loaded_version[site] = result["version"]
+            self.site_nodes[site].update(result.get("node_ids", ()))
         digests = {result["digest"] for result in results.values()}
         self.digests.append({"t_s": t_s, "round": round_index, "version": self.global_version,
                              "sites": sorted(results), "digests": sorted(digests),
@@ -365,6 +367,7 @@ class Coordinator:
             "wall_s": wall_s,
             "global_version": executor.global_version,
             "weight_digests": executor.digests,
+            "site_nodes": {site: sorted(nodes) for site, nodes in executor.site_nodes.items()},
         }
         ray.kill(mailbox)
         ray.kill(averager)

@@ -76,6 +76,18 @@ def _broadcast_params(trainer: Any, world: int) -> None:
         dist.broadcast(param.data, src=0)
 
 
+def _node_ids(world: int) -> list[str]:
+    """The Ray node of every rank of the site, so a run can show where each site trained."""
+    node_id = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node_id]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, node_id)
+    return [str(n) for n in gathered]
+
+
 def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train function of one site; see the module doc for the command protocol."""
     import ray.train
@@ -152,7 +164,9 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                     reference = state  # read-only object-store arrays: no copy needed
                 _broadcast_params(trainer, world)
                 digest = params_digest(trainer.export_params()) if rank == 0 else ""
-                reply({"kind": kind, "version": version, "digest": digest, "wall_s": time.perf_counter() - started})
+                node_ids = sorted(set(_node_ids(world)))
+                reply({"kind": kind, "version": version, "digest": digest, "node_ids": node_ids,
+                       "wall_s": time.perf_counter() - started})
             elif kind == "submit":
                 num_bytes = 0
                 if rank == 0:
