@@ -153,3 +153,21 @@ def test_training_learns_and_the_model_loads_with_transformers(two_runs):
     assert np.isfinite(result.summary["final_eval_loss"])
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["final_eval_loss"] == pytest.approx(result.summary["final_eval_loss"])
+
+
+def test_realtime_clock_follows_the_wall_clock(ray_cluster, tmp_path):
+    """clock = "realtime": 30 minutes of trace at 20× take 90 s of wall time, and the work done
+    in that time (site a alone, after its worker group started) is exactly what the ledger
+    recorded."""
+    import curtail
+
+    experiment = _experiment(tmp_path)
+    experiment["training"].update({"clock": "realtime", "realtime_speedup": 20.0})
+    experiment["runs"][0]["deadline"] = "2026-01-11T00:30:00Z"
+    result = curtail.run(experiment, output_dir=tmp_path / "runs")
+    summary = result.summary
+    assert summary["wall_s"] >= 30 * 60 / 20 - 1
+    assert summary["tokens"] > 0
+    assert summary["tokens_by_site"]["b"] == 0  # b's window opens at 00:40
+    assert summary["ledger_trained_tokens"] == summary["tokens"]
+    assert summary["mode_hours"]["SINGLE"] > 0

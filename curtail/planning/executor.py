@@ -76,6 +76,9 @@ class Executor:
         """Train ``sites`` over ``[start_s, end_s)`` of the run's clock; tokens trained per site."""
         raise NotImplementedError
 
+    def pass_time(self, start_s: float, end_s: float) -> None:
+        """No site trains over ``[start_s, end_s)`` (a real-time clock waits here)."""
+
     def on_nodes_ready(self, site: str, t_s: float) -> None:
         """A site's nodes are provisioned: start its worker group."""
 
@@ -324,6 +327,8 @@ class Executor:
                 for name, tokens in self.work([s.name for s in training], t_s, t_next).items():
                     self.recorder.add_tokens(name, tokens)
                     self.tokens += tokens
+            elif t_next > t_s:
+                self.pass_time(t_s, t_next)
             t_s = t_next
             if self.tokens >= budget * (1 - 1e-12):
                 self.recorder.event(t_s, "", "budget_reached", tokens=round(self.tokens))

@@ -31,11 +31,11 @@ from curtail.planning.policy import Policy, PolicyContext
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
 from curtail.runtime.averager import Averager
+from curtail.runtime.evaluator import Evaluator
 from curtail.runtime.mailbox import Mailbox
 from curtail.runtime.sites import SiteFailure, SiteGroup, site_resource
 from curtail.training.data import load_corpus
 from curtail.training.ledger import DataLedger, TokenRange
-from curtail.training.loop import SiteTrainer
 from curtail.training.model import build_model, get_spec
 from curtail.training.schedule import LRSchedule
 from curtail.training.tokenizer import train_tokenizer
@@ -86,6 +86,9 @@ class RayExecutor(Executor):
         averager: Any,
         ledger: DataLedger,
         tokens_per_step: int,
+        evaluator: Any = None,
+        clock: str = "virtual",
+        realtime_speedup: float = 1.0,
         on_progress: Any = None,
     ):
         super().__init__(context, policy)
@@ -104,6 +107,24 @@ class RayExecutor(Executor):
         self.on_progress = on_progress
         self.last_loss = math.nan
         self.site_nodes: dict[str, set[str]] = {name: set() for name in context.sites}  # Ray node ids
+        self.evaluator = evaluator
+        self.pending_evals: list[tuple[float, float, Any]] = []
+        self.clock = clock
+        self.realtime_speedup = realtime_speedup
+        self.wall_start = time.time()
+        self.step_wall_s = dict.fromkeys(context.sites, 0.05)  # measured, for real-time claims
+
+    def run(self) -> Trajectory:
+        self.wall_start = time.time()
+        return super().run()
+
+    def wall_at(self, t_s: float) -> float:
+        """The wall-clock instant of run time ``t_s`` under the real-time clock."""
+        return self.wall_start + (t_s - self.context.start_s) / self.realtime_speedup
+
+    def pass_time(self, start_s: float, end_s: float) -> None:
+        if self.clock == "realtime":
+            time.sleep(max(0.0, self.wall_at(end_s) - time.time()))
 
     # ------------------------------------------------------------------ helpers
 
@@ -159,44 +180,64 @@ class RayExecutor(Executor):
         self.loaded_version[site] = self.global_version
         self._complete_ledger(site)
 
-    def _evaluate(self, site: str, t_s: float, round_index: int) -> None:
-        result = self.groups[site].call({"kind": "eval"})
-        self._timed(t_s, site, "eval", round_index, result)
-        self.recorder.loss(LossPoint(t_s, "", self.tokens, float(result["loss"]), kind="eval"))
+    def _evaluate(self, t_s: float) -> None:
+        """Score this sync's global weights in the background (no site waits for it)."""
+        if self.evaluator is not None:
+            snapshot = self.averager.get_global.remote()
+            self.pending_evals.append((t_s, self.tokens, self.evaluator.evaluate.remote(snapshot)))
 
-    def _claim(self, site: str, num_steps: int) -> list[tuple[int, int]]:
-        chunks = []
+    def collect_evaluations(self) -> None:
+        for t_s, tokens, ref in self.pending_evals:
+            self.recorder.loss(LossPoint(t_s, "", tokens, float(ray.get(ref)["loss"]), kind="eval"))
+        self.pending_evals = []
+
+    def _claim(self, site: str, num_steps: int) -> list[TokenRange]:
+        ranges = []
         remaining = num_steps * self.tokens_per_step
         while remaining > 0:
             token_range = self.ledger.claim(site, remaining)
-            steps = token_range.num_tokens // self.tokens_per_step
-            self.pending[site].append((token_range, token_range.num_tokens))
-            chunks.append((token_range.start, steps))
+            ranges.append(token_range)
             remaining -= token_range.num_tokens
-        return chunks
+        return ranges
+
+    def _record_trained(self, site: str, ranges: list[TokenRange], trained_tokens: int) -> None:
+        """Split the trained tokens over the claimed ranges in order; the rest goes back later."""
+        for token_range in ranges:
+            trained = min(token_range.num_tokens, trained_tokens)
+            self.pending[site].append((token_range, trained))
+            trained_tokens -= trained
 
     # ------------------------------------------------------------------ executor hooks
 
     def work(self, sites: list[str], start_s: float, end_s: float) -> dict[str, float]:
         rates = {s: self.context.sites[s].tokens_per_s for s in sites}
         total_rate = sum(rates.values())
-        sent = []
+        claims: dict[str, list[TokenRange]] = {}
+        realtime = self.clock == "realtime"
         for site in sites:
-            carry = self.carry_steps[site] + (end_s - start_s) / self.step_s[site]
-            steps = int(carry + 1e-9)
-            self.carry_steps[site] = carry - steps
+            if realtime:  # train until the wall clock reaches end_s; claim generously
+                wall_s = max(0.0, self.wall_at(end_s) - time.time())
+                steps = 1 + math.ceil(1.5 * wall_s / self.step_wall_s[site])
+            else:  # virtual clock: the steps the represented hardware does in this stretch
+                carry = self.carry_steps[site] + (end_s - start_s) / self.step_s[site]
+                steps = int(carry + 1e-9)
+                self.carry_steps[site] = carry - steps
             if steps == 0:
                 continue
-            self.groups[site].send(
-                {"kind": "train", "chunks": self._claim(site, steps), "tokens_before": self.tokens,
-                 "concurrency": total_rate / rates[site]}
-            )
-            sent.append(site)
+            claims[site] = self._claim(site, steps)
+            command = {"kind": "train", "chunks": [(r.start, r.num_tokens // self.tokens_per_step) for r in claims[site]],
+                       "tokens_before": self.tokens, "concurrency": total_rate / rates[site]}
+            if realtime:
+                command["until_wall"] = self.wall_at(end_s)
+            self.groups[site].send(command)
         tokens = {}
         index = self.round.index if self.round is not None else 0
-        for site in sent:
+        for site, ranges in claims.items():
             result = self.groups[site].receive()
             self._timed(end_s, site, "train", index, result)
+            self._record_trained(site, ranges, int(result["tokens"]))
+            if result["steps"]:
+                self.step_wall_s[site] = result["wall_s"] / result["steps"]
             tokens[site] = float(result["tokens"])
             self.round_tokens[site] += tokens[site]
             self.last_loss = float(result["loss"])
@@ -220,7 +261,7 @@ class RayExecutor(Executor):
             self._submit(trained, index, t_s)
             self._outer_step(index, t_s)
         self._load(members, t_s, index)
-        self._evaluate(members[0], t_s, index)
+        self._evaluate(t_s)
 
     def on_join(self, site: str, index: int, t_s: float) -> None:
         self._load([site], t_s, index)
@@ -249,6 +290,7 @@ class RayExecutor(Executor):
         for site, group in self.groups.items():
             if group.running:
                 self.on_drain(site, t_s)
+        self.collect_evaluations()
 
 
 def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -285,8 +327,6 @@ class Coordinator:
         }
 
     def run(self) -> RunArtifacts:
-        import torch
-
         config, training = self.config, self.config.training
         traces, forecasts = load_experiment_traces(config)
         plan: RunPlan = plan_run(config, self.run_spec, traces, forecasts)
@@ -329,9 +369,14 @@ class Coordinator:
                 head_resources=HEAD_NODE, timeout_s=training.command_timeout_s,
             )
         ledger = DataLedger(len(train_tokens) - 1, block_tokens=tokens_per_step)
+        evaluator = Evaluator.options(resources=HEAD_NODE).remote(
+            spec.model_dump(), vocab_size, config.seed, loop_config["heldout_tokens"],
+            training.eval_batches, training.eval_batch_size, seq_len, training.torch_threads_per_worker,
+        )
         executor = RayExecutor(
             plan.context, plan.policy, groups=groups, averager=averager, ledger=ledger,
-            tokens_per_step=tokens_per_step, on_progress=self._report_progress,
+            tokens_per_step=tokens_per_step, evaluator=evaluator, clock=training.clock,
+            realtime_speedup=training.realtime_speedup, on_progress=self._report_progress,
         )
         started = time.perf_counter()
         try:
@@ -345,14 +390,10 @@ class Coordinator:
                         pass
         wall_s = time.perf_counter() - started
         self._progress = {"phase": "evaluating the final global model"}
-        torch.set_num_threads(max(1, training.torch_threads_per_worker))
-        final = SiteTrainer(spec, vocab_size, config.seed, device="cpu")
-        _, global_params = ray.get(averager.get_global.remote())
-        final.load_global(global_params)
-        from curtail.training.data import TokenCorpus
-
-        final_eval_loss = final.evaluate(TokenCorpus(heldout_tokens, "heldout"), training.eval_batches, training.eval_batch_size, seq_len)
-        model_dir = final.save_pretrained(self.run_dir / "model", tokenizer)
+        final = averager.get_global.remote()
+        final_eval_loss = ray.get(evaluator.evaluate.remote(final))["loss"]
+        model_dir = Path(ray.get(evaluator.save.remote(final, str(self.run_dir / "model"), None)))
+        tokenizer.save_pretrained(model_dir)
         ledger.check_invariants()
         extra = {
             "final_eval_loss": final_eval_loss,
@@ -369,7 +410,7 @@ class Coordinator:
             "weight_digests": executor.digests,
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.site_nodes.items()},
         }
-        ray.kill(mailbox)
-        ray.kill(averager)
+        for actor in (mailbox, averager, evaluator):
+            ray.kill(actor)
         self._progress = {"phase": "done"}
         return RunArtifacts(trajectory, extra, executor.timings)

@@ -145,8 +145,11 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             if kind == "train":
                 losses = []
                 offset = 0
+                until_wall = command.get("until_wall")  # real-time clock: stop at this wall instant
                 for start_token, num_steps in command["chunks"]:
                     for step in range(num_steps):
+                        if until_wall is not None and not _broadcast_object(time.time() < until_wall, world):
+                            break
                         position = start_token + step * tokens_per_step + rank * rank_tokens
                         input_ids, labels = train.batch(position, batch_size, seq_len)
                         progress = command["tokens_before"] + offset * tokens_per_step * command["concurrency"]
@@ -271,7 +274,7 @@ class SiteGroup:
                 try:
                     ray.get(done[0])
                     reason = "worker group exited without answering"
-                except Exception as error:  # the fit() error says what broke
+                except Exception as error:  # noqa: BLE001 -- any fit() error says what broke
                     reason = f"worker group failed: {error}"
                 raise SiteFailure(self.site, reason)
             if time.monotonic() > deadline:
