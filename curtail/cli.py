@@ -104,6 +104,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     ) as progress:
         task = progress.add_task("run", total=1.0, clock="starting", tokens="0", mode="", sites="", loss="-")
 
+        last_clock = [""]
+
         def show(state: dict) -> None:
             if state.get("phase") != "training":
                 progress.update(task, clock=state.get("phase", ""))
@@ -117,7 +119,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 sites="+".join(state["active_sites"]) or "-",
                 loss=f"{state['loss']:.3f}",
             )
-            if not console.is_terminal and not args.json:
+            if not console.is_terminal and not args.json and state["clock"] != last_clock[0]:
+                last_clock[0] = state["clock"]
                 print(f"{state['clock']}  {state['mode']:<9} {_count(state['tokens']):>8} tokens  "
                       f"loss {state['loss']:.3f}  sites {'+'.join(state['active_sites']) or '-'}", flush=True)
 

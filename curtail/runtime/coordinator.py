@@ -61,6 +61,7 @@ class Timing:
     round: int
     wall_s: float
     steps: int = 0
+    at_wall_s: float = field(default_factory=time.time)  # when the coordinator recorded it
 
 
 @dataclass
@@ -251,6 +252,7 @@ class RayExecutor(Executor):
 
     def on_round_start(self, index: int, members: list[str], t_s: float) -> None:
         self._load(members, t_s, index)
+        self.timings.append(Timing(t_s, "", "round_start", index, 0.0))
 
     def on_sync(self, index: int, members: list[str], kind: RunMode, t_s: float) -> None:
         trained = sorted(self.round.members) if self.round is not None else []

@@ -1,0 +1,98 @@
+"""Benchmark: how much of a federated round a site spends not training (sync and hand-off).
+
+    .venv/bin/python experiments/bench_sync.py            # small preset, 2 sites, CPU
+    .venv/bin/python experiments/bench_sync.py --preset tiny --rounds 4   # quicker
+
+Two sites train federated the whole time (always_on policy) on a local Ray cluster for
+``--rounds`` rounds of ``--steps-per-round`` steps. From the run's ``timings.csv``: a round's
+wall time runs from one ``round_start`` to the next (all syncs, outer steps, weight loads and
+command round trips included); a site's training time is the compute its workers reported
+for its train commands in that round. Not-training share = 1 − training / round wall time.
+The fixed per-sync cost is also reported and projected onto the prior system's 600-s rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def experiment(preset: str, rounds: int, steps_per_round: int, batch_size: int) -> dict:
+    seq_len = {"tiny": 64, "small": 128}[preset]
+    step_tokens = batch_size * seq_len
+    step_s = 600.0 / steps_per_round
+    site = {"training_power_w": 2024, "idle_power_w": 468, "tokens_per_s": step_tokens / step_s}
+    return {
+        "name": "bench-sync",
+        "token_budget": 2 * rounds * steps_per_round * step_tokens,
+        "traces": [{"path": str(ROOT / "data/traces/watttime_moer_2026-01-11_4regions.csv")}],
+        "execution": {"round_s": 600, "sync_s": 5, "group_start_s": 0, "join": "immediate"},
+        "training": {"preset": preset, "corpus": [str(ROOT / "data/text/tinyshakespeare.txt")],
+                     "vocab_size": 2048 if preset == "small" else 512, "batch_size": batch_size,
+                     "eval_batches": 2, "eval_batch_size": 2},
+        "sites": {"caiso_north": {"region": "CAISO_NORTH", **site}, "nem_sa": {"region": "NEM_SA", **site}},
+        "runs": [{"name": "always-on-federated", "policy": {"kind": "always_on"}, "sites": ["caiso_north", "nem_sa"],
+                  "rules": {"provisioning_s": 0}}],
+    }
+
+
+def analyse(timings: pd.DataFrame) -> dict:
+    starts = timings[timings.kind == "round_start"].sort_values("at_wall_s")
+    rows = []
+    for (_, first), (_, second) in zip(starts.iterrows(), starts.iloc[1:].iterrows()):
+        inside = timings[(timings.at_wall_s > first.at_wall_s) & (timings.at_wall_s <= second.at_wall_s)]
+        round_wall_s = second.at_wall_s - first.at_wall_s
+        for site, site_rows in inside[inside.site != ""].groupby("site"):
+            train = site_rows[site_rows.kind == "train"]
+            if train.steps.sum() == 0:
+                continue
+            sync = site_rows[site_rows.kind.isin(["submit", "load", "publish"])].wall_s.sum()
+            outer = inside[inside.kind == "outer_step"].wall_s.sum()
+            rows.append({"round": int(first["round"]), "site": site, "round_wall_s": round_wall_s,
+                         "train_s": train.wall_s.sum(), "sync_s": sync + outer, "steps": int(train.steps.sum())})
+    frame = pd.DataFrame(rows)
+    frame["not_training_share"] = 1 - frame.train_s / frame.round_wall_s
+    steady = frame[frame["round"] > frame["round"].min()]  # the first round includes worker start-up
+    sync_s = steady.sync_s.mean()
+    return {
+        "rounds_measured": int(steady["round"].nunique()),
+        "mean_round_wall_s": steady.round_wall_s.mean(),
+        "mean_train_s": steady.train_s.mean(),
+        "mean_steps_per_round": steady.steps.mean(),
+        "mean_sync_s": sync_s,
+        "not_training_share": steady.not_training_share.mean(),
+        "max_not_training_share": steady.not_training_share.max(),
+        "projected_share_of_600s_round": sync_s / 600.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=["tiny", "small"])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps-per-round", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    import curtail
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = curtail.run(experiment(args.preset, args.rounds, args.steps_per_round, args.batch_size),
+                             output_dir=tmp)
+        numbers = analyse(pd.read_csv(result.run_dir / "timings.csv"))
+    numbers.update({"preset": args.preset, "num_parameters": result.summary["num_parameters"]})
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+        return
+    for key, value in numbers.items():
+        print(f"{key:>32}: {value:.4f}" if isinstance(value, float) else f"{key:>32}: {value}")
+
+
+if __name__ == "__main__":
+    main()
