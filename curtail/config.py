@@ -73,12 +73,27 @@ class CurtailmentRules(StrictModel):
     below, leave only after the signal stayed above for at least 600 s (a sample at or below
     the threshold cancels the countdown), 240 s from the provisioning decision to a ready node,
     signal polled every 10 s.
+
+    Average-CI traces have no "curtailed" level: ``threshold_kind = "percentile"`` calls a
+    sample curtailed when it is below the ``threshold_percentile``-th percentile of the
+    samples in the trailing ``percentile_window_s`` (itself included), computed causally, so
+    the calendar, the policies and the in-window accounting all use the same definition.
     """
 
     threshold_g_per_kwh: float = Field(default=100.0, ge=0)
     hysteresis_s: float = Field(default=600.0, ge=0)
     provisioning_s: float = Field(default=240.0, ge=0)
     poll_s: float = Field(default=10.0, gt=0)
+    threshold_kind: Literal["absolute", "percentile"] = Field(
+        default="absolute",
+        description=(
+            "absolute: curtailed below threshold_g_per_kwh (marginal signals); percentile: "
+            "curtailed below the threshold_percentile of the trailing percentile_window_s "
+            "(average-CI traces, which have no curtailment level of their own)"
+        ),
+    )
+    threshold_percentile: float = Field(default=20.0, gt=0, lt=100)
+    percentile_window_s: float = Field(default=7 * 86400.0, gt=0)
 
 
 class SiteConfig(StrictModel):
@@ -213,8 +228,64 @@ class AlwaysOnPolicyConfig(StrictModel):
     kind: Literal["always_on"] = "always_on"
 
 
+class _ForecastParams(StrictModel):
+    """What a forecast-reading policy sees and how it acts on it (curtail.planning.forecast_policy)."""
+
+    forecast: Literal["auto", "recorded", "synthetic", "none"] = Field(
+        default="auto",
+        description="recorded forecasts where the experiment has them, else synthetic (auto); or none",
+    )
+    forecast_seed: int = Field(default=0, description="seed of synthetic forecasts")
+    forecast_horizon_s: float = Field(
+        default=3900.0, gt=0, description="reach of synthetic forecasts (recorded WattTime: 65 min)"
+    )
+    lead_s: float = Field(default=0.0, ge=0, description="extra pre-provisioning beyond provisioning + group start")
+    min_window_s: float = Field(default=0.0, ge=0, description="least predicted training time worth a start")
+    bridge_s: float = Field(default=1800.0, ge=0, description="idle through predicted gaps shorter than this")
+    hold_s: float = Field(default=600.0, ge=0, description="keep nodes this long after a window closes")
+    seasonal_s: float = Field(
+        default=0.0, ge=0, description="also expect openings seen this long ago (86400: daily); 0 = off"
+    )
+    forecast_margin_g_per_kwh: float = Field(
+        default=0.0, ge=0, description="read forecasts below threshold + margin as an opening (they miss most)"
+    )
+
+
+class ForecastPolicyConfig(_ForecastParams):
+    """Pre-provision from honest forecasts so sites are ready as windows open; skip short
+    windows; idle through short gaps instead of flapping."""
+
+    kind: Literal["forecast"] = "forecast"
+
+
+class BudgetPolicyConfig(_ForecastParams):
+    """Spend the token budget in the cleanest windows: train where carbon per token is below a
+    price (the emissions / completion-time knob), keep pace, never miss a makeable deadline."""
+
+    kind: Literal["budget"] = "budget"
+    max_ci_g_per_kwh: float = Field(
+        default=60.0, ge=0, description="price: dirtiest intensity trained at while on schedule (most efficient site)"
+    )
+    pace_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="relax the price to the threshold when behind this share of a linear schedule"
+    )
+    deadline_guard: bool = Field(default=True, description="run every site when the budget can only just be met")
+    guard_margin: float = Field(default=0.1, ge=0, lt=1)
+
+
+class OraclePolicyConfig(StrictModel):
+    """Perfect foresight (reads the true future): the minimum-emission bound, shown beside
+    every comparison; never a policy to deploy."""
+
+    kind: Literal["oracle"] = "oracle"
+
+
 PolicyConfig = Annotated[
-    ThresholdPolicyConfig | AlwaysOnPolicyConfig,
+    ThresholdPolicyConfig
+    | AlwaysOnPolicyConfig
+    | ForecastPolicyConfig
+    | BudgetPolicyConfig
+    | OraclePolicyConfig,
     Field(discriminator="kind"),
 ]
 

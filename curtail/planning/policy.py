@@ -9,13 +9,18 @@ Executors own the physics: an ``OFF → TRAIN`` intent starts provisioning (``pr
 then the worker group; ``TRAIN → OFF`` drains the site at the next step boundary.
 
 Built-ins: ``threshold`` (the prior system: train whenever the calendar window is open) and
-``always_on`` (centralized and always-on federated baselines). New policies subclass
-:class:`Policy` and register with :func:`register_policy`.
+``always_on`` (centralized and always-on federated baselines) live here; ``forecast``
+(:mod:`curtail.planning.forecast_policy`: pre-provisions from honest forecasts), ``budget``
+(:mod:`curtail.planning.budget`: cleanest windows for a token budget and deadline) and the
+perfect-foresight ``oracle`` (:mod:`curtail.planning.oracle`: a bound, not a runnable policy)
+live beside it and register on first use. New policies subclass :class:`Policy` and register
+with :func:`register_policy`.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -144,8 +149,23 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 for _builtin in (ThresholdPolicy, AlwaysOnPolicy):
     register_policy(_builtin)
 
+_BUILTIN_MODULES = (
+    "curtail.planning.forecast_policy",
+    "curtail.planning.budget",
+    "curtail.planning.oracle",
+)
+"""Modules whose policies register themselves when imported (they import this module)."""
+
+
+def registered_policies() -> dict[str, type[Policy]]:
+    """Every known policy kind, built-ins included."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return dict(_REGISTRY)
+
 
 def make_policy(kind: str, context: PolicyContext, **params: Any) -> Policy:
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown policy kind {kind!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[kind](context, **params)
+    registry = registered_policies()
+    if kind not in registry:
+        raise ValueError(f"unknown policy kind {kind!r}; known: {sorted(registry)}")
+    return registry[kind](context, **params)

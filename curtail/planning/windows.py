@@ -2,7 +2,9 @@
 
 Rules (the prior system's, all configurable through :class:`~curtail.config.CurtailmentRules`):
 
-* a site is *curtailed* while its carbon intensity is below the threshold;
+* a site is *curtailed* while its carbon intensity is below the threshold: a fixed level
+  (``threshold_kind = "absolute"``, marginal signals) or a trailing percentile of the site's
+  own signal (``"percentile"``, average-CI traces; see :func:`curtailment_thresholds`);
 * a window **opens** at the first poll that sees a sample below the threshold;
 * it **closes** only after the signal stayed above the threshold for ``hysteresis_s``;
   a sample at or below the threshold cancels the countdown;
@@ -19,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from curtail.config import CurtailmentRules
 from curtail.planning.signals import Signal, StepFunction, iso
@@ -54,12 +57,32 @@ def _poll_after(t_s: float, origin_s: float, poll_s: float) -> float:
     return origin_s + math.ceil((t_s - origin_s) / poll_s - 1e-9) * poll_s
 
 
-def compute_windows(site: str, signal: Signal, rules: CurtailmentRules) -> list[Window]:
+def curtailment_thresholds(signal: Signal, rules: CurtailmentRules) -> np.ndarray:
+    """The curtailment threshold in force at each sample (gCO2/kWh), causally.
+
+    ``absolute``: ``threshold_g_per_kwh`` everywhere. ``percentile``: the
+    ``threshold_percentile``-th percentile (linear interpolation) of the samples in
+    ``(t - percentile_window_s, t]``, so a sample is compared only with the past and itself.
+    Sample ``i`` is curtailed when ``values[i] < thresholds[i]``.
+    """
+    if rules.threshold_kind == "absolute":
+        return np.full(len(signal.times_s), float(rules.threshold_g_per_kwh))
+    index = pd.to_datetime(np.round(signal.times_s * 1e3).astype("int64"), unit="ms")
+    series = pd.Series(signal.ci_g_per_kwh, index=index)
+    window = pd.Timedelta(seconds=rules.percentile_window_s)
+    rolling = series.rolling(window, min_periods=1).quantile(rules.threshold_percentile / 100.0)
+    return rolling.to_numpy(dtype=float)
+
+
+def compute_windows(
+    site: str, signal: Signal, rules: CurtailmentRules, thresholds: np.ndarray | None = None
+) -> list[Window]:
     """The site's windows under ``rules`` (vectorised over runs of samples).
 
     Equivalent to :func:`compute_windows_stepwise`, which walks the samples one by one and is
     kept as the readable definition (and test oracle). Falls back to it when polls are
-    sparser than samples (some samples are never seen).
+    sparser than samples (some samples are never seen). ``thresholds`` (one per sample)
+    defaults to :func:`curtailment_thresholds`.
     """
     times = signal.times_s
     values = signal.ci_g_per_kwh
@@ -67,9 +90,9 @@ def compute_windows(site: str, signal: Signal, rules: CurtailmentRules) -> list[
     origin, poll_s = float(times[0]), rules.poll_s
     polls = origin + np.ceil((times - origin) / poll_s - 1e-9) * poll_s
     change_s = np.append(times[1:], end_s)  # when each sample is replaced
+    threshold = curtailment_thresholds(signal, rules) if thresholds is None else thresholds
     if not np.all(polls < change_s):
-        return compute_windows_stepwise(site, signal, rules)
-    threshold = rules.threshold_g_per_kwh
+        return compute_windows_stepwise(site, signal, rules, threshold)
     above = values > threshold
     # maximal runs of consecutive above-threshold samples: [first, after)
     edges = np.diff(np.concatenate(([False], above, [False])).astype(np.int8))
@@ -108,11 +131,13 @@ def compute_windows(site: str, signal: Signal, rules: CurtailmentRules) -> list[
     return windows
 
 
-def compute_windows_stepwise(site: str, signal: Signal, rules: CurtailmentRules) -> list[Window]:
+def compute_windows_stepwise(
+    site: str, signal: Signal, rules: CurtailmentRules, thresholds: np.ndarray | None = None
+) -> list[Window]:
     """Walk the samples once and apply the enter / leave rules (the reference definition)."""
     times = signal.times_s.tolist()
     values = signal.ci_g_per_kwh.tolist()
-    threshold = rules.threshold_g_per_kwh
+    levels = (curtailment_thresholds(signal, rules) if thresholds is None else thresholds).tolist()
     origin = times[0]
     end_s = signal.end_s
     windows: list[Window] = []
@@ -129,7 +154,7 @@ def compute_windows_stepwise(site: str, signal: Signal, rules: CurtailmentRules)
         windows.append(Window(site, open_s, t_close, ready, tuple(countdowns)))
         open_s, above_since, countdowns = None, None, []
 
-    for index, (t, value) in enumerate(zip(times, values)):
+    for index, (t, value, threshold) in enumerate(zip(times, values, levels)):
         t_next = times[index + 1] if index + 1 < len(times) else end_s
         poll_t = _poll_after(t, origin, rules.poll_s)
         if poll_t >= t_next:  # no poll sees this sample
@@ -164,9 +189,12 @@ class CurtailmentCalendar:
     def __init__(self, signals: dict[str, Signal], rules: CurtailmentRules):
         self.rules = rules
         self.signals = dict(signals)
-        self._windows = {site: compute_windows(site, s, rules) for site, s in self.signals.items()}
+        self._thresholds = {site: curtailment_thresholds(s, rules) for site, s in self.signals.items()}
+        self._windows = {
+            site: compute_windows(site, s, rules, self._thresholds[site]) for site, s in self.signals.items()
+        }
         self._curtailed = {
-            site: StepFunction(s.times_s, (s.ci_g_per_kwh < rules.threshold_g_per_kwh).astype(float), s.end_s)
+            site: StepFunction(s.times_s, (s.ci_g_per_kwh < self._thresholds[site]).astype(float), s.end_s)
             for site, s in self.signals.items()
         }
         self._opens = {site: np.array([w.open_s for w in ws]) for site, ws in self._windows.items()}
@@ -215,6 +243,16 @@ class CurtailmentCalendar:
         """The next instant after ``t_s`` at which any site's state changes, or None."""
         index = int(np.searchsorted(self._changes, t_s, side="right"))
         return float(self._changes[index]) if index < len(self._changes) else None
+
+    def thresholds(self, site: str) -> np.ndarray:
+        """The curtailment threshold (gCO2/kWh) in force at each of the site's samples."""
+        return self._thresholds[site]
+
+    def threshold_at(self, site: str, t_s: float) -> float:
+        """The threshold in force at ``t_s`` (that of the sample holding then; causal)."""
+        times = self.signals[site].times_s
+        index = min(max(int(np.searchsorted(times, t_s, side="right")) - 1, 0), len(times) - 1)
+        return float(self._thresholds[site][index])
 
     def curtailed(self, site: str) -> StepFunction:
         """1 while the site's signal is below the threshold, else 0 (for in-window shares)."""

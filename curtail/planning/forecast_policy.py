@@ -1,0 +1,233 @@
+"""The forecast-aware policy: be ready when a window opens, skip short ones, do not flap.
+
+The threshold policy (the prior system) provisions a site only once its window is open, so
+every opening loses ``provisioning_s + group_start_s`` of curtailed time, and it keeps training
+through the ``hysteresis_s`` countdown after the signal has risen. This policy reads the
+newest forecast issued by ``now`` (recorded WattTime forecasts where the experiment has them,
+else :func:`~curtail.planning.forecast.synthesize_forecast` from the calibrated error model;
+never the future itself) and, per site:
+
+* **trains** while the site's *observed* signal is below its curtailment threshold;
+* **pre-provisions** (``STANDBY``) when the forecast puts an opening within
+  ``provisioning_s + group_start_s + lead_s``, so the site is ready as the window opens;
+* **skips** windows whose predicted training time after start-up is under ``min_window_s``;
+* **bridges** gaps: a provisioned site whose signal rose stays ``STANDBY`` (idle, not
+  training) when the forecast reopens its window within ``bridge_s``, instead of releasing
+  the nodes and paying start-up again; otherwise it is released at once (no training outside
+  the window, unlike the hysteresis countdown).
+
+Without a forecast (``forecast = "none"``, or no forecast issued yet) it falls back cleanly:
+no pre-provisioning, no skipping, and a released window is bridged for ``hold_s`` (a
+persistence hysteresis that idles instead of training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+
+from curtail.planning.forecast import (
+    RECORDED_HORIZON_S,
+    WATTTIME_CAISO_2023_06,
+    Outlook,
+    outlook_of,
+    synthesize_forecast,
+)
+from curtail.planning.policy import (
+    Decision,
+    Intent,
+    Observation,
+    Policy,
+    PolicyContext,
+    SiteState,
+    register_policy,
+)
+from curtail.planning.traces import Forecast
+
+ForecastChoice = Literal["auto", "recorded", "synthetic", "none"]
+
+_EPS_S = 1e-6
+
+
+def site_forecasts(
+    context: PolicyContext, choice: ForecastChoice, *, seed: int, horizon_s: float
+) -> dict[str, Forecast | None]:
+    """The forecast each site's policy may read.
+
+    ``recorded``: the experiment's forecasts (None for sites without); ``synthetic``: made from
+    the signal by the calibrated error model (seeded per site); ``auto``: recorded where there
+    are some, else synthetic; ``none``: no forecasts.
+    """
+    forecasts: dict[str, Forecast | None] = {}
+    for index, site in enumerate(context.sites):
+        recorded = context.forecasts.get(site)
+        if choice == "none" or (choice == "recorded" and recorded is None):
+            forecasts[site] = None
+        elif choice in ("recorded", "auto") and recorded is not None:
+            forecasts[site] = recorded
+        else:
+            forecasts[site] = synthesize_forecast(
+                context.signals[site],
+                model=WATTTIME_CAISO_2023_06,
+                thresholds=context.calendar.thresholds(site),
+                seed=seed * 1000 + index,
+                horizon_s=horizon_s,
+            )
+    return forecasts
+
+
+class ForecastAwarePolicy(Policy):
+    """Pre-provision from honest forecasts; skip short windows; bridge short gaps.
+
+    Args:
+        forecast: which forecasts to read (see :func:`site_forecasts`).
+        forecast_seed: seed of synthetic forecasts.
+        forecast_horizon_s: how far synthetic forecasts reach (default: the recorded 65 min).
+        lead_s: extra seconds of pre-provisioning on top of provisioning and group start.
+        min_window_s: least predicted training time (after start-up) worth starting a site for.
+        bridge_s: a provisioned site idles through a predicted gap shorter than this.
+        hold_s: a released window keeps its nodes this long (forecasts rarely foresee a reopening).
+        seasonal_s: also expect the openings the signal made this long ago (e.g. 86400: a
+            daily pattern, read from the past only); 0 = off.
+    """
+
+    kind = "forecast"
+
+    def __init__(
+        self,
+        context: PolicyContext,
+        *,
+        forecast: ForecastChoice = "auto",
+        forecast_seed: int = 0,
+        forecast_horizon_s: float = RECORDED_HORIZON_S,
+        lead_s: float = 0.0,
+        min_window_s: float = 0.0,
+        bridge_s: float = 1800.0,
+        hold_s: float = 600.0,
+        seasonal_s: float = 0.0,
+        forecast_margin_g_per_kwh: float = 0.0,
+        **params: Any,
+    ):
+        super().__init__(context, **params)
+        self.seasonal_s = seasonal_s
+        self.forecast_margin_g_per_kwh = forecast_margin_g_per_kwh
+        self.lead_s = lead_s
+        self.min_window_s = min_window_s
+        self.bridge_s = bridge_s
+        self.hold_s = hold_s
+        self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
+        self.forecasts = site_forecasts(
+            context, forecast, seed=forecast_seed, horizon_s=forecast_horizon_s
+        )
+        self._above_since: dict[str, float] = {}
+        instants = [s.times_s for s in context.signals.values()]
+        instants += [f.request_s for f in self.forecasts.values() if f is not None]
+        self._wake_instants = np.unique(np.concatenate(instants))
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def level(self, site: str, now_s: float, observation: Observation) -> float:
+        """The intensity (gCO2/kWh) below which ``site`` should train now."""
+        return self.context.calendar.threshold_at(site, now_s)
+
+    def worth_starting(
+        self, site: str, now_s: float, level: float, outlook: Outlook | None
+    ) -> bool:
+        """Is an unprovisioned site, below ``level`` now, worth the start-up?"""
+        if self.min_window_s <= 0 or outlook is None:
+            return True
+        return self.predicted_training_s(site, now_s, level, outlook) >= self.min_window_s
+
+    def predicted_training_s(
+        self, site: str, now_s: float, level: float, outlook: Outlook
+    ) -> float:
+        """Training time a start now would buy if the forecast is right (``inf`` past its horizon)."""
+        closes_s = outlook.first_at_or_above(level)
+        return closes_s - now_s - self.startup_s
+
+    # ------------------------------------------------------------------ the decision
+
+    def decide(self, now_s: float, observation: Observation) -> Decision:
+        intents: dict[str, Intent] = {}
+        index = int(np.searchsorted(self._wake_instants, now_s + _EPS_S, side="right"))
+        wake_s = float(self._wake_instants[index]) if index < len(self._wake_instants) else math.inf
+        for site in self.context.sites:
+            intent, site_wake_s = self._site_intent(site, now_s, observation)
+            intents[site] = intent
+            if site_wake_s > now_s + _EPS_S:
+                wake_s = min(wake_s, site_wake_s)
+        return Decision(intents, wake_s)
+
+    def _site_intent(
+        self, site: str, now_s: float, observation: Observation
+    ) -> tuple[Intent, float]:
+        signal = self.context.signals[site]
+        provisioned = observation.site_states.get(site, SiteState.OFF) is not SiteState.OFF
+        level = self.level(site, now_s, observation)
+        outlook = outlook_of(self.forecasts[site], now_s, signal.resolution_s)
+        if signal.value_at(now_s) < level:
+            self._above_since.pop(site, None)
+            if provisioned or self.worth_starting(site, now_s, level, outlook):
+                return Intent.TRAIN, math.inf
+            return Intent.OFF, math.inf
+        if not provisioned:
+            self._above_since.pop(site, None)
+        else:
+            self._above_since.setdefault(site, now_s)
+        # forecasts lean on persistence and rarely foresee a window (re)opening: a released
+        # window keeps its nodes for hold_s whatever the forecast says
+        holding = provisioned and now_s - self._above_since[site] < self.hold_s - _EPS_S
+        hold_wake_s = self._above_since[site] + self.hold_s if holding else math.inf
+        runs = (
+            outlook.runs_below(level + self.forecast_margin_g_per_kwh)
+            if outlook is not None
+            else []
+        )
+        seasonal = self._seasonal_opening(site, now_s, level)
+        if seasonal is not None and (not runs or seasonal[0] < runs[0][0]):
+            runs = [seasonal]
+        if not runs:
+            return (Intent.STANDBY, hold_wake_s) if holding else (Intent.OFF, math.inf)
+        opens_s, closes_s = runs[0]
+        ready_by_s = opens_s - self.startup_s - self.lead_s
+        if provisioned:
+            if (
+                holding
+                or opens_s - now_s <= max(self.bridge_s, self.startup_s + self.lead_s) + _EPS_S
+            ):
+                return Intent.STANDBY, hold_wake_s
+            return Intent.OFF, math.inf
+        if closes_s - opens_s < self.min_window_s:
+            return Intent.OFF, math.inf
+        if now_s >= ready_by_s - _EPS_S:
+            return Intent.STANDBY, math.inf
+        return Intent.OFF, ready_by_s
+
+    def _seasonal_opening(
+        self, site: str, now_s: float, level: float
+    ) -> tuple[float, float] | None:
+        """An opening the signal made ``seasonal_s`` ago within the pre-provisioning reach
+        (``(opens, closes)`` shifted to today), if the site was not open then already."""
+        if self.seasonal_s <= 0:
+            return None
+        signal = self.context.signals[site]
+        then_s = now_s - self.seasonal_s
+        if then_s < signal.start_s or signal.value_at(then_s) < level:
+            return None
+        reach_s = self.startup_s + self.lead_s + signal.resolution_s
+        times, values = signal.times_s, signal.ci_g_per_kwh
+        first = int(np.searchsorted(times, then_s, side="right"))
+        last = int(np.searchsorted(times, then_s + reach_s, side="right"))
+        below = np.flatnonzero(values[first:last] < level)
+        if not len(below):
+            return None
+        opened = first + int(below[0])
+        known = int(np.searchsorted(times, now_s, side="right"))  # only what has been seen
+        above = np.flatnonzero(values[opened:known] >= level)
+        closes_s = float(times[opened + above[0]]) + self.seasonal_s if len(above) else math.inf
+        return float(times[opened]) + self.seasonal_s, closes_s
+
+
+register_policy(ForecastAwarePolicy)

@@ -1,0 +1,189 @@
+"""The perfect-foresight oracle: the least carbon any schedule can spend on a token budget.
+
+Not a runnable policy: it reads the true future signal. It is the bound every comparison
+shows beside the policies.
+
+**The bound** (:func:`emissions_lower_bound_kg`). Any run trains its tokens at ``tokens_per_s``
+per training site-second, with at most one stretch per site at a time, inside
+``[start, deadline]``, drawing at least ``training_power_w`` while it trains (idle power and
+carbon intensity are never negative). Its emissions are therefore at least those of the
+cheapest set of training site-seconds that yields the same tokens: cut every site's signal
+into its constant pieces, sort all pieces by carbon per token
+(``training_power_w · ci / tokens_per_s``) and take them greedily, the last one in part. This
+is exact for the relaxation (a fractional knapsack) and ignores every overhead, so no policy
+— and no oracle run — can emit less for the same tokens. ``tests/test_oracle.py`` checks it
+against every policy on random traces.
+
+**The oracle run** (``kind = "oracle"``). The same greedy choice, re-planned at every piece
+boundary for the tokens still missing (so sync pauses and start-ups are made up in the next
+cheapest pieces), executed by the shared executor with its real overheads: a site trains in
+its chosen pieces, idles (``STANDBY``) through gaps shorter than its start-up, and is
+provisioned ahead of a chosen piece when idling through the grid's intensity before it costs
+less than provisioning inside the piece and buying the lost tokens at the marginal price.
+With zero overheads the run meets the bound exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from curtail.planning.policy import (
+    Decision,
+    Intent,
+    Observation,
+    Policy,
+    PolicyContext,
+    SiteState,
+    register_policy,
+)
+
+_EPS_S = 1e-6
+_WS_PER_KWH = 3.6e6
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Every site's constant-intensity pieces in a span, sorted by carbon per token, then time."""
+
+    sites: tuple[str, ...]
+    site_index: np.ndarray  # into sites
+    start_s: np.ndarray
+    end_s: np.ndarray
+    ci_g_per_kwh: np.ndarray
+    tokens_per_s: np.ndarray
+    g_per_token: np.ndarray
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.tokens_per_s * (self.end_s - self.start_s)
+
+
+def cheapest_pieces(
+    context: PolicyContext, start_s: float | None = None, end_s: float | None = None
+) -> Pieces:
+    """All sites' pieces in ``[start_s, end_s]`` (default: the run's span), cheapest first."""
+    start_s = context.start_s if start_s is None else start_s
+    end_s = context.deadline_s if end_s is None else end_s
+    sites = tuple(context.sites)
+    columns: list[list[np.ndarray]] = [[], [], [], [], [], []]
+    for index, site in enumerate(sites):
+        cfg, signal = context.sites[site], context.signals[site]
+        inner = signal.times_s[(signal.times_s > start_s) & (signal.times_s < end_s)]
+        edges = np.concatenate(([start_s], inner, [end_s]))
+        starts, ends = edges[:-1], edges[1:]
+        keep = ends > starts
+        starts, ends = starts[keep], ends[keep]
+        ci = np.asarray(signal.step.value_at(starts), dtype=float)
+        g_per_token = cfg.site_training_power_w * ci / (_WS_PER_KWH * cfg.tokens_per_s)
+        for column, values in zip(
+            columns,
+            (
+                np.full(len(starts), index),
+                starts,
+                ends,
+                ci,
+                np.full(len(starts), cfg.tokens_per_s),
+                g_per_token,
+            ),
+        ):
+            column.append(values)
+    site_index, starts, ends, ci, rates, cost = (np.concatenate(c) for c in columns)
+    order = np.lexsort((site_index, starts, cost))
+    return Pieces(
+        sites, site_index[order], starts[order], ends[order], ci[order], rates[order], cost[order]
+    )
+
+
+def emissions_lower_bound_kg(
+    context: PolicyContext,
+    tokens: float | None = None,
+    *,
+    start_s: float | None = None,
+    end_s: float | None = None,
+) -> float:
+    """The least training emissions (kg) of ``tokens`` (default: the budget) in the span.
+
+    If the span cannot hold ``tokens`` even with every site training throughout, the bound is
+    that of everything the span can hold.
+    """
+    tokens = context.token_budget if tokens is None else tokens
+    pieces = cheapest_pieces(context, start_s, end_s)
+    cumulative = np.cumsum(pieces.tokens)
+    full = int(np.searchsorted(cumulative, tokens, side="left"))
+    grams = float(np.sum(pieces.tokens[:full] * pieces.g_per_token[:full]))
+    if full < len(cumulative):
+        taken = tokens - (cumulative[full - 1] if full > 0 else 0.0)
+        grams += taken * float(pieces.g_per_token[full])
+    return grams / 1000.0
+
+
+class OraclePolicy(Policy):
+    """Perfect foresight: train in the cheapest pieces for the tokens still missing."""
+
+    kind = "oracle"
+
+    def __init__(self, context: PolicyContext, **params: Any):
+        super().__init__(context, **params)
+        self.pieces = cheapest_pieces(context)
+        self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
+        self._boundaries = np.unique(np.concatenate((self.pieces.start_s, self.pieces.end_s)))
+
+    def _plan(self, now_s: float, tokens_missing: float) -> tuple[np.ndarray, float]:
+        """Mask of chosen pieces (in :attr:`pieces` order) from now on, and the marginal price."""
+        pieces = self.pieces
+        length_s = np.maximum(pieces.end_s - np.maximum(pieces.start_s, now_s), 0.0)
+        tokens = pieces.tokens_per_s * length_s
+        cumulative = np.cumsum(tokens)
+        last = int(np.searchsorted(cumulative, tokens_missing * (1 - 1e-12), side="left"))
+        chosen = (np.arange(len(tokens)) <= last) & (length_s > 0)
+        marginal = float(pieces.g_per_token[min(last, len(tokens) - 1)])
+        return chosen, marginal
+
+    def decide(self, now_s: float, observation: Observation) -> Decision:
+        pieces = self.pieces
+        chosen, marginal_g_per_token = self._plan(now_s, observation.tokens_remaining)
+        index = int(np.searchsorted(self._boundaries, now_s + _EPS_S, side="right"))
+        wake_s = float(self._boundaries[index]) if index < len(self._boundaries) else math.inf
+        intents: dict[str, Intent] = {}
+        for site_index, site in enumerate(pieces.sites):
+            mine = chosen & (pieces.site_index == site_index)
+            starts, ends = pieces.start_s[mine], pieces.end_s[mine]
+            if np.any((starts <= now_s + _EPS_S) & (ends > now_s + _EPS_S)):
+                intents[site] = Intent.TRAIN
+                continue
+            later = starts[starts > now_s + _EPS_S]
+            next_s = float(later.min()) if len(later) else math.inf
+            provisioned = observation.site_states.get(site, SiteState.OFF) is not SiteState.OFF
+            if next_s - now_s <= self.startup_s + _EPS_S and (
+                provisioned or self._preprovision_pays(site, now_s, next_s, marginal_g_per_token)
+            ):
+                intents[site] = Intent.STANDBY
+            else:
+                intents[site] = Intent.OFF
+                if (
+                    not provisioned
+                    and math.isfinite(next_s)
+                    and next_s - self.startup_s > now_s + _EPS_S
+                ):
+                    wake_s = min(wake_s, next_s - self.startup_s)
+        return Decision(intents, wake_s)
+
+    def _preprovision_pays(
+        self, site: str, now_s: float, opens_s: float, marginal_g_per_token: float
+    ) -> bool:
+        """Idling through the grid before ``opens_s`` vs provisioning inside the piece and
+        buying the start-up's lost tokens at the marginal price."""
+        cfg, signal = self.context.sites[site], self.context.signals[site]
+        startup_s = self.startup_s
+        before = signal.step.mean(opens_s - startup_s, opens_s)
+        inside = signal.step.mean(opens_s, opens_s + startup_s)
+        idle_kwh = cfg.site_idle_power_w * startup_s / _WS_PER_KWH
+        lost_g = cfg.tokens_per_s * startup_s * marginal_g_per_token
+        return idle_kwh * before <= idle_kwh * inside + lost_g
+
+
+register_policy(OraclePolicy)
