@@ -244,7 +244,7 @@ class RayExecutor(Executor):
             self.last_loss = float(result["loss"])
             self.recorder.loss(LossPoint(end_s, site, self.tokens + sum(tokens.values()), self.last_loss))
         if self.on_progress is not None:
-            self.on_progress(self, end_s)
+            self.on_progress(self, end_s, self.tokens + sum(tokens.values()))
         return tokens
 
     def on_nodes_ready(self, site: str, t_s: float) -> None:
@@ -317,13 +317,13 @@ class Coordinator:
     def progress(self) -> dict[str, Any]:
         return dict(self._progress)
 
-    def _report_progress(self, executor: RayExecutor, t_s: float) -> None:
+    def _report_progress(self, executor: RayExecutor, t_s: float, tokens: float) -> None:
         self._progress = {
             "phase": "training",
             "clock": iso(t_s),
             "mode": executor.recorder.mode.value,
             "active_sites": sorted(s for s, g in executor.groups.items() if g.running),
-            "tokens": executor.tokens,
+            "tokens": tokens,
             "token_budget": executor.context.token_budget,
             "loss": executor.last_loss,
         }
