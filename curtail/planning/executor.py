@@ -41,6 +41,8 @@ class _Site:
     intent: Intent = Intent.OFF
     until_s: float = math.inf  # end of the current timed phase
     member: bool = False  # in the current round (or the sync after it)
+    failures: int = 0  # consecutive failures in the current window
+    benched: bool = False  # failed too often: stays off until its window closes
 
 
 @dataclass
@@ -58,6 +60,9 @@ class Executor:
     max_segment_s: float = math.inf
     """Longest stretch handed to :meth:`work` at once (real runs report progress between)."""
 
+    max_site_failures: int = 3
+    """Failures of one site within one window before it is benched until the window closes."""
+
     def __init__(self, context: PolicyContext, policy: Policy):
         self.context = context
         self.policy = policy
@@ -69,6 +74,7 @@ class Executor:
         self.sync_members: set[str] = set()
         self.num_rounds = 0
         self.tokens = 0.0
+        self._failures: dict[str, tuple[str, float]] = {}
 
     # ---------------------------------------------------------------- work and hooks
 
@@ -99,6 +105,39 @@ class Executor:
 
     def on_finish(self, t_s: float, completed: bool) -> None:
         """The run ends: make the global model final."""
+
+    def on_failure(self, site: str, t_s: float) -> None:
+        """A failed site has been taken out of the run: release what it held."""
+
+    # ---------------------------------------------------------------- failures
+
+    def report_failure(self, site: str, reason: str, lost_tokens: float = 0.0) -> None:
+        """A site's workers died or stopped answering. Subclasses call this from hooks or
+        :meth:`work`; the state machine takes the site out at the next safe point, discounts
+        the ``lost_tokens`` it trained but never delivered, and re-provisions it if its window
+        is still open (up to :attr:`max_site_failures` times per window)."""
+        previous = self._failures.get(site, ("", 0.0))
+        self._failures[site] = (previous[0] or reason, previous[1] + lost_tokens)
+
+    def _apply_failures(self, t_s: float) -> bool:
+        if not self._failures:
+            return False
+        failures, self._failures = self._failures, {}
+        for name, (reason, lost_tokens) in failures.items():
+            site = self.sites[name]
+            self._leave(site, t_s, hand_over=False)
+            site.failures += 1
+            site.benched = site.failures >= self.max_site_failures
+            self.recorder.event(
+                t_s, name, "failure", reason=reason[-500:], lost_tokens=lost_tokens,
+                attempt=site.failures, benched=site.benched,
+            )
+            if lost_tokens:
+                self.recorder.add_tokens(name, -lost_tokens)
+                self.tokens -= lost_tokens
+            self._set(site, SiteState.OFF, t_s)
+            self.on_failure(name, t_s)
+        return True
 
     # ---------------------------------------------------------------- state helpers
 
@@ -163,15 +202,17 @@ class Executor:
         else:
             self._update_mode(t_s)
 
-    def _leave(self, site: _Site, t_s: float) -> None:
-        """Remove a site from the round or sync it is in (its partial work already counts)."""
+    def _leave(self, site: _Site, t_s: float, hand_over: bool = True) -> None:
+        """Remove a site from the round or sync it is in; with ``hand_over`` its partial work
+        goes to the global model (a graceful leave), without it is lost (a failure)."""
         if not site.member:
             return
         site.member = False
         if self.round is not None and site.name in self.round.members:
             self.round.members.discard(site.name)
-            self.recorder.event(t_s, site.name, "leave_round", round=self.round.index)
-            self.on_leave(site.name, self.round.index, self.round.kind, t_s)
+            self.recorder.event(t_s, site.name, "leave_round", round=self.round.index, handed_over=hand_over)
+            if hand_over:
+                self.on_leave(site.name, self.round.index, self.round.kind, t_s)
             if not self.round.members:
                 self.recorder.event(t_s, "", "round_end", round=self.round.index, mode=self.round.kind.value)
                 self.round = None
@@ -194,7 +235,9 @@ class Executor:
             elif site.intent is Intent.STANDBY and site.member:
                 self._leave(site, t_s)
                 self._set(site, SiteState.WAITING, t_s)
-            elif site.intent is not Intent.OFF and state is SiteState.OFF:
+            elif site.intent is Intent.OFF and state is SiteState.OFF and (site.failures or site.benched):
+                site.failures, site.benched = 0, False  # its window closed: a fresh start next time
+            elif site.intent is not Intent.OFF and state is SiteState.OFF and not site.benched:
                 self.recorder.event(t_s, site.name, "provision", intent=site.intent.value)
                 self._set(site, SiteState.PROVISIONING, t_s, t_s + self.context.rules.provisioning_s)
 
@@ -294,13 +337,14 @@ class Executor:
         ends and syncs are the executor's business.
         """
         for _ in range(100):
-            ask = self._expire_timers(t_s) or ask or t_s >= next_decision_s - _EPS_S
+            failed = self._apply_failures(t_s)
+            ask = self._expire_timers(t_s) or ask or failed or t_s >= next_decision_s - _EPS_S
             if ask:
                 next_decision_s = self._decide(t_s)
                 ask = False
             self._apply_intents(t_s)
             self._join_ready_sites(t_s)
-            if not self._timers_due(t_s):
+            if not self._timers_due(t_s) and not self._failures:
                 return next_decision_s
         raise PolicyProtocolError(f"no steady state at t={t_s}: the policy and timers keep flipping")
 
@@ -330,6 +374,7 @@ class Executor:
             elif t_next > t_s:
                 self.pass_time(t_s, t_next)
             t_s = t_next
+            self._apply_failures(t_s)
             if self.tokens >= budget * (1 - 1e-12):
                 self.recorder.event(t_s, "", "budget_reached", tokens=round(self.tokens))
                 self.on_finish(t_s, completed=True)

@@ -90,6 +90,7 @@ class RayExecutor(Executor):
         evaluator: Any = None,
         clock: str = "virtual",
         realtime_speedup: float = 1.0,
+        single_publish_interval_s: float = 600.0,
         on_progress: Any = None,
     ):
         super().__init__(context, policy)
@@ -114,6 +115,9 @@ class RayExecutor(Executor):
         self.realtime_speedup = realtime_speedup
         self.wall_start = time.time()
         self.step_wall_s = dict.fromkeys(context.sites, 0.05)  # measured, for real-time claims
+        self.last_publish_s: dict[str, float] = {}
+        self.site_pids: dict[str, int | None] = {}  # rank-0 process of each site (fault injection)
+        self.single_publish_interval_s = single_publish_interval_s
 
     def run(self) -> Trajectory:
         self.wall_start = time.time()
@@ -132,13 +136,32 @@ class RayExecutor(Executor):
     def _timed(self, t_s: float, site: str, kind: str, round_index: int, result: dict[str, Any]) -> None:
         self.timings.append(Timing(t_s, site, kind, round_index, float(result.get("wall_s", 0.0)), int(result.get("steps", 0))))
 
-    def _broadcast(self, sites: list[str], command: dict[str, Any], t_s: float, round_index: int) -> dict[str, dict[str, Any]]:
-        for site in sites:
-            self.groups[site].send(command)
-        results = {site: self.groups[site].receive() for site in sites}
-        for site, result in results.items():
-            self._timed(t_s, site, command["kind"], round_index, result)
+    def _fail(self, site: str, error: Exception) -> None:
+        """Hand a site failure to the state machine; its undelivered round work is lost."""
+        self.report_failure(site, str(error), lost_tokens=self.round_tokens[site])
+        self.round_tokens[site] = 0.0
+
+    def _exchange(self, commands: dict[str, dict[str, Any]], t_s: float, round_index: int) -> dict[str, dict[str, Any]]:
+        """Send each site its command, then collect the answers; failed sites drop out."""
+        sent = []
+        for site, command in commands.items():
+            try:
+                self.groups[site].send(command)
+                sent.append(site)
+            except SiteFailure as error:
+                self._fail(site, error)
+        results = {}
+        for site in sent:
+            try:
+                results[site] = self.groups[site].receive()
+            except SiteFailure as error:
+                self._fail(site, error)
+                continue
+            self._timed(t_s, site, commands[site]["kind"], round_index, results[site])
         return results
+
+    def _broadcast(self, sites: list[str], command: dict[str, Any], t_s: float, round_index: int) -> dict[str, dict[str, Any]]:
+        return self._exchange({site: command for site in sites}, t_s, round_index)
 
     def _complete_ledger(self, site: str) -> None:
         """The site's work has entered the global model: record its ranges as trained."""
@@ -155,6 +178,7 @@ class RayExecutor(Executor):
         for site, result in results.items():
             self.loaded_version[site] = result["version"]
             self.site_nodes[site].update(result.get("node_ids", ()))
+            self.site_pids[site] = result.get("pid")
         digests = {result["digest"] for result in results.values()}
         self.digests.append({"t_s": t_s, "round": round_index, "version": self.global_version,
                              "sites": sorted(results), "digests": sorted(digests),
@@ -167,19 +191,20 @@ class RayExecutor(Executor):
         self.timings.append(Timing(t_s, "", "outer_step", round_index, time.perf_counter() - started))
 
     def _submit(self, sites: list[str], round_index: int, t_s: float) -> None:
-        contributing = [s for s in sites if self.round_tokens[s] > 0]
-        for site in contributing:
-            self.groups[site].send({"kind": "submit", "round": round_index, "tokens": self.round_tokens[site]})
-        for site in contributing:
-            self._timed(t_s, site, "submit", round_index, self.groups[site].receive())
+        commands = {
+            site: {"kind": "submit", "round": round_index, "tokens": self.round_tokens[site]}
+            for site in sites
+            if self.round_tokens[site] > 0
+        }
+        for site in self._exchange(commands, t_s, round_index):
             self._complete_ledger(site)
 
     def _publish(self, site: str, t_s: float, round_index: int) -> None:
-        result = self.groups[site].call({"kind": "publish"})
-        self._timed(t_s, site, "publish", round_index, result)
-        self.global_version = result["version"]
-        self.loaded_version[site] = self.global_version
-        self._complete_ledger(site)
+        for result in self._exchange({site: {"kind": "publish"}}, t_s, round_index).values():
+            self.global_version = result["version"]
+            self.loaded_version[site] = self.global_version
+            self.last_publish_s[site] = t_s
+            self._complete_ledger(site)
 
     def _evaluate(self, t_s: float) -> None:
         """Score this sync's global weights in the background (no site waits for it)."""
@@ -214,6 +239,7 @@ class RayExecutor(Executor):
         rates = {s: self.context.sites[s].tokens_per_s for s in sites}
         total_rate = sum(rates.values())
         claims: dict[str, list[TokenRange]] = {}
+        commands: dict[str, dict[str, Any]] = {}
         realtime = self.clock == "realtime"
         for site in sites:
             if realtime:  # train until the wall clock reaches end_s; claim generously
@@ -230,19 +256,21 @@ class RayExecutor(Executor):
                        "tokens_before": self.tokens, "concurrency": total_rate / rates[site]}
             if realtime:
                 command["until_wall"] = self.wall_at(end_s)
-            self.groups[site].send(command)
+            commands[site] = command
         tokens = {}
         index = self.round.index if self.round is not None else 0
-        for site, ranges in claims.items():
-            result = self.groups[site].receive()
-            self._timed(end_s, site, "train", index, result)
-            self._record_trained(site, ranges, int(result["tokens"]))
+        for site, result in self._exchange(commands, end_s, index).items():
+            self._record_trained(site, claims[site], int(result["tokens"]))
             if result["steps"]:
                 self.step_wall_s[site] = result["wall_s"] / result["steps"]
             tokens[site] = float(result["tokens"])
             self.round_tokens[site] += tokens[site]
             self.last_loss = float(result["loss"])
             self.recorder.loss(LossPoint(end_s, site, self.tokens + sum(tokens.values()), self.last_loss))
+        if self.round is not None and self.round.kind is RunMode.SINGLE:
+            for site in self.round.members & set(tokens):  # single site: deliver periodically
+                if end_s - self.last_publish_s.get(site, start_s) >= self.single_publish_interval_s:
+                    self._publish(site, end_s, index)
         if self.on_progress is not None:
             self.on_progress(self, end_s, self.tokens + sum(tokens.values()))
         return tokens
@@ -277,9 +305,22 @@ class RayExecutor(Executor):
             self._outer_step(index, t_s)
 
     def on_drain(self, site: str, t_s: float) -> None:
-        result = self.groups[site].stop()
-        self._timed(t_s, site, "stop", 0, result)
+        try:
+            self._timed(t_s, site, "stop", 0, self.groups[site].stop())
+        except SiteFailure as error:  # it died while draining: its handed-over work is safe
+            self.recorder.event(t_s, site, "stop_failed", reason=str(error)[-300:])
+            self.groups[site].abandon()
         self.loaded_version[site] = -1
+
+    def on_failure(self, site: str, t_s: float) -> None:
+        released = self.ledger.release(site)
+        self.recorder.event(t_s, site, "ledger_release", ranges=[[r.start, r.end, r.epoch] for r in released],
+                            tokens=sum(r.num_tokens for r in released))
+        self.pending[site] = []
+        self.round_tokens[site] = 0.0
+        self.carry_steps[site] = 0.0
+        self.loaded_version[site] = -1
+        self.groups[site].abandon()
 
     def on_finish(self, t_s: float, completed: bool) -> None:
         if self.round is not None and self.round.members:
@@ -326,6 +367,7 @@ class Coordinator:
             "tokens": tokens,
             "token_budget": executor.context.token_budget,
             "loss": executor.last_loss,
+            "site_pids": {s: pid for s, pid in executor.site_pids.items() if executor.groups[s].running},
         }
 
     def run(self) -> RunArtifacts:
@@ -408,6 +450,8 @@ class Coordinator:
             "ledger_trained_by_site": ledger.trained_by_site,
             "ledger_epochs": ledger.epoch + 1 if ledger.trained_tokens else 0,
             "wall_s": wall_s,
+            "site_failures": sum(1 for e in trajectory.events if e.event == "failure"),
+            "tokens_lost_to_failures": sum(e.details.get("lost_tokens", 0.0) for e in trajectory.events if e.event == "failure"),
             "global_version": executor.global_version,
             "weight_digests": executor.digests,
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.site_nodes.items()},

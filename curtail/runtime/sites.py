@@ -19,6 +19,7 @@ back (Ray Train V2's auto-resume).
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 import traceback
@@ -168,7 +169,7 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 _broadcast_params(trainer, world)
                 digest = params_digest(trainer.export_params()) if rank == 0 else ""
                 node_ids = sorted(set(_node_ids(world)))
-                reply({"kind": kind, "version": version, "digest": digest, "node_ids": node_ids,
+                reply({"kind": kind, "version": version, "digest": digest, "node_ids": node_ids, "pid": os.getpid(),
                        "wall_s": time.perf_counter() - started})
             elif kind == "submit":
                 num_bytes = 0
@@ -287,11 +288,21 @@ class SiteGroup:
         self.send(command)
         return self.receive()
 
+    def abandon(self) -> None:
+        """Forget a failed worker group; a hung one is cancelled (its actors go with it)."""
+        if self.fit_ref is not None:
+            ray.cancel(self.fit_ref, force=True)
+            self.fit_ref = None
+
     def stop(self) -> dict[str, Any]:
         """Drain: the worker saves its inner optimizer and ``fit()`` returns."""
         if self.fit_ref is None:
             return {}
         result = self.call({"kind": "stop"})
-        ray.get(self.fit_ref, timeout=self.timeout_s)
-        self.fit_ref = None
+        try:
+            ray.get(self.fit_ref, timeout=self.timeout_s)
+        except Exception as error:  # noqa: BLE001 -- fit() failing after the stop reply
+            raise SiteFailure(self.site, f"worker group failed while stopping: {error}") from None
+        finally:
+            self.fit_ref = None
         return result
