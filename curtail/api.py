@@ -13,6 +13,7 @@ Notebook use::
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from curtail.config import ExperimentConfig, load_experiment, parse_experiment
+from curtail.config import ExperimentConfig, load_experiment, parse_experiment, project_root
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.planning.summary import summarize, timeseries
@@ -171,6 +172,7 @@ def simulate(
 
 
 DEFAULT_RUN_CONFIG = "experiments/demo.toml"
+RUN_SPEC_FILE = "run.json"  # the experiment and run name, written when a real run starts (for --resume)
 
 
 @dataclass
@@ -201,6 +203,8 @@ def run(
     run: str | None = None,
     output_dir: str | Path | None = None,
     address: str | None = None,
+    resume: str | Path | None = None,
+    max_restarts: int = 2,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     progress_interval_s: float = 2.0,
 ) -> RunResult:
@@ -213,40 +217,71 @@ def run(
         output_dir: root of run directories (default: the config's ``output_dir``).
         address: a Ray cluster to join (default: ``RAY_ADDRESS``, else a local cluster that
             declares one resource per site).
+        resume: a run directory to continue from its last checkpoint (config and run name are
+            read from it; ``config`` and ``run`` must then be left out).
+        max_restarts: if the coordinator or the averaging actor dies, resume from the last
+            checkpoint this many times before giving up.
         on_progress: called every ``progress_interval_s`` with the coordinator's progress
-            (clock, mode, active sites, tokens, loss).
+            (clock, mode, active sites, tokens, loss, process ids).
     """
     import ray
 
-    from curtail.runtime.cluster import connect
+    from curtail.runtime.checkpoint import latest_checkpoint
+    from curtail.runtime.cluster import connect, remove_stale_placement_groups
     from curtail.runtime.coordinator import HEAD_NODE, Coordinator
 
-    from curtail.config import project_root
-
-    if config is None:
-        local = Path(DEFAULT_RUN_CONFIG)
-        config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
-    experiment = as_experiment(config)
+    if resume is not None:
+        if config is not None or run is not None:
+            raise ValueError("resume=RUN_DIR reads the config and run name from the run directory; pass neither")
+        run_dir = Path(resume).resolve()
+        saved = run_dir / RUN_SPEC_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"{run_dir} has no {RUN_SPEC_FILE}: not a directory written by curtail run")
+        spec_data = json.loads(saved.read_text())
+        experiment, run = as_experiment(spec_data["experiment"]), spec_data["run"]
+    else:
+        if config is None:
+            local = Path(DEFAULT_RUN_CONFIG)
+            config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
+        experiment = as_experiment(config)
     spec = experiment.run(run) if run is not None else experiment.runs[0]
     traces, forecasts = load_experiment_traces(experiment)
     plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
-    root = Path(output_dir) if output_dir is not None else experiment.output_dir
-    run_dir = _fresh_run_dir(root, experiment.name, spec.name).resolve()
+    if resume is None:
+        root = Path(output_dir) if output_dir is not None else experiment.output_dir
+        run_dir = _fresh_run_dir(root, experiment.name, spec.name).resolve()
+        (run_dir / RUN_SPEC_FILE).write_text(
+            json.dumps({"experiment": experiment.model_dump(mode="json"), "run": spec.name}, indent=2)
+        )
     started_ray = connect(
         list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site
     )
+    restarts = []
     try:
-        coordinator = Coordinator.options(resources=HEAD_NODE).remote(
-            experiment.model_dump(mode="json"), spec.name, str(run_dir)
-        )
-        pending = coordinator.run.remote()
+        resuming = resume is not None
         while True:
-            done, _ = ray.wait([pending], timeout=progress_interval_s)
-            if done:
+            coordinator = Coordinator.options(resources=HEAD_NODE).remote(
+                experiment.model_dump(mode="json"), spec.name, str(run_dir), resuming
+            )
+            pending = coordinator.run.remote()
+            try:
+                while True:
+                    done, _ = ray.wait([pending], timeout=progress_interval_s)
+                    if done:
+                        break
+                    if on_progress is not None:
+                        on_progress(ray.get(coordinator.progress.remote()))
+                artifacts = ray.get(pending)
                 break
-            if on_progress is not None:
-                on_progress(ray.get(coordinator.progress.remote()))
-        artifacts = ray.get(pending)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+                checkpoint = latest_checkpoint(run_dir)
+                if len(restarts) >= max_restarts or checkpoint is None:
+                    raise
+                ray.kill(coordinator)
+                removed = remove_stale_placement_groups(spec.sites)
+                restarts.append({"error": str(error).splitlines()[0][:300], "checkpoint": checkpoint.name,
+                                 "stale_placement_groups_removed": removed})
+                resuming = True
         ray.kill(coordinator)
     finally:
         if started_ray:
@@ -257,7 +292,8 @@ def run(
         experiment,
         executor="ray",
         traces_checksums=traces.checksums,
-        extra={**artifacts.summary_extra, "reference": spec.reference.model_dump() if spec.reference else None},
+        extra={**artifacts.summary_extra, "restarts": restarts, "resumed": resume is not None,
+               "reference": spec.reference.model_dump() if spec.reference else None},
     )
     record.manifest["training"] = experiment.training.model_dump(mode="json")
     record.losses = losses_frame(artifacts.trajectory)

@@ -1,6 +1,7 @@
 """Command line: a thin layer over the Python API.
 
     curtail run [CONFIG] [--run NAME] [--json] [--output-dir DIR] [--address ADDR]
+    curtail run --resume RUN_DIR
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
 """
@@ -90,7 +91,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from curtail.api import run
 
-    config = Path(args.config) if args.config else _default_config(DEFAULT_RUN)
+    if args.resume:
+        config = None
+    else:
+        config = Path(args.config) if args.config else _default_config(DEFAULT_RUN)
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.fields[clock]}"),
@@ -124,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"{state['clock']}  {state['mode']:<9} {_count(state['tokens']):>8} tokens  "
                       f"loss {state['loss']:.3f}  sites {'+'.join(state['active_sites']) or '-'}", flush=True)
 
-        result = run(config, run=args.run, output_dir=args.output_dir, address=args.address, on_progress=show)
+        result = run(config, run=args.run, output_dir=args.output_dir, address=args.address,
+                     resume=args.resume, on_progress=show)
     if args.json:
         print(json.dumps(result.summary, indent=2, default=str))
         return 0
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", help="which of the experiment's runs (default: the first)")
     run.add_argument("--output-dir", help="root of the run directories (default: the config's output_dir)")
     run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.add_argument("--json", action="store_true", help="print the run's summary.json object")
     run.set_defaults(handler=cmd_run)
 

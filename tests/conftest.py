@@ -29,3 +29,17 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def two_runs(ray_cluster, tmp_path_factory):
+    """The tiny two-site run, twice with the same seed (uninterrupted baselines)."""
+    import curtail
+
+    from runtime_fixtures import tiny_experiment
+
+    tmp = tmp_path_factory.mktemp("runtime")
+    experiment = tiny_experiment(tmp)
+    first = curtail.run(experiment, output_dir=tmp / "first")
+    second = curtail.run(experiment, output_dir=tmp / "second")
+    return first, second

@@ -13,7 +13,7 @@ import signal
 
 import pytest
 
-from tests.test_runtime import _experiment
+from runtime_fixtures import tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def killed_run(ray_cluster, tmp_path_factory):
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, clock=progress["clock"], tokens=progress["tokens"])
 
-    result = curtail.run(_experiment(tmp), output_dir=tmp / "runs", on_progress=kill_b_once,
+    result = curtail.run(tiny_experiment(tmp), output_dir=tmp / "runs", on_progress=kill_b_once,
                          progress_interval_s=0.3)
     assert killed, "the run never reached the point where the fault is injected"
     return result, killed

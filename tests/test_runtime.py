@@ -9,60 +9,13 @@ twice with the same seed to check the event log is deterministic.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
+from runtime_fixtures import STEP_TOKENS, tiny_experiment
+
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-STEP_TOKENS = 2 * 64  # tiny preset: batch 2 × seq 64
-STEP_S = 120.0  # virtual seconds per step at each site
-
-
-def _trace(path: Path) -> Path:
-    times = pd.date_range("2026-01-11 00:00", periods=48, freq="5min", tz="UTC")  # 4 hours
-    minutes = np.arange(48) * 5
-    site_a = np.where(((minutes >= 5) & (minutes < 120)) | ((minutes >= 200) & (minutes < 235)), 20.0, 400.0)
-    site_b = np.where((minutes >= 40) & (minutes < 180), 30.0, 450.0)
-    frame = pd.DataFrame({"time": times.strftime("%Y-%m-%dT%H:%M:%S+00:00"), "A": site_a, "B": site_b})
-    frame.to_csv(path, index=False)
-    return path
-
-
-def _experiment(tmp: Path) -> dict:
-    corpus = tmp / "corpus.txt"
-    corpus.write_text((ROOT / "data/text/tinyshakespeare.txt").read_text()[:120_000])
-    site = {"training_power_w": 1000, "idle_power_w": 200, "tokens_per_s": STEP_TOKENS / STEP_S}
-    return {
-        "name": "runtime-test",
-        "seed": 7,
-        "token_budget": 10_000_000,  # more than fits: the trace end stops the run
-        "traces": [{"path": str(_trace(tmp / "trace.csv"))}],
-        "rules": {"threshold_g_per_kwh": 100, "hysteresis_s": 600, "provisioning_s": 240},
-        "execution": {"round_s": 600, "sync_s": 5, "group_start_s": 30, "join": "immediate"},
-        "training": {
-            "preset": "tiny", "corpus": [str(corpus)], "vocab_size": 512, "batch_size": 2,
-            "eval_batches": 2, "eval_batch_size": 2, "cpus_per_worker": 0.5,
-            "cache_dir": str(tmp / "cache"), "command_timeout_s": 300,
-        },
-        "sites": {"a": {"region": "A", **site}, "b": {"region": "B", **site}},
-        "runs": [{"name": "two-sites", "policy": {"kind": "threshold"}, "sites": ["a", "b"]}],
-    }
-
-
-@pytest.fixture(scope="module")
-def two_runs(ray_cluster, tmp_path_factory):
-    import curtail
-
-    tmp = tmp_path_factory.mktemp("runtime")
-    experiment = _experiment(tmp)
-    first = curtail.run(experiment, output_dir=tmp / "first")
-    second = curtail.run(experiment, output_dir=tmp / "second")
-    return first, second
-
 
 def test_run_goes_through_single_federated_and_idle(two_runs):
     summary = two_runs[0].summary
@@ -161,7 +114,7 @@ def test_realtime_clock_follows_the_wall_clock(ray_cluster, tmp_path):
     recorded."""
     import curtail
 
-    experiment = _experiment(tmp_path)
+    experiment = tiny_experiment(tmp_path)
     experiment["training"].update({"clock": "realtime", "realtime_speedup": 20.0})
     experiment["runs"][0]["deadline"] = "2026-01-11T00:30:00Z"
     result = curtail.run(experiment, output_dir=tmp_path / "runs")

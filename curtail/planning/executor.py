@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from curtail.planning.policy import Intent, Observation, Policy, PolicyContext, SiteState
 from curtail.planning.trajectory import RunMode, Trajectory, TrajectoryRecorder
@@ -108,6 +109,56 @@ class Executor:
 
     def on_failure(self, site: str, t_s: float) -> None:
         """A failed site has been taken out of the run: release what it held."""
+
+    def at_safe_point(self, t_s: float, next_decision_s: float) -> None:
+        """Between two stretches of work, with the state machine settled: checkpoint here."""
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def snapshot(self, t_s: float, next_decision_s: float) -> dict[str, Any]:
+        """The whole state machine as JSON-safe data (resume with ``run(resume_from=...)``)."""
+        return {
+            "t_s": t_s,
+            "next_decision_s": next_decision_s if math.isfinite(next_decision_s) else None,
+            "sites": {
+                name: {"intent": site.intent.value, "until_s": site.until_s if math.isfinite(site.until_s) else None,
+                       "member": site.member, "failures": site.failures, "benched": site.benched}
+                for name, site in self.sites.items()
+            },
+            "round": None if self.round is None else {
+                "index": self.round.index, "kind": self.round.kind.value, "start_s": self.round.start_s,
+                "end_s": self.round.end_s if math.isfinite(self.round.end_s) else None,
+                "members": sorted(self.round.members),
+            },
+            "sync_until_s": self.sync_until_s,
+            "sync_members": sorted(self.sync_members),
+            "num_rounds": self.num_rounds,
+            "tokens": self.tokens,
+            "recorder": self.recorder.snapshot(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> tuple[float, float]:
+        """Load :meth:`snapshot`; returns ``(t_s, next_decision_s)`` to continue from."""
+
+        def time_or_inf(value: float | None) -> float:
+            return math.inf if value is None else float(value)
+
+        for name, saved in state["sites"].items():
+            site = self.sites[name]
+            site.intent = Intent(saved["intent"])
+            site.until_s = time_or_inf(saved["until_s"])
+            site.member, site.failures, site.benched = saved["member"], saved["failures"], saved["benched"]
+        saved_round = state["round"]
+        self.round = None if saved_round is None else _Round(
+            saved_round["index"], RunMode(saved_round["kind"]), saved_round["start_s"],
+            time_or_inf(saved_round["end_s"]), set(saved_round["members"]),
+        )
+        self.sync_until_s = state["sync_until_s"]
+        self.sync_members = set(state["sync_members"])
+        self.num_rounds = state["num_rounds"]
+        self.tokens = float(state["tokens"])
+        self.recorder = TrajectoryRecorder.restore(state["recorder"])
+        return float(state["t_s"]), time_or_inf(state["next_decision_s"])
 
     # ---------------------------------------------------------------- failures
 
@@ -350,12 +401,18 @@ class Executor:
 
     # ---------------------------------------------------------------- main loop
 
-    def run(self) -> Trajectory:
+    def run(self, resume_from: dict[str, Any] | None = None) -> Trajectory:
+        """Execute the run to its budget or deadline (from a :meth:`snapshot` if given)."""
         context = self.context
-        t_s = context.start_s
         budget = context.token_budget
-        next_decision_s = self._settle(t_s, math.inf, ask=True)
+        if resume_from is None:
+            t_s = context.start_s
+            next_decision_s = self._settle(t_s, math.inf, ask=True)
+        else:
+            t_s, next_decision_s = self.restore(resume_from)
+            self.recorder.event(t_s, "", "resume", tokens=round(self.tokens))
         while True:
+            self.at_safe_point(t_s, next_decision_s)
             training = [s for s in self.sites.values() if self._state(s) is SiteState.TRAINING]
             rate = sum(s.tokens_per_s for s in training)
             candidates = [next_decision_s, context.deadline_s, t_s + self.max_segment_s]

@@ -122,6 +122,38 @@ class TrajectoryRecorder:
     def loss(self, point: LossPoint) -> None:
         self._losses.append(point)
 
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-safe state, for run checkpoints (:meth:`restore` is the inverse)."""
+        return {
+            "sites": list(self.sites),
+            "start_s": self.start_s,
+            "state": {site: state.value for site, state in self._state.items()},
+            "since": dict(self._since),
+            "intervals": [[i.site, i.state.value, i.start_s, i.end_s] for i in self._intervals],
+            "events": [[e.t_s, e.site, e.event, e.details] for e in self._events],
+            "mode": self._mode.value,
+            "mode_since": self._mode_since,
+            "modes": [[m.mode.value, m.start_s, m.end_s] for m in self._modes],
+            "tokens_by_site": dict(self.tokens_by_site),
+            "num_syncs": self.num_syncs,
+            "losses": [[p.t_s, p.site, p.tokens, p.loss, p.kind] for p in self._losses],
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> TrajectoryRecorder:
+        recorder = cls(state["sites"], state["start_s"])
+        recorder._state = {site: SiteState(value) for site, value in state["state"].items()}
+        recorder._since = {site: float(t) for site, t in state["since"].items()}
+        recorder._intervals = [Interval(a, SiteState(b), c, d) for a, b, c, d in state["intervals"]]
+        recorder._events = [Event(a, b, c, d) for a, b, c, d in state["events"]]
+        recorder._mode = RunMode(state["mode"])
+        recorder._mode_since = state["mode_since"]
+        recorder._modes = [ModeInterval(RunMode(a), b, c) for a, b, c in state["modes"]]
+        recorder.tokens_by_site = {site: float(v) for site, v in state["tokens_by_site"].items()}
+        recorder.num_syncs = state["num_syncs"]
+        recorder._losses = [LossPoint(a, b, c, d, e) for a, b, c, d, e in state["losses"]]
+        return recorder
+
     def finish(self, t_s: float, completed: bool) -> Trajectory:
         for site in self.sites:
             self.set_state(site, SiteState.OFF, t_s)

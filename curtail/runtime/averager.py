@@ -13,6 +13,7 @@ same node). Every change bumps ``version``; ``digest()`` fingerprints the weight
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,14 @@ class Averager:
         self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
         self.version = 0
         self.num_outer_steps = 0
+
+    def load_state(self, params: dict[str, np.ndarray], optimizer: dict[str, Any], version: int, num_outer_steps: int) -> int:
+        """Restore from a run checkpoint (resume)."""
+        self._params = {name: np.array(value, dtype=np.float32) for name, value in params.items()}
+        self._optimizer.load_state_dict(optimizer)
+        self._pending = {}
+        self.version, self.num_outer_steps = int(version), int(num_outer_steps)
+        return self.version
 
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         return self.version, self._params
@@ -63,6 +72,9 @@ class Averager:
             self._params[name][...] = value
         self.version += 1
         return self.version
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def pending_rounds(self) -> list[int]:
         return sorted(self._pending)

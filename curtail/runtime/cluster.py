@@ -76,3 +76,25 @@ def connect(
             "RAY_ADDRESS to emulate the sites on a local cluster"
         )
     return started
+
+
+def remove_stale_placement_groups(sites: Iterable[str]) -> int:
+    """Remove placement groups that still reserve site resources after their owner died.
+
+    Ray Train releases a worker group's placement group when ``fit()`` ends; if the process
+    that called ``fit()`` is killed (a coordinator crash) it can stay reserved until the job
+    ends, and a resumed run would wait for resources forever (RAY_NOTES gotcha 6). Only groups
+    whose bundles ask for one of ``sites``' resources are touched. Returns how many were removed.
+    """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    wanted = {site_resource(s) for s in sites}
+    removed = 0
+    for group_id, info in ray.util.placement_group_table().items():
+        if info.get("state") not in ("CREATED", "PENDING", "RESCHEDULING"):
+            continue
+        bundles = info.get("bundles", {}).values()
+        if any(wanted & set(bundle) for bundle in bundles):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+            removed += 1
+    return removed

@@ -16,6 +16,7 @@ global model in the Hugging Face format.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from curtail.planning.policy import Policy, PolicyContext
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
 from curtail.runtime.averager import Averager
+from curtail.runtime.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from curtail.runtime.evaluator import Evaluator
 from curtail.runtime.mailbox import Mailbox
 from curtail.runtime.sites import SiteFailure, SiteGroup, site_resource
@@ -91,6 +93,7 @@ class RayExecutor(Executor):
         clock: str = "virtual",
         realtime_speedup: float = 1.0,
         single_publish_interval_s: float = 600.0,
+        checkpoint_dir: Path | None = None,
         on_progress: Any = None,
     ):
         super().__init__(context, policy)
@@ -117,11 +120,56 @@ class RayExecutor(Executor):
         self.step_wall_s = dict.fromkeys(context.sites, 0.05)  # measured, for real-time claims
         self.last_publish_s: dict[str, float] = {}
         self.site_pids: dict[str, int | None] = {}  # rank-0 process of each site (fault injection)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_sequence = 0
+        self.checkpointed_version = 0
         self.single_publish_interval_s = single_publish_interval_s
 
-    def run(self) -> Trajectory:
+    def run(self, resume_from: dict[str, Any] | None = None) -> Trajectory:
         self.wall_start = time.time()
+        if resume_from is not None:
+            self._restore_bookkeeping(resume_from["coordinator"])
+            for name, saved in resume_from["executor"]["recorder"]["state"].items():
+                if saved != "off":  # its nodes were up: bring the worker group back
+                    self.groups[name].start()
+            return super().run(resume_from=resume_from["executor"])
         return super().run()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            "global_version": self.global_version, "carry_steps": self.carry_steps,
+            "last_publish_s": self.last_publish_s, "digests": self.digests,
+            "checkpoint_sequence": self.checkpoint_sequence,
+            "timings": [vars(t) for t in self.timings],
+        }
+
+    def _restore_bookkeeping(self, saved: dict[str, Any]) -> None:
+        self.global_version = self.checkpointed_version = saved["global_version"]
+        self.carry_steps = {k: float(v) for k, v in saved["carry_steps"].items()}
+        self.last_publish_s = {k: float(v) for k, v in saved["last_publish_s"].items()}
+        self.digests = saved["digests"]
+        self.checkpoint_sequence = saved["checkpoint_sequence"]
+        self.timings = [Timing(**t) for t in saved["timings"]]
+
+    def at_safe_point(self, t_s: float, next_decision_s: float) -> None:
+        """Checkpoint after every sync or hand-off, when no site holds undelivered work."""
+        if self.checkpoint_dir is None or self.global_version == self.checkpointed_version:
+            return
+        if any(self.round_tokens.values()) or self.ledger.outstanding_tokens:
+            return
+        started = time.perf_counter()
+        self.checkpoint_sequence += 1
+        write_checkpoint(
+            self.checkpoint_dir, self.checkpoint_sequence,
+            averager_state=ray.get(self.averager.state.remote()),
+            ledger_state=self.ledger.to_dict(),
+            executor_state=self.snapshot(t_s, next_decision_s),
+            coordinator_state=self._bookkeeping(),
+        )
+        self.checkpointed_version = self.global_version
+        self.timings.append(Timing(t_s, "", "checkpoint", self.num_rounds, time.perf_counter() - started))
 
     def wall_at(self, t_s: float) -> float:
         """The wall-clock instant of run time ``t_s`` under the real-time clock."""
@@ -259,6 +307,8 @@ class RayExecutor(Executor):
             commands[site] = command
         tokens = {}
         index = self.round.index if self.round is not None else 0
+        self._load([s for s in commands if self.loaded_version[s] < 0], start_s, index)  # e.g. after a resume
+        commands = {s: c for s, c in commands.items() if self.groups[s].running}
         for site, result in self._exchange(commands, end_s, index).items():
             self._record_trained(site, claims[site], int(result["tokens"]))
             if result["steps"]:
@@ -349,10 +399,12 @@ def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.nda
 class Coordinator:
     """The driver actor of one real run (see the module doc)."""
 
-    def __init__(self, experiment: dict[str, Any], run_name: str, run_dir: str):
+    def __init__(self, experiment: dict[str, Any], run_name: str, run_dir: str, resume: bool = False):
         self.config = ExperimentConfig.model_validate(experiment)
         self.run_spec = self.config.run(run_name)
         self.run_dir = Path(run_dir)
+        self.resume = resume
+        self._averager_pid: int | None = None
         self._progress: dict[str, Any] = {"phase": "starting"}
 
     def progress(self) -> dict[str, Any]:
@@ -368,6 +420,8 @@ class Coordinator:
             "token_budget": executor.context.token_budget,
             "loss": executor.last_loss,
             "site_pids": {s: pid for s, pid in executor.site_pids.items() if executor.groups[s].running},
+            "coordinator_pid": os.getpid(),
+            "averager_pid": self._averager_pid,
         }
 
     def run(self) -> RunArtifacts:
@@ -385,6 +439,7 @@ class Coordinator:
         averager = Averager.options(resources=HEAD_NODE).remote(
             initial, training.outer_optimizer, training.outer_lr, training.outer_momentum
         )
+        self._averager_pid = ray.get(averager.pid.remote())
         mailbox = Mailbox.options(resources=HEAD_NODE).remote()
         schedule = LRSchedule.from_fractions(
             training.peak_lr, int(plan.context.token_budget), training.warmup_fraction,
@@ -412,7 +467,17 @@ class Coordinator:
                 run_name=f"{self.run_spec.name}-{site}", storage_path=storage,
                 head_resources=HEAD_NODE, timeout_s=training.command_timeout_s,
             )
-        ledger = DataLedger(len(train_tokens) - 1, block_tokens=tokens_per_step)
+        latest = latest_checkpoint(self.run_dir) if self.resume else None
+        checkpoint = read_checkpoint(latest) if latest is not None else None
+        if checkpoint is not None:
+            ray.get(averager.load_state.remote(
+                checkpoint.params, checkpoint.optimizer, checkpoint.averager["version"],
+                checkpoint.averager["num_outer_steps"],
+            ))
+            ledger = DataLedger.from_dict(checkpoint.ledger)
+            ledger.release_all()
+        else:
+            ledger = DataLedger(len(train_tokens) - 1, block_tokens=tokens_per_step)
         evaluator = Evaluator.options(resources=HEAD_NODE).remote(
             spec.model_dump(), vocab_size, config.seed, loop_config["heldout_tokens"],
             training.eval_batches, training.eval_batch_size, seq_len, training.torch_threads_per_worker,
@@ -420,11 +485,14 @@ class Coordinator:
         executor = RayExecutor(
             plan.context, plan.policy, groups=groups, averager=averager, ledger=ledger,
             tokens_per_step=tokens_per_step, evaluator=evaluator, clock=training.clock,
-            realtime_speedup=training.realtime_speedup, on_progress=self._report_progress,
+            realtime_speedup=training.realtime_speedup, checkpoint_dir=self.run_dir,
+            on_progress=self._report_progress,
         )
         started = time.perf_counter()
         try:
-            trajectory = executor.run()
+            trajectory = executor.run(
+                resume_from=None if checkpoint is None else {"executor": checkpoint.executor, "coordinator": checkpoint.coordinator}
+            )
         finally:
             for group in groups.values():
                 if group.running:

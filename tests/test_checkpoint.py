@@ -1,0 +1,129 @@
+"""Whole-run checkpoints and resume: the state machine, the files, and real crashes.
+
+Fast tests: a simulated run snapshotted half-way and resumed in a fresh executor ends exactly
+like the uninterrupted one; checkpoint folders round-trip and a torn one is refused.
+Slow tests (real local Ray cluster): the coordinator or the averaging actor is killed mid-run
+and the run resumes by itself from its last checkpoint; a run left interrupted is continued
+with ``curtail.run(resume=RUN_DIR)``. In each case every ledger range is trained once, tokens
+trained = tokens accounted, and the final held-out loss matches the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from runtime_fixtures import tiny_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plan(run_name: str = "threshold"):
+    from curtail.config import load_experiment
+    from curtail.planning.plan import load_experiment_traces, plan_run
+
+    config = load_experiment(ROOT / "experiments/paper.toml")
+    traces, forecasts = load_experiment_traces(config)
+    return plan_run(config, config.run(run_name), traces, forecasts)
+
+
+def test_simulated_run_resumed_from_a_snapshot_ends_identically():
+    from curtail.planning.simulator import Simulator
+
+    snapshots = []
+
+    class Recording(Simulator):
+        def at_safe_point(self, t_s, next_decision_s):
+            snapshots.append(json.loads(json.dumps(self.snapshot(t_s, next_decision_s))))
+
+    plan = _plan()
+    full = Recording(plan.context, plan.policy).run()
+    assert len(snapshots) > 10
+    for snapshot in (snapshots[1], snapshots[len(snapshots) // 2], snapshots[-2]):
+        fresh = _plan()
+        resumed = Simulator(fresh.context, fresh.policy).run(resume_from=snapshot)
+        assert resumed.intervals == full.intervals
+        assert resumed.modes == full.modes
+        assert resumed.tokens_by_site == full.tokens_by_site
+        assert [e for e in resumed.events if e.event != "resume"] == list(full.events)
+
+
+def test_checkpoint_round_trip_and_torn_checkpoints(tmp_path):
+    from curtail.runtime.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    state = {"version": 3, "num_outer_steps": 2, "params": params,
+             "optimizer": {"name": "nesterov", "lr": 0.7, "momentum": 0.9, "momentum_buffers": {"w": params["w"] * 2}}}
+    for sequence in (1, 2, 3):
+        write_checkpoint(tmp_path, sequence, averager_state=state, ledger_state={"format": 1},
+                         executor_state={"t_s": float(sequence)}, coordinator_state={})
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "000003"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["000002", "000003"]
+    loaded = read_checkpoint(latest)
+    np.testing.assert_array_equal(loaded.params["w"], params["w"])
+    np.testing.assert_array_equal(loaded.optimizer["momentum_buffers"]["w"], params["w"] * 2)
+    assert loaded.executor == {"t_s": 3.0}
+    (latest / "ledger.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        read_checkpoint(latest)
+
+
+def _kill_once(what: str, after_tokens: float):
+    killed: dict = {}
+
+    def callback(progress: dict) -> None:
+        pid = progress.get(f"{what}_pid")
+        if not killed and pid and progress.get("tokens", 0) > after_tokens and progress.get("mode") == "FEDERATED":
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, tokens=progress["tokens"])
+
+    return callback, killed
+
+
+def _assert_consistent(result, baseline) -> None:
+    summary = result.summary
+    assert summary["tokens"] == summary["ledger_trained_tokens"]
+    assert summary["ledger_trained_by_site"] == {k: int(v) for k, v in summary["tokens_by_site"].items()}
+    assert summary["tokens"] == pytest.approx(baseline.summary["tokens"], rel=0.02)
+    assert abs(summary["final_eval_loss"] - baseline.summary["final_eval_loss"]) < 0.15
+    assert all(len(entry["digests"]) == 1 for entry in summary["weight_digests"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["coordinator", "averager"])
+def test_run_resumes_by_itself_when_an_actor_dies(victim, ray_cluster, two_runs, tmp_path):
+    import curtail
+
+    callback, killed = _kill_once(victim, after_tokens=4000)
+    result = curtail.run(tiny_experiment(tmp_path), output_dir=tmp_path / "runs", on_progress=callback,
+                         progress_interval_s=0.3)
+    assert killed, f"the {victim} was never killed"
+    assert len(result.summary["restarts"]) == 1
+    assert (result.run_dir / "checkpoints" / "LATEST").is_file()
+    assert "resume" in set(result.record.events.event)
+    _assert_consistent(result, two_runs[0])
+
+
+@pytest.mark.slow
+def test_interrupted_run_continues_with_resume(ray_cluster, two_runs, tmp_path):
+    import ray
+
+    import curtail
+
+    callback, killed = _kill_once("coordinator", after_tokens=4000)
+    with pytest.raises(ray.exceptions.RayActorError):
+        curtail.run(tiny_experiment(tmp_path), output_dir=tmp_path / "runs", on_progress=callback,
+                    progress_interval_s=0.3, max_restarts=0)
+    assert killed
+    (run_dir,) = (tmp_path / "runs" / "runtime-test").iterdir()
+    from curtail.runtime.cluster import remove_stale_placement_groups
+
+    remove_stale_placement_groups(["a", "b"])
+    result = curtail.run(resume=run_dir)
+    assert result.summary["resumed"] is True
+    _assert_consistent(result, two_runs[0])
