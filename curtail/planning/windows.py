@@ -16,6 +16,7 @@ The calendar is causal: whether a window is open at ``t`` depends only on sample
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
 from dataclasses import dataclass
@@ -205,6 +206,8 @@ class CurtailmentCalendar:
                 for a, b in w.draining_s:
                     changes += [a, b]
         self._changes = np.unique(np.array(changes, dtype=float))
+        self._change_list = self._changes.tolist()
+        self._open_list = {site: opens.tolist() for site, opens in self._opens.items()}
 
     @property
     def sites(self) -> list[str]:
@@ -217,8 +220,7 @@ class CurtailmentCalendar:
         return sorted((w for ws in self._windows.values() for w in ws), key=lambda w: (w.open_s, w.site))
 
     def window_at(self, site: str, t_s: float) -> Window | None:
-        opens = self._opens[site]
-        index = int(np.searchsorted(opens, t_s, side="right")) - 1
+        index = bisect.bisect_right(self._open_list[site], t_s) - 1  # scalar lookups: bisect beats numpy
         if index >= 0:
             window = self._windows[site][index]
             if t_s < window.close_s:
@@ -241,8 +243,8 @@ class CurtailmentCalendar:
 
     def next_change_after(self, t_s: float) -> float | None:
         """The next instant after ``t_s`` at which any site's state changes, or None."""
-        index = int(np.searchsorted(self._changes, t_s, side="right"))
-        return float(self._changes[index]) if index < len(self._changes) else None
+        index = bisect.bisect_right(self._change_list, t_s)
+        return self._change_list[index] if index < len(self._change_list) else None
 
     def thresholds(self, site: str) -> np.ndarray:
         """The curtailment threshold (gCO2/kWh) in force at each of the site's samples."""
