@@ -15,6 +15,7 @@ global model in the Hugging Face format.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 import os
 import time
@@ -123,6 +124,8 @@ class RayExecutor(Executor):
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_sequence = 0
         self.checkpointed_version = 0
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._checkpoint_write: concurrent.futures.Future | None = None
         self.single_publish_interval_s = single_publish_interval_s
 
     def run(self, resume_from: dict[str, Any] | None = None) -> Trajectory:
@@ -139,8 +142,8 @@ class RayExecutor(Executor):
 
     def _bookkeeping(self) -> dict[str, Any]:
         return {
-            "global_version": self.global_version, "carry_steps": self.carry_steps,
-            "last_publish_s": self.last_publish_s, "digests": self.digests,
+            "global_version": self.global_version, "carry_steps": dict(self.carry_steps),
+            "last_publish_s": dict(self.last_publish_s), "digests": list(self.digests),
             "checkpoint_sequence": self.checkpoint_sequence,
             "timings": [vars(t) for t in self.timings],
         }
@@ -160,16 +163,25 @@ class RayExecutor(Executor):
         if any(self.round_tokens.values()) or self.ledger.outstanding_tokens:
             return
         started = time.perf_counter()
+        self.wait_for_checkpoint()  # at most one write in flight
         self.checkpoint_sequence += 1
-        write_checkpoint(
-            self.checkpoint_dir, self.checkpoint_sequence,
-            averager_state=ray.get(self.averager.state.remote()),
-            ledger_state=self.ledger.to_dict(),
-            executor_state=self.snapshot(t_s, next_decision_s),
-            coordinator_state=self._bookkeeping(),
+        sequence, averager_state = self.checkpoint_sequence, self.averager.state.remote()
+        ledger_state, executor_state = self.ledger.to_dict(), self.snapshot(t_s, next_decision_s)
+        coordinator_state = self._bookkeeping()
+        # the files are written in the background: the sites go on training meanwhile
+        self._checkpoint_write = self._writer.submit(
+            lambda: write_checkpoint(
+                self.checkpoint_dir, sequence, averager_state=ray.get(averager_state),
+                ledger_state=ledger_state, executor_state=executor_state, coordinator_state=coordinator_state,
+            )
         )
         self.checkpointed_version = self.global_version
         self.timings.append(Timing(t_s, "", "checkpoint", self.num_rounds, time.perf_counter() - started))
+
+    def wait_for_checkpoint(self) -> None:
+        if self._checkpoint_write is not None:
+            self._checkpoint_write.result()
+            self._checkpoint_write = None
 
     def wall_at(self, t_s: float) -> float:
         """The wall-clock instant of run time ``t_s`` under the real-time clock."""
@@ -384,6 +396,7 @@ class RayExecutor(Executor):
             if group.running:
                 self.on_drain(site, t_s)
         self.collect_evaluations()
+        self.wait_for_checkpoint()
 
 
 def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
