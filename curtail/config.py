@@ -271,6 +271,7 @@ class BudgetPolicyConfig(_ForecastParams):
     )
     deadline_guard: bool = Field(default=True, description="run every site when the budget can only just be met")
     guard_margin: float = Field(default=0.1, ge=0, lt=1)
+    hold_s: float = Field(default=0.0, ge=0, description="keep nodes this long after the price is crossed")
 
 
 class OraclePolicyConfig(StrictModel):

@@ -57,6 +57,8 @@ class BudgetPolicy(ForecastAwarePolicy):
         guard_margin: float = 0.1,
         **forecast_params: Any,
     ):
+        # idling after a price crossing only burns idle power: no hold unless asked for
+        forecast_params.setdefault("hold_s", 0.0)
         super().__init__(context, **forecast_params)
         self.max_ci_g_per_kwh = max_ci_g_per_kwh
         self.pace_fraction = pace_fraction

@@ -192,18 +192,14 @@ class ForecastAwarePolicy(Policy):
             return (Intent.STANDBY, hold_wake_s) if holding else (Intent.OFF, math.inf)
         opens_s, closes_s = runs[0]
         ready_by_s = opens_s - self.startup_s - self.lead_s
-        if provisioned:
-            if (
-                holding
-                or opens_s - now_s <= max(self.bridge_s, self.startup_s + self.lead_s) + _EPS_S
-            ):
-                return Intent.STANDBY, hold_wake_s
-            return Intent.OFF, math.inf
+        bridge_s = max(self.bridge_s, self.startup_s + self.lead_s)
+        if provisioned and (holding or opens_s - now_s <= bridge_s + _EPS_S):
+            return Intent.STANDBY, hold_wake_s
         if closes_s - opens_s < self.min_window_s:
             return Intent.OFF, math.inf
         if now_s >= ready_by_s - _EPS_S:
             return Intent.STANDBY, math.inf
-        return Intent.OFF, ready_by_s
+        return Intent.OFF, ready_by_s  # released (or still off) until it is time to pre-provision
 
     def _seasonal_opening(
         self, site: str, now_s: float, level: float

@@ -132,28 +132,43 @@ class OraclePolicy(Policy):
         self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
         self._boundaries = np.unique(np.concatenate((self.pieces.start_s, self.pieces.end_s)))
 
-    def _plan(self, now_s: float, tokens_missing: float) -> tuple[np.ndarray, float]:
-        """Mask of chosen pieces (in :attr:`pieces` order) from now on, and the marginal price."""
+    def _plan(self, now_s: float, tokens_missing: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """The chosen pieces from now on (mask, in :attr:`pieces` order), when to stop training
+        in each (the marginal piece only in part), and the marginal price (g per token)."""
         pieces = self.pieces
-        length_s = np.maximum(pieces.end_s - np.maximum(pieces.start_s, now_s), 0.0)
+        begin_s = np.maximum(pieces.start_s, now_s)
+        length_s = np.maximum(pieces.end_s - begin_s, 0.0)
         tokens = pieces.tokens_per_s * length_s
         cumulative = np.cumsum(tokens)
         last = int(np.searchsorted(cumulative, tokens_missing * (1 - 1e-12), side="left"))
         chosen = (np.arange(len(tokens)) <= last) & (length_s > 0)
+        until_s = pieces.end_s.copy()
+        if last < len(tokens):
+            before = cumulative[last - 1] if last > 0 else 0.0
+            partial_s = max(tokens_missing - before, 0.0) / pieces.tokens_per_s[last]
+            # 10 µs more than needed (the executor stops the moment the budget is reached):
+            # instants near 1.7e9 s resolve only ~0.2 µs, and the float dust a stop leaves
+            # must not be left for a piece that ends at the deadline
+            partial_s += 1e-5
+            until_s[last] = min(begin_s[last] + partial_s, pieces.end_s[last])
         marginal = float(pieces.g_per_token[min(last, len(tokens) - 1)])
-        return chosen, marginal
+        return chosen, until_s, marginal
 
     def decide(self, now_s: float, observation: Observation) -> Decision:
         pieces = self.pieces
-        chosen, marginal_g_per_token = self._plan(now_s, observation.tokens_remaining)
+        chosen, until_s, marginal_g_per_token = self._plan(now_s, observation.tokens_remaining)
         index = int(np.searchsorted(self._boundaries, now_s + _EPS_S, side="right"))
         wake_s = float(self._boundaries[index]) if index < len(self._boundaries) else math.inf
         intents: dict[str, Intent] = {}
         for site_index, site in enumerate(pieces.sites):
             mine = chosen & (pieces.site_index == site_index)
-            starts, ends = pieces.start_s[mine], pieces.end_s[mine]
-            if np.any((starts <= now_s + _EPS_S) & (ends > now_s + _EPS_S)):
+            starts, ends = pieces.start_s[mine], until_s[mine]
+            current = (starts <= now_s + _EPS_S) & (ends > now_s + _EPS_S)
+            if np.any(current):
                 intents[site] = Intent.TRAIN
+                stop_s = float(ends[current].max())
+                if stop_s < float(pieces.end_s[mine][current].max()):  # the marginal piece, in part
+                    wake_s = min(wake_s, stop_s)
                 continue
             later = starts[starts > now_s + _EPS_S]
             next_s = float(later.min()) if len(later) else math.inf
