@@ -17,6 +17,10 @@ this round, so a site with 3× the tokens pulls 3× harder) and applies an
 
 A new outer optimizer is one small subclass implementing :meth:`OuterOptimizer.apply`.
 
+The arithmetic runs through torch on views of the numpy arrays (no copies): in place, one
+pass per operation and multi-threaded, which for the 561M-parameter ``d20`` takes the outer
+step from seconds to a fraction of one (docs/GPU.md). Results are the numpy arrays either way.
+
 For transfer, :func:`compress` turns a state dict into bf16 (round to nearest even, via
 torch, as numpy has no bfloat16) stored as numpy ``uint16`` bit patterns — half the bytes of
 fp32, relative error at most 2⁻⁸ — and :func:`decompress` restores float32.
@@ -35,7 +39,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import warnings
+
 import numpy as np
+import torch
 
 StateDict = dict[str, np.ndarray]
 
@@ -45,10 +52,15 @@ OuterOptimizerName = Literal["nesterov", "average"]
 def pseudo_gradient(global_params: Mapping[str, np.ndarray], site_params: Mapping[str, np.ndarray]) -> StateDict:
     """``θ_global − θ_site`` per parameter, as new float32 arrays."""
     _check_same_keys(global_params, site_params, "site parameters")
-    return {
-        name: np.subtract(global_params[name], site_params[name], dtype=np.float32)
-        for name in global_params
-    }
+    result: StateDict = {}
+    for name in global_params:
+        left, right = np.asarray(global_params[name]), np.asarray(site_params[name])
+        if left.shape != right.shape:
+            raise ValueError(f"{name!r}: global shape {left.shape} != site shape {right.shape}")
+        out = np.empty(left.shape, dtype=np.float32)
+        torch.sub(_tensor(left), _tensor(right), out=torch.from_numpy(out))
+        result[name] = out
+    return result
 
 
 def weighted_mean(
@@ -75,18 +87,20 @@ def weighted_mean(
         )
     sites = [site for site in pseudo_grads_by_site if tokens_by_site[site] > 0]
     reference = pseudo_grads_by_site[sites[0]]
-    mean: StateDict = {}
-    for name in reference:
-        accumulator = np.zeros(np.shape(reference[name]), dtype=np.float32)
-        for site in sites:
-            grads = pseudo_grads_by_site[site]
-            if name not in grads:
-                raise ValueError(f"site {site!r} sent no pseudo-gradient for {name!r}")
-            weight = np.float32(tokens_by_site[site] / total_tokens)
-            accumulator += weight * np.asarray(grads[name], dtype=np.float32)
-        mean[name] = accumulator
     for site in sites:
         _check_same_keys(reference, pseudo_grads_by_site[site], f"site {site!r} pseudo-gradient")
+    mean: StateDict = {}
+    for name in reference:
+        accumulator = np.empty(np.shape(reference[name]), dtype=np.float32)
+        total = torch.from_numpy(accumulator)
+        for index, site in enumerate(sites):
+            grad = _tensor(pseudo_grads_by_site[site][name])
+            weight = float(np.float32(tokens_by_site[site] / total_tokens))
+            if index == 0:
+                torch.mul(grad, weight, out=total)
+            else:
+                total.add_(grad, alpha=weight)
+        mean[name] = accumulator
     return mean
 
 
@@ -141,7 +155,7 @@ class AveragingOuterOptimizer(OuterOptimizer):
 
     def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
         for name, value in global_params.items():
-            value -= mean_pseudo_grad[name]
+            torch.from_numpy(value).sub_(_tensor(mean_pseudo_grad[name]))
 
 
 class NesterovOuterOptimizer(OuterOptimizer):
@@ -159,17 +173,16 @@ class NesterovOuterOptimizer(OuterOptimizer):
         self.momentum_buffers: StateDict = {}
 
     def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
-        lr, mu = np.float32(self.lr), np.float32(self.momentum)
+        lr, mu = float(np.float32(self.lr)), float(np.float32(self.momentum))
         for name, value in global_params.items():
-            grad = mean_pseudo_grad[name]
+            grad = torch.from_numpy(mean_pseudo_grad[name])  # our own copy from weighted_mean
             buffer = self.momentum_buffers.get(name)
             if buffer is None:
                 buffer = self.momentum_buffers[name] = np.zeros_like(value)
-            buffer *= mu
-            buffer += grad
-            grad += mu * buffer  # grad is our own copy from weighted_mean: reuse it
-            grad *= lr
-            value -= grad
+            momentum = torch.from_numpy(buffer)
+            momentum.mul_(mu).add_(grad)
+            grad.add_(momentum, alpha=mu).mul_(lr)
+            torch.from_numpy(value).sub_(grad)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -224,11 +237,9 @@ def compress(state: Mapping[str, np.ndarray], dtype: CompressionDtype = "bf16") 
         return CompressedState("fp32", {n: np.asarray(a, dtype=np.float32) for n, a in state.items()})
     if dtype != "bf16":
         raise ValueError(f"unknown compression dtype {dtype!r}; choose 'bf16' or 'fp32'")
-    import torch
-
     arrays = {}
     for name, array in state.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        tensor = _tensor(np.ascontiguousarray(array, dtype=np.float32))
         arrays[name] = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return CompressedState("bf16", arrays)
 
@@ -239,11 +250,22 @@ def decompress(packed: CompressedState) -> StateDict:
         return {name: np.array(array, dtype=np.float32) for name, array in packed.arrays.items()}
     if packed.dtype != "bf16":
         raise ValueError(f"unknown compression dtype {packed.dtype!r}")
-    # bf16 is the top half of a float32: widen the bit pattern by a 16-bit shift.
+    # bf16 -> float32 is exact (the top half of a float32); torch widens in one threaded pass.
     return {
-        name: (array.astype(np.uint32) << 16).view(np.float32)
+        name: _tensor(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float().numpy()
         for name, array in packed.arrays.items()
     }
+
+
+def _tensor(array: Any) -> torch.Tensor:
+    """A torch view of a numpy array (float32 unless it is an integer bit pattern); read-only
+    arrays (Ray's object store) are only read, so torch's warning about them is silenced."""
+    array = np.asarray(array)
+    if array.dtype.kind == "f" and array.dtype != np.float32:
+        array = array.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _check_same_keys(expected: Mapping[str, Any], actual: Mapping[str, Any], what: str) -> None:

@@ -18,6 +18,19 @@ than one rank, gradients are all-reduced (averaged) before each optimizer step, 
 keeps identical weights (plain data parallelism, no DDP wrapper). Give each rank its own
 slice of the batch.
 
+Speed (GPUs; docs/GPU.md has the measured effect of each): ``compile_model`` compiles the
+whole loss — model and cross-entropy in one graph, so the float32 upcast of the
+``[tokens, vocab]`` logits is fused into the loss kernels instead of being materialised;
+``fused_cross_entropy`` goes further and never holds the logits at all
+(:func:`linear_cross_entropy`: the LM head and the loss chunk by chunk, the head's gradients
+computed in the forward pass), which frees memory for larger micro-batches;
+``pad_mlp_multiple`` zero-pads the SwiGLU width inside the forward pass (d20's 3413 to 3456:
+cuBLAS runs the unaligned shape at a fifth of its speed) — the padded units are exact zeros,
+so the function and the parameters are unchanged; ``train_step(..., sync=False)`` returns the loss as a device tensor so the host never waits for
+the GPU inside a round. :meth:`SiteTrainer.compressed_pseudo_gradient` computes the round's
+pseudo-gradient on the device against a device copy of the weights the round started from and
+moves only the bf16 result to the host.
+
 Example::
 
     trainer = SiteTrainer("tiny", vocab_size=len(tokenizer), seed=0)
@@ -31,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +56,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from curtail.training.averaging import CompressedState, CompressionDtype, pseudo_gradient
 from curtail.training.data import TokenCorpus
 from curtail.training.model import ModelSpec, build_model, get_spec
 
@@ -64,8 +79,20 @@ class SiteTrainer:
             optimizer state stay float32.
         process_group: ``torch.distributed`` group of this site's ranks; default the world
             group when ``torch.distributed`` is initialised.
-        compile_model: run forward/backward through ``torch.compile`` (GPUs: faster steps
-            after a one-off compilation; the trainer is long-lived, so it compiles once).
+        compile_model: run the loss (model forward + cross-entropy) and its backward through
+            ``torch.compile`` (GPUs: faster steps after a one-off compilation of tens of
+            seconds; the trainer is long-lived, so it compiles once). Evaluation stays eager.
+        fused_cross_entropy: compute the LM head and the cross-entropy in chunks of
+            ``loss_chunk_tokens`` tokens (:func:`linear_cross_entropy`) so the full
+            ``[tokens, vocab]`` logits never exist; same function, less memory.
+        loss_chunk_tokens: tokens per chunk of the fused cross-entropy.
+        pad_mlp_multiple: pad the MLP width to a multiple of this inside the forward pass
+            (exact: the extra units are zeros and receive no gradient); default 64 on CUDA,
+            off elsewhere; 0 disables.
+        keep_reference: keep a device copy of the weights last loaded by :meth:`load_global`
+            so :meth:`compressed_pseudo_gradient` needs no host round trip (one more copy of
+            the parameters in device memory). Default: on CUDA only (on a CPU the reference
+            arrays are used in place, with no copy).
     """
 
     def __init__(
@@ -83,17 +110,40 @@ class SiteTrainer:
         autocast_dtype: torch.dtype | None = None,
         process_group: dist.ProcessGroup | None = None,
         compile_model: bool = False,
+        fused_cross_entropy: bool = False,
+        loss_chunk_tokens: int = 8192,
+        keep_reference: bool | None = None,
+        pad_mlp_multiple: int | None = None,
     ) -> None:
         if grad_clip_norm is not None and grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm}")
         if micro_batch_size is not None and micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be > 0 or None, got {micro_batch_size}")
+        if loss_chunk_tokens <= 0:
+            raise ValueError(f"loss_chunk_tokens must be > 0, got {loss_chunk_tokens}")
         self.spec = get_spec(preset)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LlamaForCausalLM = build_model(self.spec, vocab_size, seed, self.device)
         self.model.train()
-        # The compiled wrapper shares the model's parameters; save and export use the model.
-        self._forward = torch.compile(self.model) if compile_model else self.model
+        if pad_mlp_multiple is None:
+            pad_mlp_multiple = 64 if self.device.type == "cuda" else 0
+        self.pad_mlp_multiple = pad_mlp_multiple
+        if pad_mlp_multiple:
+            pad_mlp_width(self.model, pad_mlp_multiple)
+        self.compile_model = compile_model
+        self.fused_cross_entropy = fused_cross_entropy
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.keep_reference = self.device.type == "cuda" if keep_reference is None else keep_reference
+        # Compiled wrappers share the model's parameters; save and export use the model. With
+        # the fused loss the model body is compiled and the chunked head + loss (its own small
+        # compiled kernels) runs between the body's forward and backward graphs.
+        if fused_cross_entropy:
+            body = torch.compile(self.model.model) if compile_model else self.model.model
+            self._train_loss = lambda ids, targets: self._fused_loss(body, ids, targets)
+        else:
+            self._train_loss = torch.compile(self._loss) if compile_model else self._loss
+        self._reference: dict[str, torch.Tensor] | None = None
+        self._reference_source: Mapping[str, np.ndarray] | None = None
         self.vocab_size = int(self.model.config.vocab_size)
         self.grad_clip_norm = grad_clip_norm
         self.micro_batch_size = micro_batch_size
@@ -147,24 +197,62 @@ class SiteTrainer:
                     # Arrays from Ray's object store are read-only; we only read them.
                     warnings.simplefilter("ignore", UserWarning)
                     source = torch.as_tensor(np.asarray(array))
-                param.copy_(source)
+                param.copy_(source, non_blocking=True)
+            if self.keep_reference:
+                self._reference = {name: param.detach().clone() for name, param in self._params.items()}
+                self._reference_source = state
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def export_params(self) -> dict[str, np.ndarray]:
         """The current weights as float32 numpy arrays (copies, safe to keep and send)."""
         with torch.no_grad():
-            return {
-                name: param.detach().to("cpu", torch.float32).numpy().copy()
-                for name, param in self._params.items()
-            }
+            if self.device.type == "cpu":
+                return {name: param.detach().to(torch.float32, copy=True).numpy() for name, param in self._params.items()}
+            return _to_host_flat({name: param.detach() for name, param in self._params.items()}, torch.float32)
+
+    def compressed_pseudo_gradient(
+        self, reference: Mapping[str, np.ndarray], dtype: CompressionDtype = "bf16"
+    ) -> CompressedState:
+        """``reference − current weights``, packed for transfer (as ``compress(pseudo_gradient(
+        reference, export_params()), dtype)``, but computed on the device).
+
+        When ``reference`` is the mapping last passed to :meth:`load_global` (and
+        ``keep_reference``), the device copy kept then is used and only the packed result
+        crosses to the host; otherwise the reference is uploaded tensor by tensor.
+        """
+        if dtype not in ("bf16", "fp32"):
+            raise ValueError(f"unknown compression dtype {dtype!r}; choose 'bf16' or 'fp32'")
+        if set(reference) != set(self._params):
+            pseudo_gradient(reference, {name: np.empty(0) for name in self._params})  # raises
+        cached = self._reference if reference is self._reference_source else None
+        wire = torch.bfloat16 if dtype == "bf16" else torch.float32
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays
+            deltas = {}
+            for name, param in self._params.items():
+                if cached is not None:
+                    start = cached[name]
+                else:
+                    start = torch.as_tensor(np.asarray(reference[name], dtype=np.float32)).to(self.device)
+                deltas[name] = torch.sub(start, param.detach())
+            arrays = _to_host_flat(deltas, wire)
+        if dtype == "bf16":
+            arrays = {name: array.view(np.uint16) for name, array in arrays.items()}
+        return CompressedState(dtype, arrays)
 
     # ---------------------------------------------------------------------------------------
     # Steps
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, lr: float) -> float:
+    def train_step(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, lr: float, *, sync: bool = True
+    ) -> Any:
         """One optimizer step on a batch; returns its mean loss (averaged over ranks).
 
         ``input_ids`` and ``labels`` are ``int64 [batch, seq]``; ``labels[i, j]`` is the token
-        that follows ``input_ids[i, j]``.
+        that follows ``input_ids[i, j]``. ``sync=False`` returns the loss as a 0-d device tensor
+        without waiting for the device (call ``float()`` on it when reporting), so the host
+        queues the next step while this one runs.
         """
         if input_ids.shape != labels.shape or input_ids.ndim != 2:
             raise ValueError(
@@ -182,7 +270,7 @@ class SiteTrainer:
             rows = slice(first, first + micro)
             inputs = input_ids[rows].to(self.device, non_blocking=True)
             targets = labels[rows].to(self.device, non_blocking=True)
-            loss = self._loss(inputs, targets)
+            loss = self._train_loss(inputs, targets)
             # Weight each micro-batch by its rows so the sum is the batch mean.
             (loss * (inputs.shape[0] / batch_size)).backward()
             loss_sum += loss.detach() * inputs.shape[0]
@@ -198,7 +286,7 @@ class SiteTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.num_steps += 1
         self.tokens_trained += input_ids.numel() * world
-        return float(mean_loss)
+        return float(mean_loss) if sync else mean_loss
 
     @torch.no_grad()
     def evaluate(
@@ -280,15 +368,24 @@ class SiteTrainer:
 
     # ---------------------------------------------------------------------------------------
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            logits = self._forward(input_ids=input_ids).logits
+        with self._autocast():
+            logits = self.model(input_ids=input_ids).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def _fused_loss(self, body: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            hidden = body(input_ids=input_ids).last_hidden_state
+        return linear_cross_entropy(
+            hidden.flatten(0, 1), self.model.lm_head.weight, labels.flatten(),
+            chunk_tokens=self.loss_chunk_tokens, compute_dtype=self.autocast_dtype,
+            compile_chunks=self.compile_model,
+        )
 
     def _world_size(self) -> int:
         if not (dist.is_available() and dist.is_initialized()):
@@ -318,6 +415,172 @@ class SiteTrainer:
         for grad in grads:
             grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
+
+
+# -------------------------------------------------------------------------------------------
+# Fused LM head + cross-entropy
+
+
+def pad_mlp_width(model: torch.nn.Module, multiple: int = 64) -> int:
+    """Make every SwiGLU MLP of ``model`` compute at a width padded to ``multiple``; returns
+    how many MLPs were changed.
+
+    The parameters keep their shapes (checkpoints, export and the optimizer see nothing); the
+    forward pass zero-pads the gate/up weights' rows and the down weight's columns, so the
+    extra units are ``silu(0)·0 = 0`` and their padded weights get no gradient (padding's
+    backward is a slice). Same function, aligned matrix shapes.
+    """
+    changed = 0
+    for module in model.modules():
+        names = ("gate_proj", "up_proj", "down_proj")
+        if not all(isinstance(getattr(module, name, None), torch.nn.Linear) for name in names):
+            continue
+        if any(getattr(module, name).bias is not None for name in names):
+            continue
+        pad = -module.gate_proj.out_features % multiple
+        if pad == 0:
+            continue
+        module._curtail_mlp_pad = pad
+        module.forward = types.MethodType(_padded_mlp_forward, module)
+        changed += 1
+    return changed
+
+
+def _padded_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    pad = self._curtail_mlp_pad
+    gate = F.linear(x, F.pad(self.gate_proj.weight, (0, 0, 0, pad)))
+    up = F.linear(x, F.pad(self.up_proj.weight, (0, 0, 0, pad)))
+    return F.linear(self.act_fn(gate) * up, F.pad(self.down_proj.weight, (0, pad)))
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_tokens: int = 8192,
+    compute_dtype: torch.dtype | None = None,
+    compile_chunks: bool = False,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T`` without holding the logits.
+
+    The same function as ``F.cross_entropy((hidden @ weight.T).float(), labels)`` with the
+    matmul in ``compute_dtype`` (as autocast would run it): the tokens are taken
+    ``chunk_tokens`` at a time, and for each chunk the logits, the loss and the gradients of
+    ``hidden`` and ``weight`` are computed in the forward pass (Liger-style), so memory holds
+    one chunk of ``[chunk_tokens, vocab]`` logits instead of all of them, and the backward
+    pass only scales the stored gradients. Labels equal to ``ignore_index`` carry no loss.
+
+    Args:
+        hidden: ``[tokens, width]`` final hidden states.
+        weight: ``[vocab, width]`` LM-head weight.
+        labels: ``[tokens]`` int64 targets.
+        compute_dtype: matmul dtype (e.g. ``torch.bfloat16``); default ``weight``'s.
+        compile_chunks: run the per-chunk softmax/gradient math through ``torch.compile``
+            (one fused kernel instead of several passes over the chunk's logits).
+    """
+    return _LinearCrossEntropy.apply(
+        hidden, weight, labels, chunk_tokens, compute_dtype or weight.dtype, compile_chunks, ignore_index
+    )
+
+
+def _chunk_loss_and_grad(
+    logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss of one chunk and d(mean loss)/d(logits), in the logits' dtype."""
+    logits_f = logits.float()
+    valid = labels != ignore_index
+    targets = torch.where(valid, labels, torch.zeros_like(labels))
+    lse = torch.logsumexp(logits_f, dim=-1)
+    target_logits = logits_f.gather(1, targets[:, None]).squeeze(1)
+    loss_sum = torch.where(valid, lse - target_logits, torch.zeros_like(lse)).sum()
+    probs = torch.exp(logits_f - lse[:, None])
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    grad = torch.where(columns[None, :] == targets[:, None], probs - 1.0, probs)
+    grad = grad * torch.where(valid, scale, torch.zeros_like(scale))[:, None]
+    return loss_sum, grad.to(logits.dtype)
+
+
+_compiled_chunk_loss_and_grad: Any = None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk_tokens: int,
+        compute_dtype: torch.dtype,
+        compile_chunks: bool,
+        ignore_index: int,
+    ) -> torch.Tensor:
+        global _compiled_chunk_loss_and_grad
+        chunk_fn = _chunk_loss_and_grad
+        if compile_chunks:
+            if _compiled_chunk_loss_and_grad is None:
+                _compiled_chunk_loss_and_grad = torch.compile(_chunk_loss_and_grad, dynamic=False)
+            chunk_fn = _compiled_chunk_loss_and_grad
+        with torch.autocast(hidden.device.type, enabled=False):
+            hidden_c = hidden.to(compute_dtype)
+            weight_c = weight.to(compute_dtype)
+            num_valid = (labels != ignore_index).sum().clamp_min(1)
+            scale = (1.0 / num_valid.float()).to(torch.float32)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden_c)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for first in range(0, hidden_c.shape[0], chunk_tokens):
+                rows = slice(first, first + chunk_tokens)
+                chunk = hidden_c[rows]
+                loss_sum, grad_logits = chunk_fn(chunk @ weight_c.T, labels[rows], scale, ignore_index)
+                loss += loss_sum
+                grad_hidden[rows] = grad_logits @ weight_c
+                grad_weight += (grad_logits.T @ chunk).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            (grad_hidden * grad_output).to(ctx.hidden_dtype),
+            (grad_weight * grad_output).to(ctx.weight_dtype),
+            None, None, None, None, None,
+        )
+
+
+#: Elements per device-to-host transfer (256M: 1 GiB of float32 staging at most).
+_TRANSFER_NUMEL = 1 << 28
+
+
+def _to_host_flat(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Tensors copied to new host numpy arrays (``dtype``; bf16 comes back as int16 bits),
+    packed into a few large device-to-host transfers instead of one per tensor."""
+    out: dict[str, np.ndarray] = {}
+    group: list[tuple[str, torch.Tensor]] = []
+    numel = 0
+
+    def flush() -> None:
+        if not group:
+            return
+        flat = torch.cat([tensor.reshape(-1).to(dtype) for _, tensor in group]).cpu()
+        host = (flat.view(torch.int16) if dtype == torch.bfloat16 else flat).numpy()
+        offset = 0
+        for name, tensor in group:
+            out[name] = host[offset : offset + tensor.numel()].reshape(tuple(tensor.shape))
+            offset += tensor.numel()
+
+    for name, tensor in tensors.items():
+        if numel + tensor.numel() > _TRANSFER_NUMEL and group:
+            flush()
+            group, numel = [], 0
+        group.append((name, tensor))
+        numel += tensor.numel()
+    flush()
+    return out
 
 
 def _to_cpu_copy(value: Any) -> Any:
