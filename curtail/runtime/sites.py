@@ -94,7 +94,7 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import torch
 
-    from curtail.training.averaging import compress, pseudo_gradient
+    from curtail.training.power import PowerSampler
     from curtail.training.data import TokenCorpus
     from curtail.training.loop import SiteTrainer
     from curtail.training.model import ModelSpec
@@ -120,7 +120,11 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         config["seed"],
         device=device,
         autocast_dtype=torch.bfloat16 if use_gpu else None,
+        compile_model=config.get("compile_model", False),
+        micro_batch_size=config.get("micro_batch_size"),
     )
+    # Measured GPU power (NVML) for the train replies; None on CPUs or without nvidia-ml-py.
+    power = PowerSampler.create(device.index) if use_gpu and rank == 0 else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a later window of this site: keep the inner optimizer's moments
         with checkpoint.as_directory() as folder:
@@ -146,6 +150,8 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             if kind == "train":
                 losses = []
                 offset = 0
+                if power is not None:
+                    power.start()
                 until_wall = command.get("until_wall")  # real-time clock: stop at this wall instant
                 for start_token, num_steps in command["chunks"]:
                     for step in range(num_steps):
@@ -154,12 +160,15 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                         position = start_token + step * tokens_per_step + rank * rank_tokens
                         input_ids, labels = train.batch(position, batch_size, seq_len)
                         progress = command["tokens_before"] + offset * tokens_per_step * command["concurrency"]
-                        losses.append(trainer.train_step(input_ids, labels, schedule.lr_at(progress)))
+                        # sync=False: no host wait per step; the mean below waits once.
+                        losses.append(trainer.train_step(input_ids, labels, schedule.lr_at(progress), sync=False))
                         offset += 1
                 steps_done += offset
-                reply({"kind": kind, "steps": offset, "tokens": offset * tokens_per_step,
-                       "loss": float(np.mean(losses)) if losses else float("nan"),
-                       "wall_s": time.perf_counter() - started})
+                mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+                reading = power.stop() if power is not None else None
+                reply({"kind": kind, "steps": offset, "tokens": offset * tokens_per_step, "loss": mean_loss,
+                       "wall_s": time.perf_counter() - started,
+                       "power_w": reading.mean_power_w if reading is not None else None})
             elif kind == "load":
                 version = -1
                 if rank == 0:
@@ -176,8 +185,8 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 if rank == 0:
                     if reference is None:
                         raise RuntimeError("submit before load: the site has no global reference weights")
-                    delta = pseudo_gradient(reference, trainer.export_params())
-                    packed = compress(delta, config["transfer_dtype"])
+                    # On the device against the kept start of the round; only bf16 crosses to the host.
+                    packed = trainer.compressed_pseudo_gradient(reference, config["transfer_dtype"])
                     num_bytes = packed.num_bytes
                     ray.get(averager.submit.remote(site, command["round"], packed, command["tokens"]))
                 reply({"kind": kind, "bytes": num_bytes, "wall_s": time.perf_counter() - started})
