@@ -88,50 +88,38 @@ class LocalSites:
         env.update(extra)
         return env
 
-    def _ray_start(self, args: list[str]) -> None:
-        ports = [
-            "--node-manager-port",
-            str(free_port()),
-            "--object-manager-port",
-            str(free_port()),
-            "--dashboard-agent-listen-port",
-            str(free_port()),
-            "--dashboard-agent-grpc-port",
-            str(free_port()),
-            "--runtime-env-agent-port",
-            str(free_port()),
-            "--metrics-export-port",
-            str(free_port()),
-        ]
-        command = [
-            RAY,
-            "start",
-            *args,
-            *ports,
-            "--node-ip-address",
-            "127.0.0.1",
-            "--object-store-memory",
-            str(self.object_store_bytes),
-            "--temp-dir",
-            str(self.root / "ray"),
-            "--disable-usage-stats",
-            "--log-style",
-            "record",
-        ]
-        # A session of its own: every process this node spawns (raylet, agents, workers, job
-        # drivers) stays in this process group, which teardown kills.
-        process = subprocess.Popen(
-            command,
-            env=self.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.process_groups.append(process.pid)
-        output, _ = process.communicate(timeout=120)
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed:\n{output}")
+    def _ray_start(self, args: list[str], attempts: int = 3) -> None:
+        """``ray start`` one node; retried because a raylet gets only 30 s (hard-coded in Ray
+        2.60) to register with the GCS, which a loaded 2-core machine can miss."""
+        for attempt in range(1, attempts + 1):
+            ports = []
+            for flag in (
+                "--node-manager-port",
+                "--object-manager-port",
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--runtime-env-agent-port",
+                "--metrics-export-port",
+            ):
+                ports += [flag, str(free_port())]
+            command = [
+                RAY, "start", *args, *ports, "--node-ip-address", "127.0.0.1",
+                "--object-store-memory", str(self.object_store_bytes), "--temp-dir", str(self.root / "ray"),
+                "--disable-usage-stats", "--log-style", "record",
+            ]  # fmt: skip
+            # A session of its own: the processes this node spawns stay in this process group
+            # (or descend from it), which teardown kills.
+            process = subprocess.Popen(
+                command, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            self.process_groups.append(process.pid)
+            output, _ = process.communicate(timeout=120)
+            if process.returncode == 0:
+                return
+            _kill(_processes_of([process.pid]))  # a half-started node must not join later
+            if attempt == attempts or "timed out during startup" not in output:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{output}")
 
     def start(self) -> LocalSites:
         self.token_path.write_text(secrets.token_hex(32))
@@ -215,19 +203,23 @@ class LocalSites:
         Ray workers put themselves in process groups of their own, so the kill list is the
         process groups of the ``ray start`` commands plus all their descendants.
         """
-        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-            pids = _processes_of(self.process_groups)
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait_s
-            while pids and time.monotonic() < deadline:
-                time.sleep(0.2)
-                pids = [pid for pid in pids if _alive(pid)]
+        _kill(_processes_of(self.process_groups))
         self.process_groups.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _kill(pids: list[int]) -> None:
+    """SIGTERM, a grace period, then SIGKILL for what is left."""
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [pid for pid in pids if _alive(pid)]
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
@@ -277,14 +269,15 @@ STEP_S = 300.0  # virtual seconds per step at each site
 def write_tiny_experiment(folder: Path, name: str = "multinode") -> Path:
     """A TOML experiment: sites a and b on a 2-hour scripted trace, the tiny preset.
 
-    a is curtailed 00:05-01:30 and b 00:30-01:40 (UTC), so the run goes SINGLE (a), FEDERATED
-    (a+b), SINGLE (b): about 35 optimizer steps in all.
+    Both are curtailed from 00:05 (UTC), so their worker groups start together (start-up is
+    most of a tiny run's wall time); a leaves after 01:10 and b after 01:40, so the run goes
+    FEDERATED (a+b) then SINGLE (b): about 30 optimizer steps in all.
     """
     folder.mkdir(parents=True, exist_ok=True)
     minutes = [5 * i for i in range(24)]
     rows = ["time,A,B"] + [
         f"2026-01-11T{m // 60:02d}:{m % 60:02d}:00+00:00,"
-        f"{20.0 if 5 <= m < 90 else 400.0},{30.0 if 30 <= m < 100 else 450.0}"
+        f"{20.0 if 5 <= m < 70 else 400.0},{30.0 if 5 <= m < 100 else 450.0}"
         for m in minutes
     ]
     trace = folder / "trace.csv"

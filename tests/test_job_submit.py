@@ -18,6 +18,9 @@ from local_sites import RAY, REPO, LocalSites, run_dir_of, write_tiny_experiment
 
 pytestmark = pytest.mark.slow
 
+# Subprocess timeouts catch hangs; they are not speed goals: the module takes about 2 minutes
+# on an otherwise idle 2-core machine, several times that when other Ray jobs share the cores.
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -48,7 +51,7 @@ def test_job_submit_runs_curtail_on_the_cluster(cluster, tmp_path):
         str(config),
     ]
     done = subprocess.run(
-        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=540
     )
     logs = "\n".join(
         line for line in (done.stdout + done.stderr).splitlines() if "packaging.py" not in line
@@ -75,7 +78,7 @@ def test_job_submit_runs_curtail_on_the_cluster(cluster, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     info = json.loads(status.stdout.strip().splitlines()[-1])
     assert info["status"].endswith("SUCCEEDED")
@@ -91,7 +94,7 @@ def test_job_submit_without_the_token_is_refused(cluster):
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert done.returncode != 0
     assert "authentication" in (done.stdout + done.stderr).lower()

@@ -30,7 +30,7 @@ def executed(tmp_path_factory):
     parameters[0].source = f'OUTPUT_DIR = "{out}"\nTINY_TOKEN_BUDGET = 6_000'
     client = nbclient.NotebookClient(
         notebook,
-        timeout=240,
+        timeout=480,
         kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOK.parent)}},
     )
