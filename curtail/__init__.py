@@ -22,7 +22,6 @@ _API = {
     "load_experiment": "curtail.config",
     "ExperimentConfig": "curtail.config",
     "read_run_dir": "curtail.runlog",
-    "report": "curtail.report",
 }
 
 __all__ = sorted(_API)
