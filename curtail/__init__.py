@@ -6,6 +6,7 @@ Python API (imports are lazy so ``import curtail`` stays light and side-effect f
     result = curtail.simulate("experiments/paper.toml")   # fast simulator, run directories
     result.table()
     trained = curtail.run()                               # real training on a local Ray cluster
+    swept = curtail.sweep("experiments/sweep_policies.toml")  # Ray Tune over policies
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _API = {
     "load_experiment": "curtail.config",
     "ExperimentConfig": "curtail.config",
     "read_run_dir": "curtail.runlog",
+    "sweep": "curtail.sweep",
+    "SweepResult": "curtail.sweep",
 }
 
 __all__ = sorted(_API)

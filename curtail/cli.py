@@ -4,6 +4,7 @@
     curtail run --resume RUN_DIR
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
+    curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--output-dir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -154,6 +155,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from curtail.sweep import sweep
+
+    result = sweep(
+        Path(args.config),
+        num_samples=args.num_samples,
+        trainable=args.trainable,
+        output_dir=args.output_dir,
+    )
+    if args.json:
+        print(json.dumps({"best": result.best, "wall_s": result.wall_s, "num_trials": result.num_trials,
+                          "generalisation": result.generalisation.to_dict("records"),
+                          "files": {k: str(v) for k, v in result.files.items()}}, indent=2, default=str))
+        return 0
+    console = Console() if Console().is_terminal else Console(width=200)
+    console.print(
+        f"{result.num_trials} trials ({result.sweep.trainable}) on {result.sweep.tune_run} in "
+        f"{result.wall_s:.1f} s; chosen: {result.best['policy']} {result.best['overrides'] or ''}"
+    )
+    if len(result.generalisation):
+        table = Table(title="tuned on one period, evaluated on another (the oracle is the bound, not a policy)")
+        for header in ("period", "run", "role", "policy", "done", "hours", "emissions kg", "in windows", "window use"):
+            table.add_column(header, justify="left" if header in ("period", "run", "role", "policy") else "right")
+        for row in result.generalisation.to_dict("records"):
+            table.add_row(
+                row["period"], row["run"], row["role"], row["policy"], "yes" if row["completed"] else "NO",
+                f"{row['hours']:.1f}", f"{row['emissions_kg']:.2f}", f"{100 * row['share_energy_in_windows']:.1f}%",
+                f"{100 * row['window_utilisation']:.1f}%",
+            )
+        console.print(table)
+    for name, path in result.files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", help="run directories written by simulate or run")
     report.add_argument("--out", default="reports", help="folder for the figures (default: reports)")
     report.set_defaults(handler=cmd_report)
+    sweep = commands.add_parser("sweep", help="Ray Tune search over policies (the experiment's [sweep])")
+    sweep.add_argument("config", help="experiment TOML with a [sweep] section, e.g. experiments/sweep_policies.toml")
+    sweep.add_argument("--num-samples", type=int, help="samples per policy kind (default: the config's)")
+    sweep.add_argument("--trainable", choices=["simulator", "runtime"], help="default: the config's")
+    sweep.add_argument("--output-dir", help="results folder (default: <output_dir>/<experiment>/sweep)")
+    sweep.add_argument("--json", action="store_true", help="print the chosen trial and generalisation as JSON")
+    sweep.set_defaults(handler=cmd_sweep)
     return parser
 
 

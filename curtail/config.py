@@ -249,6 +249,9 @@ class _ForecastParams(StrictModel):
     forecast_margin_g_per_kwh: float = Field(
         default=0.0, ge=0, description="read forecasts below threshold + margin as an opening (they miss most)"
     )
+    history_s: float = Field(
+        default=7 * 86400.0, gt=0, description="past whose windows (and window time) set expectations"
+    )
 
 
 class ForecastPolicyConfig(_ForecastParams):
@@ -269,6 +272,10 @@ class BudgetPolicyConfig(_ForecastParams):
     pace_fraction: float = Field(
         default=0.0, ge=0, le=1, description="relax the price to the threshold when behind this share of a linear schedule"
     )
+    supply_margin: float = Field(
+        default=0.0, ge=0, description="raise the price until the past's supply below it covers this × the rest (0 = off)"
+    )
+    recent_s: float = Field(default=86400.0, ge=0, description="supply from the leaner of history_s and this (0 = off)")
     deadline_guard: bool = Field(default=True, description="run every site when the budget can only just be met")
     guard_margin: float = Field(default=0.1, ge=0, lt=1)
     hold_s: float = Field(default=0.0, ge=0, description="keep nodes this long after the price is crossed")
@@ -289,6 +296,110 @@ PolicyConfig = Annotated[
     | OraclePolicyConfig,
     Field(discriminator="kind"),
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps over policies (curtail.sweep; Ray Tune)
+
+ParamValue = float | int | str | bool
+
+
+class SearchDomain(StrictModel):
+    """One searched parameter: exactly one of ``grid`` (every value, crossed with the other
+    grids), ``choice`` (one at random), ``uniform`` / ``loguniform`` ``[low, high]`` floats,
+    ``randint`` ``[low, high)`` integers. Written inline in TOML: ``{ uniform = [30, 120] }``."""
+
+    grid: list[ParamValue] | None = Field(default=None, min_length=1)
+    choice: list[ParamValue] | None = Field(default=None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDomain:
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})"
+            )
+        for name in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, name)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{name} needs [low, high] with low < high, got {list(bounds)}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+SearchParam = SearchDomain | ParamValue
+"""A fixed value or a :class:`SearchDomain`."""
+
+
+class PolicySearchSpace(StrictModel):
+    """Which policy kind a sweep tries, with its searched (or fixed) parameters."""
+
+    kind: Literal["threshold", "always_on", "forecast", "budget", "oracle"]
+    params: dict[str, SearchParam] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _params_exist(self) -> PolicySearchSpace:
+        config_class = {
+            "threshold": ThresholdPolicyConfig,
+            "always_on": AlwaysOnPolicyConfig,
+            "forecast": ForecastPolicyConfig,
+            "budget": BudgetPolicyConfig,
+            "oracle": OraclePolicyConfig,
+        }[self.kind]
+        unknown = sorted(set(self.params) - set(config_class.model_fields) - {"kind"})
+        if unknown:
+            raise ValueError(
+                f"policy {self.kind!r} has no parameters {unknown}; it has "
+                f"{sorted(set(config_class.model_fields) - {'kind'})}"
+            )
+        return self
+
+
+class SweepConfig(StrictModel):
+    """A Ray Tune search over policies (``curtail sweep CONFIG``; ``[sweep]`` in the TOML).
+
+    Every trial simulates ``tune_run`` (its sites, period, budget) with one sampled policy and
+    sampled ``rules`` / ``execution`` overrides (``training`` overrides only matter to the
+    ``runtime`` trainable, which trains for real). The best trial by ``metric`` (trials that
+    miss the budget, or finish after ``max_hours``, rank last) is then simulated unchanged on
+    each of ``eval_runs``: tuned on one period, evaluated on another. ``max_hours`` picks a
+    point on the emissions / completion-time front; without it the most patient policy that
+    only just finishes in the tune period wins, which leaves no slack for a drier period.
+    """
+
+    tune_run: str
+    eval_runs: list[str] = Field(default_factory=list)
+    policies: list[PolicySearchSpace] = Field(min_length=1)
+    rules: dict[str, SearchParam] = Field(default_factory=dict)
+    execution: dict[str, SearchParam] = Field(default_factory=dict)
+    training: dict[str, SearchParam] = Field(default_factory=dict)
+    num_samples: int = Field(default=10, ge=1, description="samples per policy kind (times any grids)")
+    metric: Literal["emissions_kg", "hours", "energy_kwh"] = "emissions_kg"
+    require_completed: bool = True
+    max_hours: float | None = Field(
+        default=None, gt=0, description="trials finishing later rank after those in time (a point on the front)"
+    )
+    trainable: Literal["simulator", "runtime"] = "simulator"
+    cpus_per_trial: float = Field(default=0.25, gt=0, description="Tune resources per trial (never 0)")
+    max_concurrent_trials: int = Field(default=4, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _overrides_exist(self) -> SweepConfig:
+        kinds = [p.kind for p in self.policies]
+        if "oracle" in kinds:
+            raise ValueError("the oracle is the bound every sweep reports, not a policy to search; remove it")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each policy kind once in sweep.policies (use grid values instead); got {kinds}")
+        for section, model in (("rules", CurtailmentRules), ("execution", ExecutionConfig), ("training", TrainingConfig)):
+            unknown = sorted(set(getattr(self, section)) - set(model.model_fields))
+            if unknown:
+                raise ValueError(f"sweep.{section} has no fields {unknown}")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,6 +460,7 @@ class ExperimentConfig(StrictModel):
     runs: list[RunSpec] = Field(min_length=1)
     training: TrainingConfig = TrainingConfig()
     output_dir: Path = Path("runs")
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -385,6 +497,15 @@ class ExperimentConfig(StrictModel):
                     f"run {run.name!r} uses sites {unknown} that are not defined; "
                     f"defined sites: {sorted(self.sites)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_uses_known_runs(self) -> ExperimentConfig:
+        if self.sweep is not None:
+            names = [run.name for run in self.runs]
+            unknown = [r for r in [self.sweep.tune_run, *self.sweep.eval_runs] if r not in names]
+            if unknown:
+                raise ValueError(f"sweep names runs {unknown} that are not defined; runs: {names}")
         return self
 
     def rules_for(self, run: RunSpec) -> CurtailmentRules:

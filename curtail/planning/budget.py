@@ -3,31 +3,41 @@
 Curtailment windows are not equally clean. On the paper trace California's windows sit at
 43–99 gCO2/kWh and come first, while South Australia's and Texas's later windows sit near
 0–20: the threshold policy trains through the first ones it meets. This policy trains a site
-only while its *expected carbon per token* is below a price, and the price is the explicit knob
-that trades completion time for emissions:
+only while its *carbon per token* is below a **price**, the explicit knob that trades
+completion time for emissions, and it prices carbon per token, not per kWh: a site that needs
+twice the energy per token must be twice as clean, and a start is charged its overhead (idle
+power through provisioning and group start, amortised over the training the start is expected
+to buy).
 
-* ``max_ci_g_per_kwh`` — the dirtiest intensity it trains at while it is on schedule, for the
-  most efficient site (tokens per joule). Less efficient sites must be proportionally cleaner,
-  and a start is charged its overhead: idle power through provisioning and group start,
-  amortised over the training the forecast says the window will give (carbon per token =
-  ``(P_train·ci·W + P_idle·startup·ci) / (tokens_per_s·W)``). Lower = cleaner and later.
-* ``pace_fraction`` — a schedule to keep: while fewer than ``pace_fraction`` × the
-  time-proportional share of the budget is trained, the price rises to the calendar threshold
-  (any curtailment window). 0 turns pacing off.
-* ``deadline_guard`` — when what is left can only just be trained by every site running from
-  now to the deadline (within ``guard_margin``), every site trains whatever the grid: the
-  budget is met rather than missed. A budget no schedule can meet any more is not chased.
+The price is the larger of
+
+* ``max_ci_g_per_kwh`` — a fixed price, as an intensity at the most efficient site (tokens per
+  joule). Lower = cleaner and later. It is all the policy has where the trace has no past
+  (the 18-hour paper trace starts at its first sample);
+* the **supply price** (``supply_margin > 0``) — the lowest intensity at which the time the
+  sites spent below it over the past ``history_s`` (or the last ``recent_s``, whichever saw
+  less), projected to the deadline, would train ``supply_margin`` times the tokens left. It
+  rises as the budget gets tight or the grid dries up and falls when clean windows abound, so
+  the same knobs carry over to another period. It waits until ``history_s`` of past exists.
+
+Two guards keep the budget: ``pace_fraction`` (while fewer than that share of a linear
+schedule is trained, any curtailment window will do) and ``deadline_guard`` (when what is left
+can only just be trained by every site running until the deadline, within ``guard_margin``,
+every site trains whatever the grid: the budget is met rather than missed; a budget no
+schedule can meet any more is not chased).
 
 Everything else — pre-provisioning from honest forecasts, skipping short windows, bridging
 gaps — is the forecast-aware policy's (:mod:`curtail.planning.forecast_policy`), applied at
-the price instead of the curtailment threshold. The policy sees the present and forecasts,
-never the future: the perfect-foresight bound is :mod:`curtail.planning.oracle`.
+the price instead of the curtailment threshold. The policy sees the past, the present and
+forecasts, never the future: the perfect-foresight bound is :mod:`curtail.planning.oracle`.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Any
+
+import numpy as np
 
 from curtail.planning.forecast import Outlook
 from curtail.planning.forecast_policy import ForecastAwarePolicy
@@ -38,8 +48,11 @@ class BudgetPolicy(ForecastAwarePolicy):
     """Train where carbon per token is below a price; keep pace; never miss a makeable deadline.
 
     Args:
-        max_ci_g_per_kwh: the price, as an intensity at the most efficient site (see module doc).
-        pace_fraction: 0..1, share of a linear schedule to keep before relaxing the price.
+        max_ci_g_per_kwh: the fixed price, as an intensity at the most efficient site.
+        supply_margin: how many times the tokens left the past's supply below the price must
+            cover (0 = fixed price only; see module doc).
+        recent_s: the supply is the leaner of ``history_s`` and this recent past (0 = off).
+        pace_fraction: 0..1, share of a linear schedule to keep before any window will do.
         deadline_guard: run every site when the budget can only just be met.
         guard_margin: how close to "only just" (share of the remaining full-speed capacity).
         **forecast_params: those of :class:`~curtail.planning.forecast_policy.ForecastAwarePolicy`.
@@ -52,6 +65,8 @@ class BudgetPolicy(ForecastAwarePolicy):
         context: PolicyContext,
         *,
         max_ci_g_per_kwh: float = 60.0,
+        supply_margin: float = 0.0,
+        recent_s: float = 86400.0,
         pace_fraction: float = 0.0,
         deadline_guard: bool = True,
         guard_margin: float = 0.1,
@@ -61,6 +76,8 @@ class BudgetPolicy(ForecastAwarePolicy):
         forecast_params.setdefault("hold_s", 0.0)
         super().__init__(context, **forecast_params)
         self.max_ci_g_per_kwh = max_ci_g_per_kwh
+        self.supply_margin = supply_margin
+        self.recent_s = recent_s
         self.pace_fraction = pace_fraction
         self.deadline_guard = deadline_guard
         self.guard_margin = guard_margin
@@ -70,11 +87,63 @@ class BudgetPolicy(ForecastAwarePolicy):
         }
         best = min(joules_per_token.values())
         # a site needing twice the energy per token must be twice as clean
-        self.price_g_per_kwh = {
-            site: max_ci_g_per_kwh * best / j for site, j in joules_per_token.items()
-        }
+        self._to_site_ci = {site: best / j for site, j in joules_per_token.items()}
         self.total_tokens_per_s = sum(cfg.tokens_per_s for cfg in context.sites.values())
         self._guard_engaged = False
+        self._price_at: tuple[float, float] | None = None  # (now_s, reference price) cache
+
+    # ------------------------------------------------------------------ the price
+
+    def price_g_per_kwh(self, now_s: float, observation: Observation) -> float:
+        """The price now, as an intensity at the most efficient site."""
+        if self._price_at is not None and self._price_at[0] == now_s:
+            return self._price_at[1]
+        price = self.max_ci_g_per_kwh
+        if self.supply_margin > 0:
+            price = max(price, self.supply_price(now_s, observation.tokens_remaining))
+        self._price_at = (now_s, price)
+        return price
+
+    def supply_price(self, now_s: float, tokens_left: float) -> float:
+        """The lowest reference intensity whose past supply covers ``supply_margin`` × the
+        tokens left (``inf`` if even every window would not; 0 without enough past)."""
+        horizon_s = max(self.context.deadline_s - now_s, 0.0)
+        levels, weights = [], []
+        for site, cfg in self.context.sites.items():
+            signal = self.context.signals[site]
+            if now_s - self.history_s < signal.start_s:
+                return 0.0
+            shares = [self._past_share(site, now_s, self.history_s)]
+            if self.recent_s > 0:
+                shares.append(self._past_share(site, now_s, self.recent_s))
+            levels.append(shares)
+            weights.append(cfg.tokens_per_s * horizon_s)
+        candidates = np.unique(np.concatenate([v for shares in levels for v, _ in shares]))
+        supply = np.zeros(len(candidates))
+        for shares, weight in zip(levels, weights):
+            # the share of the past below each candidate (strictly), the leaner past counting
+            below = [
+                np.searchsorted(values, candidates, side="left") / count for values, count in shares
+            ]
+            supply += weight * np.minimum.reduce(below)
+        need = self.supply_margin * tokens_left
+        enough = np.flatnonzero(supply >= need)
+        if not len(enough):
+            return math.inf
+        # a price just above the candidate that is not yet enough below it
+        index = int(enough[0])
+        return float(np.nextafter(candidates[index - 1], np.inf)) if index > 0 else 0.0
+
+    def _past_share(self, site: str, now_s: float, span_s: float) -> tuple[np.ndarray, int]:
+        """Sorted reference intensities of the curtailed samples in ``[now - span, now)``, and
+        how many samples there were (uncurtailed ones count as never below any price)."""
+        signal = self.context.signals[site]
+        first = int(np.searchsorted(signal.times_s, now_s - span_s, side="left"))
+        last = int(np.searchsorted(signal.times_s, now_s, side="left"))
+        values = signal.ci_g_per_kwh[first:last]
+        curtailed = values < self.context.calendar.thresholds(site)[first:last]
+        reference = values[curtailed] / self._to_site_ci[site]
+        return np.sort(reference), max(last - first, 1)
 
     # ------------------------------------------------------------------ schedule state
 
@@ -108,14 +177,8 @@ class BudgetPolicy(ForecastAwarePolicy):
         full_speed_s = remaining / ((1.0 - self.guard_margin) * self.total_tokens_per_s)
         return self.context.deadline_s - self.startup_s - full_speed_s
 
-    def decide(self, now_s: float, observation: Observation) -> Decision:
-        decision = super().decide(now_s, observation)
-        guard_s = self.guard_starts_s(observation)
-        if now_s + 1e-6 < guard_s < decision.next_decision_s:
-            return Decision(decision.intents, guard_s)
-        return decision
-
     def behind(self, now_s: float, observation: Observation) -> bool:
+        """Fewer tokens than ``pace_fraction`` of a linear schedule (off at 0)."""
         if self.pace_fraction <= 0:
             return False
         span_s = self.context.deadline_s - self.context.start_s
@@ -124,24 +187,37 @@ class BudgetPolicy(ForecastAwarePolicy):
 
     # ------------------------------------------------------------------ ForecastAwarePolicy hooks
 
+    def decide(self, now_s: float, observation: Observation) -> Decision:
+        decision = super().decide(now_s, observation)
+        guard_s = self.guard_starts_s(observation)
+        if now_s + 1e-6 < guard_s < decision.next_decision_s:
+            return Decision(decision.intents, guard_s)
+        return decision
+
     def level(self, site: str, now_s: float, observation: Observation) -> float:
         if self.must_run(now_s, observation):
             return math.inf
         threshold = self.context.calendar.threshold_at(site, now_s)
         if self.behind(now_s, observation):
             return threshold
-        return min(threshold, self.price_g_per_kwh[site])
+        return min(threshold, self.price_g_per_kwh(now_s, observation) * self._to_site_ci[site])
 
     def worth_starting(
         self, site: str, now_s: float, level: float, outlook: Outlook | None
     ) -> bool:
+        """Below the price even with the start-up's idle energy charged to the expected
+        training (:meth:`predicted_training_s`: the forecast and the past's windows).
+
+        When the price has reached the curtailment threshold the budget is short of clean
+        supply: every window counts, short ones included.
+        """
+        if level >= self.context.calendar.threshold_at(site, now_s) or self.startup_s <= 0:
+            return True
         if not super().worth_starting(site, now_s, level, outlook):
             return False
-        if math.isinf(level) or outlook is None or self.startup_s <= 0:
-            return True
         training_s = self.predicted_training_s(site, now_s, level, outlook)
         if math.isinf(training_s):
-            training_s = outlook.horizon_end_s - now_s - self.startup_s
+            return True
         if training_s <= 0:
             return False
         cfg = self.context.sites[site]

@@ -91,6 +91,7 @@ class ForecastAwarePolicy(Policy):
         hold_s: a released window keeps its nodes this long (forecasts rarely foresee a reopening).
         seasonal_s: also expect the openings the signal made this long ago (e.g. 86400: a
             daily pattern, read from the past only); 0 = off.
+        history_s: the past whose windows tell how long a window typically lasts.
     """
 
     kind = "forecast"
@@ -108,6 +109,7 @@ class ForecastAwarePolicy(Policy):
         hold_s: float = 600.0,
         seasonal_s: float = 0.0,
         forecast_margin_g_per_kwh: float = 0.0,
+        history_s: float = 7 * 86400.0,
         **params: Any,
     ):
         super().__init__(context, **params)
@@ -118,6 +120,14 @@ class ForecastAwarePolicy(Policy):
         self.bridge_s = bridge_s
         self.hold_s = hold_s
         self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
+        self.history_s = history_s
+        self._window_spans = {
+            site: (
+                np.array([w.open_s for w in context.calendar.windows(site)]),
+                np.array([w.close_s for w in context.calendar.windows(site)]),
+            )
+            for site in context.sites
+        }
         self.forecasts = site_forecasts(
             context, forecast, seed=forecast_seed, horizon_s=forecast_horizon_s
         )
@@ -136,16 +146,27 @@ class ForecastAwarePolicy(Policy):
         self, site: str, now_s: float, level: float, outlook: Outlook | None
     ) -> bool:
         """Is an unprovisioned site, below ``level`` now, worth the start-up?"""
-        if self.min_window_s <= 0 or outlook is None:
+        if self.min_window_s <= 0:
             return True
         return self.predicted_training_s(site, now_s, level, outlook) >= self.min_window_s
 
     def predicted_training_s(
-        self, site: str, now_s: float, level: float, outlook: Outlook
+        self, site: str, now_s: float, level: float, outlook: Outlook | None
     ) -> float:
-        """Training time a start now would buy if the forecast is right (``inf`` past its horizon)."""
-        closes_s = outlook.first_at_or_above(level)
-        return closes_s - now_s - self.startup_s
+        """Training time a start now would buy: the longer of what the forecast shows and the
+        median window of the past ``history_s`` (``inf`` if the forecast sees no end).
+
+        WattTime's forecasts lean on persistence and end a running window too early about a
+        third of the time, so a short forecast window alone is not believed.
+        """
+        closes_s = outlook.first_at_or_above(level) if outlook is not None else math.inf
+        return max(closes_s - now_s, self.typical_window_s(site, now_s)) - self.startup_s
+
+    def typical_window_s(self, site: str, now_s: float) -> float:
+        """Median length of the site's calendar windows closed in the past ``history_s`` (0: none)."""
+        opens, closes = self._window_spans[site]
+        recent = (closes <= now_s) & (closes > now_s - self.history_s)
+        return float(np.median(closes[recent] - opens[recent])) if recent.any() else 0.0
 
     # ------------------------------------------------------------------ the decision
 
