@@ -351,6 +351,7 @@ def _trial_config(row: pd.Series) -> dict[str, Any]:
             continue
         if isinstance(value, float) and math.isnan(value):
             continue
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars -> Python
         key = column[len("config/") :]
         if key.startswith("variant/"):
             config["variant"][key[len("variant/") :]] = value
@@ -445,6 +446,10 @@ def sweep(
     first = {"variant": policy_variants(spec)[0]}
     trial_experiment(experiment, spec.tune_run, first)
 
+    # a trial is one small result: of Tune's per-trial CSV, JSON and TensorBoard files only
+    # the JSON one is needed (ResultGrid.get_dataframe reads it); the others cost more than
+    # a simulation
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     started_ray = False
     if not ray.is_initialized():
         if spec.trainable == "runtime":
@@ -477,6 +482,7 @@ def sweep(
             function = tune.with_parameters(
                 _runtime_trainable, experiment_data=experiment_data, run_name=spec.tune_run
             )
+        from ray.tune.logger import JsonLoggerCallback
         from ray.tune.search import BasicVariantGenerator
 
         tuner = tune.Tuner(
@@ -490,7 +496,10 @@ def sweep(
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
-                name=f"{experiment.name}-sweep", storage_path=str(out / "tune"), verbose=verbose
+                name=f"{experiment.name}-sweep",
+                storage_path=str(out / "tune"),
+                verbose=verbose,
+                callbacks=[JsonLoggerCallback()],
             ),
         )
         grid = tuner.fit()
