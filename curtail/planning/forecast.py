@@ -11,17 +11,20 @@ is the oracle (:mod:`curtail.planning.oracle`).
 What the recorded WattTime CAISO forecasts show (June 2023, threshold 100 gCO2/kWh), and what
 the model reproduces per lead time ``L``:
 
-* they **miss curtailment** often and **rarely invent it**: P(forecast >= 100 | actual < 100)
-  grows from 0.25 at 5 min to 0.45 at 65 min; P(forecast < 100 | actual >= 100) stays < 1 %;
-* when they get the regime right, the level error has a small bias and a spread growing with
-  ``L`` (below 100: +13 → +21 g bias, 12 → 17 g spread; above: -9 → -25 g, 43 → 66 g);
-* a missed window is forecast part-way towards the other regime's level;
+* they lean on persistence: an **opening window is missed** 90 % (5 min ahead) to 98 %
+  (65 min) of the time; a running window is mis-forecast as over 21 → 31 % of the time; a
+  window that is not there is almost never invented (< 0.5 %). So the chance of the wrong
+  side is conditioned on the side the site was on when the forecast was issued;
+* when they get the side right, the level error has a small bias and a spread growing with
+  ``L`` (below 100: +13 → +21 g bias, 12 → 17 g spread; above: -9 → -25 g, 43 → 65 g);
+* a missed window is forecast part-way towards the level the site was last seen at on the
+  other side;
 * errors are strongly correlated between successive forecasts of the same instant (0.97) and
   between neighbouring lead times.
 
 Each quantity is a power law of the lead time, ``at_1h * (L / 1 h) ** exponent``, fitted on the
-recorded 5–65 min leads. Beyond 65 min the law is an extrapolation (regime flips are capped at
-0.5, a forecast no better than a coin): a longer ``horizon_s`` is a what-if, not a measurement.
+recorded 5–65 min leads. Beyond 65 min the flip rates are held at their 65-min values and the
+spreads follow their power laws: a longer ``horizon_s`` is a what-if, not a measurement.
 """
 
 from __future__ import annotations
