@@ -138,11 +138,6 @@ def small_runs(draw):
     return context, overheads
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 4, open): on some random traces without overheads the oracle does not "
-    "complete a budget that another policy completes; the emissions bound itself holds",
-)
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(small_runs())
 def test_no_policy_beats_the_oracle_bound_on_random_traces(case):

@@ -42,6 +42,7 @@ from curtail.planning.policy import (
 )
 
 _EPS_S = 1e-6
+_DEADLINE_MARGIN_S = 1e-5
 _WS_PER_KWH = 3.6e6
 
 
@@ -128,14 +129,20 @@ class OraclePolicy(Policy):
 
     def __init__(self, context: PolicyContext, **params: Any):
         super().__init__(context, **params)
-        self.pieces = cheapest_pieces(context)
+        # the plan keeps the last 10 µs in reserve: a budget that needs every last piece would
+        # otherwise complete in the executor's final microsecond, i.e. (in floats, ~0.2 µs
+        # apart near 1.7e9 s) at the deadline, and count as missed; the reserve trains the
+        # float dust a plan that ends there leaves (see decide)
+        self.pieces = cheapest_pieces(context, end_s=context.deadline_s - _DEADLINE_MARGIN_S)
+        self._reserve = cheapest_pieces(context)
         self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
         self._boundaries = np.unique(np.concatenate((self.pieces.start_s, self.pieces.end_s)))
 
-    def _plan(self, now_s: float, tokens_missing: float) -> tuple[np.ndarray, np.ndarray, float]:
-        """The chosen pieces from now on (mask, in :attr:`pieces` order), when to stop training
-        in each (the marginal piece only in part), and the marginal price (g per token)."""
-        pieces = self.pieces
+    def _plan(
+        self, now_s: float, tokens_missing: float, pieces: Pieces
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """The chosen ``pieces`` from now on (mask, in their order), when to stop training in
+        each (the marginal piece only in part), and the marginal price (g per token)."""
         begin_s = np.maximum(pieces.start_s, now_s)
         length_s = np.maximum(pieces.end_s - begin_s, 0.0)
         tokens = pieces.tokens_per_s * length_s
@@ -156,7 +163,13 @@ class OraclePolicy(Policy):
 
     def decide(self, now_s: float, observation: Observation) -> Decision:
         pieces = self.pieces
-        chosen, until_s, marginal_g_per_token = self._plan(now_s, observation.tokens_remaining)
+        left_s = pieces.end_s - np.maximum(pieces.start_s, now_s)
+        capacity = float(np.sum(pieces.tokens_per_s * np.where(left_s > 2 * _EPS_S, left_s, 0.0)))
+        if capacity < observation.tokens_remaining:  # only the reserve is left: float dust
+            pieces = self._reserve
+        chosen, until_s, marginal_g_per_token = self._plan(
+            now_s, observation.tokens_remaining, pieces
+        )
         index = int(np.searchsorted(self._boundaries, now_s + _EPS_S, side="right"))
         wake_s = float(self._boundaries[index]) if index < len(self._boundaries) else math.inf
         intents: dict[str, Intent] = {}
