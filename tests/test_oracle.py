@@ -67,8 +67,11 @@ def test_bound_prefers_the_site_with_fewer_grams_per_token():
 
 
 def test_oracle_run_trains_exactly_the_cheapest_pieces_without_overheads():
+    # an expensive last sample: the oracle keeps the deadline's last 10 µs in reserve, so
+    # pieces that end at the deadline are a hair short (see OraclePolicy)
+    traces = {site: [*values, 800.0] for site, values in TWO_SITES.items()}
     context = make_context(
-        TWO_SITES, rules=NO_OVERHEAD_RULES, execution=NO_OVERHEAD, token_budget=RATE * 600
+        traces, rules=NO_OVERHEAD_RULES, execution=NO_OVERHEAD, token_budget=RATE * 600
     )
     trajectory, summary = run(context, "oracle")
     assert trajectory.completed
@@ -138,7 +141,9 @@ def small_runs(draw):
     return context, overheads
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(small_runs())
 def test_no_policy_beats_the_oracle_bound_on_random_traces(case):
     context, overheads = case
