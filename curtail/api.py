@@ -13,6 +13,7 @@ Notebook use::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from curtail.config import ExperimentConfig, load_experiment, parse_experiment, project_root
+from curtail.planning.energy import PowerModel
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.planning.summary import summarize, timeseries
@@ -127,6 +129,27 @@ def record_of(plan: RunPlan, trajectory: Trajectory, config: ExperimentConfig, *
         timeseries=timeseries(trajectory, plan.power, plan.signals),
         manifest=manifest,
     )
+
+
+def _with_measured_power(plan: RunPlan, config: ExperimentConfig, per_gpu_w: dict[str, float]) -> tuple[RunPlan, dict[str, Any]]:
+    """With ``training.power = "measured"``, account each site's training at its measured watts
+    per GPU times its ``num_gpus``; sites without readings (no NVML) keep the modelled power."""
+    if config.training.power == "model":
+        return plan, {"power_source": "model"}
+    power = dict(plan.power)
+    measured = {}
+    for site, watts in per_gpu_w.items():
+        measured[site] = watts * config.sites[site].num_gpus
+        power[site] = PowerModel(training_w=measured[site], idle_w=plan.power[site].idle_w)
+    missing = sorted(set(plan.power) - set(measured))
+    note: dict[str, Any] = {"power_source": "measured" if not missing else "measured where available",
+                            "measured_training_power_w": measured}
+    if missing:
+        note["power_warning"] = (
+            f"no NVML power readings for {', '.join(missing)} (no GPU, or nvidia-ml-py missing): "
+            "their training power is the configured model"
+        )
+    return dataclasses.replace(plan, power=power), note
 
 
 def simulate(
@@ -286,13 +309,14 @@ def run(
     finally:
         if started_ray:
             ray.shutdown()
+    plan, power_note = _with_measured_power(plan, experiment, artifacts.summary_extra["measured_power_per_gpu_w"])
     record = record_of(
         plan,
         artifacts.trajectory,
         experiment,
         executor="ray",
         traces_checksums=traces.checksums,
-        extra={**artifacts.summary_extra, "restarts": restarts, "resumed": resume is not None,
+        extra={**artifacts.summary_extra, **power_note, "restarts": restarts, "resumed": resume is not None,
                "reference": spec.reference.model_dump() if spec.reference else None},
     )
     record.manifest["training"] = experiment.training.model_dump(mode="json")

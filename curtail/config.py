@@ -204,11 +204,24 @@ class TrainingConfig(StrictModel):
     realtime_speedup: float = Field(default=1.0, gt=0)
     cache_dir: Path = Field(default=Path(".cache"), description="tokenizer and token arrays (reused across runs)")
     command_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for one site command")
+    compile_model: bool = Field(default=False, description="torch.compile the model and loss (GPUs; docs/GPU.md)")
+    micro_batch_size: int | None = Field(
+        default=None, ge=1, description="rows per forward/backward; batch_size is accumulated (default: batch_size)"
+    )
+    power: Literal["model", "measured"] = Field(
+        default="model",
+        description="training power in the accounting: the sites' configured watts, or NVML-measured GPU watts "
+        "(per GPU, times the site's num_gpus); falls back to the model, with a warning, where NVML is missing",
+    )
 
     @model_validator(mode="after")
     def _phases_fit(self) -> TrainingConfig:
         if self.warmup_fraction + self.warmdown_fraction > 1:
             raise ValueError("warmup_fraction + warmdown_fraction must be at most 1")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})"
+            )
         return self
 
 

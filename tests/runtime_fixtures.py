@@ -41,6 +41,7 @@ def tiny_experiment(tmp: Path) -> dict:
             "preset": "tiny", "corpus": [str(corpus)], "vocab_size": 512, "batch_size": 2,
             "eval_batches": 2, "eval_batch_size": 2, "cpus_per_worker": 0.5,
             "cache_dir": str(tmp / "cache"), "command_timeout_s": 300,
+            "micro_batch_size": 1, "power": "measured",  # no NVML here: falls back to the model
         },
         "sites": {"a": {"region": "A", **site}, "b": {"region": "B", **site}},
         "runs": [{"name": "two-sites", "policy": {"kind": "threshold"}, "sites": ["a", "b"]}],

@@ -108,6 +108,17 @@ def test_training_learns_and_the_model_loads_with_transformers(two_runs):
     assert summary["final_eval_loss"] == pytest.approx(result.summary["final_eval_loss"])
 
 
+def test_measured_power_falls_back_to_the_model_without_nvml(two_runs):
+    summary = two_runs[0].summary
+    assert summary["measured_power_per_gpu_w"] == {}  # CPU workers: no readings
+    assert summary["power_source"] == "measured where available"
+    assert "a, b" in summary["power_warning"]
+    hours = summary["site_hours"]
+    modelled_kwh = {s: (1000 * hours[s]["training"] + 200 * hours[s]["provisioned_idle"]) / 1000 for s in "ab"}
+    for site, kwh in summary["energy_kwh_by_site"].items():
+        assert kwh == pytest.approx(modelled_kwh[site], rel=1e-9)
+
+
 def test_realtime_clock_follows_the_wall_clock(ray_cluster, tmp_path):
     """clock = "realtime": 30 minutes of trace at 20× take 90 s of wall time, and the work done
     in that time (site a alone, after its worker group started) is exactly what the ledger

@@ -65,6 +65,20 @@ class Timing:
     wall_s: float
     steps: int = 0
     at_wall_s: float = field(default_factory=time.time)  # when the coordinator recorded it
+    power_w: float | None = None  # NVML-measured GPU watts of the site's workers (train commands)
+    gpus: int = 0  # how many GPUs power_w covers
+
+
+def measured_power_per_gpu_w(timings: list[Timing]) -> dict[str, float]:
+    """Each site's time-weighted mean measured watts per GPU over its train commands (sites
+    without a full set of readings are left out)."""
+    energy_j: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for t in timings:
+        if t.kind == "train" and t.power_w is not None and t.gpus > 0 and t.wall_s > 0:
+            energy_j[t.site] = energy_j.get(t.site, 0.0) + t.power_w / t.gpus * t.wall_s
+            seconds[t.site] = seconds.get(t.site, 0.0) + t.wall_s
+    return {site: energy_j[site] / seconds[site] for site in energy_j}
 
 
 @dataclass
@@ -194,7 +208,10 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------------ helpers
 
     def _timed(self, t_s: float, site: str, kind: str, round_index: int, result: dict[str, Any]) -> None:
-        self.timings.append(Timing(t_s, site, kind, round_index, float(result.get("wall_s", 0.0)), int(result.get("steps", 0))))
+        self.timings.append(Timing(
+            t_s, site, kind, round_index, float(result.get("wall_s", 0.0)), int(result.get("steps", 0)),
+            power_w=result.get("power_w"), gpus=int(result.get("gpus", 0)),
+        ))
 
     def _fail(self, site: str, error: Exception) -> None:
         """Hand a site failure to the state machine; its undelivered round work is lost."""
@@ -466,6 +483,7 @@ class Coordinator:
             "schedule": schedule.model_dump(), "transfer_dtype": training.transfer_dtype,
             "torch_threads": training.torch_threads_per_worker, "use_gpu": training.gpus_per_worker > 0,
             "eval_batches": training.eval_batches, "eval_batch_size": training.eval_batch_size,
+            "compile_model": training.compile_model, "micro_batch_size": training.micro_batch_size,
         }
         storage = str((self.run_dir / "ray_train").resolve())
         groups = {}
@@ -536,6 +554,7 @@ class Coordinator:
             "global_version": executor.global_version,
             "weight_digests": executor.digests,
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.site_nodes.items()},
+            "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.timings),
         }
         for actor in (mailbox, averager, evaluator):
             ray.kill(actor)

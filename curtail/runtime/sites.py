@@ -77,16 +77,26 @@ def _broadcast_params(trainer: Any, world: int) -> None:
         dist.broadcast(param.data, src=0)
 
 
-def _node_ids(world: int) -> list[str]:
-    """The Ray node of every rank of the site, so a run can show where each site trained."""
-    node_id = ray.get_runtime_context().get_node_id()
+def _gather_object(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective: all ranks call it)."""
     if world == 1:
-        return [node_id]
+        return [obj]
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, node_id)
-    return [str(n) for n in gathered]
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _node_ids(world: int) -> list[str]:
+    """The Ray node of every rank of the site, so a run can show where each site trained."""
+    return [str(n) for n in _gather_object(ray.get_runtime_context().get_node_id(), world)]
+
+
+def _site_power_w(reading: Any, world: int) -> float | None:
+    """The site's measured GPU watts: the sum over its ranks' GPUs, or None unless all measured."""
+    readings = _gather_object(None if reading is None else reading.mean_power_w, world)
+    return None if any(r is None for r in readings) else float(sum(readings))
 
 
 def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +134,7 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         micro_batch_size=config.get("micro_batch_size"),
     )
     # Measured GPU power (NVML) for the train replies; None on CPUs or without nvidia-ml-py.
-    power = PowerSampler.create(device.index) if use_gpu and rank == 0 else None
+    power = PowerSampler.create(device.index) if use_gpu else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a later window of this site: keep the inner optimizer's moments
         with checkpoint.as_directory() as folder:
@@ -165,10 +175,9 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                         offset += 1
                 steps_done += offset
                 mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-                reading = power.stop() if power is not None else None
+                power_w = _site_power_w(power.stop() if power is not None else None, world)
                 reply({"kind": kind, "steps": offset, "tokens": offset * tokens_per_step, "loss": mean_loss,
-                       "wall_s": time.perf_counter() - started,
-                       "power_w": reading.mean_power_w if reading is not None else None})
+                       "wall_s": time.perf_counter() - started, "power_w": power_w, "gpus": world})
             elif kind == "load":
                 version = -1
                 if rank == 0:
