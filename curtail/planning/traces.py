@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,14 @@ MAX_PLAUSIBLE_G_PER_KWH = 1500.0
 """Above any real grid's (marginal) intensity; larger values usually mean lbs/MWh."""
 
 _OFFSET = re.compile(r"(?:Z|[+-]\d{2}:?\d{2})$")
+
+_UNIT_IN_NAME = re.compile(r"(?<![a-z])(lbs?|kg|g|t)\s*(?:co2e?)?\s*(?:/|_per_|\s+per\s+)\s*(mwh|kwh)", re.IGNORECASE)
+"""A unit written into a column name: lbs/MWh, lbs_per_mwh, gCO2/kWh, kg/MWh, t per MWh …"""
+_GRAMS = {"lb": 453.592, "lbs": 453.592, "kg": 1000.0, "g": 1.0, "t": 1e6}
+_KWH = {"kwh": 1.0, "mwh": 1000.0}
+
+EARLIEST_YEAR, LATEST_YEAR = 1900, 2200
+"""Timestamps outside these years are typos (and beyond nanosecond datetimes near 2262)."""
 
 
 class TraceError(ValueError):
@@ -49,15 +58,76 @@ def sha256_of(path: Path) -> str:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    """Read every cell as text; the header's names as written (no pandas renaming of
+    duplicates or blanks), and a row with more fields than the header is an error, never a
+    silently shifted index column."""
     if not path.is_file():
         raise TraceError(path, "no such file", "check the trace path (relative paths start at the config file)")
     try:
-        frame = pd.read_csv(path, dtype=str, skip_blank_lines=False, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise TraceError(path, f"not a readable CSV ({error})", "export it as comma-separated UTF-8 text") from None
+        raw = pd.read_csv(path, header=None, dtype=str, skip_blank_lines=False, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise TraceError(path, "the file is empty", "give a header line and at least one row") from None
+    except pd.errors.ParserError as error:
+        message = str(error).replace("Error tokenizing data. C error: ", "").strip()
+        found = re.search(r"\bline (\d+)", message) or re.search(r"\brow (\d+)", message)
+        line = None if found is None else int(found.group(1)) + (found.group(0).startswith("row"))
+        raise TraceError(
+            path,
+            f"not a readable CSV ({message})",
+            "close every quote and give every row as many comma-separated fields as the header",
+            line,
+        ) from None
+    except UnicodeDecodeError as error:
+        raise TraceError(path, f"not UTF-8 text ({error})", "export it as comma-separated UTF-8 text") from None
+    except (OSError, EOFError, zlib.error) as error:  # a corrupt or truncated .gz and the like
+        raise TraceError(path, f"cannot read the file ({error})", "export it again (gzip is optional)") from None
+    names = [str(name).strip() for name in raw.iloc[0]]
+    for index, name in enumerate(names):
+        if not name:
+            raise TraceError(path, f"column {index + 1} has no name", "name every column in the header", 1)
+        if name in names[:index]:
+            raise TraceError(path, f"column {name!r} appears twice", "give every column its own name", 1)
+    frame = raw.iloc[1:].reset_index(drop=True).fillna("")
+    frame.columns = names
     if frame.shape[0] == 0:
         raise TraceError(path, "no data rows", "give a header line and at least one row")
     return frame
+
+
+def _check_header(path: Path, time_column: str, value_columns: list[str], unit: str) -> None:
+    """A header that is really a data row, or that names a unit other than the declared one."""
+    if not pd.isna(pd.to_datetime(time_column, errors="coerce", format="ISO8601")):
+        raise TraceError(
+            path,
+            f"the first line looks like data ({time_column!r}), not a header",
+            "add a header line, e.g. time,REGION",
+            1,
+        )
+    for column in value_columns:
+        if column.lower() in ("unit", "units"):
+            raise TraceError(
+                path,
+                f"column {column!r} holds units, not carbon intensity",
+                "drop the column and declare the unit in the trace config (unit = 'g_per_kwh' or 'lbs_per_mwh')",
+                1,
+            )
+        named = _UNIT_IN_NAME.search(column)
+        if named is None:
+            continue
+        mass, energy = named.group(1).lower(), named.group(2).lower()
+        factor = _GRAMS[mass] / _KWH[energy]  # × this gives gCO2/kWh
+        declared = LBS_PER_MWH_TO_G_PER_KWH if unit == "lbs_per_mwh" else 1.0
+        if not np.isclose(factor, declared):
+            remedy = {
+                LBS_PER_MWH_TO_G_PER_KWH: "declare unit = 'lbs_per_mwh' in the trace config",
+                1.0: "declare unit = 'g_per_kwh' in the trace config",
+            }.get(round(factor, 6), f"convert the column to gCO2/kWh (× {factor:g}) and rename it")
+            raise TraceError(
+                path,
+                f"column {column!r} is in {named.group(0)!r}, but the trace config declares unit = {unit!r}",
+                remedy,
+                1,
+            )
 
 
 def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str | None) -> np.ndarray:
@@ -96,6 +166,15 @@ def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str
             "use ISO-8601 timestamps such as 2026-01-11 17:00:00+00:00",
             _line_of(bad[0]),
         )
+    years = parsed.dt.year.to_numpy()
+    outside = np.flatnonzero((years < EARLIEST_YEAR) | (years > LATEST_YEAR))
+    if len(outside):
+        raise TraceError(
+            path,
+            f"timestamp {text.iloc[outside[0]]!r} in column {column!r} is outside {EARLIEST_YEAR}..{LATEST_YEAR}",
+            "check the year",
+            _line_of(outside[0]),
+        )
     if not has_offset.all():
         if naive_timezone is None:
             raise TraceError(
@@ -106,7 +185,7 @@ def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str
             )
         try:
             parsed = parsed.dt.tz_localize(naive_timezone, ambiguous="raise", nonexistent="raise")
-        except Exception as error:  # pytz/zoneinfo raise several types for DST and unknown zones
+        except Exception as error:  # noqa: BLE001 (zoneinfo, DST and name errors: KeyError, ValueError, IndexError, OSError)
             raise TraceError(
                 path,
                 f"cannot place naive timestamps in zone {naive_timezone!r} ({error})",
@@ -216,6 +295,11 @@ def load_trace(source: TraceSource) -> TraceSet:
     missing = [c for c in source.columns if c not in value_columns]
     if missing:
         raise TraceError(path, f"columns {missing} named in `columns` are not in the file", "fix the mapping")
+    regions = [source.columns.get(c, c) for c in value_columns]
+    twice = sorted({r for r in regions if regions.count(r) > 1})
+    if twice:
+        raise TraceError(path, f"several columns would become region {twice[0]!r}", "fix the `columns` mapping")
+    _check_header(path, time_column, value_columns, source.unit)
     times_s = parse_times_utc(path, time_column, frame[time_column], source.naive_timezone)
     _check_order(path, times_s, source.max_gap_s)
     steps = np.diff(times_s)
@@ -269,9 +353,7 @@ class Forecast:
 def load_forecast(source: ForecastSource) -> Forecast:
     """Load a WattTime forecast CSV (``request_time, forecast_time, value``; may be gzipped)."""
     path = Path(source.path)
-    if not path.is_file():
-        raise TraceError(path, "no such file", "check the forecast path")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = _read_csv(path)
     expected = {"request_time", "forecast_time"}
     if not expected <= set(frame.columns) or len(frame.columns) != 3:
         raise TraceError(
@@ -280,6 +362,7 @@ def load_forecast(source: ForecastSource) -> Forecast:
             "export WattTime forecasts with exactly these three columns",
         )
     value_column = next(c for c in frame.columns if c not in expected)
+    _check_header(path, "request_time", [value_column], source.unit)
     request_s = parse_times_utc(path, "request_time", frame["request_time"], source.naive_timezone)
     target_s = parse_times_utc(path, "forecast_time", frame["forecast_time"], source.naive_timezone)
     values = _parse_values(path, value_column, frame[value_column], source.unit)
@@ -288,6 +371,15 @@ def load_forecast(source: ForecastSource) -> Forecast:
         bad = int(np.flatnonzero(order != np.arange(len(order)))[0])
         raise TraceError(
             path, "rows are not sorted by request_time, then forecast_time", "sort the file", _line_of(bad)
+        )
+    repeated = np.flatnonzero((np.diff(request_s) == 0) & (np.diff(target_s) == 0))
+    if len(repeated):
+        row = int(repeated[0]) + 1
+        raise TraceError(
+            path,
+            f"forecast for {iso(target_s[row])} issued at {iso(request_s[row])} appears twice",
+            "keep one row per request_time and forecast_time",
+            _line_of(row),
         )
     unique_requests, starts = np.unique(request_s, return_index=True)
     offsets = np.append(starts, len(request_s))
