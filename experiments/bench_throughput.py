@@ -9,7 +9,13 @@ and times ``--steps`` optimizer steps of ``--batch-size`` sequences after ``--wa
 (the first includes compilation), on random tokens. Keys: ``compile`` (0, 1 = loss and model
 in one graph, ``model`` = the model alone with an eager loss, as before), ``fused`` (chunked
 LM head + cross-entropy), ``micro`` (micro-batch rows), ``chunk`` (tokens per loss chunk),
-``pad`` (MLP width padded to a multiple of this; 0 = off; default 64 on GPUs).
+``pad`` (MLP width padded to a multiple of this; 0 = off; default 64 on GPUs), ``sdpa``
+(attention backend: ``flash``, ``cudnn``, ``efficient`` or ``math``; default: torch's choice).
+``--world-size N`` runs each variant data parallel over N GPUs (NCCL; gloo on CPUs), one
+process per GPU, the way a site of N GPUs trains (gradient all-reduce inside the step), and
+reports tokens/s per GPU beside the one-GPU figure: the scaling efficiency inside a site.
+``--profile DIR`` records two steps of the last variant with torch.profiler (kernel table
+and Chrome trace in DIR).
 Steps run with ``sync=False`` (no host wait inside the loop); the same steps with a host
 sync per step are timed too. MFU counts 6·(parameters − embedding) + 12·layers·width·seq FLOPs
 per token (nanochat's count, the issue's anchor) against 989 TFLOP/s (H100/H200 dense bf16).
@@ -23,8 +29,12 @@ own process so peak memory is per variant.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import hashlib
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,14 +56,18 @@ from curtail.training.power import PowerSampler  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_VARIANTS = {"cpu": ["eager:compile=0"], "cuda": ["compiled:compile=1,micro=8"]}
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, options = text.partition(":")
     pairs = dict(item.split("=", 1) for item in options.split(",") if item)
-    unknown = set(pairs) - {"compile", "fused", "micro", "chunk", "pad"}
+    unknown = set(pairs) - {"compile", "fused", "micro", "chunk", "pad", "sdpa"}
     if unknown:
-        raise SystemExit(f"variant {name!r}: unknown keys {sorted(unknown)}; use compile, fused, micro, chunk, pad")
+        raise SystemExit(f"variant {name!r}: unknown keys {sorted(unknown)}; use compile, fused, micro, chunk, pad, sdpa")
+    if pairs.get("sdpa", "flash") not in SDPA_BACKENDS:
+        raise SystemExit(f"variant {name!r}: sdpa={pairs['sdpa']!r}; use one of {sorted(SDPA_BACKENDS)}")
     return name, pairs
 
 
@@ -95,7 +109,31 @@ def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> 
             return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
         trainer._train_loss = loss
+    if "sdpa" in options:  # pin the attention backend for every call of the (compiled) loss
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[options["sdpa"]])
+        inner = trainer._train_loss
+
+        def pinned(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return inner(input_ids, labels)
+
+        trainer._train_loss = pinned
     return trainer
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def time_variant(args: argparse.Namespace, name: str, options: dict[str, str], keep_trainer: bool = False) -> dict[str, Any]:
@@ -115,7 +153,8 @@ def time_variant(args: argparse.Namespace, name: str, options: dict[str, str], k
     for step in range(args.warmup - 1):
         trainer.train_step(*batch[step % 2], lr=1e-4)
     synchronize(device)
-    sampler = PowerSampler.create() if device.type == "cuda" else None
+    _barrier()
+    sampler = PowerSampler.create(device.index) if device.type == "cuda" else None
     if sampler is not None:
         sampler.start()
     started = time.perf_counter()
@@ -128,17 +167,21 @@ def time_variant(args: argparse.Namespace, name: str, options: dict[str, str], k
         started = time.perf_counter()
         trainer.train_step(*batch[step % 2], lr=1e-4)  # float(): one host sync per step
         step_times.append(time.perf_counter() - started)
+    profile = None
+    if getattr(args, "profile", None) is not None and keep_trainer:
+        profile = profile_steps(trainer, batch, args.profile)
     last_loss = float(losses[-1])
-    tokens_per_step = args.batch_size * seq_len
+    world = _world_size()
+    tokens_per_step = args.batch_size * seq_len * world  # every rank trains batch_size rows
     tokens_per_s = tokens_per_step * args.steps / async_s
     flops = flops_per_token(trainer, seq_len)
     peak = peak_flops(device)
     result = {
         "variant": name, "options": options, "preset": args.preset, "device": str(device),
         "batch_size": args.batch_size, "seq_len": seq_len, "tokens_per_step": tokens_per_step,
-        "tokens_per_s": tokens_per_s,
+        "world_size": world, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world,
         "tokens_per_s_sync_each_step": tokens_per_step / statistics.median(step_times),
-        "mfu": tokens_per_s * flops / peak if peak else None,
+        "mfu": tokens_per_s / world * flops / peak if peak else None,
         "model_tflops": tokens_per_s * flops / 1e12,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "first_step_s": first_step_s, "first_loss": first_loss, "last_loss": last_loss,
@@ -147,8 +190,64 @@ def time_variant(args: argparse.Namespace, name: str, options: dict[str, str], k
         "joules_per_token": power.energy_j / (tokens_per_step * args.steps) if power else None,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+    if profile is not None:
+        result["profile"] = profile
     if keep_trainer:
         result["_trainer"] = trainer
+    return result
+
+
+def profile_steps(trainer: SiteTrainer, batch: list[tuple[torch.Tensor, torch.Tensor]], folder: Path) -> dict[str, Any]:
+    """Two steps under torch.profiler: the kernel table (by device time) and a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in range(2):
+            trainer.train_step(*batch[step % 2], lr=1e-4)
+        synchronize(trainer.device)
+    sort_by = "cuda_time_total" if trainer.device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
+    (folder / "kernels.txt").write_text(table)
+    prof.export_chrome_trace(str(folder / "trace.json"))
+    return {"table": str(folder / "kernels.txt"), "trace": str(folder / "trace.json")}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _data_parallel_worker(rank: int, world: int, args: argparse.Namespace, name: str, options: dict[str, str],
+                          port: int, results: Any) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        local = copy.copy(args)
+        local.device, local.profile = (f"cuda:{rank}" if cuda else "cpu"), None
+        result = time_variant(local, name, options)
+        if rank == 0:
+            results.put(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def time_data_parallel(args: argparse.Namespace, name: str, options: dict[str, str], world: int) -> dict[str, Any]:
+    """One variant over ``world`` processes (one GPU each): a site's data parallelism."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.spawn(_data_parallel_worker, args=(world, args, name, options, _free_port(), results), nprocs=world)
+    result = results.get()
+    result["variant"] = f"{name}-x{world}"
     return result
 
 
@@ -232,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-sync", action="store_true", help="skip the sync section")
     parser.add_argument("--matmul", action="store_true", help="also time the MLP matmul at width 3413 vs 3456")
     parser.add_argument("--isolate", action="store_true", help="each variant in its own process")
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="also run each variant data parallel over this many GPUs (CPU: gloo processes)")
+    parser.add_argument("--profile", type=Path, default=None, help="profile two steps of the last variant into DIR")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON result here too")
     args = parser.parse_args(argv)
@@ -250,8 +352,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = None
     for index, (name, options) in enumerate(variants):
         last = index == len(variants) - 1
+        # data parallel first: the one-GPU run of the last variant keeps its trainer (GPU memory)
+        parallel = time_data_parallel(args, name, options, args.world_size) if args.world_size > 1 else None
         if args.isolate and not (last and not args.no_sync):
-            command = [sys.executable, __file__, "--preset", args.preset, "--device", args.device,
+            command = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--world-size", "1",
                        "--variant", f"{name}:" + ",".join(f"{k}={v}" for k, v in options.items()),
                        "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                        "--warmup", str(args.warmup), "--no-sync", "--json"]
@@ -269,6 +373,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["variants"].append(result)
         if not args.json:
             print(json.dumps(results["variants"][-1]), flush=True)
+        if parallel is not None:
+            single = results["variants"][-1]
+            if "tokens_per_s" in single:
+                parallel["scaling_efficiency"] = parallel["tokens_per_s_per_device"] / single["tokens_per_s"]
+            results["variants"].append(parallel)
+            if not args.json:
+                print(json.dumps(parallel), flush=True)
     if not args.no_sync and trainer is not None:
         results["sync"] = time_sync(trainer)
     if args.matmul and device.type == "cuda":
@@ -286,12 +397,14 @@ def print_table(results: dict[str, Any]) -> None:
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    print(f"{'variant':<22}{'tok/s':>10}{'tok/s sync':>12}{'MFU':>7}{'peak GiB':>10}{'first s':>9}{'W':>7}")
+    print(f"{'variant':<22}{'tok/s':>10}{'per GPU':>10}{'scaling':>9}{'tok/s sync':>12}{'MFU':>7}{'peak GiB':>10}"
+          f"{'first s':>9}{'W':>7}")
     for row in results["variants"]:
         if "error" in row:
             print(f"{row['variant']:<22} failed: {row['error'][-120:]!r}")
             continue
-        print(f"{row['variant']:<22}{row['tokens_per_s']:>10.0f}{row['tokens_per_s_sync_each_step']:>12.0f}"
+        print(f"{row['variant']:<22}{row['tokens_per_s']:>10.0f}{row['tokens_per_s_per_device']:>10.0f}"
+              f"{fmt(row.get('scaling_efficiency'), '.1%'):>9}{row['tokens_per_s_sync_each_step']:>12.0f}"
               f"{fmt(row['mfu'], '.1%'):>7}{fmt(row['peak_memory_gib'], '.1f'):>10}"
               f"{row['first_step_s']:>9.1f}{fmt(row['power_w'], '.0f'):>7}")
     for key, value in results.get("sync", {}).items():
