@@ -29,7 +29,6 @@ own process so peak memory is per variant.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -49,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from curtail.training.averaging import compress, decompress, make_outer_optimizer, pseudo_gradient  # noqa: E402
-from curtail.training.loop import SiteTrainer  # noqa: E402
-from curtail.training.model import count_parameters, get_spec  # noqa: E402
-from curtail.training.power import PowerSampler  # noqa: E402
+from curtail.training.averaging import compress, decompress, make_outer_optimizer, pseudo_gradient
+from curtail.training.loop import SiteTrainer
+from curtail.training.model import count_parameters, get_spec
+from curtail.training.power import PowerSampler
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_VARIANTS = {"cpu": ["eager:compile=0"], "cuda": ["compiled:compile=1,micro=8"]}
