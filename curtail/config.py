@@ -11,10 +11,12 @@ Instants are tz-aware datetimes (TOML offset date-times, e.g. ``2026-01-11T17:00
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,7 +26,8 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf or NaN in a duration, power, budget or throughput is always a typo (TOML reads `inf`)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,6 +463,12 @@ class RunSpec(StrictModel):
             raise ValueError(f"sites listed twice: {sites}")
         return sites
 
+    @model_validator(mode="after")
+    def _start_before_deadline(self) -> RunSpec:
+        if self.start is not None and self.deadline is not None and self.deadline <= self.start:
+            raise ValueError(f"deadline ({self.deadline.isoformat()}) must be after start ({self.start.isoformat()})")
+        return self
+
 
 class ExperimentConfig(StrictModel):
     """A set of runs sharing traces, sites and defaults (one TOML file)."""
@@ -494,7 +503,7 @@ class ExperimentConfig(StrictModel):
                     base = data.get(section, {})
                     if isinstance(base, BaseModel):
                         base = base.model_dump()
-                    if isinstance(run.get(section), dict):
+                    if isinstance(run.get(section), dict) and isinstance(base, dict):  # else: reported below
                         run[section] = {**base, **run[section]}
             merged.append(run)
         return {**data, "runs": merged}
@@ -539,13 +548,55 @@ class ExperimentConfig(StrictModel):
         raise ConfigError(f"no run named {name!r}; runs: {[r.name for r in self.runs]}")
 
 
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the config accepts at ``loc`` (where pydantic found an unknown key), best effort."""
+    annotation: Any = ExperimentConfig
+    parts = list(loc)
+    while True:
+        origin, args = get_origin(annotation), get_args(annotation)
+        if origin is Annotated:
+            annotation = args[0]
+        elif origin in (Union, UnionType):  # pydantic puts a tagged member's tag (or class name) in loc
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            tagged = [
+                m for m in models if parts and parts[0] in (m.__name__, getattr(m.model_fields.get("kind"), "default", None))
+            ]
+            if tagged:
+                annotation = tagged[0]
+                parts.pop(0)
+            elif len(models) == 1:
+                annotation = models[0]
+            else:
+                return []
+        elif not parts:
+            break
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif origin in (list, tuple, dict) and args:
+            parts.pop(0)
+            annotation = args[-1]
+        else:
+            return []
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
-    for item in error.errors():
+    errors = error.errors()
+    top_level = {(tuple(item["loc"]), item["type"]) for item in errors}
+    for item in errors:
+        loc = item["loc"]
+        if loc[:1] == ("runs",) and loc[2:3] in (("rules",), ("execution",)) and (loc[2:], item["type"]) in top_level:
+            continue  # the experiment's value merged into a run's override: reported once, at the experiment
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key (typo or renamed field?); remove it or fix its name"
+            close = difflib.get_close_matches(str(item["loc"][-1]), _keys_at(item["loc"][:-1]), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown key (typo or renamed field?); {hint}remove it or fix its name"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
@@ -553,8 +604,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
 def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """Make trace, forecast and output paths relative to the config file's folder."""
 
-    def fix(entry: Any) -> Any:
-        if isinstance(entry, dict) and "path" in entry and not Path(entry["path"]).is_absolute():
+    def fix(entry: Any) -> Any:  # a path that is not a string is left for validation to name
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not Path(entry["path"]).is_absolute():
             return {**entry, "path": str(base_dir / entry["path"])}
         return entry
 
@@ -567,14 +618,16 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         training = dict(training)
         for key in ("corpus", "heldout"):
             if isinstance(training.get(key), list):
-                training[key] = [p if Path(p).is_absolute() else str(base_dir / p) for p in training[key]]
+                training[key] = [
+                    str(base_dir / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in training[key]
+                ]
         data["training"] = training
     return data
 
 
 def parse_experiment(data: dict[str, Any], *, source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
     """Validate a config dict (from TOML or a notebook); paths resolve against ``base_dir``."""
-    if base_dir is not None:
+    if base_dir is not None and isinstance(data, dict):
         data = _resolve_paths(data, base_dir)
     try:
         return ExperimentConfig.model_validate(data)
@@ -597,7 +650,9 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error}); save the config as UTF-8") from None
+    except (ValueError, RecursionError) as error:  # TOMLDecodeError; over-long integers; deep nesting
+        raise ConfigError(f"{path}: not valid TOML: {error or type(error).__name__}") from None
     return parse_experiment(data, source=str(path), base_dir=path.parent.resolve())
