@@ -39,6 +39,7 @@ from curtail.runlog import (
     package_versions,
     write_run_dir,
 )
+from curtail.tracking import check_available, log_run
 
 SUMMARY_COLUMNS = [
     "run",
@@ -166,9 +167,11 @@ def simulate(
         runs: names of runs to simulate (default: all).
         output_dir: root for run directories (default: the config's ``output_dir``);
             each run goes to ``output_dir/<experiment>/<run>``.
-        write: set False to keep everything in memory.
+        write: set False to keep everything in memory (and log nothing to ``[tracking]``).
     """
     experiment = as_experiment(config)
+    if write:
+        check_available(experiment.tracking)
     traces, forecasts = load_experiment_traces(experiment)
     selected = [experiment.run(name) for name in runs] if runs is not None else list(experiment.runs)
     root = Path(output_dir) if output_dir is not None else experiment.output_dir
@@ -190,6 +193,7 @@ def simulate(
         )
         if write:
             write_run_dir(record, root / experiment.name / run.name)
+            log_run(record, experiment.tracking)
         records.append(record)
     return SimulationResult(experiment, records)
 
@@ -268,6 +272,7 @@ def run(
             config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
         experiment = as_experiment(config)
     spec = experiment.run(run) if run is not None else experiment.runs[0]
+    check_available(experiment.tracking)  # before any training: a missing package names its pip command
     traces, forecasts = load_experiment_traces(experiment)
     plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
     if resume is None:
@@ -323,4 +328,5 @@ def run(
     record.losses = losses_frame(artifacts.trajectory)
     record.timings = pd.DataFrame([vars(t) for t in artifacts.timings])
     write_run_dir(record, run_dir)
+    log_run(record, experiment.tracking)  # TensorBoard / MLflow, if [tracking] turns them on
     return RunResult(record.summary, run_dir, record)

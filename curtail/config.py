@@ -421,6 +421,34 @@ class SweepConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
+# Tracking
+
+
+class TrackingConfig(StrictModel):
+    """Optional experiment tracking (``[tracking]``), off by default.
+
+    ``tensorboard`` writes event files to ``<run_dir>/tensorboard/``; ``mlflow`` logs params,
+    metrics over the run's clock and the summary to an MLflow store: by default a local file
+    store in the run directory (``file:<run_dir>/mlruns``; a sweep: ``file:<sweep dir>/mlruns``),
+    else ``mlflow_tracking_uri`` (a path, ``file:``, ``sqlite:///...`` or a server URL).
+    Needs ``pip install 'curtail[tracking]'``.
+    """
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="default: file:<run_dir>/mlruns; relative paths resolve against the working directory"
+    )
+    experiment_name: str | None = Field(
+        default=None, description="MLflow experiment (default: the experiment's name; sweeps add '-sweep')"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow
+
+
+# --------------------------------------------------------------------------------------------
 # Runs and the experiment
 
 
@@ -485,6 +513,7 @@ class ExperimentConfig(StrictModel):
     training: TrainingConfig = TrainingConfig()
     output_dir: Path = Path("runs")
     sweep: SweepConfig | None = None
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="before")
     @classmethod

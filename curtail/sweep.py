@@ -54,6 +54,7 @@ from curtail.planning.plan import load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.planning.summary import summarize
 from curtail.planning.traces import Forecast, TraceSet
+from curtail.tracking import check_available, tune_callbacks
 
 METRICS = (
     "emissions_kg",
@@ -440,6 +441,7 @@ def sweep(
     )
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_available(experiment.tracking)
     traces, forecasts = load_experiment_traces(experiment)
     experiment_data = experiment.model_dump(mode="json", exclude={"sweep"})
     # fail before any trial if the space does not make valid runs
@@ -485,24 +487,26 @@ def sweep(
         from ray.tune.logger import JsonLoggerCallback
         from ray.tune.search import BasicVariantGenerator
 
-        tuner = tune.Tuner(
-            tune.with_resources(function, {"CPU": spec.cpus_per_trial}),
-            param_space=param_space(spec),
-            tune_config=tune.TuneConfig(
-                num_samples=spec.num_samples,
-                search_alg=BasicVariantGenerator(
-                    random_state=spec.seed, max_concurrent=spec.max_concurrent_trials
+        # [tracking]: Tune's TensorBoard and MLflow logger callbacks, one MLflow run per trial
+        with tune_callbacks(experiment.tracking, out, f"{experiment.name}-sweep") as trackers:
+            tuner = tune.Tuner(
+                tune.with_resources(function, {"CPU": spec.cpus_per_trial}),
+                param_space=param_space(spec),
+                tune_config=tune.TuneConfig(
+                    num_samples=spec.num_samples,
+                    search_alg=BasicVariantGenerator(
+                        random_state=spec.seed, max_concurrent=spec.max_concurrent_trials
+                    ),
+                    reuse_actors=True,
                 ),
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=f"{experiment.name}-sweep",
-                storage_path=str(out / "tune"),
-                verbose=verbose,
-                callbacks=[JsonLoggerCallback()],
-            ),
-        )
-        grid = tuner.fit()
+                run_config=tune.RunConfig(
+                    name=f"{experiment.name}-sweep",
+                    storage_path=str(out / "tune"),
+                    verbose=verbose,
+                    callbacks=[JsonLoggerCallback(), *trackers],
+                ),
+            )
+            grid = tuner.fit()
         wall_s = time.perf_counter() - started
         trials = grid.get_dataframe()
     finally:
