@@ -216,6 +216,11 @@ class TrainingConfig(StrictModel):
         description="training power in the accounting: the sites' configured watts, or NVML-measured GPU watts "
         "(per GPU, times the site's num_gpus); falls back to the model, with a warning, where NVML is missing",
     )
+    checkpoint_interval_s: float = Field(
+        default=600.0, gt=0,
+        description="single-site mode: deliver the site's weights and checkpoint the run at least this often "
+        "(seconds of the run's clock); federated runs checkpoint at every sync",
+    )
 
     @model_validator(mode="after")
     def _phases_fit(self) -> TrainingConfig:

@@ -73,6 +73,51 @@ def test_checkpoint_round_trip_and_torn_checkpoints(tmp_path):
         read_checkpoint(latest)
 
 
+def test_journal_says_exactly_what_a_resume_trains_again(tmp_path):
+    from curtail.runtime.checkpoint import LedgerJournal, audit_journal, lost_since, read_journal
+    from curtail.training.ledger import DataLedger
+
+    ledger = DataLedger(total_tokens=200, block_tokens=10)
+    journal = LedgerJournal(tmp_path)
+
+    def train(site: str, tokens: int, deliver: bool = True):
+        token_range = ledger.claim(site, tokens)
+        journal.append("trained", site, [[0, token_range.start, token_range.end]], t_s=float(journal.seq))
+        if deliver:
+            ledger.complete(site, token_range, tokens)
+            journal.append("delivered", site, [[0, token_range.start, token_range.end]])
+        return token_range
+
+    train("a", 30)
+    mark, saved = journal.seq, ledger.to_dict()  # a checkpoint: [0, 30) is safe
+    train("a", 20)  # [30, 50) delivered after the checkpoint
+    train("b", 20, deliver=False)  # [50, 70): b dies, its claim goes back
+    ledger.record_retrained("site_failure:b", [(0, 50, 70)])
+    journal.append("released", "b", [[0, 50, 70]])
+    ledger.release("b")
+    train("a", 30, deliver=False)  # [50, 80) in flight when the coordinator dies
+    with open(journal.path, "a") as torn:
+        torn.write('{"seq": 99, "kind": "trai')  # the crash tore the last line
+    lost = lost_since(read_journal(journal.path), mark)
+    assert lost["ranges"] == [[0, 30, 80]] and lost["tokens"] == 50 and lost["delivered_tokens"] == 20
+    assert lost["site_failures"] == [["b", 0, 50, 70]]
+    # resume: the checkpoint's ledger, the lost work recorded (b's too: the checkpoint predates it)
+    ledger = DataLedger.from_dict(saved)
+    ledger.record_retrained("site_failure:b", [tuple(r[1:]) for r in lost["site_failures"]])
+    ledger.record_retrained("resume:000001", [tuple(r) for r in lost["ranges"]])
+    journal = LedgerJournal(tmp_path)
+    journal.append("resume", "")
+    assert lost_since(read_journal(journal.path), mark)["tokens"] == 0  # counted once only
+    train("a", 50)
+    (tmp_path / "ledger.json").write_text(json.dumps(ledger.to_dict()))
+    audit = audit_journal(tmp_path)
+    assert audit["mismatched_tokens"] == 0
+    assert audit["journal_trained_tokens"] == 30 + 20 + 20 + 30 + 50
+    assert audit["retrained_tokens"] == 20 + 50  # b's loss, then the crash's
+    train("a", 10)  # trained but not in the ledger file: the audit sees it
+    assert audit_journal(tmp_path)["mismatched_tokens"] == 10
+
+
 def _kill_once(what: str, after_tokens: float):
     killed: dict = {}
 

@@ -3,19 +3,30 @@
 The run must go on: the round completes with the other site, the dead site's undelivered
 token ranges go back to the ledger, the site re-provisions and rejoins from the newest global
 weights while its window is open, and at the end tokens trained = tokens in the ledger, with
-every range trained once.
+every range trained once except the ranges the ledger journals as re-trained (b's
+undelivered round). A second case drains b 2 s into a federated sync (its window closes while
+its round is being averaged): nothing is lost and the run matches its simulation.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import signal
+import sys
+from pathlib import Path
 
 import pytest
-
-from runtime_fixtures import tiny_experiment
+from runtime_fixtures import STEP_TOKENS, tiny_experiment
 
 pytestmark = pytest.mark.slow
+
+
+def mid_round(experiment: dict) -> dict:
+    """Progress (and so the fault) every 240 s of the run's clock, not only at the round ends:
+    the kill lands mid-round, with work trained and not yet delivered."""
+    return {**experiment, "training": {**experiment["training"], "checkpoint_interval_s": 240}}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +42,7 @@ def killed_run(ray_cluster, tmp_path_factory):
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, clock=progress["clock"], tokens=progress["tokens"])
 
-    result = curtail.run(tiny_experiment(tmp), output_dir=tmp / "runs", on_progress=kill_b_once,
+    result = curtail.run(mid_round(tiny_experiment(tmp)), output_dir=tmp / "runs", on_progress=kill_b_once,
                          progress_interval_s=0.3)
     assert killed, "the run never reached the point where the fault is injected"
     return result, killed
@@ -40,7 +51,7 @@ def killed_run(ray_cluster, tmp_path_factory):
 def test_the_run_survives_and_the_site_rejoins(killed_run):
     from curtail.runlog import read_run_dir
 
-    result, killed = killed_run
+    result, _ = killed_run
     events = read_run_dir(result.run_dir).events
     failures = events[(events.event == "failure") & (events.site == "b")]
     assert len(failures) == 1
@@ -60,3 +71,47 @@ def test_no_token_is_lost_or_counted_twice(killed_run):
     assert summary["ledger_trained_by_site"] == {k: int(v) for k, v in summary["tokens_by_site"].items()}
     assert summary["tokens_lost_to_failures"] >= 0
     # the ledger's own invariant check ran at the end of the run (it raises on overlap or loss)
+
+
+def test_the_ledger_journals_exactly_what_b_lost_and_it_was_trained_again(killed_run):
+    from curtail.runtime.checkpoint import audit_journal
+
+    result, _ = killed_run
+    summary = result.summary
+    retrained = summary["ledger_retrained"]
+    assert retrained and {cause for cause, *_ in retrained} == {"site_failure:b"}
+    assert summary["ledger_retrained_tokens"] == sum(end - start for _, _, start, end in retrained)
+    assert summary["ledger_retrained_tokens"] == summary["tokens_lost_to_failures"]
+    # every position the journal says was trained is in the final ledger once, plus once per re-training
+    assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
+    release = result.record.events.query("event == 'ledger_release'")
+    assert json.loads(release.details.iloc[0])["retrained_tokens"] == summary["ledger_retrained_tokens"]
+
+
+def _bench():
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("bench_faults")
+
+
+def test_a_site_drained_during_a_sync_keeps_its_round(ray_cluster, tmp_path):
+    import curtail
+    from curtail.runtime.checkpoint import audit_journal
+
+    experiment, sync_s = _bench().drain_during_sync(tiny_experiment(tmp_path))
+    result = curtail.run(experiment, output_dir=tmp_path / "runs")
+    events = result.record.events
+    drain = events[(events.event == "drain") & (events.site == "b")]
+    assert len(drain) == 1 and json.loads(drain.details.iloc[0])["previous"] == "syncing"
+    assert drain.t_s.iloc[0] == pytest.approx(sync_s + 2.0)
+    sync = events[(events.event == "sync") & (events.t_s == sync_s)]
+    assert json.loads(sync.details.iloc[0])["sites"] == ["a", "b"]  # b's round went into the average
+    summary = result.summary
+    assert summary["site_failures"] == 0 and summary["ledger_retrained_tokens"] == 0
+    assert summary["tokens"] == summary["ledger_trained_tokens"]
+    simulated = curtail.simulate(experiment, write=False).records[0].summary["tokens"]
+    assert abs(summary["tokens"] - simulated) < 2 * STEP_TOKENS  # whole steps vs the simulator's fractions
+    assert all(len(entry["digests"]) == 1 for entry in summary["weight_digests"])
+    assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
+    assert summary["stop_reason"] == "trace_end" and "trace_end" in set(events.event)

@@ -243,3 +243,20 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_ledger_state_machine = LedgerMachine.TestCase
+
+
+def test_retrained_ranges_are_recorded_and_survive_a_checkpoint() -> None:
+    ledger = DataLedger(total_tokens=100, block_tokens=10)
+    lost = ledger.claim("a", 30)
+    ledger.record_retrained("site_failure:a", [(lost.epoch, lost.start, lost.start + 20)])
+    ledger.release("a")
+    assert ledger.retrained_tokens == 20
+    restored = DataLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
+    assert [(r.cause, r.epoch, r.start, r.end) for r in restored.retrained] == [("site_failure:a", 0, 0, 20)]
+    # the lost positions are the next ones handed out: they are what gets trained again
+    assert restored.claim("b", 20) == TokenRange(0, 20, 0)
+    with pytest.raises(LedgerError, match="not inside an opened epoch"):
+        ledger.record_retrained("resume:000001", [(3, 0, 10)])
+    state = ledger.to_dict()
+    del state["retrained"]  # a checkpoint written before re-training was recorded
+    assert DataLedger.from_dict(state).retrained == []

@@ -16,6 +16,7 @@ global model in the Hugging Face format.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import os
 import time
@@ -33,7 +34,15 @@ from curtail.planning.policy import Policy, PolicyContext
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
 from curtail.runtime.averager import Averager
-from curtail.runtime.checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from curtail.runtime.checkpoint import (
+    JOURNAL,
+    LedgerJournal,
+    latest_checkpoint,
+    lost_since,
+    read_checkpoint,
+    read_journal,
+    write_checkpoint,
+)
 from curtail.runtime.evaluator import Evaluator
 from curtail.runtime.mailbox import Mailbox
 from curtail.runtime.sites import SiteFailure, SiteGroup, site_resource
@@ -93,7 +102,7 @@ class RunArtifacts:
 class RayExecutor(Executor):
     """The executor state machine with real training on Ray; see the module doc."""
 
-    max_segment_s = 600.0  # progress (and, later, single-site checkpoints) at least every 10 minutes
+    max_segment_s = 600.0  # progress at least every 10 minutes of the run's clock
 
     def __init__(
         self,
@@ -110,6 +119,7 @@ class RayExecutor(Executor):
         single_publish_interval_s: float = 600.0,
         checkpoint_dir: Path | None = None,
         on_progress: Any = None,
+        deadline_is_trace_end: bool = False,
     ):
         super().__init__(context, policy)
         self.groups = groups
@@ -140,12 +150,18 @@ class RayExecutor(Executor):
         self.checkpointed_version = 0
         self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._checkpoint_write: concurrent.futures.Future | None = None
+        # single-site mode delivers (and so checkpoints) at least this often on the run's clock
         self.single_publish_interval_s = single_publish_interval_s
+        self.max_segment_s = min(self.max_segment_s, single_publish_interval_s)
+        self.journal = LedgerJournal(checkpoint_dir) if checkpoint_dir is not None else None
+        self.deadline_is_trace_end = deadline_is_trace_end
+        self._resume_note: dict[str, Any] | None = None
 
     def run(self, resume_from: dict[str, Any] | None = None) -> Trajectory:
         self.wall_start = time.time()
         if resume_from is not None:
             self._restore_bookkeeping(resume_from["coordinator"])
+            self._journal_resume(resume_from)
             for name, saved in resume_from["executor"]["recorder"]["state"].items():
                 if saved != "off":  # its nodes were up: bring the worker group back
                     self.groups[name].start()
@@ -160,7 +176,43 @@ class RayExecutor(Executor):
             "last_publish_s": dict(self.last_publish_s), "digests": list(self.digests),
             "checkpoint_sequence": self.checkpoint_sequence,
             "timings": [vars(t) for t in self.timings],
+            "journal_seq": self.journal.seq if self.journal is not None else 0,
+            "wall_time": time.time(),
         }
+
+    def _journal(self, kind: str, site: str, ranges: list[list[int]], t_s: float, **details: Any) -> None:
+        if self.journal is not None and ranges:
+            self.journal.append(kind, site, ranges, t_s=t_s, wall=time.time(), **details)
+
+    def _journal_resume(self, resume_from: dict[str, Any]) -> None:
+        """The work journaled after the checkpoint is lost with the crash: record it in the
+        ledger as re-trained (its ranges are back in the pool, lowest first, so they are the
+        next to train) and say so in the journal and, once the recorder is back, the events."""
+        if self.journal is None:
+            return
+        saved, checkpoint_t_s = resume_from["coordinator"], float(resume_from["executor"]["t_s"])
+        lost = lost_since(read_journal(self.journal.path), int(saved.get("journal_seq", 0)))
+        cause = f"resume:{resume_from.get('checkpoint', '')}"
+        for site, epoch, start, end in lost["site_failures"]:  # recorded after the checkpoint: again
+            self.ledger.record_retrained(f"site_failure:{site}", [(epoch, start, end)])
+        self.ledger.record_retrained(cause, [tuple(r) for r in lost["ranges"]])
+        saved_wall = saved.get("wall_time")
+        note = {
+            "checkpoint": resume_from.get("checkpoint", ""), "ranges": lost["ranges"], "tokens": lost["tokens"],
+            "delivered_tokens": lost["delivered_tokens"], "checkpoint_t_s": checkpoint_t_s,
+            "virtual_s_lost": max(0.0, (lost["last_t_s"] or checkpoint_t_s) - checkpoint_t_s),
+            "wall_s_lost": None if saved_wall is None else time.time() - float(saved_wall),
+        }
+        self.journal.append("resume", "", [], t_s=checkpoint_t_s, wall=time.time(),
+                            **{k: v for k, v in note.items() if k != "ranges"}, lost_ranges=lost["ranges"])
+        self._resume_note = note
+
+    def restore(self, state: dict[str, Any]) -> tuple[float, float]:
+        t_s, next_decision_s = super().restore(state)
+        if self._resume_note is not None:  # the recorder is the checkpoint's again: add the event now
+            self.recorder.event(t_s, "", "retrained", **self._resume_note)
+            self._resume_note = None
+        return t_s, next_decision_s
 
     def _restore_bookkeeping(self, saved: dict[str, Any]) -> None:
         self.global_version = self.checkpointed_version = saved["global_version"]
@@ -240,10 +292,12 @@ class RayExecutor(Executor):
     def _broadcast(self, sites: list[str], command: dict[str, Any], t_s: float, round_index: int) -> dict[str, dict[str, Any]]:
         return self._exchange({site: command for site in sites}, t_s, round_index)
 
-    def _complete_ledger(self, site: str) -> None:
+    def _complete_ledger(self, site: str, t_s: float) -> None:
         """The site's work has entered the global model: record its ranges as trained."""
         for token_range, trained in self.pending[site]:
             self.ledger.complete(site, token_range, trained)
+        self._journal("delivered", site, [[r.epoch, r.start, r.start + n] for r, n in self.pending[site] if n],
+                      t_s)
         self.pending[site] = []
         self.round_tokens[site] = 0.0
 
@@ -274,14 +328,14 @@ class RayExecutor(Executor):
             if self.round_tokens[site] > 0
         }
         for site in self._exchange(commands, t_s, round_index):
-            self._complete_ledger(site)
+            self._complete_ledger(site, t_s)
 
     def _publish(self, site: str, t_s: float, round_index: int) -> None:
         for result in self._exchange({site: {"kind": "publish"}}, t_s, round_index).values():
             self.global_version = result["version"]
             self.loaded_version[site] = self.global_version
             self.last_publish_s[site] = t_s
-            self._complete_ledger(site)
+            self._complete_ledger(site, t_s)
 
     def _evaluate(self, t_s: float) -> None:
         """Score this sync's global weights in the background (no site waits for it)."""
@@ -303,12 +357,16 @@ class RayExecutor(Executor):
             remaining -= token_range.num_tokens
         return ranges
 
-    def _record_trained(self, site: str, ranges: list[TokenRange], trained_tokens: int) -> None:
+    def _record_trained(self, site: str, ranges: list[TokenRange], trained_tokens: int, t_s: float) -> None:
         """Split the trained tokens over the claimed ranges in order; the rest goes back later."""
+        journaled = []
         for token_range in ranges:
             trained = min(token_range.num_tokens, trained_tokens)
             self.pending[site].append((token_range, trained))
             trained_tokens -= trained
+            if trained:
+                journaled.append([token_range.epoch, token_range.start, token_range.start + trained])
+        self._journal("trained", site, journaled, t_s)
 
     # ------------------------------------------------------------------ executor hooks
 
@@ -339,7 +397,7 @@ class RayExecutor(Executor):
         self._load([s for s in commands if self.loaded_version[s] < 0], start_s, index)  # e.g. after a resume
         commands = {s: c for s, c in commands.items() if self.groups[s].running}
         for site, result in self._exchange(commands, end_s, index).items():
-            self._record_trained(site, claims[site], int(result["tokens"]))
+            self._record_trained(site, claims[site], int(result["tokens"]), end_s)
             if result["steps"]:
                 self.step_wall_s[site] = result["wall_s"] / result["steps"]
             tokens[site] = float(result["tokens"])
@@ -392,9 +450,13 @@ class RayExecutor(Executor):
         self.loaded_version[site] = -1
 
     def on_failure(self, site: str, t_s: float) -> None:
+        lost = [(r.epoch, r.start, r.start + n) for r, n in self.pending[site] if n]  # trained, never delivered
+        self.ledger.record_retrained(f"site_failure:{site}", lost)
         released = self.ledger.release(site)
+        self._journal("released", site, [[r.epoch, r.start, r.end] for r in released], t_s)
         self.recorder.event(t_s, site, "ledger_release", ranges=[[r.start, r.end, r.epoch] for r in released],
-                            tokens=sum(r.num_tokens for r in released))
+                            tokens=sum(r.num_tokens for r in released),
+                            retrained_tokens=sum(end - start for _, start, end in lost))
         self.pending[site] = []
         self.round_tokens[site] = 0.0
         self.carry_steps[site] = 0.0
@@ -402,6 +464,13 @@ class RayExecutor(Executor):
         self.groups[site].abandon()
 
     def on_finish(self, t_s: float, completed: bool) -> None:
+        if not completed and self.deadline_is_trace_end:
+            # the carbon signal ran out before the budget: the fallback is to stop here and keep
+            # the global model trained so far (final, saved, evaluated); nothing is extrapolated
+            self.recorder.event(t_s, "", "trace_end", tokens=round(self.tokens),
+                                token_budget=self.context.token_budget,
+                                missing_tokens=round(max(0.0, self.context.token_budget - self.tokens)),
+                                fallback="stop")
         if self.round is not None and self.round.members:
             members = sorted(self.round.members)
             if self.round.kind is RunMode.SINGLE:
@@ -517,12 +586,15 @@ class Coordinator:
             plan.context, plan.policy, groups=groups, averager=averager, ledger=ledger,
             tokens_per_step=tokens_per_step, evaluator=evaluator, clock=training.clock,
             realtime_speedup=training.realtime_speedup, checkpoint_dir=self.run_dir,
-            on_progress=self._report_progress,
+            single_publish_interval_s=training.checkpoint_interval_s,
+            on_progress=self._report_progress, deadline_is_trace_end=self.run_spec.deadline is None,
         )
         started = time.perf_counter()
         try:
             trajectory = executor.run(
-                resume_from=None if checkpoint is None else {"executor": checkpoint.executor, "coordinator": checkpoint.coordinator}
+                resume_from=None if checkpoint is None else {
+                    "executor": checkpoint.executor, "coordinator": checkpoint.coordinator, "checkpoint": checkpoint.path.name,
+                }
             )
         finally:
             for group in groups.values():
@@ -531,6 +603,8 @@ class Coordinator:
                         group.stop()
                     except SiteFailure:
                         pass
+            if executor.journal is not None:
+                executor.journal.close()
         wall_s = time.perf_counter() - started
         self._progress = {"phase": "evaluating the final global model"}
         final = averager.get_global.remote()
@@ -538,6 +612,8 @@ class Coordinator:
         model_dir = Path(ray.get(evaluator.save.remote(final, str(self.run_dir / "model"), None)))
         tokenizer.save_pretrained(model_dir)
         ledger.check_invariants()
+        (self.run_dir / "ledger.json").write_text(json.dumps(ledger.to_dict()))
+        journal = read_journal(self.run_dir / JOURNAL)
         extra = {
             "final_eval_loss": final_eval_loss,
             "model_dir": str(model_dir),
@@ -548,6 +624,12 @@ class Coordinator:
             "ledger_trained_tokens": ledger.trained_tokens,
             "ledger_trained_by_site": ledger.trained_by_site,
             "ledger_epochs": ledger.epoch + 1 if ledger.trained_tokens else 0,
+            "ledger_retrained_tokens": ledger.retrained_tokens,
+            "ledger_retrained": [[r.cause, r.epoch, r.start, r.end] for r in ledger.retrained],
+            "resumes": [{k: v for k, v in e.items() if k not in ("seq", "kind", "site", "ranges")}
+                        for e in journal if e["kind"] == "resume"],
+            "stop_reason": "budget_reached" if trajectory.completed
+            else ("trace_end" if executor.deadline_is_trace_end else "deadline"),
             "wall_s": wall_s,
             "site_failures": sum(1 for e in trajectory.events if e.event == "failure"),
             "tokens_lost_to_failures": sum(e.details.get("lost_tokens", 0.0) for e in trajectory.events if e.event == "failure"),

@@ -104,10 +104,10 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import torch
 
-    from curtail.training.power import PowerSampler
     from curtail.training.data import TokenCorpus
     from curtail.training.loop import SiteTrainer
     from curtail.training.model import ModelSpec
+    from curtail.training.power import PowerSampler
     from curtail.training.schedule import LRSchedule
 
     site: str = config["site"]

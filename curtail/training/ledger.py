@@ -26,6 +26,11 @@ Everything is in whole **blocks** of ``block_tokens`` (e.g. one batch,
 fragments into pieces too small to train. A tail of fewer than ``block_tokens`` positions at
 the end of the corpus is never handed out (``unused_tail_tokens``).
 
+Work trained but lost before it entered a kept global model — a site that died mid-round, or
+everything after the last checkpoint when the coordinator died — is trained again from the
+pool. ``record_retrained`` notes those positions and why (``retrained``), so a run can say
+exactly which tokens it trained twice.
+
 Pure Python (no torch); ``to_dict``/``from_dict`` give a JSON-safe checkpoint.
 
 Example::
@@ -83,6 +88,21 @@ class TrainedSegment:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class RetrainedRange:
+    """Positions ``[start, end)`` of ``epoch`` whose training was lost and is done again;
+    ``cause`` says why (``"site_failure:<site>"``, ``"resume:<checkpoint>"``)."""
+
+    cause: str
+    epoch: int
+    start: int
+    end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
 @dataclass
 class EpochRecord:
     """One pass over the corpus: when it opened, its free positions and what was trained."""
@@ -119,6 +139,7 @@ class DataLedger:
         self._outstanding: dict[str, list[TokenRange]] = {}
         self._trained_by_site: dict[str, int] = {}
         self._trained_tokens = 0
+        self._retrained: list[RetrainedRange] = []
 
     # ---------------------------------------------------------------------------------------
     # Sizes
@@ -171,6 +192,15 @@ class DataLedger:
     def num_epochs_completed(self) -> int:
         """Epochs with every usable position trained."""
         return sum(1 for record in self._epochs if record.trained_tokens == self.usable_tokens)
+
+    @property
+    def retrained(self) -> list[RetrainedRange]:
+        """Every range whose training was lost and repeated, in the order recorded (a copy)."""
+        return list(self._retrained)
+
+    @property
+    def retrained_tokens(self) -> int:
+        return sum(r.num_tokens for r in self._retrained)
 
     def segments(self, site: str | None = None) -> list[TrainedSegment]:
         """What was trained, in completion order per epoch; only ``site``'s if given."""
@@ -263,6 +293,17 @@ class DataLedger:
         """Return every outstanding claim to the pool (e.g. on resume from a checkpoint)."""
         return [r for site in list(self._outstanding) for r in self.release(site)]
 
+    def record_retrained(self, cause: str, ranges: list[tuple[int, int, int]]) -> list[RetrainedRange]:
+        """Note that the positions ``(epoch, start, end)`` were trained, lost, and go back to be
+        trained again (the caller releases them); returns what was recorded."""
+        recorded = []
+        for epoch, start, end in ranges:
+            if not 0 <= epoch < len(self._epochs) or not 0 <= start < end <= self.usable_tokens:
+                raise LedgerError(f"re-trained range {[epoch, start, end]} is not inside an opened epoch")
+            recorded.append(RetrainedRange(cause, int(epoch), int(start), int(end)))
+        self._retrained.extend(recorded)
+        return recorded
+
     # ---------------------------------------------------------------------------------------
     # Checks and checkpoints
 
@@ -332,6 +373,7 @@ class DataLedger:
                 for site, claims in self._outstanding.items()
                 if claims
             },
+            "retrained": [[r.cause, r.epoch, r.start, r.end] for r in self._retrained],
         }
 
     @classmethod
@@ -357,6 +399,10 @@ class DataLedger:
                     ledger._record_trained(record, str(site), int(start), int(end), merge=False)
             for site, claims in state["outstanding"].items():
                 ledger._outstanding[str(site)] = [TokenRange(*map(int, c)) for c in claims]
+            ledger._retrained = [  # absent in checkpoints written before it was kept
+                RetrainedRange(str(cause), int(epoch), int(start), int(end))
+                for cause, epoch, start, end in state.get("retrained", [])
+            ]
         except (KeyError, TypeError, ValueError) as error:
             if isinstance(error, LedgerError):
                 raise
