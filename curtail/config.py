@@ -12,12 +12,12 @@ Instants are tz-aware datetimes (TOML offset date-times, e.g. ``2026-01-11T17:00
 from __future__ import annotations
 
 import difflib
-import tomllib
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 

@@ -87,6 +87,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
             raise TraceError(path, f"column {index + 1} has no name", "name every column in the header", 1)
         if name in names[:index]:
             raise TraceError(path, f"column {name!r} appears twice", "give every column its own name", 1)
+    if not pd.isna(pd.to_datetime(names[0], errors="coerce", format="ISO8601")):
+        raise TraceError(
+            path, f"the first line looks like data ({names[0]!r}), not a header", "add a header line, e.g. time,REGION", 1
+        )
     frame = raw.iloc[1:].reset_index(drop=True).fillna("")
     frame.columns = names
     if frame.shape[0] == 0:
@@ -94,15 +98,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _check_header(path: Path, time_column: str, value_columns: list[str], unit: str) -> None:
-    """A header that is really a data row, or that names a unit other than the declared one."""
-    if not pd.isna(pd.to_datetime(time_column, errors="coerce", format="ISO8601")):
-        raise TraceError(
-            path,
-            f"the first line looks like data ({time_column!r}), not a header",
-            "add a header line, e.g. time,REGION",
-            1,
-        )
+def _check_header(path: Path, value_columns: list[str], unit: str) -> None:
+    """A column of unit names, or a column name that names a unit other than the declared one."""
     for column in value_columns:
         if column.lower() in ("unit", "units"):
             raise TraceError(
@@ -299,7 +296,7 @@ def load_trace(source: TraceSource) -> TraceSet:
     twice = sorted({r for r in regions if regions.count(r) > 1})
     if twice:
         raise TraceError(path, f"several columns would become region {twice[0]!r}", "fix the `columns` mapping")
-    _check_header(path, time_column, value_columns, source.unit)
+    _check_header(path, value_columns, source.unit)
     times_s = parse_times_utc(path, time_column, frame[time_column], source.naive_timezone)
     _check_order(path, times_s, source.max_gap_s)
     steps = np.diff(times_s)
@@ -362,7 +359,7 @@ def load_forecast(source: ForecastSource) -> Forecast:
             "export WattTime forecasts with exactly these three columns",
         )
     value_column = next(c for c in frame.columns if c not in expected)
-    _check_header(path, "request_time", [value_column], source.unit)
+    _check_header(path, [value_column], source.unit)
     request_s = parse_times_utc(path, "request_time", frame["request_time"], source.naive_timezone)
     target_s = parse_times_utc(path, "forecast_time", frame["forecast_time"], source.naive_timezone)
     values = _parse_values(path, value_column, frame[value_column], source.unit)
