@@ -199,3 +199,15 @@ def test_data_parallel_ranks_match_one_big_batch(tokenizer, corpora, tmp_path: P
             np.testing.assert_allclose(result[name], array, atol=1e-5)
     for name in expected:  # both ranks hold identical weights
         assert np.array_equal(ranks[0][name], ranks[1][name])
+
+
+def test_weights_fingerprint_tells_equal_from_different_weights(tokenizer) -> None:
+    a, b = make_trainer(tokenizer, seed=1), make_trainer(tokenizer, seed=2)
+    assert a.weights_fingerprint() != b.weights_fingerprint()
+    b.load_global(a.export_params())
+    assert a.weights_fingerprint() == b.weights_fingerprint()
+    state = a.export_params()
+    name = next(iter(state))
+    state[name].flat[7] = np.nextafter(state[name].flat[7], np.float32(np.inf))  # one ulp of one weight
+    b.load_global(state)
+    assert a.weights_fingerprint() != b.weights_fingerprint()

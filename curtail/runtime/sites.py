@@ -18,7 +18,6 @@ back (Ray Train V2's auto-resume).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -44,14 +43,6 @@ class SiteFailure(RuntimeError):
 def site_resource(site: str) -> str:
     """The custom resource that pins a site's workers to its nodes."""
     return f"site_{site}"
-
-
-def params_digest(params: dict[str, np.ndarray]) -> str:
-    hasher = hashlib.sha256()
-    for name in sorted(params):
-        hasher.update(name.encode())
-        hasher.update(np.ascontiguousarray(params[name], dtype=np.float32).tobytes())
-    return hasher.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +86,8 @@ def _node_ids(world: int) -> list[str]:
 
 def _site_power_w(reading: Any, world: int) -> float | None:
     """The site's measured GPU watts: the sum over its ranks' GPUs, or None unless all measured."""
-    readings = _gather_object(None if reading is None else reading.mean_power_w, world)
+    # the board's energy counter over the command (exact) rather than the mean of ~1-s-averaged samples
+    readings = _gather_object(None if reading is None else reading.energy_j / max(reading.duration_s, 1e-9), world)
     return None if any(r is None for r in readings) else float(sum(readings))
 
 
@@ -185,7 +177,7 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                     trainer.load_global(state)
                     reference = state  # read-only object-store arrays: no copy needed
                 _broadcast_params(trainer, world)
-                digest = params_digest(trainer.export_params()) if rank == 0 else ""
+                digest = trainer.weights_fingerprint() if rank == 0 else ""
                 node_ids = sorted(set(_node_ids(world)))
                 reply({"kind": kind, "version": version, "digest": digest, "node_ids": node_ids, "pid": os.getpid(),
                        "wall_s": time.perf_counter() - started})
@@ -210,7 +202,7 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 loss = trainer.evaluate(heldout, config["eval_batches"], config["eval_batch_size"], seq_len)
                 reply({"kind": kind, "loss": loss, "wall_s": time.perf_counter() - started})
             elif kind == "digest":
-                reply({"kind": kind, "digest": params_digest(trainer.export_params()) if rank == 0 else ""})
+                reply({"kind": kind, "digest": trainer.weights_fingerprint() if rank == 0 else ""})
             elif kind == "stop":
                 with tempfile.TemporaryDirectory() as folder:
                     torch.save(trainer.optimizer_state_dict(), Path(folder) / f"inner_optimizer_rank{rank}.pt")
