@@ -69,3 +69,24 @@ def test_tiny_forward_backward() -> None:
     assert logits.shape == (4, spec.seq_len, spec.vocab_size)
     logits.sum().backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_causal_sdpa_is_the_same_function_as_masked_attention() -> None:
+    """The training attention (SDPA, is_causal, no mask) against eager attention with an
+    explicit causal mask: same logits, and changing a later token leaves earlier logits alone."""
+    from curtail.training.model import CAUSAL_SDPA, use_causal_sdpa
+
+    causal, eager = build_model("tiny", 300, seed=3), build_model("tiny", 300, seed=3)
+    use_causal_sdpa(causal)
+    eager.set_attn_implementation("eager")
+    assert causal.config._attn_implementation == CAUSAL_SDPA
+    tokens = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = eager(input_ids=tokens).logits
+        got = causal(input_ids=tokens).logits
+        changed = tokens.clone()
+        changed[:, 30] = (changed[:, 30] + 1) % 300
+        later = causal(input_ids=changed).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(later[:, :30], got[:, :30])
+    assert not torch.allclose(later[:, 30:], got[:, 30:])

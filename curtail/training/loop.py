@@ -59,7 +59,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from curtail.training.averaging import CompressedState, CompressionDtype, pseudo_gradient
 from curtail.training.data import TokenCorpus
-from curtail.training.model import ModelSpec, build_model, get_spec
+from curtail.training.model import ModelSpec, build_model, get_spec, use_causal_sdpa
 
 #: Gradient elements per all-reduce (64M float32 = 256 MiB of extra memory at most).
 _ALL_REDUCE_BUCKET_NUMEL = 1 << 26
@@ -125,6 +125,7 @@ class SiteTrainer:
         self.spec = get_spec(preset)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LlamaForCausalLM = build_model(self.spec, vocab_size, seed, self.device)
+        use_causal_sdpa(self.model)  # no [seq, seq] mask under torch.compile: causal kernels
         self.model.train()
         if pad_mlp_multiple is None:
             pad_mlp_multiple = 64 if self.device.type == "cuda" else 0

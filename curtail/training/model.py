@@ -138,6 +138,33 @@ def build_model(
     return model.to(device)
 
 
+CAUSAL_SDPA = "curtail_causal_sdpa"
+
+
+def _causal_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def use_causal_sdpa(model: LlamaForCausalLM) -> None:
+    """Train with SDPA's ``is_causal=True`` and no materialised mask.
+
+    Under ``torch.compile`` with torch < 2.14, transformers cannot prove that no token is
+    padded and passes SDPA an explicit [batch, 1, seq, seq] boolean mask, which rules out the
+    causal kernels (FlashAttention refuses it; cuDNN computes the full square). Training batches
+    here are full, unpadded windows of the corpus, so plain causal attention is the same
+    function at about half the attention work. transformers creates no mask for an attention
+    implementation it has no mask function for. Only the training model uses it: a saved
+    model's config names no attention implementation and loads with the standard one.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+    model.set_attn_implementation(CAUSAL_SDPA)
+
+
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
