@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_fixtures import tiny_experiment
+from runtime_fixtures import STEP_S, STEP_TOKENS, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
+ROUND_TOKENS = 2 * round(600 / STEP_S) * STEP_TOKENS  # one 600-s round at both tiny sites
 
 
 def _plan(run_name: str = "threshold"):
@@ -130,6 +131,27 @@ def _kill_once(what: str, after_tokens: float):
     return callback, killed
 
 
+def _mid_round(experiment: dict) -> dict:
+    """Progress (so the kill) every 240 s of the run's clock: the crash lands mid-round."""
+    return {**experiment, "training": {**experiment["training"], "checkpoint_interval_s": 240}}
+
+
+def _assert_retrained_is_journaled(result) -> None:
+    """The work after the last checkpoint, lost with the crash, is recorded exactly (ledger,
+    event, summary), is at most one round, and was trained again: every position the journal
+    says was trained is in the final ledger once, plus once per recorded re-training."""
+    from curtail.runtime.checkpoint import audit_journal
+
+    summary = result.summary
+    (resume,) = summary["resumes"]
+    crash = [r for r in summary["ledger_retrained"] if r[0] == f"resume:{resume['checkpoint']}"]
+    assert sum(end - start for _, _, start, end in crash) == resume["tokens"] <= ROUND_TOKENS
+    assert resume["virtual_s_lost"] <= 600 + 5 and resume["wall_s_lost"] > 0
+    (event,) = result.record.events.query("event == 'retrained'").details.map(json.loads)
+    assert event["ranges"] == [[epoch, start, end] for _, epoch, start, end in crash]
+    assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
+
+
 def _assert_consistent(result, baseline) -> None:
     summary = result.summary
     assert summary["tokens"] == summary["ledger_trained_tokens"]
@@ -144,14 +166,15 @@ def _assert_consistent(result, baseline) -> None:
 def test_run_resumes_by_itself_when_an_actor_dies(victim, ray_cluster, two_runs, tmp_path):
     import curtail
 
-    callback, killed = _kill_once(victim, after_tokens=4000)
-    result = curtail.run(tiny_experiment(tmp_path), output_dir=tmp_path / "runs", on_progress=callback,
+    callback, killed = _kill_once(victim, after_tokens=5000)
+    result = curtail.run(_mid_round(tiny_experiment(tmp_path)), output_dir=tmp_path / "runs", on_progress=callback,
                          progress_interval_s=0.3)
     assert killed, f"the {victim} was never killed"
     assert len(result.summary["restarts"]) == 1
     assert (result.run_dir / "checkpoints" / "LATEST").is_file()
     assert "resume" in set(result.record.events.event)
     _assert_consistent(result, two_runs[0])
+    _assert_retrained_is_journaled(result)
 
 
 @pytest.mark.slow
@@ -160,9 +183,9 @@ def test_interrupted_run_continues_with_resume(ray_cluster, two_runs, tmp_path):
 
     import curtail
 
-    callback, killed = _kill_once("coordinator", after_tokens=4000)
+    callback, killed = _kill_once("coordinator", after_tokens=5000)
     with pytest.raises(ray.exceptions.RayActorError):
-        curtail.run(tiny_experiment(tmp_path), output_dir=tmp_path / "runs", on_progress=callback,
+        curtail.run(_mid_round(tiny_experiment(tmp_path)), output_dir=tmp_path / "runs", on_progress=callback,
                     progress_interval_s=0.3, max_restarts=0)
     assert killed
     (run_dir,) = (tmp_path / "runs" / "runtime-test").iterdir()
@@ -172,3 +195,4 @@ def test_interrupted_run_continues_with_resume(ray_cluster, two_runs, tmp_path):
     result = curtail.run(resume=run_dir)
     assert result.summary["resumed"] is True
     _assert_consistent(result, two_runs[0])
+    _assert_retrained_is_journaled(result)

@@ -38,7 +38,7 @@ def killed_run(ray_cluster, tmp_path_factory):
 
     def kill_b_once(progress: dict) -> None:
         pid = progress.get("site_pids", {}).get("b")
-        if not killed and pid and progress.get("mode") == "FEDERATED" and progress["tokens"] > 4000:
+        if not killed and pid and progress.get("mode") == "FEDERATED" and progress["tokens"] > 5000:
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, clock=progress["clock"], tokens=progress["tokens"])
 
