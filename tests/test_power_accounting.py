@@ -28,6 +28,14 @@ def test_mean_power_is_time_weighted_and_per_gpu():
     assert measured_power_per_gpu_w(timings) == {"a": pytest.approx((700 * 10 + 500 * 30) / 40)}
 
 
+def test_warm_up_commands_are_left_out():
+    """The first command of a worker group compiles with the board mostly idle (as measured on
+    an H100: 12 s at 160 W, then 0.64-s commands at 650-760 W)."""
+    steady = [_timing("a", 0.64, watts, 1) for watts in (680.0, 646.0, 761.0, 675.0)]
+    timings = [_timing("a", 11.9, 160.0, 1), *steady]
+    assert measured_power_per_gpu_w(timings)["a"] == pytest.approx((680 + 646 + 761 + 675) / 4)
+
+
 def _paper_plan(training: dict):
     config = parse_experiment(
         {

@@ -78,16 +78,24 @@ class Timing:
     gpus: int = 0  # how many GPUs power_w covers
 
 
-def measured_power_per_gpu_w(timings: list[Timing]) -> dict[str, float]:
+def measured_power_per_gpu_w(timings: list[Timing], warmup_factor: float = 3.0) -> dict[str, float]:
     """Each site's time-weighted mean measured watts per GPU over its train commands (sites
-    without a full set of readings are left out)."""
-    energy_j: dict[str, float] = {}
-    seconds: dict[str, float] = {}
-    for t in timings:
-        if t.kind == "train" and t.power_w is not None and t.gpus > 0 and t.wall_s > 0:
-            energy_j[t.site] = energy_j.get(t.site, 0.0) + t.power_w / t.gpus * t.wall_s
-            seconds[t.site] = seconds.get(t.site, 0.0) + t.wall_s
-    return {site: energy_j[site] / seconds[site] for site in energy_j}
+    without readings are left out).
+
+    Warm-up commands are left out: a command whose wall seconds per step exceed
+    ``warmup_factor`` times the site's median is the first of a worker group (CUDA start-up
+    and compilation, the board mostly idle), not the steady training the accounting prices.
+    """
+    train = [t for t in timings if t.kind == "train" and t.power_w is not None and t.gpus > 0
+             and t.wall_s > 0 and t.steps > 0]
+    result = {}
+    for site in sorted({t.site for t in train}):
+        rows = [t for t in train if t.site == site]
+        median_step_s = float(np.median([t.wall_s / t.steps for t in rows]))
+        steady = [t for t in rows if t.wall_s / t.steps <= warmup_factor * median_step_s]
+        seconds = sum(t.wall_s for t in steady)
+        result[site] = sum(t.power_w / t.gpus * t.wall_s for t in steady) / seconds
+    return result
 
 
 @dataclass
