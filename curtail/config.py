@@ -448,6 +448,18 @@ class TrackingConfig(StrictModel):
         default=None, description="MLflow experiment (default: the experiment's name; sweeps add '-sweep')"
     )
 
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, uri: str | None) -> str | None:
+        # the config is copied into every run directory (manifest.json): no secrets in it
+        if uri is not None and "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "mlflow_tracking_uri carries credentials (user:password@host); it is written to every "
+                "run directory. Give the bare URL and set MLFLOW_TRACKING_USERNAME / "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return uri
+
     @property
     def enabled(self) -> bool:
         return self.tensorboard or self.mlflow

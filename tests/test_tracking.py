@@ -78,6 +78,14 @@ def test_unknown_tracking_keys_are_refused_by_name(key):
         parse_experiment(paper({key: True}))
 
 
+@pytest.mark.parametrize("uri", ["https://alice:s3cr3t-t0ken@mlflow.example.org", "http://s3cr3t-t0ken@host:5000/x"])
+def test_credentials_in_the_tracking_uri_are_refused_without_echo(uri):
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_USERNAME") as error:
+        parse_experiment(paper({"mlflow": True, "mlflow_tracking_uri": uri}))
+    assert "s3cr3t" not in str(error.value)
+    assert parse_experiment(paper({"mlflow": True, "mlflow_tracking_uri": "https://mlflow.example.org/a@b"}))
+
+
 def test_a_missing_package_names_the_pip_command_before_anything_runs(monkeypatch, tmp_path):
     import importlib.util
 
