@@ -441,3 +441,12 @@ def test_one_corrupted_row_is_named(tmp_path_factory, trace, data):
         load_trace(TraceSource(path=path, naive_timezone="UTC", max_gap_s=3600))
     assert info.value.line == row + 2, (kind, str(info.value))
     assert re.search(rf", line {row + 2}: .+\. Fix: .+", str(info.value))
+
+
+def test_a_missing_header_is_named_even_when_the_first_row_repeats_a_value(tmp_path: Path) -> None:
+    """Found by the fuzzer: a headerless wide file whose first row has equal values was
+    reported as a repeated column name, not as the missing header it is."""
+    path = tmp_path / "trace.csv"
+    path.write_text("2026-01-11 00:00:00+00:00,0.0,0.0\n2026-01-11 00:05:00+00:00,1.0,2.0\n")
+    message = assert_names(load_error(path), path, 1)
+    assert "looks like data" in message and "add a header line" in message

@@ -82,15 +82,16 @@ def _read_csv(path: Path) -> pd.DataFrame:
     except (OSError, EOFError, zlib.error) as error:  # a corrupt or truncated .gz and the like
         raise TraceError(path, f"cannot read the file ({error})", "export it again (gzip is optional)") from None
     names = [str(name).strip() for name in raw.iloc[0]]
+    # a missing header first: its data row may also repeat a value or leave a cell empty
+    if names[0] and not pd.isna(pd.to_datetime(names[0], errors="coerce", format="ISO8601")):
+        raise TraceError(
+            path, f"the first line looks like data ({names[0]!r}), not a header", "add a header line, e.g. time,REGION", 1
+        )
     for index, name in enumerate(names):
         if not name:
             raise TraceError(path, f"column {index + 1} has no name", "name every column in the header", 1)
         if name in names[:index]:
             raise TraceError(path, f"column {name!r} appears twice", "give every column its own name", 1)
-    if not pd.isna(pd.to_datetime(names[0], errors="coerce", format="ISO8601")):
-        raise TraceError(
-            path, f"the first line looks like data ({names[0]!r}), not a header", "add a header line, e.g. time,REGION", 1
-        )
     frame = raw.iloc[1:].reset_index(drop=True).fillna("")
     frame.columns = names
     if frame.shape[0] == 0:
@@ -127,13 +128,8 @@ def _check_header(path: Path, value_columns: list[str], unit: str) -> None:
             )
 
 
-def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str | None) -> np.ndarray:
-    """Parse a column of timestamps into UTC epoch seconds, with line-precise errors."""
-    text = raw.astype(str).str.strip()
-    # Unreadable cells first: otherwise "garbage" (no offset) among offset timestamps is
-    # reported as a zone mix-up instead of what it is.
-    readable = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
-    bad = np.flatnonzero(readable.isna().to_numpy())
+def _refuse_unreadable(path: Path, column: str, text: pd.Series, parsed: pd.Series) -> None:
+    bad = np.flatnonzero(parsed.isna().to_numpy())
     if len(bad):
         raise TraceError(
             path,
@@ -141,6 +137,15 @@ def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str
             "use ISO-8601 timestamps such as 2026-01-11 17:00:00+00:00",
             _line_of(bad[0]),
         )
+
+
+def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str | None) -> np.ndarray:
+    """Parse a column of timestamps into UTC epoch seconds, with line-precise errors."""
+    text = raw.astype(str).str.strip()
+    # Unreadable cells first: otherwise "garbage" (no offset) among offset timestamps is
+    # reported as a zone mix-up instead of what it is.
+    readable = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+    _refuse_unreadable(path, column, text, readable)
     has_offset = text.str.contains(_OFFSET)
     if has_offset.any() and not has_offset.all():
         # the odd one out is the first row written unlike the majority (not unlike row 1,
@@ -155,14 +160,7 @@ def parse_times_utc(path: Path, column: str, raw: pd.Series, naive_timezone: str
             _line_of(odd),
         )
     parsed = pd.to_datetime(text, errors="coerce", utc=bool(has_offset.all()), format="ISO8601")
-    bad = np.flatnonzero(parsed.isna().to_numpy())
-    if len(bad):
-        raise TraceError(
-            path,
-            f"cannot read timestamp {text.iloc[bad[0]]!r} in column {column!r}",
-            "use ISO-8601 timestamps such as 2026-01-11 17:00:00+00:00",
-            _line_of(bad[0]),
-        )
+    _refuse_unreadable(path, column, text, parsed)
     years = parsed.dt.year.to_numpy()
     outside = np.flatnonzero((years < EARLIEST_YEAR) | (years > LATEST_YEAR))
     if len(outside):
