@@ -48,6 +48,13 @@ class Averager:
         self._pending.setdefault(round_index, {})[site] = (decompress(pseudo_grad), float(tokens))
         return len(self._pending[round_index])
 
+    def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
+        """Drop these sites' submissions to a round (a site that died after its update arrived
+        but before the coordinator heard back: its tokens go back to the ledger and are trained
+        again, so its update must not count too). Returns the sites actually dropped."""
+        pending = self._pending.get(round_index, {})
+        return [site for site in sites if pending.pop(site, None) is not None]
+
     def outer_step(self, round_index: int) -> dict[str, Any]:
         """Average round ``round_index``'s submissions and apply the outer optimizer."""
         submissions = self._pending.pop(round_index, {})

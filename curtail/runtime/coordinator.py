@@ -335,8 +335,14 @@ class RayExecutor(Executor):
             for site in sites
             if self.round_tokens[site] > 0
         }
-        for site in self._exchange(commands, t_s, round_index):
+        delivered = self._exchange(commands, t_s, round_index)
+        for site in delivered:
             self._complete_ledger(site, t_s)
+        failed = sorted(set(commands) - set(delivered))
+        if failed:  # their ranges went back to the ledger: their updates, if they arrived, must not count
+            withdrawn = ray.get(self.averager.withdraw.remote(round_index, failed))
+            if withdrawn:
+                self.recorder.event(t_s, "", "withdrawn", round=round_index, sites=withdrawn)
 
     def _publish(self, site: str, t_s: float, round_index: int) -> None:
         for result in self._exchange({site: {"kind": "publish"}}, t_s, round_index).values():
