@@ -27,7 +27,7 @@ _API = {
     "SweepResult": "curtail.sweep",
 }
 
-__all__ = sorted(_API)
+__all__ = sorted(_API)  # noqa: PLE0605 -- the names of the lazily imported API
 
 
 def __getattr__(name: str) -> Any:

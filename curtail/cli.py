@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ def _print_table(rows: list[dict], title: str) -> None:
     table = Table(title=title, header_style="bold", caption="ref: published figures where the config gives them")
 
     def ref(value: float | None, fmt: str) -> str:
-        return "" if value is None or value != value else fmt.format(value)
+        return "" if value is None or math.isnan(value) else fmt.format(value)
 
     columns = [
         ("run", "run", str),

@@ -29,9 +29,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 import numpy as np
+import pandas as pd
 
 from curtail.planning.signals import iso, iso_array
 from curtail.planning.trajectory import Trajectory

@@ -82,7 +82,7 @@ def bench(policy: str, trace: Path, out: Path) -> dict:
     t4 = time.perf_counter()
     return {
         "policy": policy,
-        "samples_per_site": int(len(YEAR)),
+        "samples_per_site": len(YEAR),
         "events": len(trajectory.events),
         "windows": len(plan.calendar.windows()),
         "load_and_plan_s": t1 - t0,

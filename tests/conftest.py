@@ -34,9 +34,9 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def two_runs(ray_cluster, tmp_path_factory):
     """The tiny two-site run, twice with the same seed (uninterrupted baselines)."""
-    import curtail
-
     from runtime_fixtures import tiny_experiment
+
+    import curtail
 
     tmp = tmp_path_factory.mktemp("runtime")
     experiment = tiny_experiment(tmp)

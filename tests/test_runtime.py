@@ -9,10 +9,10 @@ twice with the same seed to check the event log is deterministic.
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pandas as pd
 import pytest
-
 from runtime_fixtures import STEP_TOKENS, tiny_experiment
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from curtail.planning.energy import PowerModel, SiteAccount, account_site, cumulative_seconds, totals
+from curtail.planning.energy import (
+    PowerModel,
+    SiteAccount,
+    account_site,
+    cumulative_seconds,
+    totals,
+)
 from curtail.planning.policy import SiteState
 from curtail.planning.signals import Signal, iso
 from curtail.planning.trajectory import RunMode, Trajectory

@@ -34,12 +34,11 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-
-import warnings
 
 import numpy as np
 import torch

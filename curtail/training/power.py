@@ -99,7 +99,7 @@ class PowerSampler:
         while not self._stop.is_set():
             try:
                 self._samples.append(self.power_w())
-            except Exception:  # noqa: BLE001 -- a failed read skips one sample
+            except Exception:  # noqa: BLE001, S110 -- a failed read skips one sample
                 pass
             self._stop.wait(self.interval_s)
 
