@@ -221,6 +221,11 @@ class TrainingConfig(StrictModel):
         description="single-site mode: deliver the site's weights and checkpoint the run at least this often "
         "(seconds of the run's clock); federated runs checkpoint at every sync",
     )
+    checkpoint_inner_optimizer: bool = Field(
+        default=True,
+        description="save every running site's inner AdamW state with each run checkpoint, so a resume "
+        "continues it (costs 8 bytes per parameter per rank on disk at each sync: off for large models)",
+    )
 
     @model_validator(mode="after")
     def _phases_fit(self) -> TrainingConfig:

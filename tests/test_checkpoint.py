@@ -74,6 +74,24 @@ def test_checkpoint_round_trip_and_torn_checkpoints(tmp_path):
         read_checkpoint(latest)
 
 
+def test_inner_optimizer_states_move_into_their_checkpoint(tmp_path):
+    from curtail.runtime.checkpoint import inner_staging_dir, read_checkpoint, write_checkpoint
+
+    state = {"version": 1, "num_outer_steps": 1, "params": {"w": np.ones(3, dtype=np.float32)},
+             "optimizer": {"name": "average"}}
+    stale = inner_staging_dir(tmp_path, 1)  # a crash left it before checkpoint 1 was written
+    (stale / "a").mkdir(parents=True)
+    staged = inner_staging_dir(tmp_path, 2)
+    (staged / "a").mkdir(parents=True)
+    (staged / "a" / "rank0.pt").write_bytes(b"moments")
+    path = write_checkpoint(tmp_path, 2, averager_state=state, ledger_state={}, executor_state={},
+                            coordinator_state={}, inner_dir=staged)
+    assert (read_checkpoint(path).inner_dir / "a" / "rank0.pt").read_bytes() == b"moments"
+    assert not staged.exists() and not stale.exists()
+    path = write_checkpoint(tmp_path, 3, averager_state=state, ledger_state={}, executor_state={}, coordinator_state={})
+    assert read_checkpoint(path).inner_dir is None  # no site was running
+
+
 def test_journal_says_exactly_what_a_resume_trains_again(tmp_path):
     from curtail.runtime.checkpoint import LedgerJournal, audit_journal, lost_since, read_journal
     from curtail.training.ledger import DataLedger
@@ -152,6 +170,18 @@ def _assert_retrained_is_journaled(result) -> None:
     assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
 
 
+def _assert_inner_optimizers_restored(result, baseline) -> None:
+    """The checkpoint carried both sites' inner AdamW and the resumed sites took it: the run
+    continues as if uninterrupted (same data, same weights, same moments)."""
+    (event,) = result.record.events.query("event == 'inner_optimizer_restored'").details.map(json.loads)
+    assert event["sites"] == ["a", "b"]  # both were training (FEDERATED) when it crashed
+    timings = result.record.timings
+    assert sorted(timings[timings.kind == "load_optimizer"].site) == ["a", "b"]
+    assert (timings.kind == "save_optimizer").sum() >= 2 * len(result.summary["weight_digests"]) // 2
+    print("resumed vs uninterrupted held-out loss:", result.summary["final_eval_loss"],
+          baseline.summary["final_eval_loss"])
+
+
 def _assert_consistent(result, baseline) -> None:
     summary = result.summary
     assert summary["tokens"] == summary["ledger_trained_tokens"]
@@ -175,6 +205,7 @@ def test_run_resumes_by_itself_when_an_actor_dies(victim, ray_cluster, two_runs,
     assert "resume" in set(result.record.events.event)
     _assert_consistent(result, two_runs[0])
     _assert_retrained_is_journaled(result)
+    _assert_inner_optimizers_restored(result, two_runs[0])
 
 
 @pytest.mark.slow
@@ -196,3 +227,4 @@ def test_interrupted_run_continues_with_resume(ray_cluster, two_runs, tmp_path):
     assert result.summary["resumed"] is True
     _assert_consistent(result, two_runs[0])
     _assert_retrained_is_journaled(result)
+    _assert_inner_optimizers_restored(result, two_runs[0])

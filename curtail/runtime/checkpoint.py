@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
+INNER = "inner"
 KEEP = 2
 JOURNAL = "ledger_journal.jsonl"
 
@@ -44,6 +45,12 @@ class RunCheckpoint:
     executor: dict[str, Any]
     coordinator: dict[str, Any]
 
+    @property
+    def inner_dir(self) -> Path | None:
+        """The sites' inner optimizer states at this checkpoint (``inner/<site>/rank<r>.pt``)."""
+        inner = self.path / INNER
+        return inner if inner.is_dir() else None
+
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, default=float))
@@ -57,11 +64,18 @@ def write_checkpoint(
     ledger_state: dict[str, Any],
     executor_state: dict[str, Any],
     coordinator_state: dict[str, Any],
+    inner_dir: Path | None = None,
 ) -> Path:
-    """Write checkpoint ``sequence`` and point ``LATEST`` at it; keeps the newest two."""
+    """Write checkpoint ``sequence`` and point ``LATEST`` at it; keeps the newest two.
+
+    ``inner_dir`` (from :func:`inner_staging_dir`), where the sites saved their inner
+    optimizer states for this checkpoint, moves into it as ``inner/``.
+    """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    if inner_dir is not None and Path(inner_dir).is_dir():
+        os.replace(inner_dir, staging / INNER)
     optimizer = dict(averager_state["optimizer"])
     buffers = optimizer.pop("momentum_buffers", None)
     save_file({k: np.ascontiguousarray(v) for k, v in averager_state["params"].items()}, staging / "global.safetensors")
@@ -81,7 +95,15 @@ def write_checkpoint(
     os.replace(pointer, root / "LATEST")
     for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".inner-*"):  # left by a crash before its checkpoint was written
+        if stale.name < inner_staging_dir(run_dir, sequence).name:
+            shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def inner_staging_dir(run_dir: Path, sequence: int) -> Path:
+    """Where the sites save their inner optimizer states before checkpoint ``sequence``."""
+    return Path(run_dir) / CHECKPOINTS / f".inner-{sequence:06d}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

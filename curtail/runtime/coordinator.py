@@ -37,6 +37,7 @@ from curtail.runtime.averager import Averager
 from curtail.runtime.checkpoint import (
     JOURNAL,
     LedgerJournal,
+    inner_staging_dir,
     latest_checkpoint,
     lost_since,
     read_checkpoint,
@@ -126,6 +127,7 @@ class RayExecutor(Executor):
         realtime_speedup: float = 1.0,
         single_publish_interval_s: float = 600.0,
         checkpoint_dir: Path | None = None,
+        checkpoint_inner_optimizer: bool = True,
         on_progress: Any = None,
         deadline_is_trace_end: bool = False,
     ):
@@ -164,12 +166,15 @@ class RayExecutor(Executor):
         self.journal = LedgerJournal(checkpoint_dir) if checkpoint_dir is not None else None
         self.deadline_is_trace_end = deadline_is_trace_end
         self._resume_note: dict[str, Any] | None = None
+        self.checkpoint_inner_optimizer = checkpoint_inner_optimizer
+        self._resume_inner_dir: Path | None = None
 
     def run(self, resume_from: dict[str, Any] | None = None) -> Trajectory:
         self.wall_start = time.time()
         if resume_from is not None:
             self._restore_bookkeeping(resume_from["coordinator"])
             self._journal_resume(resume_from)
+            self._resume_inner_dir = resume_from.get("inner_dir")
             for name, saved in resume_from["executor"]["recorder"]["state"].items():
                 if saved != "off":  # its nodes were up: bring the worker group back
                     self.groups[name].start()
@@ -220,7 +225,29 @@ class RayExecutor(Executor):
         if self._resume_note is not None:  # the recorder is the checkpoint's again: add the event now
             self.recorder.event(t_s, "", "retrained", **self._resume_note)
             self._resume_note = None
+        if self._resume_inner_dir is not None:
+            self._load_inner_optimizers(Path(self._resume_inner_dir), t_s)
+            self._resume_inner_dir = None
         return t_s, next_decision_s
+
+    def _save_inner_optimizers(self, sequence: int, t_s: float) -> Path | None:
+        """Every running site saves its inner AdamW for checkpoint ``sequence`` (all ranks)."""
+        folder = inner_staging_dir(self.checkpoint_dir, sequence)
+        running = [site for site, group in self.groups.items() if group.running]
+        commands = {site: {"kind": "save_optimizer", "path": str(folder / site)} for site in running}
+        saved = self._exchange(commands, t_s, self.num_rounds)
+        return folder if saved else None
+
+    def _load_inner_optimizers(self, inner: Path, t_s: float) -> None:
+        """Resume: the restarted sites take the inner AdamW saved with the checkpoint (newer
+        than their Ray Train checkpoints, which are written only when a site drains)."""
+        commands = {
+            site: {"kind": "load_optimizer", "path": str(inner / site)}
+            for site, group in self.groups.items() if group.running and (inner / site).is_dir()
+        }
+        results = self._exchange(commands, t_s, self.num_rounds)
+        self.recorder.event(t_s, "", "inner_optimizer_restored",
+                            sites=sorted(site for site, result in results.items() if result.get("loaded")))
 
     def _restore_bookkeeping(self, saved: dict[str, Any]) -> None:
         self.global_version = self.checkpointed_version = saved["global_version"]
@@ -239,14 +266,19 @@ class RayExecutor(Executor):
         started = time.perf_counter()
         self.wait_for_checkpoint()  # at most one write in flight
         self.checkpoint_sequence += 1
-        sequence, averager_state = self.checkpoint_sequence, self.averager.state.remote()
+        sequence = self.checkpoint_sequence
+        # fetched now (zero-copy arrays from the object store), not in the writer: once this safe
+        # point is passed, the checkpoint no longer depends on the averaging actor staying alive
+        averager_state = ray.get(self.averager.state.remote())
+        inner_dir = self._save_inner_optimizers(sequence, t_s) if self.checkpoint_inner_optimizer else None
         ledger_state, executor_state = self.ledger.to_dict(), self.snapshot(t_s, next_decision_s)
         coordinator_state = self._bookkeeping()
         # the files are written in the background: the sites go on training meanwhile
         self._checkpoint_write = self._writer.submit(
             lambda: write_checkpoint(
-                self.checkpoint_dir, sequence, averager_state=ray.get(averager_state),
+                self.checkpoint_dir, sequence, averager_state=averager_state,
                 ledger_state=ledger_state, executor_state=executor_state, coordinator_state=coordinator_state,
+                inner_dir=inner_dir,
             )
         )
         self.checkpointed_version = self.global_version
@@ -601,6 +633,7 @@ class Coordinator:
             tokens_per_step=tokens_per_step, evaluator=evaluator, clock=training.clock,
             realtime_speedup=training.realtime_speedup, checkpoint_dir=self.run_dir,
             single_publish_interval_s=training.checkpoint_interval_s,
+            checkpoint_inner_optimizer=training.checkpoint_inner_optimizer,
             on_progress=self._report_progress, deadline_is_trace_end=self.run_spec.deadline is None,
         )
         started = time.perf_counter()
@@ -608,6 +641,7 @@ class Coordinator:
             trajectory = executor.run(
                 resume_from=None if checkpoint is None else {
                     "executor": checkpoint.executor, "coordinator": checkpoint.coordinator, "checkpoint": checkpoint.path.name,
+                    "inner_dir": checkpoint.inner_dir,
                 }
             )
         finally:

@@ -201,6 +201,20 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
             elif kind == "eval":
                 loss = trainer.evaluate(heldout, config["eval_batches"], config["eval_batch_size"], seq_len)
                 reply({"kind": kind, "loss": loss, "wall_s": time.perf_counter() - started})
+            elif kind == "save_optimizer":  # with a run checkpoint: this rank's inner AdamW
+                folder = Path(command["path"])
+                folder.mkdir(parents=True, exist_ok=True)
+                staged = folder / f".rank{rank}.pt.tmp"
+                torch.save(trainer.optimizer_state_dict(), staged)
+                os.replace(staged, folder / f"rank{rank}.pt")
+                _gather_object(True, world)  # every rank has written before the reply
+                reply({"kind": kind, "wall_s": time.perf_counter() - started})
+            elif kind == "load_optimizer":  # resume: the inner AdamW of the run checkpoint
+                state_file = Path(command["path"]) / f"rank{rank}.pt"
+                if state_file.is_file():
+                    trainer.load_optimizer_state_dict(torch.load(state_file, weights_only=True))
+                loaded = all(_gather_object(state_file.is_file(), world))
+                reply({"kind": kind, "loaded": loaded, "wall_s": time.perf_counter() - started})
             elif kind == "digest":
                 reply({"kind": kind, "digest": trainer.weights_fingerprint() if rank == 0 else ""})
             elif kind == "stop":
