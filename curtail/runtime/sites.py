@@ -167,7 +167,8 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                         offset += 1
                 steps_done += offset
                 mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-                power_w = _site_power_w(power.stop() if power is not None else None, world)
+                # a collective only where there is something to measure (use_gpu is the same on every rank)
+                power_w = _site_power_w(power.stop() if power is not None else None, world) if use_gpu else None
                 reply({"kind": kind, "steps": offset, "tokens": offset * tokens_per_step, "loss": mean_loss,
                        "wall_s": time.perf_counter() - started, "power_w": power_w, "gpus": world})
             elif kind == "load":
@@ -211,9 +212,10 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
                 reply({"kind": kind, "wall_s": time.perf_counter() - started})
             elif kind == "load_optimizer":  # resume: the inner AdamW of the run checkpoint
                 state_file = Path(command["path"]) / f"rank{rank}.pt"
-                if state_file.is_file():
+                found = state_file.is_file()
+                if found:
                     trainer.load_optimizer_state_dict(torch.load(state_file, weights_only=True))
-                loaded = all(_gather_object(state_file.is_file(), world))
+                loaded = all(_gather_object(found, world))
                 reply({"kind": kind, "loaded": loaded, "wall_s": time.perf_counter() - started})
             elif kind == "digest":
                 reply({"kind": kind, "digest": trainer.weights_fingerprint() if rank == 0 else ""})
