@@ -23,8 +23,8 @@ _API = {
     "load_experiment": "curtail.config",
     "ExperimentConfig": "curtail.config",
     "read_run_dir": "curtail.runlog",
-    "sweep": "curtail.sweep",
-    "SweepResult": "curtail.sweep",
+    "sweep": "curtail.policy_sweep",
+    "SweepResult": "curtail.policy_sweep",
 }
 
 __all__ = sorted(_API)  # noqa: PLE0605 -- the names of the lazily imported API

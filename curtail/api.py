@@ -18,27 +18,25 @@ import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from curtail.config import ExperimentConfig, load_experiment, parse_experiment, project_root
+from curtail.config import (
+    ExperimentConfig,
+    RunSpec,
+    load_experiment,
+    parse_experiment,
+    project_root,
+)
+from curtail.errors import CurtailError, PreflightError, ResumeError
 from curtail.planning.energy import PowerModel
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
-from curtail.planning.summary import summarize, timeseries
-from curtail.planning.trajectory import Trajectory
-from curtail.runlog import (
-    RunRecord,
-    events_frame,
-    intervals_frame,
-    losses_frame,
-    modes_frame,
-    package_versions,
-    write_run_dir,
-)
+from curtail.preflight import check_output_dir, check_run_files, unwritable_dir
+from curtail.runlog import RunRecord, losses_frame, record_of, write_run_dir
 from curtail.tracking import check_available, log_run
 
 SUMMARY_COLUMNS = [
@@ -98,38 +96,6 @@ def as_experiment(config: ExperimentConfig | str | Path | dict[str, Any]) -> Exp
     if isinstance(config, dict):
         return parse_experiment(config, base_dir=Path.cwd())
     return load_experiment(config)
-
-
-def record_of(plan: RunPlan, trajectory: Trajectory, config: ExperimentConfig, *, executor: str, traces_checksums: dict[str, str], extra: dict[str, Any] | None = None) -> RunRecord:
-    """Account a trajectory (simulated or real) into a run record."""
-    summary = summarize(
-        trajectory,
-        run=plan.run.name,
-        policy=plan.policy_label,
-        regions=plan.regions,
-        power=plan.power,
-        signals=plan.signals,
-        calendar=plan.calendar,
-        token_budget=plan.context.token_budget,
-        executor=executor,
-        extra=extra,
-    )
-    manifest = {
-        "executor": executor,
-        "experiment": config.name,
-        "run": plan.run.model_dump(mode="json"),
-        "config": config.model_dump(mode="json"),
-        "versions": package_versions(),
-        "trace_checksums_sha256": traces_checksums,
-    }
-    return RunRecord(
-        summary=summary,
-        events=events_frame(trajectory),
-        intervals=intervals_frame(trajectory),
-        modes=modes_frame(trajectory),
-        timeseries=timeseries(trajectory, plan.power, plan.signals),
-        manifest=manifest,
-    )
 
 
 def _with_measured_power(plan: RunPlan, config: ExperimentConfig, per_gpu_w: dict[str, float]) -> tuple[RunPlan, dict[str, Any]]:
@@ -215,13 +181,89 @@ class RunResult:
         return self.run_dir / "model"
 
 
-def _fresh_run_dir(root: Path, experiment: str, run: str) -> Path:
-    """``root/experiment/run``; a real run never overwrites another: a time suffix if taken."""
-    path = root / experiment / run
-    if path.exists() and any(path.iterdir()):
-        path = root / experiment / f"{run}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+class RunInterrupted(Exception):
+    """A real run stopped before its end on request (Ctrl-C): ``checkpoint`` is the folder
+    name of its newest checkpoint (None if it wrote none), ``graceful`` whether it stopped at a
+    safe point after writing that checkpoint (False after a second Ctrl-C or a failure while
+    stopping: then the work since that checkpoint is trained again on resume)."""
+
+    def __init__(self, run_dir: Path, checkpoint: str | None, *, graceful: bool = True, resumable: bool = True):
+        self.run_dir = Path(run_dir)
+        self.checkpoint = checkpoint
+        self.graceful = graceful
+        if checkpoint is None:
+            where = "before its first checkpoint"
+        elif graceful:
+            where = f"at a safe point, checkpoint {checkpoint} written"
+        else:
+            where = f"at once; its last checkpoint is {checkpoint}"
+        then = (f"continue with: {self.resume_command}" if resumable
+                else "nothing to resume from: start a new run")
+        super().__init__(f"run interrupted {where}; {then}")
+
+    @property
+    def resume_command(self) -> str:
+        return f"curtail run --resume {self.run_dir}"
+
+
+def _new_run_dir(root: Path, experiment: ExperimentConfig, run: str) -> Path:
+    """``root/experiment/run`` with ``run.json`` in it; a real run never overwrites another: a
+    time suffix if taken."""
+    path = root / experiment.name / run
+    try:
+        if path.exists() and any(path.iterdir()):
+            path = root / experiment.name / f"{run}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        path.mkdir(parents=True, exist_ok=False)
+    except OSError as error:
+        raise PreflightError(f"output_dir: cannot create {path} ({error.strerror or error}); choose another "
+                             "output folder (--output-dir DIR)") from None
+    (path / RUN_SPEC_FILE).write_text(
+        json.dumps({"experiment": experiment.model_dump(mode="json"), "run": run}, indent=2)
+    )
+    return path.resolve()
+
+
+def _differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        return [d for key in sorted(set(saved) | set(given), key=str)
+                for d in _differences(saved.get(key), given.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(saved, list) and isinstance(given, list) and len(saved) == len(given):
+        return [d for index, (a, b) in enumerate(zip(saved, given)) for d in _differences(a, b, f"{prefix}.{index}")]
+    return [] if saved == given else [prefix or "(the whole config)"]
+
+
+def _resume_target(
+    resume: str | Path, config: ExperimentConfig | str | Path | dict[str, Any] | None, run: str | None,
+    output_dir: str | Path | None,
+) -> tuple[Path, ExperimentConfig, RunSpec]:
+    """The run directory to resume, its experiment and run, checked; refuses (changing nothing)
+    a completed run and a config or run name that differ from the run's own."""
+    run_dir = Path(resume).resolve()
+    saved = run_dir / RUN_SPEC_FILE
+    if not run_dir.is_dir():
+        raise ResumeError(f"{run_dir}: no such run directory")
+    if not saved.is_file():
+        raise ResumeError(f"{run_dir} has no {RUN_SPEC_FILE}: not a run directory written by curtail run")
+    if (run_dir / "summary.json").is_file():
+        raise ResumeError(f"{run_dir} is a completed run (it has summary.json): there is nothing to resume, and "
+                          "it was left unchanged; start a new run with curtail run CONFIG")
+    if output_dir is not None:
+        raise ResumeError(f"an output folder does not apply to a resume: the run continues in {run_dir}")
+    data = json.loads(saved.read_text())
+    experiment = parse_experiment(data["experiment"], source=str(saved))
+    if config is not None:
+        differing = _differences(data["experiment"], as_experiment(config).model_dump(mode="json"))
+        if differing:
+            shown = ", ".join(differing[:5]) + (f" and {len(differing) - 5} more" if len(differing) > 5 else "")
+            raise ResumeError(
+                f"the config differs from the one {run_dir} was started with ({RUN_SPEC_FILE}) at {shown}: a "
+                "resume continues the run as it was configured. Leave the config out (curtail run --resume "
+                "RUN_DIR), or start a new run with the new config"
+            )
+    if run is not None and run != data["run"]:
+        raise ResumeError(f"{run_dir} is run {data['run']!r}, not {run!r}: leave --run out to resume it")
+    return run_dir, experiment, experiment.run(data["run"])
 
 
 def run(
@@ -231,86 +273,78 @@ def run(
     output_dir: str | Path | None = None,
     address: str | None = None,
     resume: str | Path | None = None,
+    checkpoint: int | str | None = None,
     max_restarts: int = 2,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     progress_interval_s: float = 2.0,
 ) -> RunResult:
     """Train for real on Ray, following the curtailment calendar; write the run directory.
 
+    Everything the run needs is checked before it starts (the config, its traces and data
+    files, the output folder, then the cluster's resources: :class:`PreflightError` naming the
+    key); a run folder is created only once those checks pass.
+
     Args:
         config: experiment (default: ``experiments/demo.toml``: 3 sites on the paper trace,
-            the ``small`` preset on Tiny Shakespeare).
+            the ``small`` preset on Tiny Shakespeare). With ``resume``: optional, and refused
+            if it differs from the config the run was started with.
         run: which of the experiment's runs (default: its first).
         output_dir: root of run directories (default: the config's ``output_dir``).
         address: a Ray cluster to join (default: ``RAY_ADDRESS``, else a local cluster that
             declares one resource per site).
-        resume: a run directory to continue from its last checkpoint (config and run name are
-            read from it; ``config`` and ``run`` must then be left out).
-        max_restarts: if the coordinator or the averaging actor dies, resume from the last
-            checkpoint this many times before giving up.
+        resume: a run directory to continue (config and run name are read from it) from its
+            newest intact checkpoint; the ones skipped, and why, go to ``summary.json``
+            (``resume_checkpoint``, ``skipped_checkpoints``). A completed run is refused.
+        checkpoint: with ``resume``, continue from this checkpoint (``4`` or ``"000004"``).
+        max_restarts: if the coordinator or the averaging actor dies, resume from the newest
+            intact checkpoint this many times before giving up.
         on_progress: called every ``progress_interval_s`` with the coordinator's progress
             (clock, mode, active sites, tokens, loss, process ids).
+
+    Raises:
+        RunInterrupted: on Ctrl-C (``KeyboardInterrupt``) the run stops at its next safe
+            point after writing a checkpoint (a second Ctrl-C stops it at once); nothing else
+            is written, and ``curtail run --resume RUN_DIR`` continues it.
     """
     import ray
 
-    from curtail.runtime.checkpoint import latest_checkpoint
-    from curtail.runtime.cluster import connect, remove_stale_placement_groups
-    from curtail.runtime.coordinator import HEAD_NODE, Coordinator
+    from curtail.runtime.checkpoint import point_latest, select_checkpoint
+    from curtail.runtime.cluster import check_capacity, connect, remove_stale_placement_groups
 
+    if checkpoint is not None and resume is None:
+        raise ResumeError("a checkpoint is picked for a resume: pass resume=RUN_DIR (--resume RUN_DIR) too")
     if resume is not None:
-        if config is not None or run is not None:
-            raise ValueError("resume=RUN_DIR reads the config and run name from the run directory; pass neither")
-        run_dir = Path(resume).resolve()
-        saved = run_dir / RUN_SPEC_FILE
-        if not saved.is_file():
-            raise FileNotFoundError(f"{run_dir} has no {RUN_SPEC_FILE}: not a directory written by curtail run")
-        spec_data = json.loads(saved.read_text())
-        experiment, run = as_experiment(spec_data["experiment"]), spec_data["run"]
+        run_dir, experiment, spec = _resume_target(resume, config, run, output_dir)
+        if problem := unwritable_dir(run_dir):
+            raise PreflightError(f"cannot resume {run_dir}: {problem} (a resume writes its checkpoints and "
+                                 "results there)")
+        start_from, skipped = select_checkpoint(run_dir, checkpoint)
     else:
         if config is None:
             local = Path(DEFAULT_RUN_CONFIG)
             config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
         experiment = as_experiment(config)
-    spec = experiment.run(run) if run is not None else experiment.runs[0]
+        spec = experiment.run(run) if run is not None else experiment.runs[0]
+        root = Path(output_dir) if output_dir is not None else experiment.output_dir
+        check_output_dir(root / experiment.name)
+        run_dir, start_from, skipped = None, None, []
     check_available(experiment.tracking)  # before any training: a missing package names its pip command
+    check_run_files(experiment)
     traces, forecasts = load_experiment_traces(experiment)
     plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
-    if resume is None:
-        root = Path(output_dir) if output_dir is not None else experiment.output_dir
-        run_dir = _fresh_run_dir(root, experiment.name, spec.name).resolve()
-        (run_dir / RUN_SPEC_FILE).write_text(
-            json.dumps({"experiment": experiment.model_dump(mode="json"), "run": spec.name}, indent=2)
-        )
     started_ray = connect(
         list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site
     )
-    restarts = []
     try:
-        resuming = resume is not None
-        while True:
-            coordinator = Coordinator.options(resources=HEAD_NODE).remote(
-                experiment.model_dump(mode="json"), spec.name, str(run_dir), resuming
-            )
-            pending = coordinator.run.remote()
-            try:
-                while True:
-                    done, _ = ray.wait([pending], timeout=progress_interval_s)
-                    if done:
-                        break
-                    if on_progress is not None:
-                        on_progress(ray.get(coordinator.progress.remote()))
-                artifacts = ray.get(pending)
-                break
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
-                checkpoint = latest_checkpoint(run_dir)
-                if len(restarts) >= max_restarts or checkpoint is None:
-                    raise
-                ray.kill(coordinator)
-                removed = remove_stale_placement_groups(spec.sites)
-                restarts.append({"error": str(error).splitlines()[0][:300], "checkpoint": checkpoint.name,
-                                 "stale_placement_groups_removed": removed})
-                resuming = True
-        ray.kill(coordinator)
+        check_capacity(spec.sites, experiment.training)
+        if run_dir is None:
+            run_dir = _new_run_dir(root, experiment, spec.name)
+        else:  # a killed driver may have left its sites' worker groups reserved
+            remove_stale_placement_groups(spec.sites)
+            if start_from is not None:
+                point_latest(run_dir, start_from)  # the run's state descends from it now
+        artifacts, restarts = _train(experiment, spec, run_dir, start_from, max_restarts=max_restarts,
+                                     on_progress=on_progress, progress_interval_s=progress_interval_s)
     finally:
         if started_ray:
             ray.shutdown()
@@ -322,6 +356,8 @@ def run(
         executor="ray",
         traces_checksums=traces.checksums,
         extra={**artifacts.summary_extra, **power_note, "restarts": restarts, "resumed": resume is not None,
+               "resume_checkpoint": start_from.name if start_from is not None else None,
+               "skipped_checkpoints": [{"checkpoint": name, "reason": reason} for name, reason in skipped],
                "reference": spec.reference.model_dump() if spec.reference else None},
     )
     record.manifest["training"] = experiment.training.model_dump(mode="json")
@@ -330,3 +366,87 @@ def run(
     write_run_dir(record, run_dir)
     log_run(record, experiment.tracking)  # TensorBoard / MLflow, if [tracking] turns them on
     return RunResult(record.summary, run_dir, record)
+
+
+def _train(
+    experiment: ExperimentConfig, spec: RunSpec, run_dir: Path, start_from: Path | None, *, max_restarts: int,
+    on_progress: Callable[[dict[str, Any]], None] | None, progress_interval_s: float,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """Drive the coordinator to the run's end: restart it from the newest intact checkpoint
+    when it or the averager dies, stop it at a safe point on Ctrl-C. Returns its
+    ``RunArtifacts`` and the restarts."""
+    import ray
+
+    from curtail.runtime.checkpoint import select_checkpoint
+    from curtail.runtime.cluster import remove_stale_placement_groups
+    from curtail.runtime.coordinator import HEAD_NODE, Coordinator
+
+    restarts: list[dict[str, Any]] = []
+    checkpoint = start_from
+    while True:
+        coordinator = Coordinator.options(resources=HEAD_NODE).remote(
+            experiment.model_dump(mode="json"), spec.name, str(run_dir), None if checkpoint is None else str(checkpoint)
+        )
+        pending = coordinator.run.remote()
+        try:
+            try:
+                artifacts = _wait(coordinator, pending, on_progress, progress_interval_s)
+            except KeyboardInterrupt:
+                artifacts = _stop(coordinator, pending, run_dir, spec, on_progress)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
+            try:
+                checkpoint, skipped = select_checkpoint(run_dir)
+            except CurtailError:  # none intact: restarting would drop the trained work
+                checkpoint = None
+            if len(restarts) >= max_restarts or checkpoint is None:
+                raise error from None
+            ray.kill(coordinator)
+            removed = remove_stale_placement_groups(spec.sites)
+            restarts.append({"error": str(error).splitlines()[0][:300], "checkpoint": checkpoint.name,
+                             "skipped_checkpoints": [{"checkpoint": n, "reason": r} for n, r in skipped],
+                             "stale_placement_groups_removed": removed})
+            continue
+        ray.kill(coordinator)
+        if artifacts.interrupted:
+            raise RunInterrupted(run_dir, artifacts.checkpoint)
+        return artifacts, restarts
+
+
+def _wait(coordinator: Any, pending: Any, on_progress: Callable[[dict[str, Any]], None] | None,
+          interval_s: float) -> Any:
+    import ray
+
+    while not ray.wait([pending], timeout=interval_s)[0]:
+        if on_progress is not None:
+            on_progress(ray.get(coordinator.progress.remote()))
+    return ray.get(pending)
+
+
+def _stop(coordinator: Any, pending: Any, run_dir: Path, spec: RunSpec,
+          on_progress: Callable[[dict[str, Any]], None] | None) -> Any:
+    """Ctrl-C: ask the coordinator to stop at its next safe point (it checkpoints there and
+    returns interrupted artifacts). A second Ctrl-C, or a failure meanwhile, stops it at once:
+    :class:`RunInterrupted` names the newest intact checkpoint."""
+    import ray
+
+    from curtail.runtime.checkpoint import journal_trained_tokens, select_checkpoint
+    from curtail.runtime.cluster import remove_stale_placement_groups
+
+    try:
+        coordinator.request_stop.remote()
+        if on_progress is not None:
+            on_progress({"phase": "stopping at the next safe point (Ctrl-C again stops at once)"})
+        while not ray.wait([pending], timeout=0.5)[0]:
+            pass
+        return ray.get(pending)
+    except KeyboardInterrupt:
+        ray.kill(coordinator)
+        remove_stale_placement_groups(spec.sites)
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+        pass
+    try:
+        newest, _ = select_checkpoint(run_dir)
+    except CurtailError:
+        newest = None
+    resumable = newest is not None or not journal_trained_tokens(run_dir)
+    raise RunInterrupted(run_dir, None if newest is None else newest.name, graceful=False, resumable=resumable)

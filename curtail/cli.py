@@ -1,23 +1,39 @@
 """Command line: a thin layer over the Python API.
 
     curtail run [CONFIG] [--run NAME] [--json] [--output-dir DIR] [--address ADDR]
-    curtail run --resume RUN_DIR
+    curtail run --resume RUN_DIR [--checkpoint N] [--json] [--address ADDR]
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
     curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--output-dir DIR] [--json]
+
+Errors a user can cause (a config, a trace, a path, a resume that is refused, a cluster
+without the resources asked for) print one ``curtail: error: ...`` line and exit 2; an
+interrupted run (Ctrl-C) prints the command that continues it and exits 130. With ``--json``,
+stdout carries exactly one JSON document: everything else goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from curtail.config import ConfigError, project_root
+from curtail.errors import CurtailError
 from curtail.planning.traces import TraceError
+from curtail.tracking import TrackingError
+
+USER_ERRORS = (CurtailError, ConfigError, TraceError, TrackingError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
+"""Errors a user causes and fixes: one line, exit 2. Anything else is a bug: a traceback."""
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 DEFAULT_SIMULATION = "experiments/paper.toml"
 DEFAULT_RUN = "experiments/demo.toml"
@@ -78,7 +94,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else _default_config(DEFAULT_SIMULATION)
     result = simulate(config, runs=args.run or None, output_dir=args.output_dir)
     if args.json:
-        print(json.dumps(result.summaries, indent=2, default=str))
+        print(json.dumps(result.summaries, indent=2, default=str), file=args.stdout)
         return 0
     _print_table(result.table().to_dict("records"), f"{result.experiment.name}: simulated runs")
     root = result.run_dirs[0].parent if result.run_dirs else None
@@ -94,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from curtail.api import run
 
     if args.resume:
-        config = None
+        config = Path(args.config) if args.config else None  # given: it must be the run's own
     else:
         config = Path(args.config) if args.config else _default_config(DEFAULT_RUN)
     console = Console(stderr=True)
@@ -131,11 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                       f"loss {state['loss']:.3f}  sites {'+'.join(state['active_sites']) or '-'}", flush=True)
 
         result = run(config, run=args.run, output_dir=args.output_dir, address=args.address,
-                     resume=args.resume, on_progress=show)
+                     resume=args.resume, checkpoint=args.checkpoint, on_progress=show)
     if args.json:
-        print(json.dumps(result.summary, indent=2, default=str))
+        print(json.dumps(result.summary, indent=2, default=str), file=args.stdout)
         return 0
     s = result.summary
+    if s.get("resume_checkpoint") or s.get("skipped_checkpoints"):
+        skipped = "; ".join(f"skipped {c['checkpoint']}: {c['reason']}" for c in s["skipped_checkpoints"])
+        print(f"resumed from checkpoint {s['resume_checkpoint'] or '(none: from the start)'}"
+              + (f" ({skipped})" if skipped else ""))
     print(
         f"{s['run']}: {_count(s['tokens'])} tokens in {s['hours']:.2f} h on the run's clock "
         f"({s['wall_s']:.0f} s wall) | {s['emissions_kg']:.2f} kg CO2, "
@@ -160,7 +180,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from curtail.sweep import sweep
+    from curtail.policy_sweep import sweep
 
     result = sweep(
         Path(args.config),
@@ -171,7 +191,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"best": result.best, "wall_s": result.wall_s, "num_trials": result.num_trials,
                           "generalisation": result.generalisation.to_dict("records"),
-                          "files": {k: str(v) for k, v in result.files.items()}}, indent=2, default=str))
+                          "files": {k: str(v) for k, v in result.files.items()}}, indent=2, default=str),
+              file=args.stdout)
         return 0
     console = Console() if Console().is_terminal else Console(width=200)
     console.print(
@@ -203,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run", help="which of the experiment's runs (default: the first)")
     run.add_argument("--output-dir", help="root of the run directories (default: the config's output_dir)")
     run.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its newest intact checkpoint (CONFIG, if given, "
+                          "must be the run's own)")
+    run.add_argument("--checkpoint", metavar="N", type=int,
+                     help="with --resume: continue from checkpoint N (a folder of RUN_DIR/checkpoints/)")
     run.add_argument("--json", action="store_true", help="print the run's summary.json object")
     run.set_defaults(handler=cmd_run)
 
@@ -228,13 +253,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def json_stdout(enabled: bool) -> Iterator[TextIO]:
+    """The stream for the command's JSON document. With ``enabled``, everything else written
+    to file descriptor 1 while the command runs — Ray's and other libraries' prints, from any
+    thread or from C — goes to stderr, so stdout parses as JSON."""
+    if not enabled:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    out = open(os.dup(saved), "w", encoding="utf-8")  # noqa: SIM115 -- closed below, after fd 1 is back
     try:
-        return args.handler(args)
-    except (ConfigError, TraceError, FileNotFoundError, FileExistsError) as error:
+        with contextlib.redirect_stdout(sys.stderr):  # where sys.stdout is not fd 1 (a notebook, pytest)
+            yield out
+    finally:
+        out.close()
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "checkpoint", None) is not None and not args.resume:
+        parser.error("--checkpoint N picks the checkpoint of a resume: add --resume RUN_DIR")
+    from curtail.api import RunInterrupted
+
+    try:
+        with json_stdout(getattr(args, "json", False)) as args.stdout:
+            return args.handler(args)
+    except RunInterrupted as interrupted:
+        print(f"curtail: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("curtail: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
         print(f"curtail: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Typed experiment configuration: traces, curtailment rules, sites, execution model, runs.
+"""Typed experiment configuration: traces, curtailment rules, sites, execution model, training,
+policies, sweeps, runs.
+
+A policy's parameters and their defaults live only here, one model per kind
+(:data:`PolicyConfig`; the kinds: :data:`POLICY_KINDS`); ``curtail.planning`` builds each
+policy from its model.
 
 Every config is a frozen pydantic model with ``extra="forbid"``: a typo'd or renamed key is an
 error that names the key, never a silent default. Configs are TOML files (``experiments/*.toml``)
@@ -12,12 +17,12 @@ Instants are tz-aware datetimes (TOML offset date-times, e.g. ``2026-01-11T17:00
 from __future__ import annotations
 
 import difflib
+import tomllib
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -254,10 +259,13 @@ class AlwaysOnPolicyConfig(StrictModel):
     kind: Literal["always_on"] = "always_on"
 
 
-class _ForecastParams(StrictModel):
+ForecastChoice = Literal["auto", "recorded", "synthetic", "none"]
+
+
+class ForecastParams(StrictModel):
     """What a forecast-reading policy sees and how it acts on it (curtail.planning.forecast_policy)."""
 
-    forecast: Literal["auto", "recorded", "synthetic", "none"] = Field(
+    forecast: ForecastChoice = Field(
         default="auto",
         description="recorded forecasts where the experiment has them, else synthetic (auto); or none",
     )
@@ -280,14 +288,14 @@ class _ForecastParams(StrictModel):
     )
 
 
-class ForecastPolicyConfig(_ForecastParams):
+class ForecastPolicyConfig(ForecastParams):
     """Pre-provision from honest forecasts so sites are ready as windows open; skip short
     windows; idle through short gaps instead of flapping."""
 
     kind: Literal["forecast"] = "forecast"
 
 
-class BudgetPolicyConfig(_ForecastParams):
+class BudgetPolicyConfig(ForecastParams):
     """Spend the token budget in the cleanest windows: train where carbon per token is below a
     price (the emissions / completion-time knob), keep pace, never miss a makeable deadline."""
 
@@ -322,10 +330,20 @@ PolicyConfig = Annotated[
     | OraclePolicyConfig,
     Field(discriminator="kind"),
 ]
+"""A run's ``policy``: one config model per policy kind, told apart by ``kind``."""
+
+POLICY_CONFIGS: dict[str, type[StrictModel]] = {
+    model.model_fields["kind"].default: model for model in get_args(get_args(PolicyConfig)[0])
+}
+"""Every policy kind's config model, from :data:`PolicyConfig` (the one list of kinds)."""
+
+POLICY_KINDS: tuple[str, ...] = tuple(POLICY_CONFIGS)
+
+PolicyKind = Literal[POLICY_KINDS]  # type: ignore[valid-type]  # Literal["threshold", "always_on", ...]
 
 
 # --------------------------------------------------------------------------------------------
-# Sweeps over policies (curtail.sweep; Ray Tune)
+# Sweeps over policies (curtail.policy_sweep; Ray Tune)
 
 ParamValue = float | int | str | bool
 
@@ -364,18 +382,12 @@ SearchParam = SearchDomain | ParamValue
 class PolicySearchSpace(StrictModel):
     """Which policy kind a sweep tries, with its searched (or fixed) parameters."""
 
-    kind: Literal["threshold", "always_on", "forecast", "budget", "oracle"]
+    kind: PolicyKind
     params: dict[str, SearchParam] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _params_exist(self) -> PolicySearchSpace:
-        config_class = {
-            "threshold": ThresholdPolicyConfig,
-            "always_on": AlwaysOnPolicyConfig,
-            "forecast": ForecastPolicyConfig,
-            "budget": BudgetPolicyConfig,
-            "oracle": OraclePolicyConfig,
-        }[self.kind]
+        config_class = POLICY_CONFIGS[self.kind]
         unknown = sorted(set(self.params) - set(config_class.model_fields) - {"kind"})
         if unknown:
             raise ValueError(

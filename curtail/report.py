@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -332,10 +332,10 @@ def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
     )
 
     # -- shared UTC time axis
-    locator = mdates.AutoDateLocator(tz=timezone.utc, minticks=6, maxticks=14)
+    locator = mdates.AutoDateLocator(tz=UTC, minticks=6, maxticks=14)
     formatter = mdates.ConciseDateFormatter(
         locator,
-        tz=timezone.utc,
+        tz=UTC,
         show_offset=False,
         zero_formats=["", "%Y", "%d %b", "%d %b", "%H:%M", "%H:%M"],
     )
@@ -615,7 +615,7 @@ def _epoch_to_num(seconds: Any) -> Any:
     """Unix seconds (UTC) to matplotlib date numbers (days since matplotlib's epoch)."""
     from matplotlib import dates as mdates
 
-    epoch = mdates.date2num(datetime(1970, 1, 1, tzinfo=timezone.utc))
+    epoch = mdates.date2num(datetime(1970, 1, 1, tzinfo=UTC))
     return np.asarray(seconds, dtype=float) / 86400.0 + epoch
 
 

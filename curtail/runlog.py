@@ -4,7 +4,7 @@
 
     RUN_DIR/
       manifest.json    resolved config, package versions, trace checksums, executor
-      summary.json     the summary object (keys in DESIGN.md)
+      summary.json     the summary object (curtail.planning.summary.summarize)
       events.csv       time, t_s, site, event, details (JSON)
       intervals.csv    site, state, start, end, start_s, end_s (exact state intervals)
       modes.csv        mode, start, end, start_s, end_s (IDLE / SINGLE / FEDERATED)
@@ -14,6 +14,8 @@
       timings.csv      (real runs) measured wall seconds of every train / submit / load / eval command
       model/           (real runs) the final global model and tokenizer (save_pretrained)
 
+Both executors turn their plan and trajectory into a :class:`RunRecord` with
+:func:`record_of` (sweep trials, which keep only the summary, with :func:`summary_of`).
 Reports, notebooks and sweeps read only these files (:func:`read_run_dir`).
 """
 
@@ -24,6 +26,7 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +35,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from curtail.config import ExperimentConfig
+from curtail.planning.plan import RunPlan
 from curtail.planning.signals import iso, iso_array
+from curtail.planning.summary import summarize, timeseries
 from curtail.planning.trajectory import Trajectory
 
 RUN_FILES = ("manifest.json", "summary.json", "events.csv", "intervals.csv", "modes.csv", "timeseries.parquet")
@@ -61,6 +67,55 @@ def package_versions(names: tuple[str, ...] = ("curtail", "numpy", "pandas", "py
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def summary_of(
+    plan: RunPlan, trajectory: Trajectory, *, executor: str, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The run's ``summary.json`` object: ``trajectory`` accounted with ``plan``'s power model,
+    signals and calendar; ``extra`` keys are added (e.g. ``simulation_s``)."""
+    return summarize(
+        trajectory,
+        run=plan.run.name,
+        policy=plan.policy.kind,
+        regions=plan.regions,
+        power=plan.power,
+        signals=plan.signals,
+        calendar=plan.calendar,
+        token_budget=plan.context.token_budget,
+        executor=executor,
+        extra=extra,
+    )
+
+
+def record_of(
+    plan: RunPlan,
+    trajectory: Trajectory,
+    config: ExperimentConfig,
+    *,
+    executor: str,
+    traces_checksums: Mapping[str, str],
+    extra: Mapping[str, Any] | None = None,
+) -> RunRecord:
+    """A run (simulated, ``executor="simulator"``, or real, ``"ray"``) as a :class:`RunRecord`:
+    :func:`summary_of`, the event, interval and mode frames, the per-site timeseries and the
+    manifest (``config``, package versions, trace checksums). Nothing is written."""
+    manifest = {
+        "executor": executor,
+        "experiment": config.name,
+        "run": plan.run.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"),
+        "versions": package_versions(),
+        "trace_checksums_sha256": dict(traces_checksums),
+    }
+    return RunRecord(
+        summary=summary_of(plan, trajectory, executor=executor, extra=extra),
+        events=events_frame(trajectory),
+        intervals=intervals_frame(trajectory),
+        modes=modes_frame(trajectory),
+        timeseries=timeseries(trajectory, plan.power, plan.signals),
+        manifest=manifest,
+    )
 
 
 def events_frame(trajectory: Trajectory) -> pd.DataFrame:

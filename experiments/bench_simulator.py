@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from curtail.api import record_of
 from curtail.config import parse_experiment
 from curtail.planning.plan import load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
-from curtail.runlog import write_run_dir
+from curtail.runlog import record_of, write_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / "data" / "traces"

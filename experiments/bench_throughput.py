@@ -18,7 +18,7 @@ reports tokens/s per GPU beside the one-GPU figure: the scaling efficiency insid
 and Chrome trace in DIR).
 Steps run with ``sync=False`` (no host wait inside the loop); the same steps with a host
 sync per step are timed too. MFU counts 6·(parameters − embedding) + 12·layers·width·seq FLOPs
-per token (nanochat's count, the issue's anchor) against 989 TFLOP/s (H100/H200 dense bf16).
+per token (nanochat's count, the prior system's anchor) against 989 TFLOP/s (H100/H200 dense bf16).
 
 The sync section times one site's share of a federated round with the last variant's
 trainer: device pseudo-gradient packed to bf16, the averager's decompress and a two-site

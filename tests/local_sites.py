@@ -6,10 +6,12 @@ every node is a raylet on 127.0.0.1. Used by the multi-node and job-submit tests
 it only through subprocesses: the pytest process never joins a Ray cluster, so the session
 fixture ``ray_cluster`` (tests/conftest.py) and this cluster never meet in one process.
 
-Isolation from any other Ray on the host (RAY_NOTES.md gotcha 7): free ports everywhere, its
-own ``--temp-dir`` (so ``/tmp/ray/ray_current_cluster`` is never written and a plain
-``ray.init()`` elsewhere does not find this cluster), its own token (``RAY_AUTH_MODE=token``
-with a token file of its own, gotcha 11), ``RAY_ADDRESS`` set for its processes. Teardown kills
+Isolation from any other Ray on the host (several Ray instances on one host confuse Ray
+Train: "Found multiple active Ray instances"): free ports everywhere, its own ``--temp-dir``
+(so ``/tmp/ray/ray_current_cluster`` is never written and a plain ``ray.init()`` elsewhere
+does not find this cluster), its own token (``RAY_AUTH_MODE=token`` with a token file of its
+own: Ray ≥ 2.59 turns token authentication on by default), ``RAY_ADDRESS`` set for its
+processes. Teardown kills
 only the process groups it started; ``ray stop`` would kill every Ray on the host.
 """
 
@@ -31,8 +33,9 @@ from pathlib import Path
 VENV_BIN = Path(sys.executable).parent
 RAY = str(VENV_BIN / "ray")
 
-# Ray Train settings for a 2-core machine (RAY_NOTES.md §6). Set on every node: workers inherit
-# the raylet's environment, not the driver's.
+# Ray Train settings for a 2-core machine: fast report polling (a report blocks until the
+# controller polls, every 2 s by default), no preemption watcher, no metrics. Set on every
+# node: workers inherit the raylet's environment, not the driver's.
 TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from curtail.config import CurtailmentRules, ExecutionConfig, SiteConfig
+from curtail.config import POLICY_CONFIGS, CurtailmentRules, ExecutionConfig, SiteConfig
 from curtail.planning.energy import PowerModel
 from curtail.planning.policy import PolicyContext, make_policy
 from curtail.planning.signals import Signal
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRACES = REPO / "data" / "traces"
 PAPER_TOML = REPO / "experiments" / "paper.toml"
 
-T0_S = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+T0_S = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 """A round UTC instant (2026-01-01T00:00:00Z) where hand-made traces start."""
 
 STEP_S = 300.0
@@ -96,7 +96,7 @@ def make_context(
 
 
 def simulate(context: PolicyContext, policy: str = "threshold") -> Trajectory:
-    return Simulator(context, make_policy(policy, context)).run()
+    return Simulator(context, make_policy(POLICY_CONFIGS[policy](), context)).run()
 
 
 def power_of(context: PolicyContext) -> dict[str, PowerModel]:

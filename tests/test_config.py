@@ -4,11 +4,11 @@ and naive instants are refused with a message naming the key; run overrides merg
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+import tomllib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import tomllib
 from planning_fixtures import PAPER_TOML, REPO
 from pydantic import ValidationError
 
@@ -160,7 +160,7 @@ def test_naive_instants_are_rejected(paper, key):
     paper["runs"][0][key] = datetime(2026, 1, 11, 18)  # TOML local date-time: no zone
     message = rejection(paper)
     assert f"runs.0.{key}" in message and "give a zone" in message
-    paper["runs"][0][key] = datetime(2026, 1, 11, 18, tzinfo=timezone.utc)
+    paper["runs"][0][key] = datetime(2026, 1, 11, 18, tzinfo=UTC)
     parse_experiment(paper, base_dir=PAPER_TOML.parent)
 
 

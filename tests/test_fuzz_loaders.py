@@ -13,18 +13,19 @@ from __future__ import annotations
 import gzip
 import math
 import string
+import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from planning_fixtures import PAPER_TOML, REPO, TRACES
 
 from curtail.config import (
+    POLICY_KINDS,
     ConfigError,
     ForecastSource,
     TraceSource,
@@ -75,7 +76,7 @@ class Trace:
 def stamp(t_s: float, offset: str | None) -> str:
     """``offset`` None: naive UTC; else e.g. "+00:00", "+05:30", "-08:00", "Z"."""
     if offset is None or offset == "Z":
-        text = datetime.fromtimestamp(t_s, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        text = datetime.fromtimestamp(t_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
         return text + (offset or "")
     sign = 1 if offset[0] == "+" else -1
     zone = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[-2:])))
@@ -650,7 +651,7 @@ NONNEG = st.floats(0.0, 1e4, allow_nan=False)
 
 @st.composite
 def policies(draw) -> dict:
-    kind = draw(st.sampled_from(["threshold", "always_on", "forecast", "budget", "oracle"]))
+    kind = draw(st.sampled_from(POLICY_KINDS))
     policy: dict = {"kind": kind}
     if kind in ("forecast", "budget"):
         for key in draw(
@@ -705,7 +706,7 @@ def experiments(draw) -> dict:
             "sites": draw(st.lists(st.sampled_from(sorted(sites)), min_size=1, unique=True)),
         }
         if draw(st.booleans()):
-            run["start"] = datetime(2026, 1, 11, 17, tzinfo=timezone.utc)
+            run["start"] = datetime(2026, 1, 11, 17, tzinfo=UTC)
             run["deadline"] = run["start"] + timedelta(hours=draw(st.integers(1, 18)))
         if draw(st.booleans()):
             run["execution"] = {"sync_s": draw(NONNEG)}
@@ -869,8 +870,8 @@ def test_bad_numbers_are_named_by_key(config, data):
 CROSS_FIELD = {
     "deadline before start": (
         lambda c: c["runs"][0].update(
-            start=datetime(2026, 1, 12, tzinfo=timezone.utc),
-            deadline=datetime(2026, 1, 11, 18, tzinfo=timezone.utc),
+            start=datetime(2026, 1, 12, tzinfo=UTC),
+            deadline=datetime(2026, 1, 11, 18, tzinfo=UTC),
         ),
         "runs.0: Value error, deadline (2026-01-11T18:00:00+00:00) must be after start",
     ),

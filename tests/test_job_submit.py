@@ -1,8 +1,9 @@
 """``ray job submit --working-dir . -- python -m curtail run CONFIG`` against a local multi-node cluster.
 
 The cluster (tests/local_sites.py) is a head with the dashboard (the job server) plus one raylet
-per site, with token authentication on and a token of its own (RAY_NOTES.md gotcha 11): the
-client must say ``RAY_AUTH_MODE=token`` and find the token (here ``RAY_AUTH_TOKEN_PATH``). The
+per site, with token authentication on and a token of its own (Ray ≥ 2.59's default; without
+it ``ray job submit`` fails with "Missing authentication token"): the client must say
+``RAY_AUTH_MODE=token`` and find the token (here ``RAY_AUTH_TOKEN_PATH``). The
 job's driver joins the cluster through the ``RAY_ADDRESS`` Ray sets for it; the test reads the
 run directory the job wrote.
 """

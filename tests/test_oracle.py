@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from planning_fixtures import IDLE_W, RATE, T0_S, TRAINING_W, make_context, summary_of
 
-from curtail.config import CurtailmentRules, ExecutionConfig
+from curtail.config import POLICY_CONFIGS, CurtailmentRules, ExecutionConfig
 from curtail.planning.oracle import cheapest_pieces, emissions_lower_bound_kg
 from curtail.planning.policy import SiteState, make_policy
 from curtail.planning.simulator import Simulator
@@ -23,7 +23,7 @@ def kg(watts: float, seconds: float, ci: float) -> float:
 
 
 def run(context, kind: str, **params):
-    trajectory = Simulator(context, make_policy(kind, context, **params)).run()
+    trajectory = Simulator(context, make_policy(POLICY_CONFIGS[kind](**params), context)).run()
     return trajectory, summary_of(context, trajectory, kind)
 
 

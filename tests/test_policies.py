@@ -25,13 +25,22 @@ from planning_fixtures import (
 
 from curtail.api import simulate as simulate_experiment
 from curtail.config import (
+    POLICY_CONFIGS,
+    POLICY_KINDS,
     BudgetPolicyConfig,
     CurtailmentRules,
     ExecutionConfig,
+    ForecastParams,
     ForecastPolicyConfig,
     load_experiment,
 )
-from curtail.planning.forecast import WATTTIME_CAISO_2023_06, synthesize_forecast
+from curtail.planning.budget import BudgetPolicy
+from curtail.planning.forecast import (
+    RECORDED_HORIZON_S,
+    WATTTIME_CAISO_2023_06,
+    synthesize_forecast,
+)
+from curtail.planning.forecast_policy import ForecastAwarePolicy
 from curtail.planning.policy import SiteState, make_policy, registered_policies
 from curtail.planning.simulator import Simulator
 from curtail.planning.windows import (
@@ -45,7 +54,7 @@ STARTUP_S = 240 + 30  # default provisioning + group start
 
 
 def run(context, kind: str, **params):
-    trajectory = Simulator(context, make_policy(kind, context, **params)).run()
+    trajectory = Simulator(context, make_policy(POLICY_CONFIGS[kind](**params), context)).run()
     return trajectory, summary_of(context, trajectory, kind)
 
 
@@ -68,14 +77,18 @@ def provisions(trajectory, site: str = "a") -> list[float]:
     return [e.t_s - T0_S for e in trajectory.events if e.site == site and e.event == "provision"]
 
 
-def test_every_policy_kind_is_known_and_configurable():
-    assert {"threshold", "always_on", "forecast", "budget", "oracle"} <= set(registered_policies())
+def test_every_policy_kind_is_known_and_built_from_its_config():
+    assert set(registered_policies()) == set(POLICY_KINDS) == {"threshold", "always_on", "forecast", "budget", "oracle"}
     context = make_context({"a": pattern("LLHH")})
     for config in (ForecastPolicyConfig(bridge_s=60), BudgetPolicyConfig(max_ci_g_per_kwh=20)):
-        policy = make_policy(config.kind, context, **config.model_dump(exclude={"kind"}))
-        assert policy.kind == config.kind
-    with pytest.raises(TypeError, match="no parameters"):
-        make_policy("forecast", context, bogus=1)
+        policy = make_policy(config, context)
+        assert policy.kind == config.kind and policy.config is config
+    # left out, a policy's config is its model's defaults: the defaults live in curtail.config only
+    assert BudgetPolicy(context).config == BudgetPolicyConfig()
+    assert BudgetPolicyConfig().hold_s == 0 and ForecastPolicyConfig().hold_s == 600
+    assert ForecastParams.model_fields["forecast_horizon_s"].default == RECORDED_HORIZON_S
+    with pytest.raises(TypeError, match="config of 'budget'"):
+        ForecastAwarePolicy(context, BudgetPolicyConfig())
 
 
 # ------------------------------------------------------------------------------- forecast-aware
@@ -136,11 +149,11 @@ def test_forecast_falls_back_cleanly_without_forecasts():
 
 def test_forecast_reads_synthetic_forecasts_when_none_are_recorded():
     context = make_context({"a": WINDOW})
-    policy = make_policy("forecast", context, forecast="auto", forecast_seed=4)
+    policy = make_policy(ForecastPolicyConfig(forecast="auto", forecast_seed=4), context)
     assert policy.forecasts["a"] is not None and policy.forecasts["a"].source.startswith(
         "synthetic"
     )
-    again = make_policy("forecast", context, forecast="auto", forecast_seed=4)
+    again = make_policy(ForecastPolicyConfig(forecast="auto", forecast_seed=4), context)
     assert np.array_equal(policy.forecasts["a"].ci_g_per_kwh, again.forecasts["a"].ci_g_per_kwh)
 
 

@@ -11,7 +11,7 @@ from runtime_fixtures import ROOT
 
 from curtail.api import _with_measured_power, parse_experiment
 from curtail.planning.plan import load_experiment_traces, plan_run
-from curtail.runtime.coordinator import Timing, measured_power_per_gpu_w
+from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w
 
 
 def _timing(site: str, wall_s: float, power_w: float | None, gpus: int, kind: str = "train") -> Timing:

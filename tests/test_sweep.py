@@ -13,7 +13,7 @@ import pytest
 from planning_fixtures import REPO
 
 from curtail.config import ConfigError, SweepConfig, load_experiment, parse_experiment
-from curtail.sweep import (
+from curtail.policy_sweep import (
     METRICS,
     pareto_front,
     plot_pareto,
@@ -225,7 +225,7 @@ def test_runtime_trainable_trains_for_real_in_a_tune_trial(ray_cluster, tmp_path
         "tune_run": "two-sites",
         "trainable": "runtime",
         "num_samples": 1,
-        "cpus_per_trial": 0.01,  # RAY_NOTES gotcha 8: the trial must not starve its Train workers
+        "cpus_per_trial": 0.01,  # a trial of 1 CPU (Tune's default) starves its Train workers on 2 cores
         "max_concurrent_trials": 1,
         "policies": [{"kind": "threshold"}],
         "training": {"outer_lr": {"choice": [0.5]}},

@@ -4,7 +4,7 @@ load to UTC signals in gCO2/kWh with lbs/MWh converted exactly once."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ def test_naive_timestamps_need_a_zone(tmp_path):
     message = assert_names(load_error(path), path, line=2)
     assert 'naive_timezone = "UTC"' in message
     signal = load_trace(TraceSource(path=path, naive_timezone="UTC")).signals["R"]
-    assert signal.times_s[0] == datetime(2026, 1, 11, 17, tzinfo=timezone.utc).timestamp()
+    assert signal.times_s[0] == datetime(2026, 1, 11, 17, tzinfo=UTC).timestamp()
 
 
 @pytest.mark.parametrize("naive_row", [0, 2, 4])
@@ -191,7 +191,7 @@ def test_run_outlasting_the_trace(tmp_path):
         tmp_path, [HEADER, *rows([200] * 12)]
     )  # 17:00 .. 18:00 (last sample valid to 18:00)
     traces = load_traces([TraceSource(path=path)])
-    start = datetime(2026, 1, 11, 17, tzinfo=timezone.utc).timestamp()
+    start = datetime(2026, 1, 11, 17, tzinfo=UTC).timestamp()
     traces.require_span("R", start, start + 3600)  # exactly covered: fine
     for span in [(start, start + 3601), (start - 1, start + 600)]:
         with pytest.raises(TraceError) as info:
@@ -370,7 +370,7 @@ def well_formed_traces(draw):
 
 def format_time(t_s: float, offset: str) -> str:
     if offset in ("", "Z"):
-        return datetime.fromtimestamp(t_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + offset
+        return datetime.fromtimestamp(t_s, UTC).strftime("%Y-%m-%dT%H:%M:%S") + offset
     sign = 1 if offset[0] == "+" else -1
     hours, minutes = int(offset[1:3]), int(offset[-2:])
     zone = timezone(sign * timedelta(hours=hours, minutes=minutes))

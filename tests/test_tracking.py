@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import tomllib
 from planning_fixtures import PAPER_TOML, REPO
 
 import curtail

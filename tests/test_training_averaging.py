@@ -66,19 +66,40 @@ def test_nesterov_two_rounds_by_hand() -> None:
     assert params["w"] is weights  # updated in place, no new arrays
 
 
-def test_nesterov_matches_torch_sgd() -> None:
+def nesterov_by_formula(
+    params: dict[str, np.ndarray], buffers: dict[str, np.ndarray], grad: dict[str, np.ndarray], lr: float, mu: float
+) -> None:
+    """The outer step written out, in float32: ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``."""
+    lr32, mu32 = np.float32(lr), np.float32(mu)
+    for name, value in params.items():
+        buffers[name] = mu32 * buffers.get(name, np.zeros_like(value)) + grad[name]
+        value -= lr32 * (grad[name] + mu32 * buffers[name])
+
+
+def test_nesterov_step_is_the_formula_and_torch_sgd() -> None:
+    """The outer step is the formula written out, and torch's SGD(nesterov=True) to an ulp
+    (SGD adds ``−lr·d`` in one fused multiply-add where the formula rounds ``lr·d`` first)."""
     rng = np.random.default_rng(0)
-    params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
-    reference = torch.nn.Parameter(torch.from_numpy(params["w"].copy()))
-    sgd = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
-    outer = make_outer_optimizer("nesterov")
-    for _ in range(4):
-        grads = {s: {"w": rng.normal(size=(4, 3)).astype(np.float32)} for s in "ab"}
+    shapes = {"w": (40, 30), "b": (7,), "scalar": ()}
+    params = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    expected, buffers = {name: value.copy() for name, value in params.items()}, {}
+    references = {name: torch.nn.Parameter(torch.from_numpy(value.copy())) for name, value in params.items()}
+    sgd = torch.optim.SGD(list(references.values()), lr=0.7, momentum=0.9, nesterov=True)
+    outer = make_outer_optimizer("nesterov", lr=0.7, momentum=0.9)
+    for _ in range(10):
+        grads = {s: {n: rng.normal(size=shape).astype(np.float32) for n, shape in shapes.items()} for s in "ab"}
         tokens = {"a": int(rng.integers(1, 100)), "b": int(rng.integers(1, 100))}
-        reference.grad = torch.from_numpy(weighted_mean(grads, tokens)["w"])
+        mean = weighted_mean(grads, tokens)
+        nesterov_by_formula(expected, buffers, mean, 0.7, 0.9)
+        for name, reference in references.items():
+            reference.grad = torch.from_numpy(mean[name].copy())
         sgd.step()
         outer.step(params, grads, tokens)
-    np.testing.assert_allclose(params["w"], reference.detach().numpy(), rtol=1e-5, atol=1e-6)
+        for name in shapes:
+            np.testing.assert_array_equal(outer.momentum_buffers[name], buffers[name])
+            np.testing.assert_allclose(params[name], expected[name], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(params[name], references[name].detach().numpy(), rtol=1e-5, atol=1e-6)
+            assert outer.momentum_buffers[name].dtype == np.float32
 
 
 def test_three_times_the_tokens_pulls_three_times_harder() -> None:
@@ -117,6 +138,11 @@ def test_outer_state_round_trip() -> None:
     first.step(params, round_one_grads(), TOKENS)
     resumed.step(params_resumed, round_one_grads(), TOKENS)
     np.testing.assert_array_equal(params["w"], params_resumed["w"])
+    # the state the checkpoint writes: plain float32 numpy arrays by parameter name, copies
+    state = first.state_dict()
+    assert set(state) == {"name", "lr", "momentum", "momentum_buffers"}
+    assert all(type(b) is np.ndarray and b.dtype == np.float32 for b in state["momentum_buffers"].values())
+    assert not np.shares_memory(state["momentum_buffers"]["w"], first.momentum_buffers["w"])
     with pytest.raises(ValueError, match="same outer optimizer"):
         AveragingOuterOptimizer().load_state_dict(first.state_dict())
 

@@ -20,9 +20,9 @@ from curtail.training.ledger import (
 
 def test_claims_are_consecutive_and_disjoint() -> None:
     ledger = DataLedger(total_tokens=100, block_tokens=10)
-    assert ledger.claim("a", 30) == TokenRange(0, 30, 0)
-    assert ledger.claim("b", 25) == TokenRange(30, 50, 0)  # rounded down to whole blocks
-    assert ledger.outstanding == {"a": [TokenRange(0, 30)], "b": [TokenRange(30, 50)]}
+    assert ledger.claim("a", 30) == TokenRange(0, 0, 30)
+    assert ledger.claim("b", 25) == TokenRange(0, 30, 50)  # rounded down to whole blocks
+    assert ledger.outstanding == {"a": [TokenRange(0, 0, 30)], "b": [TokenRange(0, 30, 50)]}
     assert ledger.outstanding_tokens == 50 and ledger.pool_tokens == 50
     ledger.check_invariants()
 
@@ -35,8 +35,8 @@ def test_partial_completion_returns_the_rest_first() -> None:
     assert ledger.trained_tokens == 10
     assert ledger.trained_by_site == {"a": 10}
     # The returned [10, 40) is handed out before the untouched [60, 100).
-    assert ledger.claim("c", 100) == TokenRange(10, 40, 0)
-    assert ledger.claim("c", 100) == TokenRange(60, 100, 0)
+    assert ledger.claim("c", 100) == TokenRange(0, 10, 40)
+    assert ledger.claim("c", 100) == TokenRange(0, 60, 100)
     ledger.check_invariants()
 
 
@@ -45,8 +45,8 @@ def test_release_returns_a_dead_sites_claims() -> None:
     ledger.claim("a", 20)
     ledger.claim("a", 20)
     ledger.claim("b", 20)
-    assert ledger.release("a") == [TokenRange(0, 20), TokenRange(20, 40)]
-    assert ledger.outstanding == {"b": [TokenRange(40, 60)]}
+    assert ledger.release("a") == [TokenRange(0, 0, 20), TokenRange(0, 20, 40)]
+    assert ledger.outstanding == {"b": [TokenRange(0, 40, 60)]}
     assert ledger.epochs[0].pool == [[0, 40]]  # merged back into one free range
     assert ledger.release("nobody") == []
     ledger.check_invariants()
@@ -56,15 +56,15 @@ def test_epoch_wraps_and_is_recorded() -> None:
     ledger = DataLedger(total_tokens=35, block_tokens=10)
     assert ledger.unused_tail_tokens == 5 and ledger.usable_tokens == 30
     whole = ledger.claim("a", 100)
-    assert whole == TokenRange(0, 30, 0)
+    assert whole == TokenRange(0, 0, 30)
     # The pool is empty while "a" still trains: "b" starts the next pass instead of waiting.
     second = ledger.claim("b", 10)
-    assert second == TokenRange(0, 10, 1)
+    assert second == TokenRange(1, 0, 10)
     assert ledger.epoch == 1
     ledger.complete("a", whole, trained_tokens=20)
     # A straggler's returned piece of epoch 0 is trained before more of epoch 1.
-    assert ledger.claim("b", 100) == TokenRange(20, 30, 0)
-    assert ledger.claim("b", 100) == TokenRange(10, 30, 1)
+    assert ledger.claim("b", 100) == TokenRange(0, 20, 30)
+    assert ledger.claim("b", 100) == TokenRange(1, 10, 30)
     assert ledger.num_epochs_completed == 0
     for site, claims in ledger.outstanding.items():
         for token_range in claims:
@@ -83,7 +83,7 @@ def test_max_epochs() -> None:
     with pytest.raises(LedgerExhaustedError, match="raise max_epochs"):
         ledger.claim("b", 10)
     ledger.complete("a", token_range, 4)
-    assert ledger.claim("b", 10) == TokenRange(4, 10, 0)
+    assert ledger.claim("b", 10) == TokenRange(0, 4, 10)
 
 
 def test_adjacent_completions_merge_into_one_record() -> None:
@@ -121,9 +121,21 @@ def test_checkpoint_round_trip_through_json() -> None:
     assert restored.to_dict() == ledger.to_dict()
     assert restored.trained_by_site == {"a": 20}
     # On resume, work in flight at the checkpoint was lost with the sites: hand it back.
-    assert restored.release_all() == [TokenRange(50, 80)]
+    assert restored.release_all() == [TokenRange(0, 50, 80)]
     assert restored.pool_tokens == 80
     restored.check_invariants()
+
+
+def test_format_1_checkpoints_still_load() -> None:
+    """Format 1 wrote outstanding claims ``[start, end, epoch]``; format 2 ``[epoch, start, end]``."""
+    ledger = DataLedger(total_tokens=100, block_tokens=10)
+    ledger.claim("a", 100)
+    ledger.complete("a", ledger.claim("a", 30), 30)  # opens epoch 1
+    ledger.claim("b", 20)
+    state = json.loads(json.dumps(ledger.to_dict()))
+    assert state["format"] == 2 and state["outstanding"] == {"a": [[0, 0, 100]], "b": [[1, 30, 50]]}
+    old = {**state, "format": 1, "outstanding": {"a": [[0, 100, 0]], "b": [[30, 50, 1]]}}
+    assert DataLedger.from_dict(old).to_dict() == state
 
 
 def test_from_dict_rejects_inconsistent_checkpoints() -> None:
@@ -254,7 +266,7 @@ def test_retrained_ranges_are_recorded_and_survive_a_checkpoint() -> None:
     restored = DataLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
     assert [(r.cause, r.epoch, r.start, r.end) for r in restored.retrained] == [("site_failure:a", 0, 0, 20)]
     # the lost positions are the next ones handed out: they are what gets trained again
-    assert restored.claim("b", 20) == TokenRange(0, 20, 0)
+    assert restored.claim("b", 20) == TokenRange(0, 0, 20)
     with pytest.raises(LedgerError, match="not inside an opened epoch"):
         ledger.record_retrained("resume:000001", [(3, 0, 10)])
     state = ledger.to_dict()

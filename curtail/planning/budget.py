@@ -35,10 +35,10 @@ forecasts, never the future: the perfect-foresight bound is :mod:`curtail.planni
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
+from curtail.config import BudgetPolicyConfig
 from curtail.planning.forecast import Outlook
 from curtail.planning.forecast_policy import ForecastAwarePolicy
 from curtail.planning.policy import Decision, Observation, PolicyContext, register_policy
@@ -47,40 +47,17 @@ from curtail.planning.policy import Decision, Observation, PolicyContext, regist
 class BudgetPolicy(ForecastAwarePolicy):
     """Train where carbon per token is below a price; keep pace; never miss a makeable deadline.
 
-    Args:
-        max_ci_g_per_kwh: the fixed price, as an intensity at the most efficient site.
-        supply_margin: how many times the tokens left the past's supply below the price must
-            cover (0 = fixed price only; see module doc).
-        recent_s: the supply is the leaner of ``history_s`` and this recent past (0 = off).
-        pace_fraction: 0..1, share of a linear schedule to keep before any window will do.
-        deadline_guard: run every site when the budget can only just be met.
-        guard_margin: how close to "only just" (share of the remaining full-speed capacity).
-        **forecast_params: those of :class:`~curtail.planning.forecast_policy.ForecastAwarePolicy`.
+    Configured by :class:`~curtail.config.BudgetPolicyConfig`: the price
+    (``max_ci_g_per_kwh``, ``supply_margin``, ``recent_s``), the guards (``pace_fraction``,
+    ``deadline_guard``, ``guard_margin``) and every forecast-aware parameter (``hold_s``
+    defaults to 0 here: idling after a price crossing only burns idle power).
     """
 
     kind = "budget"
+    config: BudgetPolicyConfig
 
-    def __init__(
-        self,
-        context: PolicyContext,
-        *,
-        max_ci_g_per_kwh: float = 60.0,
-        supply_margin: float = 0.0,
-        recent_s: float = 86400.0,
-        pace_fraction: float = 0.0,
-        deadline_guard: bool = True,
-        guard_margin: float = 0.1,
-        **forecast_params: Any,
-    ):
-        # idling after a price crossing only burns idle power: no hold unless asked for
-        forecast_params.setdefault("hold_s", 0.0)
-        super().__init__(context, **forecast_params)
-        self.max_ci_g_per_kwh = max_ci_g_per_kwh
-        self.supply_margin = supply_margin
-        self.recent_s = recent_s
-        self.pace_fraction = pace_fraction
-        self.deadline_guard = deadline_guard
-        self.guard_margin = guard_margin
+    def __init__(self, context: PolicyContext, config: BudgetPolicyConfig | None = None):
+        super().__init__(context, config)
         joules_per_token = {
             site: cfg.site_training_power_w / cfg.tokens_per_s
             for site, cfg in context.sites.items()
@@ -98,8 +75,8 @@ class BudgetPolicy(ForecastAwarePolicy):
         """The price now, as an intensity at the most efficient site."""
         if self._price_at is not None and self._price_at[0] == now_s:
             return self._price_at[1]
-        price = self.max_ci_g_per_kwh
-        if self.supply_margin > 0:
+        price = self.config.max_ci_g_per_kwh
+        if self.config.supply_margin > 0:
             price = max(price, self.supply_price(now_s, observation.tokens_remaining))
         self._price_at = (now_s, price)
         return price
@@ -111,11 +88,11 @@ class BudgetPolicy(ForecastAwarePolicy):
         levels, weights = [], []
         for site, cfg in self.context.sites.items():
             signal = self.context.signals[site]
-            if now_s - self.history_s < signal.start_s:
+            if now_s - self.config.history_s < signal.start_s:
                 return 0.0
-            shares = [self._past_share(site, now_s, self.history_s)]
-            if self.recent_s > 0:
-                shares.append(self._past_share(site, now_s, self.recent_s))
+            shares = [self._past_share(site, now_s, self.config.history_s)]
+            if self.config.recent_s > 0:
+                shares.append(self._past_share(site, now_s, self.config.recent_s))
             levels.append(shares)
             weights.append(cfg.tokens_per_s * horizon_s)
         candidates = np.unique(np.concatenate([v for shares in levels for v, _ in shares]))
@@ -126,7 +103,7 @@ class BudgetPolicy(ForecastAwarePolicy):
                 np.searchsorted(values, candidates, side="left") / count for values, count in shares
             ]
             supply += weight * np.minimum.reduce(below)
-        need = self.supply_margin * tokens_left
+        need = self.config.supply_margin * tokens_left
         enough = np.flatnonzero(supply >= need)
         if not len(enough):
             return math.inf
@@ -153,7 +130,7 @@ class BudgetPolicy(ForecastAwarePolicy):
         Once it holds it stays (latched): the sites it started must not stop for their own
         start-up time, which the capacity estimate charges every site.
         """
-        if not self.deadline_guard:
+        if not self.config.deadline_guard:
             return False
         if self._guard_engaged:
             return True
@@ -164,7 +141,7 @@ class BudgetPolicy(ForecastAwarePolicy):
         slack = 1e-9 * observation.token_budget  # the wake-up instant is computed for equality
         engaged = (
             0.0 < remaining <= capacity + slack
-            and remaining >= (1.0 - self.guard_margin) * capacity - slack
+            and remaining >= (1.0 - self.config.guard_margin) * capacity - slack
         )
         self._guard_engaged = engaged
         return engaged
@@ -172,18 +149,18 @@ class BudgetPolicy(ForecastAwarePolicy):
     def guard_starts_s(self, observation: Observation) -> float:
         """When :meth:`must_run` starts to hold if nothing more is trained (``inf``: never)."""
         remaining = observation.tokens_remaining
-        if not self.deadline_guard or remaining <= 0:
+        if not self.config.deadline_guard or remaining <= 0:
             return math.inf
-        full_speed_s = remaining / ((1.0 - self.guard_margin) * self.total_tokens_per_s)
+        full_speed_s = remaining / ((1.0 - self.config.guard_margin) * self.total_tokens_per_s)
         return self.context.deadline_s - self.startup_s - full_speed_s
 
     def behind(self, now_s: float, observation: Observation) -> bool:
         """Fewer tokens than ``pace_fraction`` of a linear schedule (off at 0)."""
-        if self.pace_fraction <= 0:
+        if self.config.pace_fraction <= 0:
             return False
         span_s = self.context.deadline_s - self.context.start_s
         elapsed = min(max((now_s - self.context.start_s) / span_s, 0.0), 1.0)
-        return observation.tokens_trained < self.pace_fraction * elapsed * observation.token_budget
+        return observation.tokens_trained < self.config.pace_fraction * elapsed * observation.token_budget
 
     # ------------------------------------------------------------------ ForecastAwarePolicy hooks
 

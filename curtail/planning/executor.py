@@ -46,6 +46,15 @@ class _Site:
     benched: bool = False  # failed too often: stays off until its window closes
 
 
+@dataclass(frozen=True)
+class RoundView:
+    """A round as the hooks see it: a frozen copy, never the executor's live state."""
+
+    index: int
+    kind: RunMode
+    members: tuple[str, ...]  # sorted
+
+
 @dataclass
 class _Round:
     index: int
@@ -53,6 +62,9 @@ class _Round:
     start_s: float
     end_s: float  # inf for SINGLE
     members: set[str] = field(default_factory=set)
+
+    def view(self) -> RoundView:
+        return RoundView(self.index, self.kind, tuple(sorted(self.members)))
 
 
 class Executor:
@@ -79,8 +91,9 @@ class Executor:
 
     # ---------------------------------------------------------------- work and hooks
 
-    def work(self, sites: list[str], start_s: float, end_s: float) -> dict[str, float]:
-        """Train ``sites`` over ``[start_s, end_s)`` of the run's clock; tokens trained per site."""
+    def work(self, sites: list[str], start_s: float, end_s: float, current: RoundView | None) -> dict[str, float]:
+        """Train ``sites`` over ``[start_s, end_s)`` of the run's clock, inside round ``current`` (None
+        between rounds); tokens trained per site."""
         raise NotImplementedError
 
     def pass_time(self, start_s: float, end_s: float) -> None:
@@ -89,29 +102,37 @@ class Executor:
     def on_nodes_ready(self, site: str, t_s: float) -> None:
         """A site's nodes are provisioned: start its worker group."""
 
-    def on_round_start(self, index: int, members: list[str], t_s: float) -> None:
-        """A round begins; members must hold the newest global weights."""
+    def on_round_start(self, started: RoundView, t_s: float) -> None:
+        """A round begins; its members must hold the newest global weights."""
 
-    def on_sync(self, index: int, members: list[str], kind: RunMode, t_s: float) -> None:
-        """End of round ``index``: average (FEDERATED) or hand off (SINGLE) and load the result."""
+    def on_sync(self, ended: RoundView, members: list[str], t_s: float) -> None:
+        """``ended`` is over: average its members' work (FEDERATED) or hand off (SINGLE), then
+        ``members`` (its members and any joiners) load the result."""
 
     def on_join(self, site: str, index: int, t_s: float) -> None:
         """A site joins a running federated round: load the newest global weights."""
 
-    def on_leave(self, site: str, index: int, kind: RunMode, t_s: float) -> None:
-        """A site leaves round ``index`` mid-way: keep its partial work."""
+    def on_leave(self, site: str, current: RoundView, t_s: float) -> None:
+        """``site`` leaves ``current`` mid-way (``current.members`` are those still in it): keep its
+        partial work."""
 
     def on_drain(self, site: str, t_s: float) -> None:
         """A site is released: stop its worker group at the next step boundary."""
 
-    def on_finish(self, t_s: float, completed: bool) -> None:
-        """The run ends: make the global model final."""
+    def on_finish(self, t_s: float, completed: bool, open_round: RoundView | None) -> None:
+        """The run ends (``open_round`` is the round still running, if any): make the global
+        model final."""
+
+    def on_interrupt(self, t_s: float) -> None:
+        """The run stopped at a safe point on request (:meth:`at_safe_point` returned True)."""
 
     def on_failure(self, site: str, t_s: float) -> None:
         """A failed site has been taken out of the run: release what it held."""
 
-    def at_safe_point(self, t_s: float, next_decision_s: float) -> None:
-        """Between two stretches of work, with the state machine settled: checkpoint here."""
+    def at_safe_point(self, t_s: float, next_decision_s: float, current: RoundView | None) -> bool:
+        """Between two stretches of work, with the state machine settled: checkpoint here.
+        Returning True stops the run here (an interrupt; :meth:`on_interrupt` follows)."""
+        return False
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -192,6 +213,9 @@ class Executor:
 
     # ---------------------------------------------------------------- state helpers
 
+    def _round_view(self) -> RoundView | None:
+        return None if self.round is None else self.round.view()
+
     def _state(self, site: _Site) -> SiteState:
         return self.recorder.state(site.name)
 
@@ -216,7 +240,7 @@ class Executor:
         end_s = t_s + self.execution.round_s if kind is RunMode.FEDERATED else math.inf
         self.round = _Round(self.num_rounds, kind, t_s, end_s, set(members))
         self.recorder.event(t_s, "", "round_start", round=self.num_rounds, mode=kind.value, sites=sorted(members))
-        self.on_round_start(self.num_rounds, sorted(members), t_s)
+        self.on_round_start(self.round.view(), t_s)
         restart_s = self.execution.round_restart_s
         for name in members:
             site = self.sites[name]
@@ -234,7 +258,7 @@ class Executor:
         self.recorder.event(t_s, "", "round_end", round=self.round.index, mode=self.round.kind.value)
         self.recorder.num_syncs += 1
         self.recorder.event(t_s, "", "sync", round=self.round.index, sites=sorted(members))
-        self.on_sync(self.round.index, sorted(members), self.round.kind, t_s)
+        self.on_sync(self.round.view(), sorted(members), t_s)
         self.round = None
         self.sync_until_s = t_s + self.execution.sync_s
         self.sync_members = members
@@ -263,7 +287,7 @@ class Executor:
             self.round.members.discard(site.name)
             self.recorder.event(t_s, site.name, "leave_round", round=self.round.index, handed_over=hand_over)
             if hand_over:
-                self.on_leave(site.name, self.round.index, self.round.kind, t_s)
+                self.on_leave(site.name, self.round.view(), t_s)
             if not self.round.members:
                 self.recorder.event(t_s, "", "round_end", round=self.round.index, mode=self.round.kind.value)
                 self.round = None
@@ -376,7 +400,7 @@ class Executor:
             site.intent = Intent(decision.intents.get(name, Intent.OFF))
         if decision.next_decision_s <= t_s:
             raise PolicyProtocolError(
-                f"policy {self.policy.name!r} asked to decide again at {decision.next_decision_s} "
+                f"policy {self.policy.kind!r} asked to decide again at {decision.next_decision_s} "
                 f"which is not after now ({t_s}); return math.inf when nothing is planned"
             )
         return decision.next_decision_s
@@ -412,7 +436,10 @@ class Executor:
             t_s, next_decision_s = self.restore(resume_from)
             self.recorder.event(t_s, "", "resume", tokens=round(self.tokens))
         while True:
-            self.at_safe_point(t_s, next_decision_s)
+            if self.at_safe_point(t_s, next_decision_s, self._round_view()):
+                self.recorder.event(t_s, "", "interrupted", tokens=round(self.tokens))
+                self.on_interrupt(t_s)
+                return self.recorder.finish(t_s, completed=False)
             training = [s for s in self.sites.values() if self._state(s) is SiteState.TRAINING]
             rate = sum(s.tokens_per_s for s in training)
             candidates = [next_decision_s, context.deadline_s, t_s + self.max_segment_s]
@@ -425,7 +452,7 @@ class Executor:
                 candidates.append(max(t_s + (budget - self.tokens) / rate, math.nextafter(t_s, math.inf)))
             t_next = max(min(candidates), t_s)
             if training and t_next > t_s:
-                for name, tokens in self.work([s.name for s in training], t_s, t_next).items():
+                for name, tokens in self.work([s.name for s in training], t_s, t_next, self._round_view()).items():
                     self.recorder.add_tokens(name, tokens)
                     self.tokens += tokens
             elif t_next > t_s:
@@ -434,10 +461,10 @@ class Executor:
             self._apply_failures(t_s)
             if self.tokens >= budget * (1 - 1e-12):
                 self.recorder.event(t_s, "", "budget_reached", tokens=round(self.tokens))
-                self.on_finish(t_s, completed=True)
+                self.on_finish(t_s, True, self._round_view())
                 return self.recorder.finish(t_s, completed=True)
             if t_s >= context.deadline_s - _EPS_S:
                 self.recorder.event(t_s, "", "deadline", tokens=round(self.tokens))
-                self.on_finish(t_s, completed=False)
+                self.on_finish(t_s, False, self._round_view())
                 return self.recorder.finish(t_s, completed=False)
             next_decision_s = self._settle(t_s, next_decision_s, ask=False)

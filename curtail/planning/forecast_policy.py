@@ -24,12 +24,11 @@ persistence hysteresis that idles instead of training).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
 
 import numpy as np
 
+from curtail.config import ForecastChoice, ForecastParams
 from curtail.planning.forecast import (
-    RECORDED_HORIZON_S,
     WATTTIME_CAISO_2023_06,
     Outlook,
     outlook_of,
@@ -45,8 +44,6 @@ from curtail.planning.policy import (
     register_policy,
 )
 from curtail.planning.traces import Forecast
-
-ForecastChoice = Literal["auto", "recorded", "synthetic", "none"]
 
 _EPS_S = 1e-6
 
@@ -81,46 +78,17 @@ def site_forecasts(
 class ForecastAwarePolicy(Policy):
     """Pre-provision from honest forecasts; skip short windows; bridge short gaps.
 
-    Args:
-        forecast: which forecasts to read (see :func:`site_forecasts`).
-        forecast_seed: seed of synthetic forecasts.
-        forecast_horizon_s: how far synthetic forecasts reach (default: the recorded 65 min).
-        lead_s: extra seconds of pre-provisioning on top of provisioning and group start.
-        min_window_s: least predicted training time (after start-up) worth starting a site for.
-        bridge_s: a provisioned site idles through a predicted gap shorter than this.
-        hold_s: a released window keeps its nodes this long (forecasts rarely foresee a reopening).
-        seasonal_s: also expect the openings the signal made this long ago (e.g. 86400: a
-            daily pattern, read from the past only); 0 = off.
-        history_s: the past whose windows tell how long a window typically lasts.
+    Configured by :class:`~curtail.config.ForecastPolicyConfig` (every parameter, its default
+    and its meaning: :class:`~curtail.config.ForecastParams`).
     """
 
     kind = "forecast"
+    config: ForecastParams
 
-    def __init__(
-        self,
-        context: PolicyContext,
-        *,
-        forecast: ForecastChoice = "auto",
-        forecast_seed: int = 0,
-        forecast_horizon_s: float = RECORDED_HORIZON_S,
-        lead_s: float = 0.0,
-        min_window_s: float = 0.0,
-        bridge_s: float = 1800.0,
-        hold_s: float = 600.0,
-        seasonal_s: float = 0.0,
-        forecast_margin_g_per_kwh: float = 0.0,
-        history_s: float = 7 * 86400.0,
-        **params: Any,
-    ):
-        super().__init__(context, **params)
-        self.seasonal_s = seasonal_s
-        self.forecast_margin_g_per_kwh = forecast_margin_g_per_kwh
-        self.lead_s = lead_s
-        self.min_window_s = min_window_s
-        self.bridge_s = bridge_s
-        self.hold_s = hold_s
+    def __init__(self, context: PolicyContext, config: ForecastParams | None = None):
+        super().__init__(context, config)
+        config = self.config
         self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
-        self.history_s = history_s
         self._window_spans = {
             site: (
                 np.array([w.open_s for w in context.calendar.windows(site)]),
@@ -129,7 +97,7 @@ class ForecastAwarePolicy(Policy):
             for site in context.sites
         }
         self.forecasts = site_forecasts(
-            context, forecast, seed=forecast_seed, horizon_s=forecast_horizon_s
+            context, config.forecast, seed=config.forecast_seed, horizon_s=config.forecast_horizon_s
         )
         self._above_since: dict[str, float] = {}
         instants = [s.times_s for s in context.signals.values()]
@@ -146,9 +114,9 @@ class ForecastAwarePolicy(Policy):
         self, site: str, now_s: float, level: float, outlook: Outlook | None
     ) -> bool:
         """Is an unprovisioned site, below ``level`` now, worth the start-up?"""
-        if self.min_window_s <= 0:
+        if self.config.min_window_s <= 0:
             return True
-        return self.predicted_training_s(site, now_s, level, outlook) >= self.min_window_s
+        return self.predicted_training_s(site, now_s, level, outlook) >= self.config.min_window_s
 
     def predicted_training_s(
         self, site: str, now_s: float, level: float, outlook: Outlook | None
@@ -165,7 +133,7 @@ class ForecastAwarePolicy(Policy):
     def typical_window_s(self, site: str, now_s: float) -> float:
         """Median length of the site's calendar windows closed in the past ``history_s`` (0: none)."""
         opens, closes = self._window_spans[site]
-        recent = (closes <= now_s) & (closes > now_s - self.history_s)
+        recent = (closes <= now_s) & (closes > now_s - self.config.history_s)
         return float(np.median(closes[recent] - opens[recent])) if recent.any() else 0.0
 
     # ------------------------------------------------------------------ the decision
@@ -199,10 +167,10 @@ class ForecastAwarePolicy(Policy):
             self._above_since.setdefault(site, now_s)
         # forecasts lean on persistence and rarely foresee a window (re)opening: a released
         # window keeps its nodes for hold_s whatever the forecast says
-        holding = provisioned and now_s - self._above_since[site] < self.hold_s - _EPS_S
-        hold_wake_s = self._above_since[site] + self.hold_s if holding else math.inf
+        holding = provisioned and now_s - self._above_since[site] < self.config.hold_s - _EPS_S
+        hold_wake_s = self._above_since[site] + self.config.hold_s if holding else math.inf
         runs = (
-            outlook.runs_below(level + self.forecast_margin_g_per_kwh)
+            outlook.runs_below(level + self.config.forecast_margin_g_per_kwh)
             if outlook is not None
             else []
         )
@@ -212,11 +180,11 @@ class ForecastAwarePolicy(Policy):
         if not runs:
             return (Intent.STANDBY, hold_wake_s) if holding else (Intent.OFF, math.inf)
         opens_s, closes_s = runs[0]
-        ready_by_s = opens_s - self.startup_s - self.lead_s
-        bridge_s = max(self.bridge_s, self.startup_s + self.lead_s)
+        ready_by_s = opens_s - self.startup_s - self.config.lead_s
+        bridge_s = max(self.config.bridge_s, self.startup_s + self.config.lead_s)
         if provisioned and (holding or opens_s - now_s <= bridge_s + _EPS_S):
             return Intent.STANDBY, hold_wake_s
-        if closes_s - opens_s < self.min_window_s:
+        if closes_s - opens_s < self.config.min_window_s:
             return Intent.OFF, math.inf
         if now_s >= ready_by_s - _EPS_S:
             return Intent.STANDBY, math.inf
@@ -227,13 +195,13 @@ class ForecastAwarePolicy(Policy):
     ) -> tuple[float, float] | None:
         """An opening the signal made ``seasonal_s`` ago within the pre-provisioning reach
         (``(opens, closes)`` shifted to today), if the site was not open then already."""
-        if self.seasonal_s <= 0:
+        if self.config.seasonal_s <= 0:
             return None
         signal = self.context.signals[site]
-        then_s = now_s - self.seasonal_s
+        then_s = now_s - self.config.seasonal_s
         if then_s < signal.start_s or signal.value_at(then_s) < level:
             return None
-        reach_s = self.startup_s + self.lead_s + signal.resolution_s
+        reach_s = self.startup_s + self.config.lead_s + signal.resolution_s
         times, values = signal.times_s, signal.ci_g_per_kwh
         first = int(np.searchsorted(times, then_s, side="right"))
         last = int(np.searchsorted(times, then_s + reach_s, side="right"))
@@ -243,8 +211,8 @@ class ForecastAwarePolicy(Policy):
         opened = first + int(below[0])
         known = int(np.searchsorted(times, now_s, side="right"))  # only what has been seen
         above = np.flatnonzero(values[opened:known] >= level)
-        closes_s = float(times[opened + above[0]]) + self.seasonal_s if len(above) else math.inf
-        return float(times[opened]) + self.seasonal_s, closes_s
+        closes_s = float(times[opened + above[0]]) + self.config.seasonal_s if len(above) else math.inf
+        return float(times[opened]) + self.config.seasonal_s, closes_s
 
 
 register_policy(ForecastAwarePolicy)

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from curtail.config import OraclePolicyConfig
 from curtail.planning.policy import (
     Decision,
     Intent,
@@ -129,8 +129,8 @@ class OraclePolicy(Policy):
 
     kind = "oracle"
 
-    def __init__(self, context: PolicyContext, **params: Any):
-        super().__init__(context, **params)
+    def __init__(self, context: PolicyContext, config: OraclePolicyConfig | None = None):
+        super().__init__(context, config)
         # the plan keeps the last 10 µs in reserve: a budget that needs every last piece would
         # otherwise complete in the executor's final microsecond, i.e. (in floats, ~0.2 µs
         # apart near 1.7e9 s) at the deadline, and count as missed; the reserve trains the

@@ -7,7 +7,6 @@ same policy object against the same calendar and validated signals.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from curtail.config import ExperimentConfig, RunSpec
 from curtail.planning.energy import PowerModel
@@ -29,10 +28,6 @@ class RunPlan:
     @property
     def calendar(self) -> CurtailmentCalendar:
         return self.context.calendar
-
-    @property
-    def policy_label(self) -> str:
-        return self.policy.name
 
 
 def load_experiment_traces(config: ExperimentConfig) -> tuple[TraceSet, dict[str, Forecast]]:
@@ -77,7 +72,6 @@ def plan_run(
         token_budget=config.token_budget_for(run),
         forecasts=site_forecasts,
     )
-    params: dict[str, Any] = run.policy.model_dump(exclude={"kind"})
-    policy = make_policy(run.policy.kind, context, **params)
+    policy = make_policy(run.policy, context)
     power = {name: PowerModel.of_site(site) for name, site in sites.items()}
     return RunPlan(run, context, policy, power, regions, signals)

@@ -13,8 +13,10 @@ Built-ins: ``threshold`` (the prior system: train whenever the calendar window i
 (:mod:`curtail.planning.forecast_policy`: pre-provisions from honest forecasts), ``budget``
 (:mod:`curtail.planning.budget`: cleanest windows for a token budget and deadline) and the
 perfect-foresight ``oracle`` (:mod:`curtail.planning.oracle`: a bound, not a runnable policy)
-live beside it and register on first use. New policies subclass :class:`Policy` and register
-with :func:`register_policy`.
+live beside it and register on first use. A policy is built from its validated config
+(:func:`make_policy`; the config models, their defaults and the list of kinds live in
+:mod:`curtail.config`). New policies subclass :class:`Policy` and register with
+:func:`register_policy`.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from curtail.config import CurtailmentRules, ExecutionConfig, SiteConfig
+from pydantic import BaseModel
+
+from curtail.config import (
+    POLICY_CONFIGS,
+    CurtailmentRules,
+    ExecutionConfig,
+    PolicyConfig,
+    SiteConfig,
+)
 from curtail.planning.signals import Signal
 from curtail.planning.traces import Forecast
 from curtail.planning.windows import CurtailmentCalendar
@@ -48,10 +58,6 @@ class SiteState(enum.StrEnum):
     WAITING = "waiting"  # ready, not training (standby, or waiting for the next round)
     TRAINING = "training"
     SYNCING = "syncing"
-
-    @property
-    def draws_training_power(self) -> bool:
-        return self is SiteState.TRAINING
 
     @property
     def provisioned(self) -> bool:
@@ -95,18 +101,23 @@ class PolicyContext:
 
 
 class Policy(ABC):
-    """Base class: decide every site's intent at ``now_s``."""
+    """Base class: decide every site's intent at ``now_s``.
+
+    ``config`` is the policy's validated config model (``kind`` equal to the policy's); left
+    out, the model's defaults (:data:`curtail.config.POLICY_CONFIGS`).
+    """
 
     kind: ClassVar[str]
 
-    def __init__(self, context: PolicyContext, **params: Any):
+    def __init__(self, context: PolicyContext, config: BaseModel | None = None):
+        if config is None:
+            if self.kind not in POLICY_CONFIGS:
+                raise TypeError(f"policy {self.kind!r} has no config model in curtail.config; pass its config")
+            config = POLICY_CONFIGS[self.kind]()
+        if getattr(config, "kind", None) != self.kind:
+            raise TypeError(f"policy {self.kind!r} was given the config of {getattr(config, 'kind', config)!r}")
         self.context = context
-        if params:
-            raise TypeError(f"policy {self.kind!r} takes no parameters {sorted(params)}")
-
-    @property
-    def name(self) -> str:
-        return self.kind
+        self.config = config
 
     @abstractmethod
     def decide(self, now_s: float, observation: Observation) -> Decision:
@@ -164,8 +175,9 @@ def registered_policies() -> dict[str, type[Policy]]:
     return dict(_REGISTRY)
 
 
-def make_policy(kind: str, context: PolicyContext, **params: Any) -> Policy:
+def make_policy(config: PolicyConfig, context: PolicyContext) -> Policy:
+    """The policy ``config`` describes (e.g. ``BudgetPolicyConfig(max_ci_g_per_kwh=40)``), for ``context``."""
     registry = registered_policies()
-    if kind not in registry:
-        raise ValueError(f"unknown policy kind {kind!r}; known: {sorted(registry)}")
-    return registry[kind](context, **params)
+    if config.kind not in registry:
+        raise ValueError(f"unknown policy kind {config.kind!r}; known: {sorted(registry)}")
+    return registry[config.kind](context, config)

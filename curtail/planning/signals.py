@@ -9,7 +9,7 @@ which is what makes a year of simulation take milliseconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -22,7 +22,7 @@ def to_epoch_s(instant: datetime) -> float:
 
 
 def from_epoch_s(t_s: float) -> datetime:
-    return datetime.fromtimestamp(float(t_s), tz=timezone.utc)
+    return datetime.fromtimestamp(float(t_s), tz=UTC)
 
 
 def iso(t_s: float) -> str:

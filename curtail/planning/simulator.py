@@ -8,7 +8,7 @@ Because time only jumps between events, a year of 5-minute data takes well under
 
 from __future__ import annotations
 
-from curtail.planning.executor import Executor, PolicyProtocolError
+from curtail.planning.executor import Executor, PolicyProtocolError, RoundView
 
 __all__ = ["PolicyProtocolError", "Simulator"]
 
@@ -16,5 +16,5 @@ __all__ = ["PolicyProtocolError", "Simulator"]
 class Simulator(Executor):
     """Replay one run. ``Simulator(context, policy).run()`` returns a :class:`Trajectory`."""
 
-    def work(self, sites: list[str], start_s: float, end_s: float) -> dict[str, float]:
+    def work(self, sites: list[str], start_s: float, end_s: float, current: RoundView | None) -> dict[str, float]:
         return {name: self.sites[name].tokens_per_s * (end_s - start_s) for name in sites}

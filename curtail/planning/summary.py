@@ -1,10 +1,11 @@
 """Accounting of a trajectory: the ``summary.json`` object and the per-site timeseries.
 
 Both executors hand their :class:`~curtail.planning.trajectory.Trajectory` to
-:func:`summarize` and :func:`timeseries`; the keys follow the run-directory contract of
-DESIGN.md (``run``, ``policy``, ``sites``, ``tokens``, ``hours``, ``energy_kwh``,
+:func:`summarize` and :func:`timeseries` (through :func:`curtail.runlog.record_of`); the
+summary's keys are the run directory's ``summary.json`` (:mod:`curtail.runlog`, the README's
+"Run directory"): ``run``, ``policy``, ``sites``, ``tokens``, ``hours``, ``energy_kwh``,
 ``emissions_kg``, ``share_energy_in_windows``, ``window_utilisation``, ``site_hours``,
-``mode_hours``, ``num_syncs``, ...).
+``mode_hours``, ``num_syncs``, ...
 """
 
 from __future__ import annotations

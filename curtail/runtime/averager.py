@@ -7,12 +7,11 @@ to the same round, so it still counts. In single-site mode the site's weights re
 global state when another site joins or it leaves (:meth:`Averager.publish`).
 
 Weights leave the actor as numpy arrays through the object store (zero-copy, read-only on the
-same node). Every change bumps ``version``; ``digest()`` fingerprints the weights for tests.
+same node). Every change bumps ``version``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
@@ -83,16 +82,6 @@ class Averager:
     def pid(self) -> int:
         return os.getpid()
 
-    def pending_rounds(self) -> list[int]:
-        return sorted(self._pending)
-
-    def digest(self) -> str:
-        hasher = hashlib.sha256()
-        for name in sorted(self._params):
-            hasher.update(name.encode())
-            hasher.update(np.ascontiguousarray(self._params[name]).tobytes())
-        return hasher.hexdigest()[:16]
-
     def state(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -100,3 +89,36 @@ class Averager:
             "params": self._params,
             "optimizer": self._optimizer.state_dict(),
         }
+
+
+class AveragerClient:
+    """Blocking calls to the averaging actor: the coordinator's (outer steps, withdrawals, state)
+    and a site's rank 0 (global weights in, pseudo-gradients and publishes out). Tests give the
+    executor and the site worker autospecced fakes of it."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
+        """``(version, params)``: the newest global weights (read-only object-store arrays)."""
+        return ray.get(self.handle.get_global.remote())
+
+    def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
+        return ray.get(self.handle.submit.remote(site, round_index, pseudo_grad, tokens))
+
+    def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
+        """The global version the site's weights became."""
+        return ray.get(self.handle.publish.remote(site, params))
+
+    def outer_step(self, round_index: int) -> dict[str, Any]:
+        return ray.get(self.handle.outer_step.remote(round_index))
+
+    def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
+        return ray.get(self.handle.withdraw.remote(round_index, sites))
+
+    def state(self) -> dict[str, Any]:
+        return ray.get(self.handle.state.remote())
+
+    def global_snapshot(self) -> Any:
+        """A reference to the current ``(version, params)``, for the evaluator (no wait)."""
+        return self.handle.get_global.remote()

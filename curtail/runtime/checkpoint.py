@@ -3,11 +3,17 @@
 A checkpoint is a folder ``RUN_DIR/checkpoints/NNNNNN/`` holding the global weights and the
 outer optimizer's momentum (safetensors: loading never executes code), and JSON for the rest:
 the averaging actor's version counters, the data ledger, the executor's state machine
-(sites, round, clock, the trajectory so far) and the coordinator's bookkeeping. The folder is
-written under a temporary name and renamed into place, then ``LATEST`` is replaced atomically
-to point at it, so a crash mid-write leaves the previous checkpoint intact. Each site's inner
-optimizer state lives in its Ray Train checkpoints (``RUN_DIR/ray_train``) and comes back
-when the site's worker group restarts under the same run name.
+(sites, round, clock, the trajectory so far) and the coordinator's bookkeeping, and
+``manifest.json`` with the size and sha256 of every file in it. The folder is written under a
+temporary name and renamed into place, then ``LATEST`` is replaced atomically to point at it,
+so a crash mid-write leaves the previous checkpoint intact; the newest :data:`KEEP` are kept.
+Each site's inner optimizer state lives in its Ray Train checkpoints (``RUN_DIR/ray_train``)
+and comes back when the site's worker group restarts under the same run name.
+
+A resume does not trust ``LATEST`` blindly: :func:`select_checkpoint` verifies the
+checkpoint against its manifest (:func:`verify_checkpoint`) and falls back to the newest
+intact one, saying which it skipped and why; with none intact while the journal records
+trained work it refuses (a fresh start would drop that work from the run's accounting).
 
 Beside the checkpoints, the coordinator keeps an append-only **ledger journal**
 (``RUN_DIR/ledger_journal.jsonl``, one fsync'd JSON line per event): the token ranges each
@@ -18,6 +24,7 @@ exactly the work lost with the crash, which the run then trains again (:func:`lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,12 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
+
+from curtail.errors import CheckpointError, ResumeError
+from curtail.training.intervals import add_interval, remove_interval
 
 CHECKPOINTS = "checkpoints"
 INNER = "inner"
-KEEP = 2
+KEEP = 3  # the newest three: two to fall back to if the newest is damaged
 JOURNAL = "ledger_journal.jsonl"
+MANIFEST = "manifest.json"  # inside a checkpoint folder: every file's size and sha256
+MANIFEST_FORMAT = 1
+REQUIRED = ("global.safetensors", "outer_optimizer.json", "averager.json", "ledger.json", "executor.json",
+            "coordinator.json")
 
 
 @dataclass
@@ -56,6 +71,23 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, default=float))
 
 
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path, sequence: int) -> None:
+    """Size and sha256 of every file in ``folder`` (``inner/`` too), written last."""
+    files = {
+        path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+    _write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "sequence": sequence, "files": files})
+
+
 def write_checkpoint(
     run_dir: Path,
     sequence: int,
@@ -66,7 +98,7 @@ def write_checkpoint(
     coordinator_state: dict[str, Any],
     inner_dir: Path | None = None,
 ) -> Path:
-    """Write checkpoint ``sequence`` and point ``LATEST`` at it; keeps the newest two.
+    """Write checkpoint ``sequence`` and point ``LATEST`` at it; keeps the newest :data:`KEEP`.
 
     ``inner_dir`` (from :func:`inner_staging_dir`), where the sites saved their inner
     optimizer states for this checkpoint, moves into it as ``inner/``.
@@ -86,13 +118,12 @@ def write_checkpoint(
     _write_json(staging / "ledger.json", ledger_state)
     _write_json(staging / "executor.json", executor_state)
     _write_json(staging / "coordinator.json", coordinator_state)
+    _write_manifest(staging, sequence)
     final = root / f"{sequence:06d}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    pointer = root / ".LATEST.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "LATEST")
+    point_latest(run_dir, final)
     for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".inner-*"):  # left by a crash before its checkpoint was written
@@ -106,7 +137,17 @@ def inner_staging_dir(run_dir: Path, sequence: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f".inner-{sequence:06d}"
 
 
+def point_latest(run_dir: Path, checkpoint: Path) -> None:
+    """Make ``LATEST`` name ``checkpoint`` (atomically): the checkpoint the run's state descends from."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / ".LATEST.tmp"
+    pointer.write_text(Path(checkpoint).name)
+    os.replace(pointer, root / "LATEST")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The folder ``LATEST`` names, unverified (None if there is none); a resume uses
+    :func:`select_checkpoint` instead."""
     pointer = Path(run_dir) / CHECKPOINTS / "LATEST"
     if not pointer.is_file():
         return None
@@ -114,26 +155,159 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def read_checkpoint(path: Path) -> RunCheckpoint:
-    """Load a checkpoint folder written by :func:`write_checkpoint`."""
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _loads(path: Path) -> str | None:
+    """Why the checkpoint file ``path`` does not load (None if it does)."""
+    try:
+        if path.name.endswith(".safetensors"):
+            with safe_open(path, framework="numpy") as file:
+                for key in file.keys():  # noqa: SIM118 -- safe_open is not iterable
+                    file.get_tensor(key)
+        elif path.name.endswith(".json"):
+            json.loads(path.read_text())
+    except (SafetensorError, ValueError, OSError) as error:
+        return f"{path.name} does not load ({_first_line(error)})"
+    return None
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """What is wrong with the checkpoint folder ``path``: one line per problem, [] if intact.
+
+    Every file its ``manifest.json`` lists must be there with its size and sha256, and the
+    files a resume reads must be listed. A checkpoint without a manifest (written by an older
+    curtail) is checked by loading its files.
+    """
     path = Path(path)
-    missing = [n for n in ("global.safetensors", "averager.json", "ledger.json", "executor.json") if not (path / n).is_file()]
+    if not path.is_dir():
+        return ["the folder is missing"]
+    if not (path / MANIFEST).is_file():
+        missing = [f"{name} is missing" for name in REQUIRED if not (path / name).is_file()]
+        return missing or [problem for name in REQUIRED if (problem := _loads(path / name))]
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected_sizes = {name: int(entry["bytes"]) for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        return [f"{MANIFEST} is unreadable ({_first_line(error)})"]
+    problems = [f"{name} is not in {MANIFEST}" for name in REQUIRED if name not in files]
+    for name, expected_bytes in sorted(expected_sizes.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif (size := file.stat().st_size) != expected_bytes:
+            what = "truncated" if size < expected_bytes else "longer than written"
+            problems.append(f"{name} is {what} ({size:,} of {expected_bytes:,} bytes)")
+        elif sha256_file(file) != files[name]["sha256"]:
+            problems.append(f"{name} does not match its sha256 in {MANIFEST}")
+    return problems
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    """The run's checkpoint folders, newest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+
+
+def journal_trained_tokens(run_dir: Path) -> int:
+    """Tokens the run's ledger journal says were trained (0 without a journal)."""
+    return sum(end - start for entry in read_journal(Path(run_dir) / JOURNAL) if entry["kind"] == "trained"
+               for _epoch, start, end in entry["ranges"])
+
+
+def select_checkpoint(
+    run_dir: Path, sequence: int | str | None = None
+) -> tuple[Path | None, list[tuple[str, str]]]:
+    """The checkpoint a resume of ``run_dir`` starts from, verified, and those passed over.
+
+    Without ``sequence``: the one ``LATEST`` names if it is intact, else the newest intact
+    folder. ``skipped`` lists ``(name, reason)`` for each passed over (``LATEST`` naming a
+    missing folder, a truncated or corrupt file, a missing JSON). ``(None, skipped)`` when none
+    is intact and the run's journal records no trained work: nothing is lost by starting over.
+    With ``sequence`` (``4`` or ``"000004"``): that checkpoint, else :class:`CheckpointError`.
+
+    Raises :class:`ResumeError` when no checkpoint is intact but the journal records trained
+    work: a fresh start would silently drop it, its energy and CO2, from the run's accounting.
+
+    Example::
+
+        path, skipped = select_checkpoint("runs/demo/curtailment-aware")
+        # (.../checkpoints/000011, [("000012", "global.safetensors is truncated (96 of 41,048 bytes)")])
+    """
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    names = checkpoint_names(run_dir)
+    if sequence is not None:
+        name = f"{int(sequence):06d}"
+        problems = verify_checkpoint(root / name)
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {name} of {run_dir} cannot be resumed from: {'; '.join(problems)} "
+                f"(its checkpoints: {', '.join(names) or 'none'})"
+            )
+        return root / name, []
+    skipped: list[tuple[str, str]] = []
+    pointer = root / "LATEST"
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named in names:
+            names.remove(named)
+            names.insert(0, named)
+        else:
+            skipped.append((named or "LATEST", "LATEST names it, but the folder is missing"))
+    for name in names:
+        problems = verify_checkpoint(root / name)
+        if not problems:
+            return root / name, skipped
+        skipped.append((name, "; ".join(problems)))
+    trained = journal_trained_tokens(run_dir)
+    if trained:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped) or "none was written"
+        raise ResumeError(
+            f"{run_dir} has no intact checkpoint to resume from ({reasons}), but its {JOURNAL} "
+            f"records {trained:,} trained tokens: starting over would drop them, and their energy "
+            "and CO2, from the run's accounting. Start a new run instead (curtail run CONFIG)"
+        )
+    return None, skipped
+
+
+def read_checkpoint(path: Path) -> RunCheckpoint:
+    """Load a checkpoint folder written by :func:`write_checkpoint`.
+
+    A missing or unloadable file raises :class:`CheckpointError` naming it, at once (a
+    corrupt file is not retried); :func:`select_checkpoint` picks a checkpoint that loads.
+    """
+    path = Path(path)
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (missing {missing}); resume from an earlier one")
-    optimizer = json.loads((path / "outer_optimizer.json").read_text())
-    momentum = path / "outer_momentum.safetensors"
-    if momentum.is_file():
-        optimizer["momentum_buffers"] = load_file(momentum)
+        raise CheckpointError(f"{path} is not a complete checkpoint (missing {', '.join(missing)}); resume "
+                              "from an earlier one: curtail run --resume RUN_DIR --checkpoint N")
+
+    def load(name: str) -> Any:
+        try:
+            if name.endswith(".safetensors"):
+                return load_file(path / name)
+            return json.loads((path / name).read_text())
+        except (SafetensorError, ValueError, OSError) as error:
+            raise CheckpointError(f"{path / name} is unreadable ({_first_line(error)}); resume from an "
+                                  "earlier checkpoint: curtail run --resume RUN_DIR --checkpoint N") from None
+
+    optimizer = load("outer_optimizer.json")
+    if (path / "outer_momentum.safetensors").is_file():
+        optimizer["momentum_buffers"] = load("outer_momentum.safetensors")
     elif optimizer.get("name") == "nesterov":
         optimizer["momentum_buffers"] = {}
     return RunCheckpoint(
         path=path,
-        params=load_file(path / "global.safetensors"),
+        params=load("global.safetensors"),
         optimizer=optimizer,
-        averager=json.loads((path / "averager.json").read_text()),
-        ledger=json.loads((path / "ledger.json").read_text()),
-        executor=json.loads((path / "executor.json").read_text()),
-        coordinator=json.loads((path / "coordinator.json").read_text()),
+        averager=load("averager.json"),
+        ledger=load("ledger.json"),
+        executor=load("executor.json"),
+        coordinator=load("coordinator.json"),
     )
 
 
@@ -183,74 +357,58 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _add_interval(intervals: list[list[int]], start: int, end: int) -> None:
-    """Add ``[start, end)`` to sorted disjoint intervals, merging what it touches."""
-    touching = [iv for iv in intervals if iv[0] <= end and iv[1] >= start]
-    kept = [iv for iv in intervals if not (iv[0] <= end and iv[1] >= start)]
-    merged = [min([start] + [iv[0] for iv in touching]), max([end] + [iv[1] for iv in touching])]
-    intervals[:] = sorted(kept + [merged])
-
-
-def _remove_interval(intervals: list[list[int]], start: int, end: int) -> None:
-    result = []
-    for lo, hi in intervals:
-        if hi <= start or lo >= end:
-            result.append([lo, hi])
-            continue
-        if lo < start:
-            result.append([lo, start])
-        if hi > end:
-            result.append([end, hi])
-    intervals[:] = result
-
-
 def lost_since(entries: list[dict[str, Any]], mark: int) -> dict[str, Any]:
     """What the journal holds beyond ``mark`` (the sequence a checkpoint recorded): the token
     ranges trained after the checkpoint and not already lost with a failed site — exactly
     the work a resume from that checkpoint discards and trains again.
 
-    A ``resume`` entry after the mark raises it: an earlier restart from the same checkpoint
-    already counted what came before it. Returns ``ranges`` (``[epoch, start, end]``, merged),
-    ``tokens``, ``delivered_tokens`` (had reached the global model before the crash),
-    ``site_failures`` (``[site, epoch, start, end]`` trained and lost with a failed site after the
-    mark: the checkpoint's ledger does not know them, so a resume records them again),
-    ``last_t_s`` and ``last_wall`` (the latest run-clock and wall instants journaled).
+    The entries after the mark are read life by life (a ``resume`` entry starts a new one):
+    an earlier restart that never reached a newer checkpoint recorded what it lost in a ledger
+    that is itself lost now, so its work — and the work before it — counts again, once per
+    time it was trained (ranges of different lives may overlap). Returns ``ranges``
+    (``[epoch, start, end]``, merged within a life), ``tokens``, ``delivered_tokens`` (had
+    reached the global model before the crash), ``site_failures`` (``[site, epoch, start,
+    end]`` trained and lost with a failed site after the mark: the checkpoint's ledger does
+    not know them, so a resume records them again), ``last_t_s`` and ``last_wall`` (the latest
+    run-clock and wall instants journaled).
     """
-    floor = mark
-    for entry in entries:
-        if entry["seq"] > floor and entry["kind"] == "resume":
-            floor = entry["seq"]
-    live: dict[int, list[list[int]]] = {}
-    delivered: dict[int, list[list[int]]] = {}
+    lives: list[list[dict[str, Any]]] = [[]]
+    for entry in sorted((e for e in entries if e["seq"] > mark), key=lambda e: e["seq"]):
+        if entry["kind"] == "resume":
+            lives.append([])
+        else:
+            lives[-1].append(entry)
+    ranges: list[list[int]] = []
     failed: list[list[Any]] = []
-    last_t_s = last_wall = None
-    for entry in sorted((e for e in entries if e["seq"] > floor), key=lambda e: e["seq"]):
-        for epoch, start, end in entry["ranges"]:
-            if entry["kind"] == "trained":
-                _add_interval(live.setdefault(epoch, []), start, end)
-            elif entry["kind"] == "delivered":
-                _add_interval(delivered.setdefault(epoch, []), start, end)
-            elif entry["kind"] == "released":  # its trained part was lost with the failed site
-                failed += [[entry["site"], epoch, max(lo, start), min(hi, end)]
-                           for lo, hi in live.get(epoch, []) if lo < end and hi > start]
-                _remove_interval(live.setdefault(epoch, []), start, end)
-                _remove_interval(delivered.setdefault(epoch, []), start, end)
-        if entry.get("t_s") is not None:
-            last_t_s = entry["t_s"] if last_t_s is None else max(last_t_s, entry["t_s"])
-        if entry.get("wall") is not None:
-            last_wall = entry["wall"] if last_wall is None else max(last_wall, entry["wall"])
-    ranges = [[epoch, lo, hi] for epoch in sorted(live) for lo, hi in live[epoch]]
     delivered_tokens = 0
-    for epoch, intervals in delivered.items():
-        for lo, hi in intervals:  # delivered ∩ live
-            delivered_tokens += sum(max(0, min(hi, b) - max(lo, a)) for a, b in live.get(epoch, []))
+    for life in lives:
+        live: dict[int, list[list[int]]] = {}
+        delivered: dict[int, list[list[int]]] = {}
+        for entry in life:
+            for epoch, start, end in entry["ranges"]:
+                if entry["kind"] == "trained":
+                    add_interval(live.setdefault(epoch, []), start, end)
+                elif entry["kind"] == "delivered":
+                    add_interval(delivered.setdefault(epoch, []), start, end)
+                elif entry["kind"] == "released":  # its trained part was lost with the failed site
+                    failed += [[entry["site"], epoch, max(lo, start), min(hi, end)]
+                               for lo, hi in live.get(epoch, []) if lo < end and hi > start]
+                    remove_interval(live.setdefault(epoch, []), start, end)
+                    remove_interval(delivered.setdefault(epoch, []), start, end)
+        ranges += [[epoch, lo, hi] for epoch in sorted(live) for lo, hi in live[epoch]]
+        for epoch, intervals in delivered.items():
+            for lo, hi in intervals:  # delivered ∩ live
+                delivered_tokens += sum(max(0, min(hi, b) - max(lo, a)) for a, b in live.get(epoch, []))
+    after = [e for e in entries if e["seq"] > mark]
+    t_s = [e["t_s"] for e in after if e.get("t_s") is not None]
+    wall = [e["wall"] for e in after if e.get("wall") is not None]
     return {
         "ranges": ranges,
         "tokens": sum(hi - lo for _, lo, hi in ranges),
         "delivered_tokens": delivered_tokens,
         "site_failures": failed,
-        "last_t_s": last_t_s,
-        "last_wall": last_wall,
+        "last_t_s": max(t_s, default=None),
+        "last_wall": max(wall, default=None),
     }
 
 

@@ -5,15 +5,24 @@ On a real cluster every node of a site is started with its site's resource and l
 and curtail only connects. On one machine, :func:`connect` starts a local cluster whose single
 node declares one resource per site, so each site's worker group is pinned to "its" capacity
 exactly as it would be on separate nodes.
+
+:func:`check_capacity` is the run's preflight on the cluster: every site's nodes must be able
+to host ``training.workers_per_site`` workers with the CPUs and GPUs the config asks for, else
+the run would wait for resources that never come (Ray Train retries a worker group's start);
+the error names the config key instead.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import ray
 
+from curtail.config import TrainingConfig
+from curtail.errors import PreflightError
 from curtail.runtime.sites import site_resource
 
 # Ray Train settings for small machines (RAY_NOTES.md): fast report polling, short start
@@ -48,7 +57,9 @@ def connect(
     """Make sure Ray is up with a resource for every site; returns True if it started Ray.
 
     ``address=None`` joins the cluster named by ``RAY_ADDRESS`` (as under ``ray job
-    submit``) or starts a local one declaring ``site_<name>`` resources.
+    submit``) or starts a local one declaring ``site_<name>`` resources. A cluster that cannot
+    be reached, or that declares no resource for a site, is a :class:`PreflightError` (and a
+    local cluster started here is shut down again).
     """
     sites = list(sites)
     apply_ray_defaults()
@@ -56,7 +67,13 @@ def connect(
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, namespace="curtail", log_to_driver=True)
+            try:
+                ray.init(address=address, namespace="curtail", log_to_driver=True)
+            except ConnectionError as error:
+                raise PreflightError(
+                    f"cannot reach the Ray cluster at {address!r} ({str(error).splitlines()[0]}): check "
+                    "--address / RAY_ADDRESS, or leave both unset to run on a local cluster"
+                ) from None
         else:
             ray.init(
                 address="local",
@@ -70,12 +87,77 @@ def connect(
             started = True
     missing = missing_site_resources(sites)
     if missing:
-        raise RuntimeError(
-            f"the Ray cluster declares no {missing}: start each site's nodes with "
+        if started:
+            ray.shutdown()
+        raise PreflightError(
+            f"the Ray cluster declares no {', '.join(missing)}: start each site's nodes with "
             f"`ray start --address ... --resources '{{\"{missing[0]}\": N}}'`, or run without "
             "RAY_ADDRESS to emulate the sites on a local cluster"
         )
     return started
+
+
+def _slots(resources: dict[str, float], site: str, cpus_per_worker: float, gpus_per_worker: float) -> dict[str, int]:
+    """How many of one site's workers a node can host, by each resource a worker asks for."""
+
+    def fit(available: float, per_worker: float) -> int:
+        return math.floor(available / per_worker + 1e-9) if per_worker > 0 else 1 << 30
+
+    return {"site": fit(resources.get(site_resource(site), 0.0), 1.0),
+            "CPU": fit(resources.get("CPU", 0.0), cpus_per_worker),
+            "GPU": fit(resources.get("GPU", 0.0), gpus_per_worker)}
+
+
+def capacity_problems(nodes: list[dict[str, Any]], sites: Iterable[str], training: TrainingConfig) -> list[str]:
+    """Why the cluster's ``nodes`` (as ``ray.nodes()`` lists them) cannot host each site's
+    ``workers_per_site`` workers, one line per site, naming the config key to change; [] if
+    they can. Each site is checked on its own (sites sharing a node may still take turns)."""
+    workers, cpus, gpus = training.workers_per_site, training.cpus_per_worker, training.gpus_per_worker
+    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
+    problems = []
+    for site in sites:
+        own = [resources for resources in alive if resources.get(site_resource(site), 0) > 0]
+        if not own:
+            problems.append(f"no node declares {site_resource(site)}: start the site's nodes with "
+                            f"`ray start --resources '{{\"{site_resource(site)}\": N}}'`")
+            continue
+        slots = [_slots(resources, site, cpus, gpus) for resources in own]
+        if sum(min(s.values()) for s in slots) >= workers:
+            continue
+
+        def without(key: str, slots: list[dict[str, int]] = slots) -> int:
+            return sum(min(v for k, v in s.items() if k != key) for s in slots)
+
+        offered = {key: sum(r.get(key, 0.0) for r in own) for key in ("GPU", "CPU")}
+        if gpus > 0 and without("GPU") >= workers:
+            problems.append(
+                f"training.gpus_per_worker = {gpus:g}: site {site} needs {workers} worker(s) with {gpus:g} GPU "
+                f"each, but its nodes offer {offered['GPU']:g} GPU(s). Set training.gpus_per_worker = 0 "
+                "to train on CPUs, or start the site's nodes with GPUs (ray start --num-gpus N)"
+            )
+        elif cpus > 0 and without("CPU") >= workers:
+            problems.append(
+                f"training.cpus_per_worker = {cpus:g}: site {site} needs {workers} worker(s) with {cpus:g} CPU "
+                f"each, but its nodes offer {offered['CPU']:g} CPU(s). Lower training.cpus_per_worker, or "
+                "give the site's nodes more CPUs (ray start --num-cpus N)"
+            )
+        else:
+            declared = sum(r.get(site_resource(site), 0.0) for r in own)
+            problems.append(
+                f"training.workers_per_site = {workers}: the nodes of site {site} can host "
+                f"{sum(min(s.values()) for s in slots)} (they declare {declared:g} {site_resource(site)}, "
+                f"{offered['CPU']:g} CPU, {offered['GPU']:g} GPU; a worker takes 1, {cpus:g} and {gpus:g}). "
+                "Lower training.workers_per_site, or add nodes to the site"
+            )
+    return problems
+
+
+def check_capacity(sites: Iterable[str], training: TrainingConfig) -> None:
+    """Raise :class:`PreflightError` unless the connected cluster can host every site's
+    worker group (see :func:`capacity_problems`)."""
+    problems = capacity_problems(ray.nodes(), sites, training)
+    if problems:
+        raise PreflightError("the Ray cluster cannot run this config: " + "; ".join(problems))
 
 
 def remove_stale_placement_groups(sites: Iterable[str]) -> int:

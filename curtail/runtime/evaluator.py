@@ -15,27 +15,38 @@ from typing import Any
 import numpy as np
 import ray
 
+from curtail.runtime.protocol import EvalConfig
+
 
 @ray.remote(num_cpus=0)
 class Evaluator:
-    def __init__(self, model_spec: dict[str, Any], vocab_size: int, seed: int, heldout_tokens: np.ndarray,
-                 num_batches: int, batch_size: int, seq_len: int, torch_threads: int = 1):
+    """Scores global-weights snapshots on the held-out split (CPU, off the training path).
+
+    Example::
+
+        evaluator = Evaluator.remote(EvalConfig(model, ray.put(heldout), num_batches=8, batch_size=8))
+        loss = ray.get(evaluator.evaluate.remote(averager.get_global.remote()))["loss"]
+    """
+
+    def __init__(self, config: EvalConfig):
         import torch
 
         from curtail.training.data import TokenCorpus
         from curtail.training.loop import SiteTrainer
-        from curtail.training.model import ModelSpec
 
-        torch.set_num_threads(torch_threads)
-        self._trainer = SiteTrainer(ModelSpec(**model_spec), vocab_size, seed, device="cpu")
-        self._heldout = TokenCorpus(np.asarray(heldout_tokens), "heldout")
-        self._num_batches, self._batch_size, self._seq_len = num_batches, batch_size, seq_len
+        torch.set_num_threads(config.model.torch_threads)
+        self._config = config
+        self._trainer = SiteTrainer(config.model.spec, config.model.vocab_size, config.model.seed, device="cpu")
+        # a ref nested in the config is not resolved by Ray: fetch the held-out tokens here
+        self._heldout = TokenCorpus(np.asarray(ray.get(config.heldout_tokens)), "heldout")
 
     def evaluate(self, snapshot: tuple[int, dict[str, np.ndarray]]) -> dict[str, Any]:
         """Held-out loss (nats/token) of one global-weights snapshot ``(version, params)``."""
         version, params = snapshot
         self._trainer.load_global(params)
-        loss = self._trainer.evaluate(self._heldout, self._num_batches, self._batch_size, self._seq_len)
+        loss = self._trainer.evaluate(
+            self._heldout, self._config.num_batches, self._config.batch_size, self._config.model.seq_len
+        )
         return {"version": version, "loss": float(loss)}
 
     def save(self, snapshot: tuple[int, dict[str, np.ndarray]], directory: str, tokenizer: Any) -> str:

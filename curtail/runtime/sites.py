@@ -3,13 +3,16 @@
 While a site's window is open, one ``TorchTrainer`` run trains there: its workers ask for the
 site's resource (``site_<name>``), so on a real cluster they land only on that site's nodes and
 on one machine on the local node that declares the resource. The train function
-(:func:`site_worker_loop`) builds the model and inner optimizer once and then executes the
-coordinator's commands — train N steps, submit a pseudo-gradient, publish, load the global
-weights, evaluate, stop — until the site drains. No respawn, reload or recompile per round.
+(:func:`site_worker_loop`) builds a :class:`SiteWorker` once (model, inner optimizer, data) and
+then executes the coordinator's commands (:mod:`curtail.runtime.protocol`: train N steps, load
+the global weights, submit a pseudo-gradient, publish, save or load the inner optimizer, stop)
+until the site drains. No respawn, reload or recompile per round.
 
 Inside a site the ranks are plain data parallel (gloo on CPU, NCCL on GPU): rank 0 talks to the
 coordinator (through the :class:`~curtail.runtime.mailbox.Mailbox`) and to the averaging actor,
-then broadcasts commands and weights to the other ranks.
+then broadcasts commands and weights to the other ranks. The coordinator holds one
+:class:`SiteGroup` per site: it starts the group, sends commands, checks each reply against the
+command's reply type, and turns a dead or silent group into a :class:`SiteFailure`.
 
 At drain the inner optimizer state is saved as a Ray Train checkpoint; the next window of the
 same site re-runs ``fit()`` under the same run name, so ``ray.train.get_checkpoint()`` hands it
@@ -18,16 +21,47 @@ back (Ray Train V2's auto-resume).
 
 from __future__ import annotations
 
+import collections
 import os
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
+
+from curtail.runtime.protocol import (
+    Command,
+    CommandFailed,
+    Load,
+    Loaded,
+    LoadOptimizer,
+    OptimizerLoaded,
+    OptimizerSaved,
+    Publish,
+    Published,
+    Reply,
+    SaveOptimizer,
+    SiteLoopConfig,
+    Stop,
+    Stopped,
+    Submit,
+    Submitted,
+    Train,
+    Trained,
+)
+
+if TYPE_CHECKING:  # the worker side imports torch lazily: the coordinator side needs none of it
+    import torch
+
+    from curtail.runtime.averager import AveragerClient
+    from curtail.training.data import TokenCorpus
+    from curtail.training.loop import SiteTrainer
+    from curtail.training.power import PowerSampler
 
 COMMAND_POLL_S = 5.0
 
@@ -59,7 +93,7 @@ def _broadcast_object(obj: Any, world: int) -> Any:
     return holder[0]
 
 
-def _broadcast_params(trainer: Any, world: int) -> None:
+def _broadcast_params(trainer: SiteTrainer, world: int) -> None:
     if world == 1:
         return
     import torch.distributed as dist
@@ -79,11 +113,6 @@ def _gather_object(obj: Any, world: int) -> list[Any]:
     return gathered
 
 
-def _node_ids(world: int) -> list[str]:
-    """The Ray node of every rank of the site, so a run can show where each site trained."""
-    return [str(n) for n in _gather_object(ray.get_runtime_context().get_node_id(), world)]
-
-
 def _site_power_w(reading: Any, world: int) -> float | None:
     """The site's measured GPU watts: the sum over its ranks' GPUs, or None unless all measured."""
     # the board's energy counter over the command (exact) rather than the mean of ~1-s-averaged samples
@@ -91,147 +120,272 @@ def _site_power_w(reading: Any, world: int) -> float | None:
     return None if any(r is None for r in readings) else float(sum(readings))
 
 
-def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
-    """The Ray Train function of one site; see the module doc for the command protocol."""
+def _load_optimizer_file(trainer: SiteTrainer, state_file: Path) -> bool:
+    """Load the inner optimizer from ``state_file`` if it exists; whether it did."""
+    import torch
+
+    if not state_file.is_file():
+        return False
+    trainer.load_optimizer_state_dict(torch.load(state_file, weights_only=True))
+    return True
+
+
+class MailboxChannel:
+    """Rank 0's end of its site's mailbox: commands in, replies out."""
+
+    def __init__(self, mailbox: Any, site: str) -> None:
+        self._mailbox = mailbox
+        self._site = site
+
+    def next_command(self) -> Command:
+        """The coordinator's next command (waits; polls so a dead mailbox surfaces as an error)."""
+        command = None
+        while command is None:
+            command = ray.get(self._mailbox.get.remote(self._site, "command", COMMAND_POLL_S))
+        return command
+
+    def reply(self, reply: Reply) -> None:
+        ray.get(self._mailbox.put.remote(self._site, "result", reply))
+
+
+def report_to_ray_train(metrics: dict[str, Any], folder: str) -> None:
+    """Report ``metrics`` with ``folder`` as this rank's part of the run's Ray Train checkpoint."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class SiteWorker:
+    """One rank of a site's worker group: the trainer and the round's state, one method per command.
+
+    Every rank executes every command, so the collectives inside line up; only rank 0 talks to
+    the averager, and only rank 0's replies are sent. ``report_checkpoint(metrics, folder)``
+    saves the drain checkpoint (Ray Train's ``report`` in a real run).
+
+    Example (one process, no Ray)::
+
+        worker = SiteWorker(config, site_trainer(config, torch.device("cpu")), corpus, averager)
+        worker.execute(Load())
+        worker.execute(Train(chunks=((0, 10),), tokens_before=0.0, concurrency=1.0))
+    """
+
+    def __init__(
+        self,
+        config: SiteLoopConfig,
+        trainer: SiteTrainer,
+        train: TokenCorpus,
+        averager: AveragerClient,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        node_id: str = "",
+        power: PowerSampler | None = None,
+        report_checkpoint: Callable[[dict[str, Any], str], None] = report_to_ray_train,
+    ) -> None:
+        self.config = config
+        self.trainer = trainer
+        self.train_corpus = train
+        self.averager = averager
+        self.rank, self.world = rank, world
+        self.node_id = node_id
+        self.power = power  # NVML sampler of this rank's GPU; None on CPUs or without NVML
+        self.report_checkpoint = report_checkpoint
+        self.reference: dict[str, np.ndarray] | None = None  # the global weights the round started from
+        self.steps_done = 0  # optimizer steps over the window
+        self.rank_tokens = config.batch_size * config.model.seq_len
+        self.tokens_per_step = self.rank_tokens * world
+        self.handlers: dict[type[Command], Callable[[Any], Reply]] = {
+            Train: self.train,
+            Load: self.load,
+            Submit: self.submit,
+            Publish: self.publish,
+            SaveOptimizer: self.save_optimizer,
+            LoadOptimizer: self.load_optimizer,
+            Stop: self.stop,
+        }
+        self._started = time.perf_counter()
+
+    def serve(self, channel: MailboxChannel) -> int:
+        """Execute commands until :class:`Stop`; returns the window's optimizer steps.
+
+        A failing command is answered with :class:`CommandFailed` (its traceback) and then
+        raised, so ``fit()`` fails too.
+        """
+        while True:
+            command = _broadcast_object(channel.next_command() if self.rank == 0 else None, self.world)
+            try:
+                reply = self.execute(command)
+            except Exception:
+                kind = getattr(command, "kind", type(command).__name__)
+                self._send(channel, CommandFailed(wall_s=self._elapsed_s(), command=kind, error=traceback.format_exc()))
+                raise
+            self._send(channel, reply)
+            if isinstance(command, Stop):
+                return self.steps_done
+
+    def execute(self, command: Command) -> Reply:
+        """Run one command on this rank through the handler table; its reply."""
+        self._started = time.perf_counter()
+        handler = self.handlers.get(type(command))
+        if handler is None:
+            raise ValueError(f"unknown site command {command!r}")
+        return handler(command)
+
+    def train(self, command: Train) -> Trained:
+        """Train the chunks in order (until ``until_wall``, if set), with the run's LR schedule."""
+        import torch
+
+        losses = []
+        steps = 0
+        if self.power is not None:
+            self.power.start()
+        for start_token, num_steps in command.chunks:
+            for step in range(num_steps):
+                if command.until_wall is not None and not _broadcast_object(time.time() < command.until_wall, self.world):
+                    break
+                # the schedule runs on the whole run's tokens: all active sites train meanwhile
+                progress = command.tokens_before + steps * self.tokens_per_step * command.concurrency
+                losses.append(self._step(start_token + step * self.tokens_per_step, progress))
+                steps += 1
+        self.steps_done += steps
+        mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        power_w = None
+        if self.config.use_gpu:  # a collective only where there is something to measure (same on every rank)
+            power_w = _site_power_w(self.power.stop() if self.power is not None else None, self.world)
+        return Trained(wall_s=self._elapsed_s(), steps=steps, tokens=steps * self.tokens_per_step, loss=mean_loss,
+                       power_w=power_w, gpus=self.world)
+
+    def load(self, command: Load) -> Loaded:
+        """Take the averager's newest global weights on rank 0 and broadcast them."""
+        version = -1
+        if self.rank == 0:
+            version, state = self.averager.get_global()
+            self.trainer.load_global(state)
+            self.reference = state  # read-only object-store arrays: no copy needed
+        _broadcast_params(self.trainer, self.world)
+        digest = self.trainer.weights_fingerprint() if self.rank == 0 else ""
+        node_ids = tuple(sorted(set(_gather_object(self.node_id, self.world))))
+        return Loaded(wall_s=self._elapsed_s(), version=version, digest=digest, node_ids=node_ids, pid=os.getpid())
+
+    def submit(self, command: Submit) -> Submitted:
+        """Send the round's pseudo-gradient (reference − local weights) with its token weight."""
+        num_bytes = 0
+        if self.rank == 0:
+            if self.reference is None:
+                raise RuntimeError("submit before load: the site has no global reference weights")
+            # On the device against the kept start of the round; only the packed result crosses to the host.
+            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.transfer_dtype)  # type: ignore[arg-type]
+            num_bytes = packed.num_bytes
+            self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
+        return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)
+
+    def publish(self, command: Publish) -> Published:
+        """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""
+        version = -1
+        if self.rank == 0:
+            params = self.trainer.export_params()
+            version = self.averager.publish(self.config.site, params)
+            self.reference = params
+        return Published(wall_s=self._elapsed_s(), version=version)
+
+    def save_optimizer(self, command: SaveOptimizer) -> OptimizerSaved:
+        """With a run checkpoint: this rank's inner AdamW into ``path/rank<r>.pt`` (atomically)."""
+        import torch
+
+        folder = Path(command.path)
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = folder / f".rank{self.rank}.pt.tmp"
+        torch.save(self.trainer.optimizer_state_dict(), staged)
+        os.replace(staged, folder / f"rank{self.rank}.pt")
+        _gather_object(True, self.world)  # every rank has written before the reply
+        return OptimizerSaved(wall_s=self._elapsed_s())
+
+    def load_optimizer(self, command: LoadOptimizer) -> OptimizerLoaded:
+        """Resume: this rank's inner AdamW from ``path/rank<r>.pt``; loaded only if every rank found its file."""
+        found = _load_optimizer_file(self.trainer, Path(command.path) / f"rank{self.rank}.pt")
+        loaded = all(_gather_object(found, self.world))
+        return OptimizerLoaded(wall_s=self._elapsed_s(), loaded=loaded)
+
+    def stop(self, command: Stop) -> Stopped:
+        """Drain: report the inner optimizer as the window's checkpoint (the next window resumes it)."""
+        import torch
+
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(self.trainer.optimizer_state_dict(), Path(folder) / f"inner_optimizer_rank{self.rank}.pt")
+            self.report_checkpoint({"steps": self.steps_done}, folder)
+        return Stopped(wall_s=self._elapsed_s(), steps=self.steps_done)
+
+    def _step(self, position: int, progress: float) -> torch.Tensor:
+        """One optimizer step on this rank's rows of the batch at ``position`` (``progress``: run tokens)."""
+        input_ids, labels = self.train_corpus.batch(
+            position + self.rank * self.rank_tokens, self.config.batch_size, self.config.model.seq_len
+        )
+        # sync=False: no host wait per step; the mean in train() waits once.
+        return self.trainer.train_step(input_ids, labels, self.config.schedule.lr_at(progress), sync=False)
+
+    def _send(self, channel: MailboxChannel, reply: Reply) -> None:
+        if self.rank == 0:
+            channel.reply(reply)
+
+    def _elapsed_s(self) -> float:
+        """Wall seconds since the current command started."""
+        return time.perf_counter() - self._started
+
+
+def site_trainer(config: SiteLoopConfig, device: torch.device) -> SiteTrainer:
+    """The site's model and inner optimizer, as every rank builds it."""
+    import torch
+
+    from curtail.training.loop import SiteTrainer
+
+    return SiteTrainer(
+        config.model.spec,
+        config.model.vocab_size,
+        config.model.seed,
+        device=device,
+        autocast_dtype=torch.bfloat16 if config.use_gpu else None,
+        compile_model=config.compile_model,
+        micro_batch_size=config.micro_batch_size,
+    )
+
+
+def _ray_train_worker(config: SiteLoopConfig) -> SiteWorker:
+    """This Ray Train rank's worker, with the inner optimizer of the site's last window if any."""
     import ray.train
     import torch
 
+    from curtail.runtime.averager import AveragerClient
     from curtail.training.data import TokenCorpus
-    from curtail.training.loop import SiteTrainer
-    from curtail.training.model import ModelSpec
     from curtail.training.power import PowerSampler
-    from curtail.training.schedule import LRSchedule
 
-    site: str = config["site"]
-    mailbox = config["mailbox"]
-    averager = config["averager"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(config["torch_threads"])
-    use_gpu = config["use_gpu"]
-    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    train = TokenCorpus(ray.get(config["train_tokens"]), "train")
-    heldout = TokenCorpus(ray.get(config["heldout_tokens"]), "heldout")
-    schedule = LRSchedule(**config["schedule"])
-    batch_size, seq_len = config["batch_size"], config["seq_len"]
-    rank_tokens = batch_size * seq_len
-    tokens_per_step = rank_tokens * world
-    trainer = SiteTrainer(
-        ModelSpec(**config["model_spec"]),
-        config["vocab_size"],
-        config["seed"],
-        device=device,
-        autocast_dtype=torch.bfloat16 if use_gpu else None,
-        compile_model=config.get("compile_model", False),
-        micro_batch_size=config.get("micro_batch_size"),
-    )
+    torch.set_num_threads(config.model.torch_threads)
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    train = TokenCorpus(ray.get(config.train_tokens), "train")  # a ref nested in the config: not auto-resolved
+    trainer = site_trainer(config, device)
     # Measured GPU power (NVML) for the train replies; None on CPUs or without nvidia-ml-py.
-    power = PowerSampler.create(device.index) if use_gpu else None
+    power = PowerSampler.create(device.index) if config.use_gpu else None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a later window of this site: keep the inner optimizer's moments
         with checkpoint.as_directory() as folder:
-            state_file = Path(folder) / f"inner_optimizer_rank{rank}.pt"
-            if state_file.is_file():
-                trainer.load_optimizer_state_dict(torch.load(state_file, weights_only=True))
-    reference: dict[str, np.ndarray] | None = None  # the global weights this site started from
-    steps_done = 0
+            _load_optimizer_file(trainer, Path(folder) / f"inner_optimizer_rank{rank}.pt")
+    node_id = str(ray.get_runtime_context().get_node_id())  # where the site trained, shown in the run
+    return SiteWorker(config, trainer, train, AveragerClient(config.averager), rank=rank, world=world,
+                      node_id=node_id, power=power)
 
-    def reply(message: dict[str, Any]) -> None:
-        if rank == 0:
-            ray.get(mailbox.put.remote(site, "result", message))
 
-    while True:
-        command = None
-        if rank == 0:
-            while command is None:
-                command = ray.get(mailbox.get.remote(site, "command", COMMAND_POLL_S))
-        command = _broadcast_object(command, world)
-        kind = command["kind"]
-        started = time.perf_counter()
-        try:
-            if kind == "train":
-                losses = []
-                offset = 0
-                if power is not None:
-                    power.start()
-                until_wall = command.get("until_wall")  # real-time clock: stop at this wall instant
-                for start_token, num_steps in command["chunks"]:
-                    for step in range(num_steps):
-                        if until_wall is not None and not _broadcast_object(time.time() < until_wall, world):
-                            break
-                        position = start_token + step * tokens_per_step + rank * rank_tokens
-                        input_ids, labels = train.batch(position, batch_size, seq_len)
-                        progress = command["tokens_before"] + offset * tokens_per_step * command["concurrency"]
-                        # sync=False: no host wait per step; the mean below waits once.
-                        losses.append(trainer.train_step(input_ids, labels, schedule.lr_at(progress), sync=False))
-                        offset += 1
-                steps_done += offset
-                mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
-                # a collective only where there is something to measure (use_gpu is the same on every rank)
-                power_w = _site_power_w(power.stop() if power is not None else None, world) if use_gpu else None
-                reply({"kind": kind, "steps": offset, "tokens": offset * tokens_per_step, "loss": mean_loss,
-                       "wall_s": time.perf_counter() - started, "power_w": power_w, "gpus": world})
-            elif kind == "load":
-                version = -1
-                if rank == 0:
-                    version, state = ray.get(averager.get_global.remote())
-                    trainer.load_global(state)
-                    reference = state  # read-only object-store arrays: no copy needed
-                _broadcast_params(trainer, world)
-                digest = trainer.weights_fingerprint() if rank == 0 else ""
-                node_ids = sorted(set(_node_ids(world)))
-                reply({"kind": kind, "version": version, "digest": digest, "node_ids": node_ids, "pid": os.getpid(),
-                       "wall_s": time.perf_counter() - started})
-            elif kind == "submit":
-                num_bytes = 0
-                if rank == 0:
-                    if reference is None:
-                        raise RuntimeError("submit before load: the site has no global reference weights")
-                    # On the device against the kept start of the round; only bf16 crosses to the host.
-                    packed = trainer.compressed_pseudo_gradient(reference, config["transfer_dtype"])
-                    num_bytes = packed.num_bytes
-                    ray.get(averager.submit.remote(site, command["round"], packed, command["tokens"]))
-                reply({"kind": kind, "bytes": num_bytes, "wall_s": time.perf_counter() - started})
-            elif kind == "publish":
-                version = -1
-                if rank == 0:
-                    params = trainer.export_params()
-                    version = ray.get(averager.publish.remote(site, params))
-                    reference = params
-                reply({"kind": kind, "version": version, "wall_s": time.perf_counter() - started})
-            elif kind == "eval":
-                loss = trainer.evaluate(heldout, config["eval_batches"], config["eval_batch_size"], seq_len)
-                reply({"kind": kind, "loss": loss, "wall_s": time.perf_counter() - started})
-            elif kind == "save_optimizer":  # with a run checkpoint: this rank's inner AdamW
-                folder = Path(command["path"])
-                folder.mkdir(parents=True, exist_ok=True)
-                staged = folder / f".rank{rank}.pt.tmp"
-                torch.save(trainer.optimizer_state_dict(), staged)
-                os.replace(staged, folder / f"rank{rank}.pt")
-                _gather_object(True, world)  # every rank has written before the reply
-                reply({"kind": kind, "wall_s": time.perf_counter() - started})
-            elif kind == "load_optimizer":  # resume: the inner AdamW of the run checkpoint
-                state_file = Path(command["path"]) / f"rank{rank}.pt"
-                found = state_file.is_file()
-                if found:
-                    trainer.load_optimizer_state_dict(torch.load(state_file, weights_only=True))
-                loaded = all(_gather_object(found, world))
-                reply({"kind": kind, "loaded": loaded, "wall_s": time.perf_counter() - started})
-            elif kind == "digest":
-                reply({"kind": kind, "digest": trainer.weights_fingerprint() if rank == 0 else ""})
-            elif kind == "stop":
-                with tempfile.TemporaryDirectory() as folder:
-                    torch.save(trainer.optimizer_state_dict(), Path(folder) / f"inner_optimizer_rank{rank}.pt")
-                    ray.train.report(
-                        {"steps": steps_done}, checkpoint=ray.train.Checkpoint.from_directory(folder)
-                    )
-                reply({"kind": kind, "steps": steps_done})
-                return {"site": site, "steps": steps_done}
-            else:
-                raise ValueError(f"unknown site command {kind!r}")
-        except Exception:
-            reply({"kind": "error", "command": kind, "error": traceback.format_exc()})
-            raise
+def site_worker_loop(config: SiteLoopConfig) -> dict[str, Any]:
+    """The Ray Train function of one site: build the worker, serve commands until Stop."""
+    worker = _ray_train_worker(config)
+    steps = worker.serve(MailboxChannel(config.mailbox, config.site))
+    return {"site": config.site, "steps": steps}
+
+
+def _site_train_function(train_loop_config: dict[str, SiteLoopConfig]) -> dict[str, Any]:
+    """Ray Train's entry point. Its config must be a dict: with ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``
+    (the dashboard's Train view) Ray validates ``train_loop_config`` as one and fails the run."""
+    return site_worker_loop(train_loop_config["site_config"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,14 +393,14 @@ def site_worker_loop(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=0)
-def _fit_site(loop_config: dict[str, Any], scaling: dict[str, Any], run_name: str, storage_path: str) -> dict[str, Any]:
+def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: str, storage_path: str) -> dict[str, Any]:
     """Run one window of a site: ``TorchTrainer.fit()`` until the site is told to stop."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        site_worker_loop,
-        train_loop_config=loop_config,
+        _site_train_function,
+        train_loop_config={"site_config": loop_config},
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -260,17 +414,28 @@ def _fit_site(loop_config: dict[str, Any], scaling: dict[str, Any], run_name: st
 
 @dataclass
 class SiteGroup:
-    """The coordinator's handle on one site's worker group."""
+    """The coordinator's handle on one site's worker group.
+
+    Example::
+
+        group.start()
+        loaded = group.call(Load())          # a Loaded, or SiteFailure
+        group.send(Train(chunks=((0, 10),), tokens_before=0.0, concurrency=1.0))
+        trained = group.receive()            # a Trained
+        group.stop()
+    """
 
     site: str
     mailbox: Any
-    loop_config: dict[str, Any]
+    loop_config: SiteLoopConfig
     scaling: dict[str, Any]
     run_name: str
     storage_path: str
     head_resources: dict[str, float]
     timeout_s: float
     fit_ref: Any = None
+    # commands sent and not yet answered, oldest first: each reply is checked against its command
+    awaiting: collections.deque[Command] = field(default_factory=collections.deque, repr=False)
 
     @property
     def running(self) -> bool:
@@ -280,21 +445,64 @@ class SiteGroup:
         if self.fit_ref is not None:
             return
         ray.get(self.mailbox.clear.remote(self.site))
+        self.awaiting.clear()
         self.fit_ref = _fit_site.options(resources=self.head_resources).remote(
             self.loop_config, self.scaling, self.run_name, self.storage_path
         )
 
-    def send(self, command: dict[str, Any]) -> None:
+    def send(self, command: Command) -> None:
         if self.fit_ref is None:
-            raise SiteFailure(self.site, f"no worker group to send {command['kind']!r} to")
+            raise SiteFailure(self.site, f"no worker group to send {command.kind!r} to")
         ray.get(self.mailbox.put.remote(self.site, "command", command))
+        self.awaiting.append(command)
 
-    def receive(self) -> dict[str, Any]:
+    def receive(self) -> Reply:
+        """The answer to the oldest command sent; :class:`SiteFailure` if the group failed it,
+        died, stayed silent for ``timeout_s`` or answered with the wrong reply type."""
+        if not self.awaiting:
+            raise RuntimeError(f"site {self.site!r}: receive() without a command sent")
+        command = self.awaiting.popleft()
+        reply = self._wait_for_reply()
+        if isinstance(reply, CommandFailed):
+            raise SiteFailure(self.site, f"{reply.command} failed:\n{reply.error}")
+        if not isinstance(reply, command.reply_type):
+            raise SiteFailure(
+                self.site, f"answered {type(command).__name__} with {type(reply).__name__}, "
+                f"expected {command.reply_type.__name__}"
+            )
+        return reply
+
+    def call(self, command: Command) -> Reply:
+        self.send(command)
+        return self.receive()
+
+    def abandon(self) -> None:
+        """Forget a failed worker group; a hung one is cancelled (its actors go with it)."""
+        if self.fit_ref is not None:
+            ray.cancel(self.fit_ref, force=True)
+            self.fit_ref = None
+        self.awaiting.clear()
+
+    def stop(self) -> Stopped | None:
+        """Drain: the worker saves its inner optimizer and ``fit()`` returns (None: not running)."""
+        if self.fit_ref is None:
+            return None
+        reply = self.call(Stop())
+        try:
+            ray.get(self.fit_ref, timeout=self.timeout_s)
+        except Exception as error:  # noqa: BLE001 -- fit() failing after the stop reply
+            raise SiteFailure(self.site, f"worker group failed while stopping: {error}") from None
+        finally:
+            self.fit_ref = None
+        assert isinstance(reply, Stopped)  # receive() checked the reply type
+        return reply
+
+    def _wait_for_reply(self) -> Reply:
         deadline = time.monotonic() + self.timeout_s
         while True:
-            result = ray.get(self.mailbox.get.remote(self.site, "result", min(COMMAND_POLL_S, self.timeout_s)))
-            if result is not None:
-                break
+            reply = ray.get(self.mailbox.get.remote(self.site, "result", min(COMMAND_POLL_S, self.timeout_s)))
+            if reply is not None:
+                return reply
             done, _ = ray.wait([self.fit_ref], timeout=0)
             if done:
                 self.fit_ref = None
@@ -306,29 +514,3 @@ class SiteGroup:
                 raise SiteFailure(self.site, reason)
             if time.monotonic() > deadline:
                 raise SiteFailure(self.site, f"no answer within {self.timeout_s:.0f} s")
-        if result.get("kind") == "error":
-            raise SiteFailure(self.site, f"{result['command']} failed:\n{result['error']}")
-        return result
-
-    def call(self, command: dict[str, Any]) -> dict[str, Any]:
-        self.send(command)
-        return self.receive()
-
-    def abandon(self) -> None:
-        """Forget a failed worker group; a hung one is cancelled (its actors go with it)."""
-        if self.fit_ref is not None:
-            ray.cancel(self.fit_ref, force=True)
-            self.fit_ref = None
-
-    def stop(self) -> dict[str, Any]:
-        """Drain: the worker saves its inner optimizer and ``fit()`` returns."""
-        if self.fit_ref is None:
-            return {}
-        result = self.call({"kind": "stop"})
-        try:
-            ray.get(self.fit_ref, timeout=self.timeout_s)
-        except Exception as error:  # noqa: BLE001 -- fit() failing after the stop reply
-            raise SiteFailure(self.site, f"worker group failed while stopping: {error}") from None
-        finally:
-            self.fit_ref = None
-        return result

@@ -12,7 +12,7 @@ These are *average* intensities, not marginal: curtailment on them is a percenti
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from curtail.planning.signals import Signal, iso
@@ -33,7 +33,7 @@ MAX_RANGE_S = 10 * 24 * 3600  # past-range answers at most 10 days of hourly dat
 
 
 def _z(t_s: float) -> str:
-    return datetime.fromtimestamp(t_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(t_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ElectricityMapsSource(CarbonSource):

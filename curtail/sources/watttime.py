@@ -17,7 +17,7 @@ dependencies. Its endpoints and parameters are mirrored here with the standard l
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from curtail.planning.signals import Signal, iso
@@ -43,7 +43,7 @@ MAX_HISTORY_SPAN_S = 30 * 24 * 3600  # the API answers at most ~32 days per requ
 
 
 def _z(t_s: float) -> str:
-    return datetime.fromtimestamp(t_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(t_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class WattTimeSource(CarbonSource):

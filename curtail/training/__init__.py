@@ -6,10 +6,12 @@ One module per concept:
 - ``tokenizer``  — byte-level BPE trained on a corpus, cached, saved as a HF fast tokenizer.
 - ``data``       — a corpus tokenized once into a flat token array; train / held-out parts.
 - ``ledger``     — which token ranges each site was handed and actually trained, per epoch.
+- ``intervals``  — sorted disjoint ``[start, end)`` token intervals (the ledger's pool, the journal).
 - ``schedule``   — the one global learning-rate schedule, indexed by tokens trained.
 - ``averaging``  — the DiLoCo outer step: pseudo-gradients, token weighting, outer optimizers.
 - ``loop``       — ``SiteTrainer``: a site's model, inner AdamW and training/eval steps.
+- ``power``      — ``PowerSampler``: a GPU's measured watts (NVML), for measured-power accounting.
 
 Importing this package imports nothing heavy; import the submodules you need.
-``ledger`` and ``schedule`` are pure Python (no torch) so anything may use them.
+``ledger``, ``intervals`` and ``schedule`` are pure Python (no torch) so anything may use them.
 """

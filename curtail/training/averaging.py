@@ -11,15 +11,16 @@ this round, so a site with 3× the tokens pulls 3× harder) and applies an
 :class:`OuterOptimizer`:
 
 - :class:`NesterovOuterOptimizer` (DiLoCo's, the default): SGD with Nesterov momentum,
-  ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``, lr 0.7, μ 0.9 (PyTorch's ``SGD(nesterov=True)``).
+  ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``, lr 0.7, μ 0.9 (``torch.optim.SGD(nesterov=True)``'s update, to one ulp).
 - :class:`AveragingOuterOptimizer`: plain weighted averaging of the sites' weights,
   ``θ ← θ − g`` (lr 1, no momentum; FedAvg).
 
 A new outer optimizer is one small subclass implementing :meth:`OuterOptimizer.apply`.
 
-The arithmetic runs through torch on views of the numpy arrays (no copies): in place, one
-pass per operation and multi-threaded, which for the 561M-parameter ``d20`` takes the outer
-step from seconds to a fraction of one (docs/GPU.md). Results are the numpy arrays either way.
+The arithmetic runs through torch on views of the numpy arrays (the weights and momentum
+buffers are updated in place): one multi-threaded pass per operation, which for the
+561M-parameter ``d20`` takes the outer step from seconds to a fraction of one (docs/GPU.md).
+Results are the numpy arrays either way.
 
 For transfer, :func:`compress` turns a state dict into bf16 (round to nearest even, via
 torch, as numpy has no bfloat16) stored as numpy ``uint16`` bit patterns — half the bytes of
@@ -158,7 +159,12 @@ class AveragingOuterOptimizer(OuterOptimizer):
 
 
 class NesterovOuterOptimizer(OuterOptimizer):
-    """SGD with Nesterov momentum: ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``."""
+    """SGD with Nesterov momentum: ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``.
+
+    The momentum buffers are numpy arrays keyed by parameter name (``momentum_buffers``, the
+    checkpoint's ``outer_momentum.safetensors``), so the checkpoint format is the optimizer's,
+    not torch's.
+    """
 
     name = "nesterov"
 
@@ -172,6 +178,10 @@ class NesterovOuterOptimizer(OuterOptimizer):
         self.momentum_buffers: StateDict = {}
 
     def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
+        # torch.optim.SGD(nesterov=True) computes this update too, but fuses θ − lr·d into one
+        # multiply-add where this rounds lr·d first: ~2% of weights then differ by one ulp per
+        # step. The explicit form keeps runs and checkpoints bit-identical to earlier releases;
+        # tests/test_training_averaging.py checks that it agrees with SGD to that ulp.
         lr, mu = float(np.float32(self.lr)), float(np.float32(self.momentum))
         for name, value in global_params.items():
             grad = torch.from_numpy(mean_pseudo_grad[name])  # our own copy from weighted_mean

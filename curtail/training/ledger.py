@@ -31,6 +31,10 @@ everything after the last checkpoint when the coordinator died — is trained ag
 pool. ``record_retrained`` notes those positions and why (``retrained``), so a run can say
 exactly which tokens it trained twice.
 
+A range is always ``(epoch, start, end)``, in that order (:class:`TokenRange`, the
+checkpoint, the journal); the free positions of an epoch are kept with
+:mod:`curtail.training.intervals`.
+
 Pure Python (no torch); ``to_dict``/``from_dict`` give a JSON-safe checkpoint.
 
 Example::
@@ -43,11 +47,14 @@ Example::
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-LEDGER_FORMAT = 1
+from curtail.training.intervals import add_interval
+
+LEDGER_FORMAT = 2
+"""Version of :meth:`DataLedger.to_dict`. 2: outstanding claims are ``[epoch, start, end]``
+(1, read too, wrote them ``[start, end, epoch]``)."""
 
 
 class LedgerError(ValueError):
@@ -60,18 +67,19 @@ class LedgerExhaustedError(LedgerError):
 
 @dataclass(frozen=True, order=True)
 class TokenRange:
-    """Token positions ``[start, end)`` of one epoch (pass over the corpus)."""
+    """Token positions ``[start, end)`` of ``epoch`` (a pass over the corpus)."""
 
+    epoch: int
     start: int
     end: int
-    epoch: int = 0
 
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
 
     def to_list(self) -> list[int]:
-        return [self.start, self.end, self.epoch]
+        """``[epoch, start, end]`` (JSON)."""
+        return [self.epoch, self.start, self.end]
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,7 @@ class DataLedger:
             )
             self._epochs.append(record)
         first = record.pool[0]
-        token_range = TokenRange(first[0], min(first[1], first[0] + num_tokens), record.epoch)
+        token_range = TokenRange(record.epoch, first[0], min(first[1], first[0] + num_tokens))
         if token_range.end == first[1]:
             record.pool.pop(0)
         else:
@@ -280,13 +288,13 @@ class DataLedger:
         if trained_tokens:
             self._record_trained(record, site, token_range.start, split)
         if split < token_range.end:
-            _insert_interval(record.pool, split, token_range.end)
+            add_interval(record.pool, split, token_range.end)
 
     def release(self, site: str) -> list[TokenRange]:
         """Return all of ``site``'s outstanding claims to the pool (a site failed); returns them."""
         claims = self._outstanding.pop(site, [])
         for token_range in claims:
-            _insert_interval(self._epochs[token_range.epoch].pool, token_range.start, token_range.end)
+            add_interval(self._epochs[token_range.epoch].pool, token_range.start, token_range.end)
         return claims
 
     def release_all(self) -> list[TokenRange]:
@@ -379,10 +387,10 @@ class DataLedger:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> DataLedger:
         """Rebuild a ledger from :meth:`to_dict`; raises :class:`LedgerError` if inconsistent."""
-        if state.get("format") != LEDGER_FORMAT:
+        if state.get("format") not in (1, LEDGER_FORMAT):
             raise LedgerError(
                 f"ledger checkpoint has format {state.get('format')!r}, this code reads "
-                f"{LEDGER_FORMAT}; resume with the curtail version that wrote it"
+                f"1..{LEDGER_FORMAT}; resume with the curtail version that wrote it"
             )
         try:
             ledger = cls(
@@ -398,6 +406,8 @@ class DataLedger:
                 for site, start, end in entry["trained"]:
                     ledger._record_trained(record, str(site), int(start), int(end), merge=False)
             for site, claims in state["outstanding"].items():
+                if state["format"] == 1:  # [start, end, epoch]
+                    claims = [[epoch, start, end] for start, end, epoch in claims]
                 ledger._outstanding[str(site)] = [TokenRange(*map(int, c)) for c in claims]
             ledger._retrained = [  # absent in checkpoints written before it was kept
                 RetrainedRange(str(cause), int(epoch), int(start), int(end))
@@ -432,16 +442,3 @@ class DataLedger:
 def _check_site(site: str) -> None:
     if not isinstance(site, str) or not site:
         raise LedgerError(f"site must be a non-empty string, got {site!r}")
-
-
-def _insert_interval(pool: list[list[int]], start: int, end: int) -> None:
-    """Insert ``[start, end)`` into a sorted list of disjoint intervals, merging neighbours."""
-    index = bisect.bisect_left(pool, [start, end])
-    if index > 0 and pool[index - 1][1] == start:
-        index -= 1
-        pool[index][1] = end
-    else:
-        pool.insert(index, [start, end])
-    if index + 1 < len(pool) and pool[index + 1][0] == pool[index][1]:
-        pool[index][1] = pool[index + 1][1]
-        pool.pop(index + 1)

@@ -171,10 +171,6 @@ class SiteTrainer:
     # ---------------------------------------------------------------------------------------
     # Weights in and out
 
-    @property
-    def param_names(self) -> list[str]:
-        return list(self._params)
-
     def load_global(self, state: Mapping[str, np.ndarray]) -> None:
         """Copy global weights (float32 numpy, names as :meth:`export_params`) into the model.
 

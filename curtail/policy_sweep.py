@@ -18,9 +18,11 @@ policy simulated unchanged on ``eval_runs``, another period, beside the oracle t
     result.trials.sort_values("emissions_kg").head()
     result.generalisation
 
-Small machines (RAY_NOTES.md §0 gotcha 8, §2): trials ask for a fraction of a CPU
-(``cpus_per_trial``, never 0) and ``max_concurrent_trials`` bounds them; Ray is started with
-the machine's CPUs, no dashboard, if it is not running already.
+Small machines: Tune gives a trial 1 CPU by default, and on 2 cores two such trials starve
+the Train workers a ``runtime`` trial starts (the run waits forever), while 0 CPUs is refused
+(no resource request). So trials ask for a fraction of a CPU (``cpus_per_trial``, never 0)
+and ``max_concurrent_trials`` bounds them; Ray is started with the machine's CPUs, no
+dashboard, if it is not running already.
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +52,8 @@ from curtail.config import (
 )
 from curtail.planning.plan import load_experiment_traces, plan_run
 from curtail.planning.simulator import Simulator
-from curtail.planning.summary import summarize
 from curtail.planning.traces import Forecast, TraceSet
+from curtail.runlog import summary_of
 from curtail.tracking import check_available, tune_callbacks
 
 METRICS = (
@@ -169,17 +169,8 @@ def simulate_one(
     plan = plan_run(experiment, run, traces, forecasts)
     started = time.perf_counter()
     trajectory = Simulator(plan.context, plan.policy).run()
-    return summarize(
-        trajectory,
-        run=run.name,
-        policy=plan.policy_label,
-        regions=plan.regions,
-        power=plan.power,
-        signals=plan.signals,
-        calendar=plan.calendar,
-        token_budget=plan.context.token_budget,
-        executor="simulator",
-        extra={"simulation_s": time.perf_counter() - started},
+    return summary_of(
+        plan, trajectory, executor="simulator", extra={"simulation_s": time.perf_counter() - started}
     )
 
 
@@ -561,14 +552,3 @@ def sweep(
         )
     )
     return SweepResult(experiment, spec, trials, best, generalisation, out, wall_s, files)
-
-
-class _CallableModule(types.ModuleType):
-    """``curtail.sweep(...)`` must stay the function once this module is imported: importing
-    ``curtail.sweep`` binds the *module* to the package attribute of the same name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SweepResult:
-        return sweep(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,78 @@
+"""Preflight: what a real run needs on this machine, checked before Ray starts.
+
+A run that would fail minutes in — a corpus file missing, an output folder under a regular
+file, a cache that cannot be written — fails here instead, with one :class:`PreflightError`
+naming the config key and the fix, and before any run folder exists. Traces and forecasts are
+checked where they are loaded (:class:`~curtail.planning.traces.TraceError`); what the cluster
+offers is checked right after connecting (:func:`curtail.runtime.cluster.check_capacity`).
+The files are checked on the machine that runs ``curtail run``; on a multi-node cluster the
+coordinator reads them on the head node, which under ``ray job submit`` is the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from curtail.config import ExperimentConfig, project_root
+from curtail.errors import PreflightError
+
+
+def resolve_data_path(path: Path) -> Path:
+    """Relative corpus and cache paths: the working directory first, then the project root
+    (the rule the coordinator applies when it reads them)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (project_root() / path).resolve()
+
+
+def unreadable_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file (None if it can)."""
+    path = Path(path)
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error})"
+    return None
+
+
+def unwritable_dir(path: Path) -> str | None:
+    """Why a folder ``path`` cannot be written or created (None if it can): the nearest part
+    of it that exists must be a folder this process may write into."""
+    path = Path(path).absolute()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                return f"{existing} is a file, not a folder" + (f", so {path} cannot be created" if existing != path else "")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                return f"{existing} is not writable"
+            return None
+    return f"{path} has no existing parent"  # pragma: no cover -- the root always exists
+
+
+def check_run_files(experiment: ExperimentConfig) -> None:
+    """Every file ``[training]`` reads exists and is readable, and its cache can be written."""
+    training = experiment.training
+    problems = []
+    for key, paths in (("training.corpus", training.corpus), ("training.heldout", training.heldout or [])):
+        for index, path in enumerate(paths):
+            if problem := unreadable_file(resolve_data_path(path)):
+                problems.append(f"{key}[{index}]: {problem}")
+    cache = training.cache_dir if training.cache_dir.is_absolute() else resolve_data_path(training.cache_dir)
+    if problem := unwritable_dir(cache):
+        problems.append(f"training.cache_dir: {problem}")
+    if problems:
+        raise PreflightError("; ".join(problems) + ". Fix the paths in the config's [training] section "
+                             "(relative paths are read from the working directory, then the project root)")
+
+
+def check_output_dir(path: Path, *, key: str = "output_dir") -> None:
+    """The run directory can be created at (or under) ``path``."""
+    if problem := unwritable_dir(path):
+        raise PreflightError(f"{key}: {problem}; choose another output folder (--output-dir DIR)")

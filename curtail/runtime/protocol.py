@@ -1,0 +1,191 @@
+"""The site protocol: what crosses between the coordinator and a site's worker group.
+
+Everything that crosses the process edge is a frozen dataclass:
+
+* :class:`SiteLoopConfig` — how a site's train function builds its model, data and channels
+  (once per window; no dict of string keys);
+* commands (coordinator → site rank 0, then broadcast to the site's ranks): :class:`Train`,
+  :class:`Load`, :class:`Submit`, :class:`Publish`, :class:`SaveOptimizer`,
+  :class:`LoadOptimizer`, :class:`Stop` — the site worker has one method per command;
+* replies (site rank 0 → coordinator): one per command, every one with the wall seconds it
+  took, or :class:`CommandFailed` with the worker's traceback.
+
+Each command names its reply type (``reply_type``), so the coordinator side can check that the
+answer it received belongs to the question it asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # annotations only: the coordinator side (cluster.py) imports no torch
+    from curtail.training.model import ModelSpec
+    from curtail.training.schedule import LRSchedule
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """What builds the same model anywhere (a site's ranks, the evaluator)."""
+
+    spec: ModelSpec
+    vocab_size: int
+    seed: int
+    seq_len: int
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class SiteLoopConfig:
+    """One site's train function config (``TorchTrainer(train_loop_config=...)``)."""
+
+    site: str
+    model: ModelSetup
+    mailbox: Any  # Mailbox actor handle: commands in, replies out
+    averager: Any  # Averager actor handle: global weights, submissions, publishes
+    train_tokens: Any  # ObjectRef of the training token array (shared, zero-copy)
+    batch_size: int  # sequences per rank per step
+    schedule: LRSchedule
+    transfer_dtype: str  # pseudo-gradient dtype on the wire ("bf16" or "fp32")
+    use_gpu: bool
+    compile_model: bool = False
+    micro_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluator's config: the model, the held-out tokens and how much of them to score."""
+
+    model: ModelSetup
+    heldout_tokens: Any  # ObjectRef of the held-out token array
+    num_batches: int
+    batch_size: int
+
+
+# ------------------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class Reply:
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class Trained(Reply):
+    steps: int
+    tokens: int
+    loss: float  # mean training loss over the steps (nan when no step ran)
+    power_w: float | None = None  # NVML-measured watts of the site's GPUs over the command
+    gpus: int = 0  # how many GPUs power_w covers
+
+
+@dataclass(frozen=True)
+class Loaded(Reply):
+    version: int  # the global version now held by every rank
+    digest: str  # fingerprint of rank 0's weights
+    node_ids: tuple[str, ...]  # Ray nodes the site's ranks run on
+    pid: int  # rank 0's process (fault-injection tests kill it)
+
+
+@dataclass(frozen=True)
+class Submitted(Reply):
+    num_bytes: int  # pseudo-gradient bytes sent to the averager
+
+
+@dataclass(frozen=True)
+class Published(Reply):
+    version: int  # the global version the site's weights became
+
+
+@dataclass(frozen=True)
+class OptimizerSaved(Reply):
+    pass
+
+
+@dataclass(frozen=True)
+class OptimizerLoaded(Reply):
+    loaded: bool  # every rank found and loaded its state
+
+
+@dataclass(frozen=True)
+class Stopped(Reply):
+    steps: int  # optimizer steps over the whole window
+
+
+@dataclass(frozen=True)
+class CommandFailed(Reply):
+    command: str
+    error: str  # the worker's traceback
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: ClassVar[str]
+    reply_type: ClassVar[type[Reply]]
+
+
+@dataclass(frozen=True)
+class Train(Command):
+    """Train the listed chunks: ``(first token position, number of steps)`` each."""
+
+    kind: ClassVar[str] = "train"
+    reply_type: ClassVar[type[Reply]] = Trained
+    chunks: tuple[tuple[int, int], ...]
+    tokens_before: float  # tokens trained by the whole run before this command (LR schedule)
+    concurrency: float  # all active sites' rate / this site's: the schedule advances this much faster
+    until_wall: float | None = None  # real-time clock: stop at this wall-clock instant
+
+
+@dataclass(frozen=True)
+class Load(Command):
+    """Take the averager's newest global weights (every rank)."""
+
+    kind: ClassVar[str] = "load"
+    reply_type: ClassVar[type[Reply]] = Loaded
+
+
+@dataclass(frozen=True)
+class Submit(Command):
+    """Send this round's pseudo-gradient (global at load − local now) and its token weight."""
+
+    kind: ClassVar[str] = "submit"
+    reply_type: ClassVar[type[Reply]] = Submitted
+    round_index: int
+    tokens: float
+
+
+@dataclass(frozen=True)
+class Publish(Command):
+    """Single-site hand-off: the site's weights become the global weights."""
+
+    kind: ClassVar[str] = "publish"
+    reply_type: ClassVar[type[Reply]] = Published
+
+
+@dataclass(frozen=True)
+class SaveOptimizer(Command):
+    """Save every rank's inner optimizer state into ``path`` (``rank<r>.pt``)."""
+
+    kind: ClassVar[str] = "save_optimizer"
+    reply_type: ClassVar[type[Reply]] = OptimizerSaved
+    path: str
+
+
+@dataclass(frozen=True)
+class LoadOptimizer(Command):
+    """Load every rank's inner optimizer state from ``path`` (resume)."""
+
+    kind: ClassVar[str] = "load_optimizer"
+    reply_type: ClassVar[type[Reply]] = OptimizerLoaded
+    path: str
+
+
+@dataclass(frozen=True)
+class Stop(Command):
+    """Drain: save the inner optimizer as a Ray Train checkpoint and end ``fit()``."""
+
+    kind: ClassVar[str] = "stop"
+    reply_type: ClassVar[type[Reply]] = Stopped

@@ -1,0 +1,359 @@
+"""The run state machine with real training: the simulator's executor, driving Ray sites.
+
+:class:`RayExecutor` is the planning layer's :class:`~curtail.planning.executor.Executor` — the
+same state machine the simulator runs, driven by the same policy — with real work: each
+training stretch becomes :class:`~curtail.runtime.protocol.Train` commands to the sites'
+persistent worker groups (how many steps: the :class:`~curtail.runtime.clock.RunClock`), and
+every sync, join, hand-off and leave becomes submissions to the averaging actor and loads of
+the global weights. It only orchestrates; each job belongs to one collaborator:
+
+* the sites (:class:`~curtail.runtime.sites.SiteGroup`): commands and typed replies;
+* the averaging actor: outer steps, publishes, withdrawals;
+* the work account (:class:`~curtail.runtime.work_account.WorkAccount`): claims, pending
+  work, deliveries, the ledger and its journal;
+* the checkpointer (:class:`~curtail.runtime.run_checkpointer.RunCheckpointer`);
+* telemetry (:class:`~curtail.runtime.telemetry.Telemetry`) and the held-out evaluator.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from curtail.planning.executor import Executor, RoundView
+from curtail.planning.policy import Policy, PolicyContext
+from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
+from curtail.runtime.averager import AveragerClient
+from curtail.runtime.checkpoint import RunCheckpoint
+from curtail.runtime.clock import RunClock
+from curtail.runtime.protocol import (
+    Command,
+    Load,
+    LoadOptimizer,
+    Publish,
+    Reply,
+    SaveOptimizer,
+    Submit,
+    Train,
+)
+from curtail.runtime.run_checkpointer import RunCheckpointer
+from curtail.runtime.sites import SiteFailure, SiteGroup
+from curtail.runtime.telemetry import Telemetry
+from curtail.runtime.work_account import WorkAccount
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """How the real executor behaves beyond the planning context."""
+
+    tokens_per_step: int
+    clock: str = "virtual"  # or "realtime"
+    realtime_speedup: float = 1.0
+    single_publish_interval_s: float = 600.0  # a single site delivers (and so checkpoints) this often
+    deadline_is_trace_end: bool = False  # the run's deadline is where its carbon signal ends
+
+
+class RayExecutor(Executor):
+    """The executor state machine with real training on Ray; see the module doc."""
+
+    max_segment_s = 600.0  # progress at least every 10 minutes of the run's clock
+
+    def __init__(
+        self,
+        context: PolicyContext,
+        policy: Policy,
+        options: ExecutorOptions,
+        *,
+        groups: dict[str, SiteGroup],
+        averager: AveragerClient,
+        account: WorkAccount,
+        checkpointer: RunCheckpointer | None = None,
+        evaluator: Any = None,
+        on_progress: Callable[[RayExecutor, float, float], None] | None = None,
+    ):
+        super().__init__(context, policy)
+        self.options = options
+        self.groups = groups
+        self.averager = averager
+        self.account = account
+        self.checkpointer = checkpointer
+        self.evaluator = evaluator
+        self.on_progress = on_progress
+        step_s = {name: options.tokens_per_step / cfg.tokens_per_s for name, cfg in context.sites.items()}
+        self.clock = RunClock(options.clock, options.realtime_speedup, context.start_s, step_s)
+        self.telemetry = Telemetry(list(context.sites))
+        self.loaded_version = dict.fromkeys(context.sites, -1)
+        self.global_version = 0
+        self.last_publish_s: dict[str, float] = {}
+        self.max_segment_s = min(self.max_segment_s, options.single_publish_interval_s)
+        self.pending_evals: list[tuple[float, float, Any]] = []
+        self.stop_requested = threading.Event()  # set from another thread: stop at the next safe point
+        self.interrupted = False
+        self._resume_note: dict[str, Any] = {}
+        self._resume_inner_dir: Path | None = None
+
+    # ------------------------------------------------------------------ run, resume, checkpoints
+
+    def run(self, resume_from: RunCheckpoint | None = None) -> Trajectory:
+        self.clock.start()
+        if resume_from is None:
+            return super().run()
+        saved = resume_from.coordinator
+        self._restore_bookkeeping(saved)
+        self._resume_note = self.account.resume(
+            int(saved.get("journal_seq", 0)), resume_from.path.name, float(resume_from.executor["t_s"]),
+            saved.get("wall_time"),
+        )
+        self._resume_inner_dir = resume_from.inner_dir
+        for name, state in resume_from.executor["recorder"]["state"].items():
+            if state != "off":  # its nodes were up: bring the worker group back
+                self.groups[name].start()
+        return super().run(resume_from=resume_from.executor)
+
+    def restore(self, state: dict[str, Any]) -> tuple[float, float]:
+        t_s, next_decision_s = super().restore(state)
+        if self._resume_note:  # the recorder is the checkpoint's again: add the event now
+            self.recorder.event(t_s, "", "retrained", **self._resume_note)
+            self._resume_note = {}
+        if self._resume_inner_dir is not None:
+            self._load_inner_optimizers(Path(self._resume_inner_dir), t_s)
+            self._resume_inner_dir = None
+        return t_s, next_decision_s
+
+    def _bookkeeping(self) -> dict[str, Any]:
+        return {
+            "global_version": self.global_version, "last_publish_s": dict(self.last_publish_s),
+            "checkpoint_sequence": self.checkpointer.sequence if self.checkpointer is not None else 0,
+            "journal_seq": self.account.journal_seq, "wall_time": time.time(),
+            **self.clock.state(), **self.telemetry.state(),
+        }
+
+    def _restore_bookkeeping(self, saved: dict[str, Any]) -> None:
+        self.global_version = saved["global_version"]
+        self.last_publish_s = {k: float(v) for k, v in saved["last_publish_s"].items()}
+        self.clock.restore(saved)
+        self.telemetry.restore(saved)
+        if self.checkpointer is not None:
+            self.checkpointer.restore(saved["checkpoint_sequence"], self.global_version)
+
+    def at_safe_point(self, t_s: float, next_decision_s: float, current: RoundView | None) -> bool:
+        """Checkpoint after every sync or hand-off, when no site holds undelivered work. On a
+        stop request: a single site delivers first; a federated round runs to its sync."""
+        stopping = self.stop_requested.is_set()
+        if stopping and current is not None and current.kind is RunMode.SINGLE:
+            for site in current.members:
+                if self.account.undelivered(site):
+                    self._publish(site, t_s, current.index)
+        if self.checkpointer is None or not self.account.settled:
+            return stopping and self.checkpointer is None
+        if stopping or self.checkpointer.due(self.global_version):
+            self._checkpoint(t_s, next_decision_s)
+        return stopping
+
+    def _checkpoint(self, t_s: float, next_decision_s: float) -> None:
+        assert self.checkpointer is not None
+        started = time.perf_counter()
+        self.checkpointer.save(
+            self.global_version,
+            # fetched now (zero-copy arrays from the object store), not in the writer: once this safe
+            # point is passed, the checkpoint no longer depends on the averaging actor staying alive
+            averager_state=self.averager.state(),
+            save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
+            state=lambda: {"ledger": self.account.ledger.to_dict(),
+                           "executor": self.snapshot(t_s, next_decision_s), "coordinator": self._bookkeeping()},
+        )
+        self.telemetry.action(t_s, "checkpoint", self.num_rounds, time.perf_counter() - started)
+
+    def _save_inner_optimizers(self, folder: Path, t_s: float) -> bool:
+        """Every running site saves its inner AdamW into ``folder/<site>`` (all ranks)."""
+        running = [site for site, group in self.groups.items() if group.running]
+        return bool(self._exchange({site: SaveOptimizer(str(folder / site)) for site in running}, t_s, self.num_rounds))
+
+    def _load_inner_optimizers(self, inner: Path, t_s: float) -> None:
+        """Resume: the restarted sites take the inner AdamW saved with the checkpoint (newer
+        than their Ray Train checkpoints, which are written only when a site drains)."""
+        commands = {site: LoadOptimizer(str(inner / site))
+                    for site, group in self.groups.items() if group.running and (inner / site).is_dir()}
+        replies = self._exchange(commands, t_s, self.num_rounds)
+        self.recorder.event(t_s, "", "inner_optimizer_restored",
+                            sites=sorted(site for site, reply in replies.items() if reply.loaded))
+
+    def pass_time(self, start_s: float, end_s: float) -> None:
+        self.clock.pass_time(start_s, end_s)
+
+    # ------------------------------------------------------------------ talking to sites
+
+    def _exchange(self, commands: dict[str, Command], t_s: float, round_index: int) -> dict[str, Any]:
+        """Send each site its command, then collect the replies; failed sites drop out."""
+        sent = []
+        for site, command in commands.items():
+            try:
+                self.groups[site].send(command)
+                sent.append(site)
+            except SiteFailure as error:
+                self._fail(site, error)
+        replies: dict[str, Reply] = {}
+        for site in sent:
+            try:
+                replies[site] = self.groups[site].receive()
+            except SiteFailure as error:
+                self._fail(site, error)
+                continue
+            self.telemetry.reply(t_s, site, commands[site].kind, round_index, replies[site])
+        return replies
+
+    def _fail(self, site: str, error: Exception) -> None:
+        """Hand a site failure to the state machine; its undelivered round work is lost."""
+        self.report_failure(site, str(error), lost_tokens=self.account.lose_round(site))
+
+    def _load(self, sites: list[str], t_s: float, round_index: int) -> None:
+        sites = [s for s in sites if self.loaded_version[s] != self.global_version]
+        if not sites:
+            return
+        replies = self._exchange(dict.fromkeys(sites, Load()), t_s, round_index)
+        for site, reply in replies.items():
+            self.loaded_version[site] = reply.version
+        self.telemetry.loaded(t_s, round_index, self.global_version, replies)
+
+    def _outer_step(self, round_index: int, t_s: float) -> None:
+        started = time.perf_counter()
+        outcome = self.averager.outer_step(round_index)
+        self.global_version = outcome["version"]
+        self.telemetry.action(t_s, "outer_step", round_index, time.perf_counter() - started)
+
+    def _submit(self, sites: list[str] | tuple[str, ...], round_index: int, t_s: float) -> None:
+        commands = {site: Submit(round_index, self.account.undelivered(site))
+                    for site in sites if self.account.undelivered(site) > 0}
+        delivered = self._exchange(commands, t_s, round_index)
+        for site in delivered:
+            self.account.delivered(site, t_s)
+        failed = sorted(set(commands) - set(delivered))
+        if failed:  # their ranges went back to the ledger: their updates, if they arrived, must not count
+            withdrawn = self.averager.withdraw(round_index, failed)
+            if withdrawn:
+                self.recorder.event(t_s, "", "withdrawn", round=round_index, sites=withdrawn)
+
+    def _publish(self, site: str, t_s: float, round_index: int) -> None:
+        for reply in self._exchange({site: Publish()}, t_s, round_index).values():
+            self.global_version = reply.version
+            self.loaded_version[site] = self.global_version
+            self.last_publish_s[site] = t_s
+            self.account.delivered(site, t_s)
+
+    def _evaluate(self, t_s: float) -> None:
+        """Score this sync's global weights in the background (no site waits for it)."""
+        if self.evaluator is not None:
+            snapshot = self.averager.global_snapshot()
+            self.pending_evals.append((t_s, self.tokens, self.evaluator.evaluate.remote(snapshot)))
+
+    def collect_evaluations(self) -> None:
+        for t_s, tokens, ref in self.pending_evals:
+            self.recorder.loss(LossPoint(t_s, "", tokens, float(ray.get(ref)["loss"]), kind="eval"))
+        self.pending_evals = []
+
+    # ------------------------------------------------------------------ executor hooks
+
+    def work(self, sites: list[str], start_s: float, end_s: float, current: RoundView | None) -> dict[str, float]:
+        index = current.index if current is not None else 0
+        rates = {s: self.context.sites[s].tokens_per_s for s in sites}
+        total_rate = sum(rates.values())
+        claims, commands = {}, {}
+        for site in sites:
+            steps = self.clock.steps_for(site, start_s, end_s)
+            if steps == 0:
+                continue
+            claims[site] = self.account.claim(site, steps)
+            chunks = tuple((r.start, r.num_tokens // self.options.tokens_per_step) for r in claims[site])
+            commands[site] = Train(chunks, tokens_before=self.tokens, concurrency=total_rate / rates[site],
+                                   until_wall=self.clock.until_wall(end_s))
+        self._load([s for s in commands if self.loaded_version[s] < 0], start_s, index)  # e.g. after a resume
+        commands = {s: c for s, c in commands.items() if self.groups[s].running}
+        tokens: dict[str, float] = {}
+        for site, reply in self._exchange(commands, end_s, index).items():
+            self.account.trained(site, claims[site], reply.tokens, end_s)
+            self.clock.observe(site, reply.steps, reply.wall_s)
+            tokens[site] = float(reply.tokens)
+            self.recorder.loss(LossPoint(end_s, site, self.tokens + sum(tokens.values()), reply.loss))
+        if current is not None and current.kind is RunMode.SINGLE:
+            for site in set(current.members) & set(tokens):  # single site: deliver periodically
+                if end_s - self.last_publish_s.get(site, start_s) >= self.options.single_publish_interval_s:
+                    self._publish(site, end_s, index)
+        if self.on_progress is not None:
+            self.on_progress(self, end_s, self.tokens + sum(tokens.values()))
+        return tokens
+
+    def on_nodes_ready(self, site: str, t_s: float) -> None:
+        self.groups[site].start()
+
+    def on_round_start(self, started: RoundView, t_s: float) -> None:
+        self._load(list(started.members), t_s, started.index)
+        self.telemetry.action(t_s, "round_start", started.index, 0.0)
+
+    def on_sync(self, ended: RoundView, members: list[str], t_s: float) -> None:
+        if ended.kind is RunMode.SINGLE:  # hand-off: the single site's weights become global
+            for site in ended.members:
+                self._publish(site, t_s, ended.index)
+        else:
+            self._submit(ended.members, ended.index, t_s)
+            self._outer_step(ended.index, t_s)
+        self._load(members, t_s, ended.index)
+        self._evaluate(t_s)
+
+    def on_join(self, site: str, index: int, t_s: float) -> None:
+        self._load([site], t_s, index)
+
+    def on_leave(self, site: str, current: RoundView, t_s: float) -> None:
+        if current.kind is RunMode.SINGLE:
+            self._publish(site, t_s, current.index)
+            return
+        self._submit([site], current.index, t_s)
+        if not current.members:  # the last one out averages
+            self._outer_step(current.index, t_s)
+
+    def on_drain(self, site: str, t_s: float) -> None:
+        try:
+            self.telemetry.reply(t_s, site, "stop", 0, self.groups[site].stop())
+        except SiteFailure as error:  # it died while draining: its handed-over work is safe
+            self.recorder.event(t_s, site, "stop_failed", reason=str(error)[-300:])
+            self.groups[site].abandon()
+        self.loaded_version[site] = -1
+
+    def on_failure(self, site: str, t_s: float) -> None:
+        self.recorder.event(t_s, site, "ledger_release", **self.account.release(site, t_s))
+        self.clock.reset(site)
+        self.loaded_version[site] = -1
+        self.groups[site].abandon()
+
+    def on_finish(self, t_s: float, completed: bool, open_round: RoundView | None) -> None:
+        if not completed and self.options.deadline_is_trace_end:
+            # the carbon signal ran out before the budget: the fallback is to stop here and keep
+            # the global model trained so far (final, saved, evaluated); nothing is extrapolated
+            self.recorder.event(t_s, "", "trace_end", tokens=round(self.tokens),
+                                token_budget=self.context.token_budget,
+                                missing_tokens=round(max(0.0, self.context.token_budget - self.tokens)),
+                                fallback="stop")
+        if open_round is not None and open_round.members:
+            if open_round.kind is RunMode.SINGLE:
+                self._publish(open_round.members[0], t_s, open_round.index)
+            else:
+                self._submit(open_round.members, open_round.index, t_s)
+                self._outer_step(open_round.index, t_s)
+        self._drain_all(t_s)
+
+    def on_interrupt(self, t_s: float) -> None:
+        self.interrupted = True
+        self._drain_all(t_s)
+
+    def _drain_all(self, t_s: float) -> None:
+        for site, group in self.groups.items():
+            if group.running:
+                self.on_drain(site, t_s)
+        self.collect_evaluations()
+        if self.checkpointer is not None:
+            self.checkpointer.wait()

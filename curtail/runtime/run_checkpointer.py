@@ -1,0 +1,70 @@
+"""The run checkpointer: when a whole-run checkpoint is due, what goes in it, and the writer.
+
+A checkpoint is taken at a safe point (no site holds undelivered work) after the global
+weights changed (a sync or a single-site hand-off). Everything it needs is gathered there —
+the averaging actor's state (fetched now: once the safe point is passed the checkpoint no
+longer depends on that actor staying alive), the sites' inner optimizers (saved by the sites
+into a staging folder), the ledger, the state machine and the coordinator's bookkeeping — and
+the files are written by one background thread, so the sites go on training meanwhile.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from curtail.runtime.checkpoint import inner_staging_dir, write_checkpoint
+
+
+class RunCheckpointer:
+    def __init__(self, run_dir: Path, *, inner_optimizer: bool):
+        self.run_dir = Path(run_dir)
+        self.inner_optimizer = inner_optimizer  # also save every running site's inner AdamW
+        self.sequence = 0
+        self.checkpointed_version = 0  # the global version of the newest checkpoint
+        self.last_written: str | None = None  # folder name of the newest checkpoint
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._write: concurrent.futures.Future | None = None
+
+    def due(self, global_version: int) -> bool:
+        """A checkpoint is due once the global weights moved past the last one."""
+        return global_version != self.checkpointed_version
+
+    def save(
+        self,
+        global_version: int,
+        *,
+        averager_state: dict[str, Any],
+        save_inner: Callable[[Path], bool],
+        state: Callable[[], dict[str, Any]],
+    ) -> None:
+        """Take checkpoint ``sequence + 1``. ``save_inner(folder)`` asks the running sites to save
+        their inner optimizers there (True if any did); ``state()`` returns the JSON parts
+        (``ledger``, ``executor``, ``coordinator``), gathered after the sites' saves."""
+        self.wait()  # at most one write in flight
+        self.sequence += 1
+        sequence = self.sequence
+        inner_dir = None
+        if self.inner_optimizer:
+            folder = inner_staging_dir(self.run_dir, sequence)
+            inner_dir = folder if save_inner(folder) else None
+        parts = state()
+        self._write = self._writer.submit(
+            write_checkpoint, self.run_dir, sequence, averager_state=averager_state,
+            ledger_state=parts["ledger"], executor_state=parts["executor"],
+            coordinator_state=parts["coordinator"], inner_dir=inner_dir,
+        )
+        self.checkpointed_version = global_version
+        self.last_written = f"{sequence:06d}"
+
+    def wait(self) -> None:
+        """Block until the checkpoint being written is on disk (errors surface here)."""
+        if self._write is not None:
+            self._write.result()
+            self._write = None
+
+    def restore(self, sequence: int, global_version: int) -> None:
+        self.sequence = sequence
+        self.checkpointed_version = global_version

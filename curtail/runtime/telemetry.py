@@ -1,0 +1,100 @@
+"""Telemetry of a real run: measured timings, weight fingerprints after each load, where sites ran.
+
+Nothing here decides anything; the executor reports what happened and the run directory gets
+``timings.csv`` (every command's wall seconds, steps and measured power), ``weight_digests``
+(every site's weights after each sync: identical across sites, or the sync is broken),
+``site_nodes`` (the Ray nodes each site trained on) and each site's measured watts per GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from curtail.runtime.protocol import Loaded, Reply, Stopped, Trained
+
+
+@dataclass
+class Timing:
+    """One measured action (wall clock) of a real run, for benchmarks."""
+
+    t_s: float
+    site: str
+    kind: str
+    round: int
+    wall_s: float
+    steps: int = 0
+    at_wall_s: float = field(default_factory=time.time)  # when the coordinator recorded it
+    power_w: float | None = None  # NVML-measured GPU watts of the site's workers (train commands)
+    gpus: int = 0  # how many GPUs power_w covers
+
+
+def measured_power_per_gpu_w(timings: list[Timing], warmup_factor: float = 3.0) -> dict[str, float]:
+    """Each site's time-weighted mean measured watts per GPU over its train commands (sites
+    without readings are left out).
+
+    Warm-up commands are left out: a command whose wall seconds per step exceed
+    ``warmup_factor`` times the site's median is the first of a worker group (CUDA start-up
+    and compilation, the board mostly idle), not the steady training the accounting prices.
+    """
+    train = [t for t in timings if t.kind == "train" and t.power_w is not None and t.gpus > 0
+             and t.wall_s > 0 and t.steps > 0]
+    result = {}
+    for site in sorted({t.site for t in train}):
+        rows = [t for t in train if t.site == site]
+        median_step_s = float(np.median([t.wall_s / t.steps for t in rows]))
+        steady = [t for t in rows if t.wall_s / t.steps <= warmup_factor * median_step_s]
+        seconds = sum(t.wall_s for t in steady)
+        result[site] = sum(t.power_w / t.gpus * t.wall_s for t in steady) / seconds
+    return result
+
+
+class Telemetry:
+    """What a real run measured, in the order it happened."""
+
+    def __init__(self, sites: list[str]):
+        self.timings: list[Timing] = []
+        self.digests: list[dict[str, Any]] = []
+        self.site_nodes: dict[str, set[str]] = {site: set() for site in sites}  # Ray node ids
+        self.site_pids: dict[str, int] = {}  # rank-0 process of each site (fault injection)
+        self.last_loss = math.nan
+
+    def reply(self, t_s: float, site: str, kind: str, round_index: int, reply: Reply | None) -> None:
+        """A site answered ``kind`` (None: it had nothing to answer, e.g. already stopped)."""
+        match reply:
+            case Trained():
+                self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps,
+                                           power_w=reply.power_w, gpus=reply.gpus))
+                self.last_loss = reply.loss
+            case Stopped():
+                self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps))
+            case None:
+                self.timings.append(Timing(t_s, site, kind, round_index, 0.0))
+            case _:
+                self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s))
+
+    def action(self, t_s: float, kind: str, round_index: int, wall_s: float) -> None:
+        """A run-level action (outer step, checkpoint, round start) took ``wall_s``."""
+        self.timings.append(Timing(t_s, "", kind, round_index, wall_s))
+
+    def loaded(self, t_s: float, round_index: int, version: int, replies: dict[str, Loaded]) -> None:
+        """Sites loaded global weights ``version``: their fingerprints must all agree."""
+        for site, reply in replies.items():
+            self.site_nodes[site].update(reply.node_ids)
+            self.site_pids[site] = reply.pid
+        self.digests.append({
+            "t_s": t_s, "round": round_index, "version": version, "sites": sorted(replies),
+            "digests": sorted({reply.digest for reply in replies.values()}),
+            "loaded_versions": [replies[site].version for site in sorted(replies)],
+        })
+
+    def state(self) -> dict[str, Any]:
+        return {"digests": list(self.digests), "timings": [vars(t) for t in self.timings]}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.digests = saved["digests"]
+        self.timings = [Timing(**t) for t in saved["timings"]]
