@@ -30,6 +30,7 @@ class Averager:
         self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
         self.version = 0
         self.num_outer_steps = 0
+        self._published_by: tuple[str, int] = ("", -1)  # (site, version) of the newest publish
 
     def load_state(self, params: dict[str, np.ndarray], optimizer: dict[str, Any], version: int, num_outer_steps: int) -> int:
         """Restore from a run checkpoint (resume)."""
@@ -77,7 +78,14 @@ class Averager:
         for name, value in params.items():
             self._params[name][...] = value
         self.version += 1
+        self._published_by = (site, self.version)
         return self.version
+
+    def published_by(self, site: str) -> int | None:
+        """The version ``site``'s publish made, if that publish is the newest change (a site that
+        died before its publish was answered: did the weights arrive?)."""
+        who, version = self._published_by
+        return version if who == site and version == self.version else None
 
     def pid(self) -> int:
         return os.getpid()
@@ -109,6 +117,9 @@ class AveragerClient:
     def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
         """The global version the site's weights became."""
         return ray.get(self.handle.publish.remote(site, params))
+
+    def published_by(self, site: str) -> int | None:
+        return ray.get(self.handle.published_by.remote(site))
 
     def outer_step(self, round_index: int) -> dict[str, Any]:
         return ray.get(self.handle.outer_step.remote(round_index))

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 
 from curtail.planning.executor import Executor, RoundView
-from curtail.planning.policy import Policy, PolicyContext
+from curtail.planning.policy import Policy, PolicyContext, SiteState
 from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
 from curtail.runtime.averager import AveragerClient
 from curtail.runtime.checkpoint import RunCheckpoint
@@ -112,7 +112,7 @@ class RayExecutor(Executor):
         )
         self._resume_inner_dir = resume_from.inner_dir
         for name, state in resume_from.executor["recorder"]["state"].items():
-            if state != "off":  # its nodes were up: bring the worker group back
+            if SiteState(state) not in (SiteState.OFF, SiteState.PROVISIONING):  # its group was up: bring it back
                 self.groups[name].start()
         return super().run(resume_from=resume_from.executor)
 
@@ -191,22 +191,30 @@ class RayExecutor(Executor):
 
     def _exchange(self, commands: dict[str, Command], t_s: float, round_index: int) -> dict[str, Any]:
         """Send each site its command, then collect the replies; failed sites drop out."""
-        sent = []
+        replies, failures = self._send_all(commands, t_s, round_index)
+        for site, error in failures.items():
+            self._fail(site, error)
+        return replies
+
+    def _send_all(
+        self, commands: dict[str, Command], t_s: float, round_index: int
+    ) -> tuple[dict[str, Any], dict[str, SiteFailure]]:
+        """Send each site its command, then collect the replies and the failures."""
+        failures: dict[str, SiteFailure] = {}
         for site, command in commands.items():
             try:
                 self.groups[site].send(command)
-                sent.append(site)
             except SiteFailure as error:
-                self._fail(site, error)
+                failures[site] = error
         replies: dict[str, Reply] = {}
-        for site in sent:
+        for site in [site for site in commands if site not in failures]:
             try:
                 replies[site] = self.groups[site].receive()
             except SiteFailure as error:
-                self._fail(site, error)
+                failures[site] = error
                 continue
             self.telemetry.reply(t_s, site, commands[site].kind, round_index, replies[site])
-        return replies
+        return replies, failures
 
     def _fail(self, site: str, error: Exception) -> None:
         """Hand a site failure to the state machine; its undelivered round work is lost."""
@@ -240,11 +248,21 @@ class RayExecutor(Executor):
                 self.recorder.event(t_s, "", "withdrawn", round=round_index, sites=withdrawn)
 
     def _publish(self, site: str, t_s: float, round_index: int) -> None:
-        for reply in self._exchange({site: Publish()}, t_s, round_index).values():
-            self.global_version = reply.version
-            self.loaded_version[site] = self.global_version
+        """Single-site delivery: the site's weights become global (nothing to do without new work).
+        A site that dies after its weights reached the averager still delivered them."""
+        if not self.account.undelivered(site):
+            return
+        replies, failures = self._send_all({site: Publish()}, t_s, round_index)
+        version = replies[site].version if site in replies else self.averager.published_by(site)
+        if version is not None and version > self.global_version:
+            self.global_version = version
+            self.loaded_version[site] = version
             self.last_publish_s[site] = t_s
             self.account.delivered(site, t_s)
+            if site in failures:
+                self.recorder.event(t_s, site, "publish_arrived", version=version)
+        if site in failures:
+            self._fail(site, failures[site])
 
     def _evaluate(self, t_s: float) -> None:
         """Score this sync's global weights in the background (no site waits for it)."""
