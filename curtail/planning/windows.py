@@ -49,6 +49,17 @@ class Window:
     def duration_s(self) -> float:
         return self.close_s - self.open_s
 
+    def state_at(self, t_s: float) -> WindowState:
+        """The site's state at ``t_s`` as far as this window decides it."""
+        if not self.open_s <= t_s < self.close_s:
+            return WindowState.OFF
+        if t_s < self.ready_s:
+            return WindowState.PROVISIONING
+        for a, b in self.draining_s:  # a loop, not any(): the simulator asks this per event
+            if a <= t_s < b:
+                return WindowState.DRAINING
+        return WindowState.READY
+
     def __str__(self) -> str:
         return f"{self.site}: {iso(self.open_s)} .. {iso(self.close_s)} ({self.duration_s / 3600:.2f} h)"
 
@@ -139,45 +150,71 @@ def compute_windows_stepwise(
     times = signal.times_s.tolist()
     values = signal.ci_g_per_kwh.tolist()
     levels = (curtailment_thresholds(signal, rules) if thresholds is None else thresholds).tolist()
-    origin = times[0]
-    end_s = signal.end_s
-    windows: list[Window] = []
-    open_s: float | None = None
-    above_since: float | None = None
-    countdowns: list[tuple[float, float]] = []
-
-    def close_at(t_close: float) -> None:
-        nonlocal open_s, above_since, countdowns
-        assert open_s is not None
-        if above_since is not None and t_close > above_since:
-            countdowns.append((above_since, t_close))
-        ready = min(open_s + rules.provisioning_s, t_close)
-        windows.append(Window(site, open_s, t_close, ready, tuple(countdowns)))
-        open_s, above_since, countdowns = None, None, []
-
+    walk = WindowWalk(site, rules, origin_s=times[0])
     for index, (t, value, threshold) in enumerate(zip(times, values, levels)):
-        t_next = times[index + 1] if index + 1 < len(times) else end_s
-        poll_t = _poll_after(t, origin, rules.poll_s)
-        if poll_t >= t_next:  # no poll sees this sample
-            continue
-        if open_s is None:
+        walk.step(t, value, threshold, next_s=times[index + 1] if index + 1 < len(times) else signal.end_s)
+    return walk.finish(signal.end_s)
+
+
+class WindowWalk:
+    """The enter / leave rules applied one sample at a time: the calendar's definition.
+
+    Feed the samples in time order to :meth:`step`, each with the instant the next sample
+    replaces it; :meth:`finish` cuts a window still open at the trace end. The offline
+    :func:`compute_windows_stepwise` and the online calendar
+    (:mod:`curtail.planning.online_calendar`) both run this walk, so they cannot disagree.
+    Polls lie on a grid of ``rules.poll_s`` starting at ``origin_s`` (the first sample).
+    """
+
+    def __init__(self, site: str, rules: CurtailmentRules, origin_s: float):
+        self.site = site
+        self.rules = rules
+        self.origin_s = origin_s
+        self.windows: list[Window] = []
+        self.open_s: float | None = None
+        self.above_since_s: float | None = None
+        self.countdowns: list[tuple[float, float]] = []
+
+    def copy(self) -> WindowWalk:
+        twin = WindowWalk(self.site, self.rules, self.origin_s)
+        twin.windows, twin.countdowns = list(self.windows), list(self.countdowns)
+        twin.open_s, twin.above_since_s = self.open_s, self.above_since_s
+        return twin
+
+    def step(self, t_s: float, value: float, threshold: float, next_s: float) -> None:
+        """Apply the sample ``value`` (gCO2/kWh) holding on ``[t_s, next_s)``."""
+        poll_t = _poll_after(t_s, self.origin_s, self.rules.poll_s)
+        if poll_t >= next_s:  # no poll sees this sample
+            return
+        if self.open_s is None:
             if value < threshold:
-                open_s = poll_t
-            continue
+                self.open_s = poll_t
+            return
         if value > threshold:
-            if above_since is None:
-                above_since = poll_t
-            leave_t = _poll_after(above_since + rules.hysteresis_s, origin, rules.poll_s)
-            if leave_t < t_next:
-                close_at(leave_t)
+            if self.above_since_s is None:
+                self.above_since_s = poll_t
+            leave_t = _poll_after(self.above_since_s + self.rules.hysteresis_s, self.origin_s, self.rules.poll_s)
+            if leave_t < next_s:
+                self._close_at(leave_t)
                 # the same sample may not re-open the window: it is above the threshold
         else:
-            if above_since is not None:
-                countdowns.append((above_since, poll_t))
-            above_since = None
-    if open_s is not None:
-        close_at(end_s)
-    return windows
+            if self.above_since_s is not None:
+                self.countdowns.append((self.above_since_s, poll_t))
+            self.above_since_s = None
+
+    def finish(self, end_s: float) -> list[Window]:
+        """The windows, a window still open cut at ``end_s`` (the trace end)."""
+        if self.open_s is not None:
+            self._close_at(end_s)
+        return self.windows
+
+    def _close_at(self, t_close: float) -> None:
+        assert self.open_s is not None
+        if self.above_since_s is not None and t_close > self.above_since_s:
+            self.countdowns.append((self.above_since_s, t_close))
+        ready = min(self.open_s + self.rules.provisioning_s, t_close)
+        self.windows.append(Window(self.site, self.open_s, t_close, ready, tuple(self.countdowns)))
+        self.open_s, self.above_since_s, self.countdowns = None, None, []
 
 
 class CurtailmentCalendar:
@@ -229,14 +266,7 @@ class CurtailmentCalendar:
 
     def state_at(self, site: str, t_s: float) -> WindowState:
         window = self.window_at(site, t_s)
-        if window is None:
-            return WindowState.OFF
-        if t_s < window.ready_s:
-            return WindowState.PROVISIONING
-        for a, b in window.draining_s:
-            if a <= t_s < b:
-                return WindowState.DRAINING
-        return WindowState.READY
+        return WindowState.OFF if window is None else window.state_at(t_s)
 
     def states_at(self, t_s: float) -> dict[str, WindowState]:
         return {site: self.state_at(site, t_s) for site in self.signals}

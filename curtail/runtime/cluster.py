@@ -25,8 +25,9 @@ from curtail.config import TrainingConfig
 from curtail.errors import PreflightError
 from curtail.runtime.sites import site_resource
 
-# Ray Train settings for small machines (RAY_NOTES.md): fast report polling, short start
-# timeouts, no preemption watcher. Set before the cluster starts so workers inherit them.
+# Ray Train settings for small machines: a report blocks until the controller polls (every 2 s
+# by default), so poll fast; short start timeouts; no preemption watcher. Set before the cluster
+# starts so workers inherit them.
 RAY_TRAIN_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60",
@@ -165,7 +166,8 @@ def remove_stale_placement_groups(sites: Iterable[str]) -> int:
 
     Ray Train releases a worker group's placement group when ``fit()`` ends; if the process
     that called ``fit()`` is killed (a coordinator crash) it can stay reserved until the job
-    ends, and a resumed run would wait for resources forever (RAY_NOTES gotcha 6). Only groups
+    ends (without the dashboard, Ray Train's placement-group cleaner cannot run), and a resumed
+    run would wait for resources forever. Only groups
     whose bundles ask for one of ``sites``' resources are touched. Returns how many were removed.
     """
     from ray.util.placement_group import PlacementGroup, remove_placement_group
