@@ -7,6 +7,7 @@
 - ``electricitymaps.py``  Electricity Maps API v3: average intensity latest / forecast / past range
 - ``vessim.py``           a Vessim software-in-the-loop HTTP API
 - ``poller.py``           :class:`RealtimePoller`: cache, typed events, fallback
+- ``trace_server.py``     a recorded trace served as WattTime v3 on an accelerated clock (tests, demos)
 
 Every source returns the planning layer's own types (:class:`~curtail.planning.signals.Signal`,
 :class:`~curtail.planning.traces.Forecast`) in gCO2/kWh and UTC, like the file loaders::
