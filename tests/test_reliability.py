@@ -656,7 +656,10 @@ def test_a_dead_coordinator_with_no_checkpoint_to_restart_from_raises(tmp_path, 
 
 
 def _mid_round(experiment: dict) -> dict:
-    return {**experiment, "training": {**experiment["training"], "checkpoint_interval_s": 240}}
+    """Checkpoints every 240 s of the run's clock, and the run cut at 01:50 (SINGLE, the hand-off
+    and federated rounds, with a's leave still ahead): long enough for every fault here."""
+    runs = [{**experiment["runs"][0], "deadline": "2026-01-11T01:50:00Z"}]
+    return {**experiment, "runs": runs, "training": {**experiment["training"], "checkpoint_interval_s": 240}}
 
 
 def _checkpoints(run_dir: Path) -> list[str]:
@@ -704,7 +707,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_completes_the_run(tmp_path):
     summary = json.loads(done.stdout)  # the whole of stdout is the summary
     assert summary["resumed"] is True and summary["resume_checkpoint"] == written
     assert summary["skipped_checkpoints"] == []
-    assert summary["stop_reason"] == "trace_end"
+    assert summary["stop_reason"] == "deadline"
     assert summary["tokens"] == summary["ledger_trained_tokens"]
     (resume,) = summary["resumes"]
     assert resume["tokens"] == 0  # stopped at a safe point: nothing to train again
