@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from curtail.config import ExperimentConfig, TrainingConfig, project_root
+from curtail.config import ExperimentConfig, TrainingConfig
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
+from curtail.preflight import resolve_data_path
 from curtail.runtime.averager import Averager, AveragerClient
 from curtail.runtime.checkpoint import JOURNAL, RunCheckpoint, read_checkpoint, read_journal
 from curtail.runtime.evaluator import Evaluator
@@ -45,13 +46,6 @@ from curtail.training.tokenizer import train_tokenizer
 
 HEAD_NODE = {"node:__internal_head__": 0.001}
 """Resource request that keeps the coordinator, averager and fit() drivers on the head node."""
-
-
-def resolve_data_path(path: Path) -> Path:
-    """Relative corpus paths: the working directory first, then the project root."""
-    if path.is_absolute() or path.exists():
-        return path.resolve()
-    return (project_root() / path).resolve()
 
 
 def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -171,7 +165,7 @@ class Coordinator:
     def _prepare(self, plan: RunPlan) -> RunSetup:
         """Tokenizer, token arrays, the initial model, and the run's actors."""
         config, training = self.config, self.config.training
-        cache_dir = resolve_data_path(training.cache_dir) if not training.cache_dir.is_absolute() else training.cache_dir
+        cache_dir = resolve_data_path(training.cache_dir)
         tokenizer, train_tokens, heldout_tokens = prepare_data(training, cache_dir)
         spec = get_spec(training.preset)
         model = ModelSetup(spec, len(tokenizer), config.seed, training.seq_len or spec.seq_len,

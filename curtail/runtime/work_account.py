@@ -18,10 +18,6 @@ from curtail.runtime.checkpoint import LedgerJournal, lost_since, read_journal
 from curtail.training.ledger import DataLedger, TokenRange
 
 
-def _as_lists(ranges: list[tuple[int, int, int]]) -> list[list[int]]:
-    return [list(r) for r in ranges]
-
-
 class WorkAccount:
     def __init__(self, ledger: DataLedger, tokens_per_step: int, sites: list[str], journal_dir: Path | None):
         self.ledger = ledger
@@ -83,11 +79,11 @@ class WorkAccount:
         its claims go back to the pool. Returns the ``ledger_release`` event's details."""
         lost = [(r.epoch, r.start, r.start + n) for r, n in self.pending[site] if n]
         self.ledger.record_retrained(f"site_failure:{site}", lost)
-        released = [(r.epoch, r.start, r.end) for r in self.ledger.release(site)]
-        self._journal("released", site, _as_lists(released), t_s)
+        released = [r.to_list() for r in self.ledger.release(site)]
+        self._journal("released", site, released, t_s)
         self.pending[site] = []
         self.round_tokens[site] = 0.0
-        return {"ranges": _as_lists(released), "tokens": sum(end - start for _, start, end in released),
+        return {"ranges": released, "tokens": sum(end - start for _, start, end in released),
                 "retrained_tokens": sum(end - start for _, start, end in lost)}
 
     def resume(self, journal_mark: int, checkpoint: str, checkpoint_t_s: float, saved_wall: float | None) -> dict[str, Any]:
