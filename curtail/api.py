@@ -33,10 +33,12 @@ from curtail.config import (
 )
 from curtail.errors import CurtailError, PreflightError, ResumeError
 from curtail.planning.energy import PowerModel
-from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
+from curtail.planning.live_calendar import signals_from_readings
+from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.preflight import check_output_dir, check_run_files, unwritable_dir
 from curtail.runlog import RunRecord, losses_frame, record_of, write_run_dir
+from curtail.sources.live_feed import READINGS_FILE, read_readings
 from curtail.tracking import check_available, log_run
 
 SUMMARY_COLUMNS = [
@@ -162,6 +164,38 @@ def simulate(
             log_run(record, experiment.tracking)
         records.append(record)
     return SimulationResult(experiment, records)
+
+
+def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
+    """Simulate a finished live run on the signal it recorded (``live_readings.jsonl``).
+
+    The simulator follows the same policy over the same readings, taking effect when the run
+    learnt them, from the run's start to its end: its provision / drain / round decisions are the
+    run's (``tests/test_live_run.py``), so a live run can be audited and other policies compared on
+    its signal. Written to ``RUN_DIR/replay/`` unless ``write=False``.
+    """
+    run_dir = Path(run_dir)
+    saved, summary = run_dir / RUN_SPEC_FILE, run_dir / "summary.json"
+    if not saved.is_file() or not summary.is_file():
+        raise CurtailError(f"{run_dir}: not a finished run directory (needs {RUN_SPEC_FILE} and summary.json)")
+    spec_data = json.loads(saved.read_text())
+    experiment = ExperimentConfig.model_validate(spec_data["experiment"])
+    if experiment.live is None:
+        raise CurtailError(f"{run_dir} followed trace files, not a live signal: re-simulate it with curtail simulate")
+    spec = experiment.run(spec_data["run"])
+    live = json.loads(summary.read_text()).get("live")
+    if not live:
+        raise CurtailError(f"{run_dir}/summary.json has no 'live' section: the run did not finish as a live run")
+    start_s, end_s = float(live["start_s"]), float(live["finish_s"])
+    regions = {site: experiment.sites[site].region for site in spec.sites}
+    signals = signals_from_readings(read_readings(run_dir), end_s, regions, source=READINGS_FILE)
+    plan = plan_recorded(experiment, spec, signals, start_s, end_s)
+    trajectory = Simulator(plan.context, plan.policy).run()
+    record = record_of(plan, trajectory, experiment, executor="simulator", traces_checksums={},
+                       extra={"replay_of": str(run_dir)})
+    if write:
+        write_run_dir(record, run_dir / "replay")
+    return record
 
 
 DEFAULT_RUN_CONFIG = "experiments/demo.toml"
@@ -334,8 +368,18 @@ def run(
         run_dir, start_from, skipped = None, None, []
     check_available(experiment.tracking)  # before any training: a missing package names its pip command
     check_run_files(experiment)
-    traces, forecasts = load_experiment_traces(experiment)
-    plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
+    if experiment.live is not None:
+        if resume is not None:
+            raise ResumeError(
+                f"{run_dir} is a live run: a live run cannot resume (its clock is the grid's, which moved on); "
+                "start a new run"
+            )
+        max_restarts = 0  # a restart from a checkpoint would rewind the clock
+        traces_checksums: dict[str, str] = {}
+    else:
+        traces, forecasts = load_experiment_traces(experiment)
+        plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
+        traces_checksums = traces.checksums
     started_ray = connect(
         list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site
     )
@@ -352,14 +396,16 @@ def run(
     finally:
         if started_ray:
             ray.shutdown()
+    plan = _plan_of_finished_run(experiment, spec, run_dir, artifacts.trajectory)
     plan, power_note = _with_measured_power(plan, experiment, artifacts.summary_extra["measured_power_per_gpu_w"])
     record = record_of(
         plan,
         artifacts.trajectory,
         experiment,
         executor="ray",
-        traces_checksums=traces.checksums,
-        extra={**artifacts.summary_extra, **power_note, "restarts": restarts, "resumed": resume is not None,
+        traces_checksums=traces_checksums,
+        extra={**artifacts.summary_extra, **power_note, **_live_note(experiment, run_dir, artifacts.trajectory),
+               "restarts": restarts, "resumed": resume is not None,
                "resume_checkpoint": start_from.name if start_from is not None else None,
                "skipped_checkpoints": [{"checkpoint": name, "reason": reason} for name, reason in skipped],
                "reference": spec.reference.model_dump() if spec.reference else None},
@@ -370,6 +416,29 @@ def run(
     write_run_dir(record, run_dir)
     log_run(record, experiment.tracking)  # TensorBoard / MLflow, if [tracking] turns them on
     return RunResult(record.summary, run_dir, record)
+
+
+def _plan_of_finished_run(experiment: ExperimentConfig, spec: RunSpec, run_dir: Path, trajectory: Any) -> RunPlan:
+    """The plan a finished run is accounted against: its traces, or the signal a live run recorded."""
+    if experiment.live is None:
+        traces, forecasts = load_experiment_traces(experiment)
+        return plan_run(experiment, spec, traces, forecasts)
+    readings = read_readings(run_dir)
+    regions = {site: experiment.sites[site].region for site in spec.sites}
+    signals = signals_from_readings(readings, trajectory.finish_s, regions, source=READINGS_FILE)
+    return plan_recorded(experiment, spec, signals, trajectory.start_s, trajectory.finish_s)
+
+
+def _live_note(experiment: ExperimentConfig, run_dir: Path, trajectory: Any) -> dict[str, Any]:
+    if experiment.live is None:
+        return {}
+    readings = read_readings(run_dir)
+    origins = pd.Series([r.origin for r in readings]).value_counts().to_dict()
+    return {"live": {
+        "source": experiment.live.source.kind, "start_s": trajectory.start_s, "finish_s": trajectory.finish_s,
+        "readings": len(readings), "late_readings": sum(r.late for r in readings),
+        "readings_by_origin": {str(k): int(v) for k, v in origins.items()}, "readings_file": READINGS_FILE,
+    }}
 
 
 def _train(

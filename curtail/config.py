@@ -483,6 +483,71 @@ class TrackingConfig(StrictModel):
 
 
 # --------------------------------------------------------------------------------------------
+# Live signals (curtail.sources, curtail.planning.live_calendar)
+
+LIVE_POLICY_KINDS = ("threshold", "always_on")
+"""Policies a live run can follow: they need nothing of the signal beyond "now"."""
+
+
+class LiveSourceConfig(StrictModel):
+    """Where a live run's carbon signal comes from (``[live.source]``).
+
+    ``watttime`` (MOER; ``WATTTIME_USER`` / ``WATTTIME_PASSWORD``), ``electricitymaps``
+    (``ELECTRICITYMAPS_API_KEY``) or ``vessim`` (a Vessim software-in-the-loop API) at ``base_url``
+    (default: the provider's public API); ``served_trace`` serves the trace file ``path`` through
+    the WattTime API on 127.0.0.1 at the run's ``training.realtime_speedup`` (demos, tests).
+    Credentials come from the environment only.
+    """
+
+    kind: Literal["watttime", "electricitymaps", "vessim", "served_trace"]
+    base_url: str | None = Field(default=None, description="default: the provider's public API")
+    regions: dict[str, str] = Field(
+        default_factory=dict, description="a site region's name at the source, where it differs"
+    )
+    path: Path | None = Field(default=None, description="served_trace: the trace CSV to serve")
+    naive_timezone: str | None = Field(default=None, description="served_trace: zone of naive timestamps")
+    timeout_s: float = Field(default=5.0, gt=0, description="longest wait for one answer (wall seconds)")
+
+    @model_validator(mode="after")
+    def _served_trace_has_a_path(self) -> LiveSourceConfig:
+        if (self.kind == "served_trace") != (self.path is not None):
+            raise ValueError(
+                "kind = 'served_trace' needs path = the trace CSV to serve"
+                if self.path is None
+                else f"path is for kind = 'served_trace' only; {self.kind!r} reads base_url"
+            )
+        if self.kind == "served_trace" and self.base_url is not None:
+            raise ValueError("a served trace runs on 127.0.0.1 on a free port: remove base_url")
+        return self
+
+
+class LiveConfig(StrictModel):
+    """Follow the grid now (``[live]``): every run of the experiment starts when it is launched
+    and takes its curtailment windows from ``source`` as readings arrive.
+
+    A failing source degrades in order (typed events in the run's log): the last good value while
+    younger than ``max_stale_s``, then ``fallback_trace`` (a trace file covering the run), then
+    ``lost_ci_g_per_kwh`` (by default far above any threshold: windows close after the
+    hysteresis). Every reading is recorded in the run directory (``live_readings.jsonl``);
+    ``curtail replay RUN_DIR`` simulates the run's decisions from it.
+    """
+
+    source: LiveSourceConfig
+    duration_s: float = Field(gt=0, description="how long a run follows the signal (its deadline)")
+    lag_s: float = Field(
+        default=0.0, ge=0, description="run this far behind the source's clock (publication delay)"
+    )
+    max_stale_s: float = Field(default=900.0, ge=0, description="serve the last good value this long")
+    retry_s: float = Field(default=60.0, gt=0, description="ask a failed source again after this long")
+    recheck_s: float = Field(default=60.0, gt=0, description="look again this often for an overdue reading")
+    step_s: float = Field(default=300.0, gt=0, description="the signal's step until two readings tell")
+    fallback_trace: TraceSource | None = None
+    lost_ci_g_per_kwh: float = Field(
+        default=10_000.0, ge=0, description="assumed while the signal is lost (default: never curtailed)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Runs and the experiment
 
 
@@ -504,7 +569,9 @@ class RunSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     policy: PolicyConfig
     sites: list[str] = Field(min_length=1)
-    start: datetime | None = None
+    start: datetime | Literal["now"] | None = Field(
+        default=None, description='default: the traces\' common start; "now" for a live run'
+    )
     deadline: datetime | None = None
     token_budget: float | None = Field(default=None, gt=0)
     rules: CurtailmentRules | None = None
@@ -513,8 +580,8 @@ class RunSpec(StrictModel):
 
     @field_validator("start", "deadline")
     @classmethod
-    def _tz_aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+    def _tz_aware(cls, value: datetime | str | None) -> datetime | str | None:
+        if isinstance(value, datetime) and value.tzinfo is None:
             raise ValueError("give a zone, e.g. 2026-01-11T17:00:00Z (naive instants are ambiguous)")
         return value
 
@@ -527,7 +594,7 @@ class RunSpec(StrictModel):
 
     @model_validator(mode="after")
     def _start_before_deadline(self) -> RunSpec:
-        if self.start is not None and self.deadline is not None and self.deadline <= self.start:
+        if isinstance(self.start, datetime) and self.deadline is not None and self.deadline <= self.start:
             raise ValueError(f"deadline ({self.deadline.isoformat()}) must be after start ({self.start.isoformat()})")
         return self
 
@@ -537,8 +604,9 @@ class ExperimentConfig(StrictModel):
 
     name: str = "experiment"
     seed: int = 0
-    traces: list[TraceSource] = Field(min_length=1)
+    traces: list[TraceSource] = Field(default_factory=list, description="at least one, unless [live]")
     forecasts: list[ForecastSource] = Field(default_factory=list)
+    live: LiveConfig | None = None
     rules: CurtailmentRules = CurtailmentRules()
     execution: ExecutionConfig = ExecutionConfig()
     sites: dict[str, SiteConfig] = Field(min_length=1)
@@ -584,6 +652,41 @@ class ExperimentConfig(StrictModel):
                     f"run {run.name!r} uses sites {unknown} that are not defined; "
                     f"defined sites: {sorted(self.sites)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _live_or_traces(self) -> ExperimentConfig:
+        if self.live is None:
+            if not self.traces:
+                raise ValueError("give at least one [[traces]] file, or a [live] source to follow the grid now")
+            now = [run.name for run in self.runs if run.start == "now"]
+            if now:
+                raise ValueError(f'runs {now} start = "now": that needs a [live] source; or give an instant')
+            return self
+        if self.training.clock != "realtime":
+            raise ValueError(
+                "a [live] experiment follows the wall clock: set training.clock = \"realtime\" "
+                "(and realtime_speedup = 1 for a real source)"
+            )
+        if self.live.source.kind != "served_trace" and self.training.realtime_speedup != 1.0:
+            raise ValueError(
+                f"a live {self.live.source.kind} source runs at the grid's own pace: set "
+                f"training.realtime_speedup = 1 (got {self.training.realtime_speedup}); "
+                "only a served_trace runs faster"
+            )
+        for run in self.runs:
+            if isinstance(run.start, datetime) or run.deadline is not None:
+                raise ValueError(
+                    f"run {run.name!r}: a live run starts now and lasts live.duration_s; "
+                    "remove its start and deadline"
+                )
+            if run.policy.kind not in LIVE_POLICY_KINDS:
+                raise ValueError(
+                    f"run {run.name!r}: policy {run.policy.kind!r} reads the signal ahead of now, which a "
+                    f"live run does not have; use one of {list(LIVE_POLICY_KINDS)}"
+                )
+        if self.sweep is not None:
+            raise ValueError("a sweep replays traces: remove [sweep] from a [live] experiment")
         return self
 
     @model_validator(mode="after")
@@ -676,6 +779,9 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     for key in ("traces", "forecasts"):
         if isinstance(data.get(key), list):
             data[key] = [fix(e) for e in data[key]]
+    live = data.get("live")
+    if isinstance(live, dict):
+        data["live"] = {**live, **{key: fix(live[key]) for key in ("source", "fallback_trace") if key in live}}
     training = data.get("training")
     if isinstance(training, dict):
         training = dict(training)

@@ -172,6 +172,17 @@ class OnlineCalendar:
         self._decided_until_s = self._newest_received_s
         self._apply_up_to(self._decided_until_s)
 
+    def advance(self, t_s: float) -> None:
+        """Nothing newer than the readings already received holds at or before ``t_s``: the
+        newest reading is known to hold until ``t_s``, so ``now_s`` becomes ``t_s`` (a live
+        signal's clock passing without a new reading). A later reading at or before ``t_s`` is
+        late. Never moves ``now_s`` back; does nothing before the first reading."""
+        if not math.isfinite(t_s):
+            raise ValueError(f"{self.site}: advance to {t_s}: give UTC epoch seconds")
+        if self._times_s and t_s > self._decided_until_s:
+            self._decided_until_s = t_s
+            self._apply_up_to(t_s)
+
     @property
     def now_s(self) -> float | None:
         """How far the readings are known (UTC epoch seconds); None before the first is applied.
@@ -205,10 +216,29 @@ class OnlineCalendar:
 
     def state_at(self, t_s: float) -> WindowState:
         """The site's state at ``t_s`` (at most ``now_s``), exactly as the offline calendar's."""
+        window = self.window_at(t_s)
+        return WindowState.OFF if window is None else window.state_at(t_s)
+
+    def window_at(self, t_s: float) -> Window | None:
+        """The window the site is in at ``t_s`` (at most ``now_s``), or None. A window still open
+        has ``close_s = inf`` (its close is not decided yet)."""
         self._require_known(t_s)
         windows, opens = self._state_view()
         index = bisect.bisect_right(opens, t_s) - 1
-        return WindowState.OFF if index < 0 else windows[index].state_at(t_s)
+        if index >= 0 and t_s < windows[index].close_s:
+            return windows[index]
+        return None
+
+    def changes_after(self, t_s: float) -> list[float]:
+        """The instants after ``t_s`` at which the site's state changes if no new reading arrives
+        (a window's ready time, a hysteresis close, draining edges), in time order."""
+        windows, _ = self._state_view()
+        changes = set()
+        for window in windows:
+            changes.update((window.open_s, window.ready_s, window.close_s))
+            for a, b in window.draining_s:
+                changes.update((a, b))
+        return sorted(c for c in changes if t_s < c < math.inf)
 
     def in_window_at(self, t_s: float) -> bool:
         """Whether the site is in a curtailment window at ``t_s`` (provisioning, ready or draining)."""

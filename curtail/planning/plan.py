@@ -7,9 +7,11 @@ same policy object against the same calendar and validated signals.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from curtail.config import ExperimentConfig, RunSpec
 from curtail.planning.energy import PowerModel
+from curtail.planning.live_calendar import LiveCalendar
 from curtail.planning.policy import Policy, PolicyContext, make_policy
 from curtail.planning.signals import Signal, to_epoch_s
 from curtail.planning.traces import Forecast, TraceError, TraceSet, load_forecast, load_traces
@@ -26,7 +28,7 @@ class RunPlan:
     signals: dict[str, Signal]
 
     @property
-    def calendar(self) -> CurtailmentCalendar:
+    def calendar(self) -> CurtailmentCalendar | LiveCalendar:
         return self.context.calendar
 
 
@@ -46,7 +48,7 @@ def plan_run(
     sites = {name: config.sites[name] for name in run.sites}
     regions = {name: site.region for name, site in sites.items()}
     signals = {name: traces.signal(region, needed_by=name) for name, region in regions.items()}
-    start_s = to_epoch_s(run.start) if run.start else max(s.start_s for s in signals.values())
+    start_s = to_epoch_s(run.start) if isinstance(run.start, datetime) else max(s.start_s for s in signals.values())
     deadline_s = to_epoch_s(run.deadline) if run.deadline else min(s.end_s for s in signals.values())
     if deadline_s <= start_s:
         raise TraceError(
@@ -56,22 +58,49 @@ def plan_run(
         )
     for name, region in regions.items():
         traces.require_span(region, start_s, deadline_s, needed_by=name)
-    rules = config.rules_for(run)
-    calendar = CurtailmentCalendar(signals, rules)
+    calendar = CurtailmentCalendar(signals, config.rules_for(run))
     site_forecasts = {
         name: forecasts[region] for name, region in regions.items() if forecasts and region in forecasts
     }
+    return _plan(config, run, signals, calendar, start_s, deadline_s, site_forecasts)
+
+
+def plan_live_run(config: ExperimentConfig, run: RunSpec, calendar: LiveCalendar, start_s: float) -> RunPlan:
+    """A live run: the calendar grows with the readings; the deadline is ``live.duration_s`` on."""
+    if config.live is None:
+        raise ValueError("plan_live_run needs an experiment with [live]")
+    return _plan(config, run, {}, calendar, start_s, start_s + config.live.duration_s, {})
+
+
+def plan_recorded(
+    config: ExperimentConfig, run: RunSpec, signals: dict[str, Signal], start_s: float, end_s: float
+) -> RunPlan:
+    """A finished live run's plan on the signal it recorded (its summary, and its replay)."""
+    calendar = CurtailmentCalendar(signals, config.rules_for(run))
+    return _plan(config, run, signals, calendar, start_s, end_s, {})
+
+
+def _plan(
+    config: ExperimentConfig,
+    run: RunSpec,
+    signals: dict[str, Signal],
+    calendar: CurtailmentCalendar | LiveCalendar,
+    start_s: float,
+    deadline_s: float,
+    forecasts: dict[str, Forecast],
+) -> RunPlan:
+    sites = {name: config.sites[name] for name in run.sites}
     context = PolicyContext(
         sites=sites,
         signals=signals,
         calendar=calendar,
-        rules=rules,
+        rules=config.rules_for(run),
         execution=config.execution_for(run),
         start_s=start_s,
         deadline_s=deadline_s,
         token_budget=config.token_budget_for(run),
-        forecasts=site_forecasts,
+        forecasts=forecasts,
     )
     policy = make_policy(run.policy, context)
     power = {name: PowerModel.of_site(site) for name, site in sites.items()}
-    return RunPlan(run, context, policy, power, regions, signals)
+    return RunPlan(run, context, policy, power, {name: site.region for name, site in sites.items()}, signals)

@@ -38,6 +38,7 @@ from curtail.config import (
     PolicyConfig,
     SiteConfig,
 )
+from curtail.planning.live_calendar import LiveCalendar
 from curtail.planning.signals import Signal
 from curtail.planning.traces import Forecast
 from curtail.planning.windows import CurtailmentCalendar
@@ -91,7 +92,7 @@ class PolicyContext:
 
     sites: Mapping[str, SiteConfig]
     signals: Mapping[str, Signal]  # by site
-    calendar: CurtailmentCalendar
+    calendar: CurtailmentCalendar | LiveCalendar  # live: known up to now only (threshold, always_on)
     rules: CurtailmentRules
     execution: ExecutionConfig
     start_s: float

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 
 from curtail.config import ExperimentConfig, TrainingConfig
-from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
+from curtail.planning.plan import RunPlan, load_experiment_traces, plan_live_run, plan_run
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
 from curtail.preflight import resolve_data_path
@@ -38,6 +38,7 @@ from curtail.runtime.run_checkpointer import RunCheckpointer
 from curtail.runtime.sites import SiteFailure, SiteGroup, site_resource
 from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w
 from curtail.runtime.work_account import WorkAccount
+from curtail.sources.live_feed import LiveSignal
 from curtail.training.data import load_corpus
 from curtail.training.ledger import DataLedger
 from curtail.training.model import build_model, get_spec
@@ -120,10 +121,21 @@ class Coordinator:
             "coordinator_pid": os.getpid(), "averager_pid": self._averager_pid,
         }
 
+    def _signal_event(self, t_s: float, site: str, event: str, details: dict[str, Any]) -> None:
+        if self._executor is not None:
+            self._executor.recorder.event(t_s, site, event, **details)
+
+    def _plan(self) -> tuple[RunPlan, LiveSignal | None]:
+        """The run's plan: from its traces, or (``[live]``) from a live signal that grows."""
+        if self.config.live is None:
+            traces, forecasts = load_experiment_traces(self.config)
+            return plan_run(self.config, self.run_spec, traces, forecasts), None
+        live = LiveSignal(self.config, self.run_spec, self.run_dir, on_event=self._signal_event)
+        return plan_live_run(self.config, self.run_spec, live.calendar, live.planned_start_s()), live
+
     def run(self) -> RunArtifacts:
-        config, training = self.config, self.config.training
-        traces, forecasts = load_experiment_traces(config)
-        plan: RunPlan = plan_run(config, self.run_spec, traces, forecasts)
+        training = self.config.training
+        plan, live = self._plan()
         self._progress = {"phase": "preparing data"}
         setup = self._prepare(plan)
         checkpoint = read_checkpoint(self.checkpoint) if self.checkpoint is not None else None
@@ -146,10 +158,14 @@ class Coordinator:
             executor.stop_requested.set()
         started = time.perf_counter()
         try:
+            if live is not None:
+                live.begin(plan.context.start_s)  # a served trace's clock starts with the run's
             trajectory = executor.run(resume_from=checkpoint)
         finally:
             self._stop_groups(executor.groups)
             executor.account.close()
+            if live is not None:
+                live.close()
         wall_s = time.perf_counter() - started
         if executor.interrupted:
             self._kill(setup)

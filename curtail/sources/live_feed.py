@@ -1,0 +1,229 @@
+"""A live run's signal: a configured source polled on the run's clock, its faults as events,
+every reading recorded.
+
+:class:`PollingFeed` is the :class:`~curtail.planning.live_calendar.SignalFeed` over live
+sources: at each instant the calendar asks about, it reads every site's region through a
+:class:`~curtail.sources.poller.RealtimePoller` (cache, typed failure events, the fallback source)
+and hands over what is new. While a region's signal is lost it hands over one reading of
+``lost_ci_g_per_kwh`` (by default never curtailed: the window closes after the hysteresis).
+
+:class:`LiveSignal` builds the whole chain from ``[live]`` (:class:`~curtail.config.LiveConfig`):
+the source (a served trace starts its :class:`~curtail.sources.trace_server.TraceServer` here),
+the poller, the feed, the :class:`~curtail.planning.live_calendar.LiveCalendar`, and the record
+``live_readings.jsonl`` in the run directory (one JSON line per reading as the run used it,
+flushed as it arrives), from which ``curtail replay`` simulates the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from curtail.config import ExperimentConfig, LiveConfig, LiveSourceConfig, RunSpec
+from curtail.planning.live_calendar import AppliedReading, FedReading, LiveCalendar
+from curtail.planning.traces import load_trace
+from curtail.sources.base import CarbonSource, SourceError, TraceFileSource
+from curtail.sources.poller import RealtimePoller, SignalLost, SourceEvent
+
+READINGS_FILE = "live_readings.jsonl"
+"""A live run's readings as it used them, one JSON object per line (:class:`AppliedReading`)."""
+
+SignalEventSink = Callable[[float, str, str, dict[str, Any]], None]
+"""Called with ``(t_s, site, event, details)`` for every signal event (``signal_failed``, ...);
+``t_s`` is the run's clock."""
+
+_SERVED_USER_ENV = "CURTAIL_SERVED_TRACE_USER"  # a served trace takes any credentials
+_SERVED_PASSWORD_ENV = "CURTAIL_SERVED_TRACE_PASSWORD"
+
+
+class PollingFeed:
+    """A :class:`~curtail.planning.live_calendar.SignalFeed` over a poller (see the module doc)."""
+
+    def __init__(self, regions: Mapping[str, str], poller: RealtimePoller, *, lost_ci_g_per_kwh: float):
+        self.regions = dict(regions)  # site -> the source's region name
+        self.poller = poller
+        self.lost_ci_g_per_kwh = lost_ci_g_per_kwh
+        self._newest: dict[str, float] = {}  # site -> newest sample time handed over
+        self._lost: set[str] = set()
+
+    def readings_until(self, t_s: float) -> list[FedReading]:
+        readings = []
+        for site, region in self.regions.items():
+            try:
+                reading = self.poller.read(region, t_s)
+            except SignalLost:
+                if site not in self._lost:  # once per outage: the assumed value holds until news
+                    self._lost.add(site)
+                    readings.append(FedReading(site, t_s, self.lost_ci_g_per_kwh, "lost"))
+                continue
+            if reading.stale:  # nothing new
+                continue
+            if reading.t_s > t_s:  # the source is ahead of the run: take what it published up to t_s
+                readings += self._history(site, region, t_s)
+                continue
+            recovering = site in self._lost
+            if reading.t_s <= self._newest.get(site, -float("inf")) and not recovering:
+                continue
+            self._lost.discard(site)
+            self._newest[site] = max(reading.t_s, self._newest.get(site, -float("inf")))
+            readings.append(
+                FedReading(site, reading.t_s, reading.ci_g_per_kwh, "fallback" if reading.fallback else "source")
+            )
+        return readings
+
+    def _history(self, site: str, region: str, t_s: float) -> list[FedReading]:
+        """The samples after the newest handed over and up to ``t_s``, from the source's history
+        (a run behind its source's clock would otherwise skip them); none if it has no history."""
+        newest = self._newest.get(site, t_s - 3600.0)
+        try:
+            signal = self.poller.source.history(region, newest + 1e-3, t_s + 1e-3)
+        except SourceError:
+            return []
+        keep = [(float(t), float(v)) for t, v in zip(signal.times_s, signal.ci_g_per_kwh) if newest < t <= t_s]
+        if keep:
+            self._newest[site] = keep[-1][0]
+            self._lost.discard(site)
+        return [FedReading(site, t, v) for t, v in keep]
+
+
+def open_source(config: LiveSourceConfig, *, speedup: float) -> tuple[CarbonSource, Any]:
+    """The configured source, and the trace server behind it (None unless ``served_trace``).
+    A served trace's server is created here and started by :meth:`LiveSignal.begin`."""
+    from curtail.sources.electricitymaps import ElectricityMapsSource
+    from curtail.sources.trace_server import TraceServer
+    from curtail.sources.vessim import VessimHttpSource
+    from curtail.sources.watttime import WattTimeSource
+
+    def url(default: dict[str, Any]) -> dict[str, Any]:
+        return {**default, **({"base_url": config.base_url} if config.base_url else {})}
+
+    if config.kind == "served_trace":
+        assert config.path is not None  # the config validates it
+        server = TraceServer.from_csv(config.path, naive_timezone=config.naive_timezone, speedup=speedup)
+        os.environ.setdefault(_SERVED_USER_ENV, "curtail")
+        os.environ.setdefault(_SERVED_PASSWORD_ENV, "served-trace")
+        return _ServedSource(server, config.timeout_s), server
+    if config.kind == "watttime":
+        return WattTimeSource(**url({"timeout_s": config.timeout_s})), None
+    if config.kind == "electricitymaps":
+        return ElectricityMapsSource(**url({"timeout_s": config.timeout_s})), None
+    if config.base_url is None:
+        raise ValueError("a vessim source needs base_url = its API's address")
+    return VessimHttpSource(config.base_url, timeout_s=config.timeout_s), None
+
+
+class _ServedSource(CarbonSource):
+    """The WattTime client pointed at a trace server once it runs (its port is known then)."""
+
+    def __init__(self, server: Any, timeout_s: float):
+        self.server = server
+        self.timeout_s = timeout_s
+        self.name = "served-trace"
+        self._client: CarbonSource | None = None
+
+    def _source(self) -> CarbonSource:
+        if self._client is None:
+            from curtail.sources.watttime import WattTimeSource
+
+            self._client = WattTimeSource(
+                base_url=self.server.url, user_env=_SERVED_USER_ENV, password_env=_SERVED_PASSWORD_ENV,
+                timeout_s=self.timeout_s,
+            )
+        return self._client
+
+    def latest(self, region: str, now_s: float | None = None):  # type: ignore[no-untyped-def]
+        return self._source().latest(region, now_s)
+
+    def history(self, region: str, start_s: float, end_s: float):  # type: ignore[no-untyped-def]
+        return self._source().history(region, start_s, end_s)
+
+
+class LiveSignal:
+    """A live run's signal chain (see the module doc).
+
+    >>> live = LiveSignal(experiment, run, run_dir, on_event=sink)
+    >>> start_s = live.planned_start_s()   # the run's start, on the source's clock
+    >>> live.begin(start_s)                # right before the run's clock starts
+    >>> live.calendar.window_at("caiso", t_s)
+    >>> live.close()
+    """
+
+    def __init__(
+        self, experiment: ExperimentConfig, run: RunSpec, run_dir: Path, *, on_event: SignalEventSink | None = None
+    ):
+        if experiment.live is None:
+            raise ValueError("LiveSignal needs an experiment with [live]")
+        self.config: LiveConfig = experiment.live
+        self.on_event = on_event
+        self.source, self.server = open_source(self.config.source, speedup=experiment.training.realtime_speedup)
+        regions = {site: experiment.sites[site].region for site in run.sites}
+        self.source_regions = {site: self.config.source.regions.get(r, r) for site, r in regions.items()}
+        fallback = None
+        if self.config.fallback_trace is not None:
+            fallback = TraceFileSource(load_trace(self.config.fallback_trace), name="fallback-trace")
+        rules = experiment.rules_for(run)
+        self.poller = RealtimePoller(
+            self.source, sorted(set(self.source_regions.values())), refresh_s=rules.poll_s,
+            max_stale_s=self.config.max_stale_s, retry_s=self.config.retry_s, fallback=fallback,
+            on_event=self._source_event,
+        )
+        self.feed = PollingFeed(self.source_regions, self.poller, lost_ci_g_per_kwh=self.config.lost_ci_g_per_kwh)
+        self.calendar = LiveCalendar(
+            list(run.sites), rules, self.feed, step_s=self.config.step_s, recheck_s=self.config.recheck_s,
+            on_reading=self._record,
+        )
+        self.path = run_dir / READINGS_FILE
+        self._file: IO[str] | None = None
+
+    def planned_start_s(self) -> float:
+        """The run's start: a served trace's first sample; else now minus ``lag_s``."""
+        if self.server is not None:
+            return self.server.start_s
+        return time.time() - self.config.lag_s
+
+    def begin(self, start_s: float) -> None:
+        """Start a served trace's clock, open the record, and pull the first readings."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        if self.server is not None:
+            self.server.start()
+        self.calendar.start(start_s)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _record(self, reading: AppliedReading) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(reading.to_json()) + "\n")
+            self._file.flush()
+        if reading.late or reading.origin != "source":
+            self._emit(reading.received_t_s, reading.site, "signal_reading", {
+                "origin": reading.origin, "late": reading.late, "sample_t_s": reading.sample_t_s,
+                "ci_g_per_kwh": reading.ci_g_per_kwh,
+            })
+
+    def _source_event(self, event: SourceEvent) -> None:
+        for site, region in self.source_regions.items():
+            if region == event.region:
+                self._emit(event.t_s, site, f"signal_{event.kind}", {"source": event.source,
+                                                                   "detail": event.detail[-300:]})
+
+    def _emit(self, t_s: float, site: str, event: str, details: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(t_s, site, event, details)
+
+
+def read_readings(run_dir: Path) -> list[AppliedReading]:
+    """A live run's recorded readings (``live_readings.jsonl``), in the order the run used them."""
+    path = Path(run_dir) / READINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no recorded readings; is {run_dir} a live run's directory?")
+    return [AppliedReading.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
