@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 _API = {
     "simulate": "curtail.api",
     "run": "curtail.api",
+    "replay": "curtail.api",
+    "shadow": "curtail.shadow",
     "RunResult": "curtail.api",
     "SimulationResult": "curtail.api",
     "load_experiment": "curtail.config",

@@ -1,0 +1,65 @@
+"""A live run on Ray: the scripted four-hour trace served as the WattTime API at 480x, followed
+on the real-time clock with real training. Its provision / drain / round decisions are the
+offline simulation's of the same trace, its accounting matches it, its ledger is exact, and
+``curtail.replay`` of what it recorded reproduces its decisions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from runtime_fixtures import tiny_experiment
+
+import curtail
+from curtail.sources.live_feed import READINGS_FILE, read_readings
+
+pytestmark = pytest.mark.slow
+
+DECISIONS = ("provision", "nodes_ready", "ready", "drain", "round_start", "round_end", "sync", "join_round",
+             "leave_round")
+
+
+def decisions(events) -> list[tuple[float, str, str]]:
+    rows = events[events["event"].isin(DECISIONS)]
+    return [(round(float(t), 3), str(s), str(e)) for t, s, e in zip(rows["t_s"], rows["site"].fillna(""), rows["event"])]
+
+
+def live_experiment(tmp) -> dict:
+    experiment = tiny_experiment(tmp)
+    trace = experiment.pop("traces")[0]["path"]
+    experiment["name"] = "live-test"
+    experiment["live"] = {"source": {"kind": "served_trace", "path": trace}, "duration_s": 4 * 3600}
+    experiment["training"] = {**experiment["training"], "clock": "realtime", "realtime_speedup": 480.0,
+                              "power": "model"}
+    return experiment
+
+
+@pytest.fixture(scope="module")
+def live_run(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("live")
+    return curtail.run(live_experiment(tmp), output_dir=tmp / "runs"), tiny_experiment(tmp)
+
+
+def test_a_live_run_decides_as_the_offline_simulation(live_run):
+    result, offline_config = live_run
+    offline = curtail.simulate(offline_config, write=False).records[0]
+    assert decisions(result.record.events) == decisions(offline.events)
+    assert len(decisions(offline.events)) > 10
+    summary, expected = result.summary, offline.summary
+    assert summary["live"]["source"] == "served_trace"
+    assert summary["live"]["readings"] == 2 * 48 and summary["live"]["late_readings"] == 0
+    assert summary["hours"] == pytest.approx(expected["hours"])
+    assert summary["share_energy_in_windows"] == pytest.approx(expected["share_energy_in_windows"], rel=0.02)
+    assert summary["emissions_kg"] == pytest.approx(expected["emissions_kg"], rel=0.02)
+    assert summary["ledger_trained_tokens"] == summary["tokens"] > 0
+
+
+def test_replaying_the_recorded_signal_reproduces_the_decisions(live_run):
+    result, _ = live_run
+    readings = read_readings(result.run_dir)
+    lines = (result.run_dir / READINGS_FILE).read_text().splitlines()
+    assert len(readings) == len(lines) == result.summary["live"]["readings"]
+    assert {json.loads(line)["origin"] for line in lines} == {"source"}
+    replayed = curtail.replay(result.run_dir)
+    assert decisions(replayed.events) == decisions(result.record.events)
+    assert (result.run_dir / "replay" / "summary.json").is_file()
