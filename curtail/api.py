@@ -138,6 +138,11 @@ def simulate(
         write: set False to keep everything in memory (and log nothing to ``[tracking]``).
     """
     experiment = as_experiment(config)
+    if experiment.live is not None:
+        raise CurtailError(
+            f"experiment {experiment.name!r} follows a live signal ([live]): run it with curtail run; "
+            "simulate a finished live run on what it recorded with curtail replay RUN_DIR"
+        )
     if write:
         check_available(experiment.tracking)
     traces, forecasts = load_experiment_traces(experiment)
