@@ -5,6 +5,7 @@
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
     curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--output-dir DIR] [--json]
+    curtail serve-trace TRACE [--speedup N] [--port P] [--forecast F] [--naive-timezone Z] [...]
 
 Errors a user can cause (a config, a trace, a path, a resume that is refused, a cluster
 without the resources asked for) print one ``curtail: error: ...`` line and exit 2; an
@@ -215,6 +216,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_trace(args: argparse.Namespace) -> int:
+    from curtail.sources.trace_server import serve
+
+    serve(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -250,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output-dir", help="results folder (default: <output_dir>/<experiment>/sweep)")
     sweep.add_argument("--json", action="store_true", help="print the chosen trial and generalisation as JSON")
     sweep.set_defaults(handler=cmd_sweep)
+
+    from curtail.sources.trace_server import add_arguments as add_serve_trace_arguments
+
+    serve_trace = commands.add_parser(
+        "serve-trace", help="serve a recorded trace as the WattTime v3 API on a faster clock (tests, demos)"
+    )
+    add_serve_trace_arguments(serve_trace)
+    serve_trace.set_defaults(handler=cmd_serve_trace)
     return parser
 
 

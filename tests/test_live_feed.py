@@ -75,7 +75,7 @@ def served(monkeypatch):
 def live_run(clocked: RunClockServer, *, ahead_s: float = 0.0, **poller_options):
     config = experiment(live=True)
     run = config.runs[0]
-    source = WattTimeSource(base_url=clocked.server.url, timeout_s=2.0)
+    source = WattTimeSource(base_url=clocked.server.url, timeout_s=30.0)  # a loaded CI box must not time out
     poller = RealtimePoller(source, sorted(SITES.values()), refresh_s=config.rules.poll_s, **poller_options)
     feed = PollingFeed(SITES, poller, lost_ci_g_per_kwh=config.live.lost_ci_g_per_kwh)
     following = FollowingFeed(clocked, feed)

@@ -1,15 +1,21 @@
 """The trace server against the real WattTime client: the paper trace served at an accelerated
 clock, read back exactly, never past the server's "now", and turned by the online calendar into
-the offline calendar's windows. No Ray; a few seconds."""
+the offline calendar's windows. Injected faults (5xx bursts, slow answers, 429, refused
+credentials, a killed server) reach the client as its typed source errors, and a RealtimePoller
+in front of it degrades (stale, fallback) and recovers without raising. No Ray; ~20 seconds."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +26,16 @@ from curtail.planning.online_calendar import OnlineCalendar
 from curtail.planning.signals import Signal
 from curtail.planning.traces import load_trace
 from curtail.planning.windows import compute_windows
-from curtail.sources.base import SourceAuthError, SourceRequestError, make_forecast
-from curtail.sources.trace_server import TraceServer
+from curtail.sources.base import (
+    SourceAuthError,
+    SourceError,
+    SourceRequestError,
+    SourceUnavailable,
+    TraceFileSource,
+    make_forecast,
+)
+from curtail.sources.poller import RealtimePoller
+from curtail.sources.trace_server import Faults, FaultsServed, TraceServer, TraceServerError
 from curtail.sources.watttime import WattTimeSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +214,270 @@ def test_command_line_prints_its_url_and_serves():
         )  # u:p
         with urllib.request.urlopen(request, timeout=5) as response:
             assert json.loads(response.read())["token"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------ injected faults
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault armed for the next three data requests, and what the client must make of it."""
+
+    arm: Callable[[TraceServer], None]
+    error: type[SourceError]
+    message: str  # a regex the client's error message must match
+    served: FaultsServed  # what the server counts after three failed reads
+    heals_by_itself: bool = True  # False: it lasts until faults.clear()
+    timeout_s: float = 5.0  # the client's
+
+
+def refuse_credentials(status: int) -> Callable[[TraceServer], None]:
+    def arm(server: TraceServer) -> None:
+        server.faults.revoke_tokens()
+        server.faults.refuse_logins(status=status)
+
+    return arm
+
+
+FAULTS = {
+    "503 burst": Fault(
+        lambda server: server.faults.fail_next(3),
+        SourceUnavailable,
+        r"GET /v3/forecast\?.*: server error \(HTTP 503: service unavailable",
+        FaultsServed(server_errors=3),
+    ),
+    "502 burst": Fault(
+        lambda server: server.faults.fail_next(3, status=502),
+        SourceUnavailable,
+        r"server error \(HTTP 502",
+        FaultsServed(server_errors=3),
+    ),
+    "slow answers": Fault(
+        lambda server: server.faults.slow_next(3, delay_s=5.0),
+        SourceUnavailable,
+        r"GET /v3/forecast\?.*: no answer within 0.5 s",
+        FaultsServed(slow_answers=3),
+        timeout_s=0.5,
+    ),
+    "rate limited": Fault(
+        lambda server: server.faults.rate_limit_next(3, retry_after_s=60),
+        SourceUnavailable,
+        r"rate limited \(HTTP 429: too many requests.*\), retry after 60 s",
+        FaultsServed(rate_limited=3),
+    ),
+    # the first read meets the revoked token, then /login; each later read tries /login twice
+    # (the client retries a refused call once with a fresh login): 1 + 2 + 2 refused logins
+    "credentials refused (401)": Fault(
+        refuse_credentials(401),
+        SourceAuthError,
+        r"GET /login was refused \(HTTP 401: credentials refused.*\): check the credentials",
+        FaultsServed(refused_logins=5, revoked_tokens=1),
+        heals_by_itself=False,
+    ),
+    "credentials forbidden (403)": Fault(
+        refuse_credentials(403),
+        SourceAuthError,
+        r"GET /login was refused \(HTTP 403: credentials refused.*\): check the credentials",
+        FaultsServed(refused_logins=5, revoked_tokens=1),
+        heals_by_itself=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_each_fault_reaches_the_client_as_its_typed_error_then_passes(paper, credentials, name):
+    fault = FAULTS[name]
+    with TraceServer(paper, speedup=600) as server:
+        source = WattTimeSource(base_url=server.url, timeout_s=fault.timeout_s)
+        before = source.latest("CAISO_NORTH")
+        fault.arm(server)
+        for _ in range(3):
+            with pytest.raises(fault.error, match=fault.message) as raised:
+                source.latest("CAISO_NORTH")
+            assert raised.value.source == "watttime"
+        if not fault.heals_by_itself:
+            server.faults.clear()
+        after = source.latest("CAISO_NORTH")
+        served = server.faults.served
+    assert after.t_s >= before.t_s
+    assert served == fault.served
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_a_poller_in_front_degrades_through_each_fault_and_recovers(paper, credentials, name):
+    fault = FAULTS[name]
+    backup = TraceFileSource.from_csv(PAPER_TRACE)
+    now = [paper["CAISO_NORTH"].start_s + 3600]  # the poller's clock: trace time, for the backup
+    with TraceServer(paper, speedup=600) as server:
+        source = WattTimeSource(base_url=server.url, timeout_s=fault.timeout_s)
+        poller = RealtimePoller(
+            source,
+            ["CAISO_NORTH"],
+            refresh_s=300,
+            max_stale_s=900,
+            retry_s=60,
+            fallback=backup,
+            clock=lambda: now[0],
+        )
+        first = poller.read("CAISO_NORTH")
+        fault.arm(server)
+        degraded = []
+        # refresh due (value 300 s old: stale), a retry (360 s: stale), past max_stale_s: fallback
+        for step_s in (300, 60, 900):
+            now[0] += step_s
+            degraded.append(poller.read("CAISO_NORTH"))  # never raises
+        if not fault.heals_by_itself:
+            server.faults.clear()
+        now[0] += 60
+        recovered = poller.read("CAISO_NORTH")
+        served = server.faults.served
+
+    kinds = [event.kind for event in poller.events]
+    assert kinds == ["failed", "stale", "failed", "stale", "failed", "fallback", "recovered"]
+    for event in poller.events:
+        if event.kind == "failed":
+            assert re.search(fault.message, event.detail), event.detail
+    assert degraded[:2] == [replace(first, stale=True)] * 2
+    assert degraded[2].fallback and degraded[2].source == backup.name
+    assert degraded[2].ci_g_per_kwh == backup.latest("CAISO_NORTH", now[0] - 60).ci_g_per_kwh
+    assert not recovered.stale and not recovered.fallback and recovered.source == "watttime"
+    assert served == fault.served
+
+
+def test_revoked_tokens_make_the_client_log_in_again(paper, credentials):
+    with TraceServer(paper, speedup=600) as server:
+        source = WattTimeSource(base_url=server.url, timeout_s=5)
+        source.latest("NEM_SA")
+        server.faults.revoke_tokens()
+        source.latest("NEM_SA")  # refused once, then a fresh login: the caller sees nothing
+        assert server.logins == 2
+        assert server.faults.served == FaultsServed(revoked_tokens=1)
+        source.latest("NEM_SA")  # the new token is not revoked
+        assert server.faults.served == FaultsServed(revoked_tokens=1)
+
+
+def test_answers_held_until_cleared_go_out_at_once(paper, credentials):
+    with TraceServer(paper, speedup=600) as server:
+        source = WattTimeSource(base_url=server.url, timeout_s=30)
+        source.latest("DE")
+        server.faults.slow_next(None, delay_s=60)  # every data answer, until cleared
+        assert str(server.faults) == "every data answer: held 60 s"
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(source.latest, "DE")
+            deadline = time.monotonic() + 10
+            while server.faults.served.slow_answers == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.faults.served.slow_answers == 1
+            assert not pending.done()  # held
+            server.faults.clear()
+            assert pending.result(timeout=10).region == "DE"
+        assert str(server.faults) == "none armed"
+
+
+def test_concurrent_clients_meet_exactly_the_armed_number_of_failures(paper, credentials):
+    def read(_: int) -> object:
+        try:
+            return WattTimeSource(base_url=server.url, timeout_s=5).latest("SPP_TX")
+        except SourceUnavailable as error:
+            return error
+
+    with TraceServer(paper, speedup=600) as server:
+        server.faults.fail_next(5)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(read, range(20)))
+        served, logins = server.faults.served, server.logins
+    failures = [r for r in results if isinstance(r, SourceUnavailable)]
+    assert len(failures) == 5 and all("HTTP 503" in str(f) for f in failures)
+    assert served == FaultsServed(server_errors=5)
+    assert logins == 20  # /login is never failed by fail_next
+
+
+def test_a_stopped_server_refuses_connections_and_restart_serves_on(paper, credentials):
+    signal = paper["CAISO_NORTH"]
+    wall = [0.0]
+    now = [signal.start_s]
+    server = TraceServer(paper, speedup=300, clock=lambda: wall[0]).start()
+    try:
+        url = server.url
+        source = WattTimeSource(base_url=url, timeout_s=5)
+        poller = RealtimePoller(
+            source, ["CAISO_NORTH"], refresh_s=300, max_stale_s=900, retry_s=60,
+            clock=lambda: now[0],
+        )  # fmt: skip
+        before = poller.read("CAISO_NORTH")
+        server.stop()
+        assert not server.running
+        wall[0] = 10.0  # the trace clock runs on while the server is down
+        # refused at once: a hanging server would read "no answer within 5 s"
+        with pytest.raises(
+            SourceUnavailable, match=rf"cannot connect to {re.escape(url)} .*refused"
+        ):
+            source.latest("CAISO_NORTH")
+        now[0] += 300
+        assert poller.read("CAISO_NORTH") == replace(before, stale=True)
+        server.restart()
+        assert server.url == url and server.running
+        now[0] += 60
+        after = poller.read("CAISO_NORTH")
+        assert after.t_s == signal.times_s[10]  # 10 wall s x 300 = 10 samples on
+        assert server.logins == 1  # tokens survive a restart, as WattTime's signed tokens do
+    finally:
+        server.stop()
+    assert [event.kind for event in poller.events] == ["failed", "stale", "recovered"]
+
+    with TraceServer(paper, speedup=600) as server:  # leaving the with block kills it too
+        source = WattTimeSource(base_url=server.url, timeout_s=5)
+        source.latest("CAISO_NORTH")
+    with pytest.raises(SourceUnavailable, match="cannot connect to .*refused"):
+        source.latest("CAISO_NORTH")
+
+
+def test_a_taken_port_is_an_error_that_says_what_to_do(paper):
+    with TraceServer(paper) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with pytest.raises(TraceServerError, match=rf"port {port} on 127.0.0.1 is taken.*or 0"):
+            TraceServer(paper, port=port).start()
+
+
+@pytest.mark.parametrize(
+    "arm, message",
+    [
+        (lambda faults: faults.fail_next(0), "count must be a whole number >= 1, got 0"),
+        (lambda faults: faults.fail_next(2, status=404), "a 5xx server error, got 404"),
+        (lambda faults: faults.slow_next(1, delay_s=0), "delay_s must be > 0 seconds, got 0"),
+        (lambda faults: faults.rate_limit_next(1, retry_after_s=-1), "retry_after_s must be >= 0"),
+        (lambda faults: faults.refuse_logins(status=500), "status must be 401 or 403, got 500"),
+    ],
+)
+def test_fault_arguments_are_checked(arm, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        arm(Faults())
+
+
+def test_curtail_serve_trace_serves_the_trace_with_its_faults(paper, credentials):
+    script = Path(sys.executable).with_name("curtail")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "curtail"]
+    process = subprocess.Popen(
+        [*command, "serve-trace", str(PAPER_TRACE), "--speedup", "600", "--port", "0"]
+        + ["--fail-first", "1"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line, "curtail serve-trace printed nothing (see its stderr above)"
+        url = line.split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert "injected faults: next 1 data requests: HTTP 503" in line
+        source = WattTimeSource(base_url=url, timeout_s=5)
+        with pytest.raises(SourceUnavailable, match=r"server error \(HTTP 503"):
+            source.latest("CAISO_NORTH")
+        reading = source.latest("CAISO_NORTH")
+        assert reading.t_s in paper["CAISO_NORTH"].times_s
+        assert process.poll() is None  # still serving
     finally:
         process.terminate()
         process.wait(timeout=10)
