@@ -171,13 +171,19 @@ def simulate(
     return SimulationResult(experiment, records)
 
 
+DECISION_EVENTS = ("provision", "nodes_ready", "ready", "drain", "round_start", "round_end", "sync", "join_round",
+                   "leave_round")
+"""The events a policy's decisions and the state machine make (what a replay must reproduce)."""
+
+
 def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     """Simulate a finished live run on the signal it recorded (``live_readings.jsonl``).
 
     The simulator follows the same policy over the same readings, taking effect when the run
     learnt them, from the run's start to its end: its provision / drain / round decisions are the
     run's (``tests/test_live_run.py``), so a live run can be audited and other policies compared on
-    its signal. Written to ``RUN_DIR/replay/`` unless ``write=False``.
+    its signal. The summary says whether they are (``decisions_match_run``, ``first_difference``).
+    Written to ``RUN_DIR/replay/`` unless ``write=False``.
     """
     run_dir = Path(run_dir)
     saved, summary = run_dir / RUN_SPEC_FILE, run_dir / "summary.json"
@@ -196,8 +202,20 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     signals = signals_from_readings(read_readings(run_dir), end_s, regions, source=READINGS_FILE)
     plan = plan_recorded(experiment, spec, signals, start_s, end_s)
     trajectory = Simulator(plan.context, plan.policy).run()
-    record = record_of(plan, trajectory, experiment, executor="simulator", traces_checksums={},
-                       extra={"replay_of": str(run_dir)})
+    replayed = [(e.t_s, e.site, e.event) for e in trajectory.events if e.event in DECISION_EVENTS]
+    run_events = pd.read_csv(run_dir / "events.csv", keep_default_na=False)
+    decided = run_events[run_events["event"].isin(DECISION_EVENTS)]
+    original = list(zip(decided["t_s"].astype(float), decided["site"].astype(str), decided["event"].astype(str)))
+    differ = next((i for i, (a, b) in enumerate(zip(replayed, original)) if a != b), None)
+    if differ is None and len(replayed) != len(original):
+        differ = min(len(replayed), len(original))
+    record = record_of(plan, trajectory, experiment, executor="simulator", traces_checksums={}, extra={
+        "replay_of": str(run_dir), "decisions": len(replayed), "decisions_match_run": differ is None,
+        "first_difference": None if differ is None else {
+            "replay": replayed[differ] if differ < len(replayed) else None,
+            "run": original[differ] if differ < len(original) else None,
+        },
+    })
     if write:
         write_run_dir(record, run_dir / "replay")
     return record

@@ -6,6 +6,8 @@
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
     curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--output-dir DIR] [--json]
     curtail serve-trace TRACE [--speedup N] [--port P] [--forecast F] [--naive-timezone Z] [...]
+    curtail shadow CONFIG [--run NAME] [--interval-s S] [--reports N]
+    curtail replay RUN_DIR [--json]
 
 Errors a user can cause (a config, a trace, a path, a resume that is refused, a cluster
 without the resources asked for) print one ``curtail: error: ...`` line and exit 2; an
@@ -223,6 +225,35 @@ def cmd_serve_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shadow(args: argparse.Namespace) -> int:
+    from curtail.config import load_experiment
+    from curtail.shadow import shadow
+
+    experiment = load_experiment(args.config)
+    spec = experiment.run(args.run) if args.run else experiment.runs[0]
+    shadow_dir = experiment.output_dir / experiment.name / f"shadow-{spec.name}"
+    print(f"shadow of {experiment.name}/{spec.name}: no training; readings go to {shadow_dir}", flush=True)
+    shadow(experiment, spec, shadow_dir, interval_s=args.interval_s, stop_after=args.reports)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from curtail.api import replay
+
+    record = replay(Path(args.run_dir))
+    if args.json:
+        print(json.dumps(record.summary, indent=2, default=str), file=args.stdout)
+        return 0
+    summary = record.summary
+    match = "the same as the run's" if summary["decisions_match_run"] else (
+        f"DIFFERENT from the run's (first: {summary['first_difference']})")
+    print(f"replay of {args.run_dir}: {summary['decisions']} decisions, {match}; "
+          f"{summary['hours']:.2f} h, {summary['energy_kwh']:.1f} kWh, {summary['emissions_kg']:.3f} kg CO2, "
+          f"{100 * summary['share_energy_in_windows']:.1f}% of energy in windows")
+    print(f"replay: {Path(args.run_dir) / 'replay'}")
+    return 0 if summary["decisions_match_run"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--output-dir", help="root of the run directories (default: the config's output_dir)")
     simulate.add_argument("--json", action="store_true", help="print the runs' summary.json objects as a JSON list")
     simulate.set_defaults(handler=cmd_simulate)
+
+    shadow = commands.add_parser("shadow", help="follow a [live] signal with the policy, without training")
+    shadow.add_argument("config", help="experiment TOML with a [live] source, e.g. experiments/live_demo.toml")
+    shadow.add_argument("--run", help="which of the experiment's runs (default: the first)")
+    shadow.add_argument("--interval-s", type=float, default=300.0,
+                        help="report at least this often, in seconds of the signal's clock (default: 300)")
+    shadow.add_argument("--reports", type=int, help="stop after this many reports (default: the run's duration)")
+    shadow.set_defaults(handler=cmd_shadow)
+
+    replay = commands.add_parser("replay", help="simulate a finished live run on the signal it recorded")
+    replay.add_argument("run_dir", help="a live run's directory (it holds live_readings.jsonl)")
+    replay.add_argument("--json", action="store_true", help="print the replay's summary.json object")
+    replay.set_defaults(handler=cmd_replay)
 
     report = commands.add_parser("report", help="plot run directories (PNG and PDF)")
     report.add_argument("run_dirs", nargs="+", help="run directories written by simulate or run")

@@ -10,6 +10,7 @@ import math
 import pytest
 from planning_fixtures import TRACES
 
+from curtail.api import DECISION_EVENTS
 from curtail.config import TraceSource, parse_experiment
 from curtail.planning.live_calendar import LiveCalendar, signals_from_readings
 from curtail.planning.plan import plan_live_run, plan_recorded, plan_run
@@ -23,8 +24,6 @@ from curtail.sources.watttime import WattTimeSource
 
 PAPER_TRACE = TRACES / "watttime_moer_2026-01-11_4regions.csv"
 SITES = {"caiso": "CAISO_NORTH", "texas": "SPP_TX", "sa": "NEM_SA"}
-DECISIONS = ("provision", "nodes_ready", "ready", "drain", "round_start", "round_end", "sync", "join_round",
-             "leave_round")
 
 
 def experiment(live: bool, duration_s: float = 12 * 3600.0):
@@ -89,7 +88,7 @@ def live_run(clocked: RunClockServer, *, ahead_s: float = 0.0, **poller_options)
 
 
 def decisions(trajectory, until_s=math.inf):
-    return [(e.t_s, e.site, e.event) for e in trajectory.events if e.event in DECISIONS and e.t_s < until_s]
+    return [(e.t_s, e.site, e.event) for e in trajectory.events if e.event in DECISION_EVENTS and e.t_s < until_s]
 
 
 def test_a_served_trace_followed_live_decides_as_the_offline_run(served):

@@ -11,16 +11,15 @@ import pytest
 from runtime_fixtures import tiny_experiment
 
 import curtail
+from curtail.api import DECISION_EVENTS
 from curtail.sources.live_feed import READINGS_FILE, read_readings
 
 pytestmark = pytest.mark.slow
 
-DECISIONS = ("provision", "nodes_ready", "ready", "drain", "round_start", "round_end", "sync", "join_round",
-             "leave_round")
 
 
 def decisions(events) -> list[tuple[float, str, str]]:
-    rows = events[events["event"].isin(DECISIONS)]
+    rows = events[events["event"].isin(DECISION_EVENTS)]
     return [(round(float(t), 3), str(s), str(e)) for t, s, e in zip(rows["t_s"], rows["site"].fillna(""), rows["event"])]
 
 
@@ -62,4 +61,5 @@ def test_replaying_the_recorded_signal_reproduces_the_decisions(live_run):
     assert {json.loads(line)["origin"] for line in lines} == {"source"}
     replayed = curtail.replay(result.run_dir)
     assert decisions(replayed.events) == decisions(result.record.events)
+    assert replayed.summary["decisions_match_run"] and replayed.summary["decisions"] > 10
     assert (result.run_dir / "replay" / "summary.json").is_file()
