@@ -227,3 +227,52 @@ def test_configs_are_frozen():
     experiment = load_experiment(PAPER_TOML)
     with pytest.raises(ValidationError, match="frozen"):
         experiment.rules.threshold_g_per_kwh = 50  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------- live experiments
+
+
+def live_config(**changes) -> dict:
+    data = tomllib.loads((REPO / "experiments" / "live_demo.toml").read_text())
+    for dotted, value in changes.items():
+        *path, key = dotted.split(".")
+        node = data
+        for part in path:
+            node = node[part] if not isinstance(node, list) else node[int(part)]
+        if value is None:
+            node.pop(key)
+        else:
+            node[key] = value
+    return data
+
+
+def test_the_live_demo_resolves_its_served_trace_next_to_the_config():
+    experiment = load_experiment(REPO / "experiments" / "live_demo.toml")
+    assert experiment.live is not None and not experiment.traces
+    assert experiment.live.source.path.is_absolute() and experiment.live.source.path.is_file()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"training.clock": "virtual"}, 'set training.clock = "realtime"'),
+        ({"runs.0.policy": {"kind": "forecast"}}, "reads the signal ahead of now"),
+        ({"runs.0.deadline": "2026-01-12T00:00:00Z"}, "remove its start and deadline"),
+        ({"live.source": {"kind": "served_trace"}}, "needs path = the trace CSV"),
+        ({"live.source": {"kind": "watttime", "path": "x.csv"}}, "path is for kind = 'served_trace' only"),
+        ({"live.source": {"kind": "watttime"}}, "realtime_speedup = 1"),
+        ({"live.duration_s": None}, "live.duration_s"),
+        ({"live.lag": 3}, "did you mean 'lag_s'"),
+        ({"live": None}, "or a [live] source"),
+    ],
+)
+def test_live_configs_are_checked(changes, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        parse_experiment(live_config(**changes), base_dir=REPO / "experiments")
+
+
+def test_start_now_needs_a_live_source():
+    data = tomllib.loads(PAPER_TOML.read_text())
+    data["runs"][0]["start"] = "now"
+    with pytest.raises(ConfigError, match='start = "now": that needs a \\[live\\] source'):
+        parse_experiment(data, base_dir=PAPER_TOML.parent)

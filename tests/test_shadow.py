@@ -58,3 +58,37 @@ def test_shadow_stops_after_the_reports_asked_for(tmp_path):
     experiment = live_experiment(duration_s=24 * 3600, speedup=7200)
     statuses = shadow(experiment, experiment.runs[0], tmp_path, interval_s=600, stop_after=3, on_status=lambda s: None)
     assert len(statuses) == 3
+
+
+def test_the_shadow_command(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "live.toml"
+    config.write_text(f"""
+name = "shadow-cli"
+token_budget = 1e12
+output_dir = "{tmp_path / 'runs'}"
+[live]
+duration_s = 7200
+source = {{ kind = "served_trace", path = "{PAPER_TRACE}" }}
+[training]
+clock = "realtime"
+realtime_speedup = 7200
+[sites.caiso]
+region = "CAISO_NORTH"
+tokens_per_s = 5
+training_power_w = 2024
+idle_power_w = 468
+[[runs]]
+name = "r"
+policy = {{ kind = "threshold" }}
+sites = ["caiso"]
+""")
+    done = subprocess.run([sys.executable, "-m", "curtail.cli", "shadow", str(config), "--reports", "2"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    reports = [line for line in done.stdout.splitlines() if "next change" in line]
+    assert len(reports) == 2 and reports[0].startswith("2026-01-11T")
+    assert "window" in done.stdout and "policy" in done.stdout
+    assert (tmp_path / "runs" / "shadow-cli" / "shadow-r" / "live_readings.jsonl").is_file()
