@@ -489,6 +489,23 @@ LIVE_POLICY_KINDS = ("threshold", "always_on")
 """Policies a live run can follow: they need nothing of the signal beyond "now"."""
 
 
+class ServedFault(StrictModel):
+    """A fault a served trace injects (``[[live.source.faults]]``; demos and tests of a live run):
+    from ``at_s`` seconds of the trace's clock after the run's start.
+
+    ``server_errors``: the next ``count`` requests answer HTTP 503; ``slow``: the next ``count``
+    answers wait ``delay_s`` wall seconds (beyond ``timeout_s``: a timeout); ``rate_limit``: the next
+    ``count`` answer HTTP 429; ``refuse_credentials``: logins refused and tokens revoked for
+    ``duration_s``; ``down``: the server stopped for ``duration_s``.
+    """
+
+    at_s: float = Field(ge=0)
+    kind: Literal["server_errors", "slow", "rate_limit", "refuse_credentials", "down"]
+    count: int = Field(default=1, ge=1, description="requests it hits (server_errors, slow, rate_limit)")
+    delay_s: float = Field(default=0.0, ge=0, description="slow: wall seconds each answer waits")
+    duration_s: float = Field(default=0.0, ge=0, description="refuse_credentials, down: trace seconds it lasts")
+
+
 class LiveSourceConfig(StrictModel):
     """Where a live run's carbon signal comes from (``[live.source]``).
 
@@ -507,9 +524,12 @@ class LiveSourceConfig(StrictModel):
     path: Path | None = Field(default=None, description="served_trace: the trace CSV to serve")
     naive_timezone: str | None = Field(default=None, description="served_trace: zone of naive timestamps")
     timeout_s: float = Field(default=5.0, gt=0, description="longest wait for one answer (wall seconds)")
+    faults: list[ServedFault] = Field(default_factory=list, description="served_trace: faults to inject")
 
     @model_validator(mode="after")
     def _served_trace_has_a_path(self) -> LiveSourceConfig:
+        if self.faults and self.kind != "served_trace":
+            raise ValueError("faults are injected by a served trace only (kind = 'served_trace')")
         if (self.kind == "served_trace") != (self.path is not None):
             raise ValueError(
                 "kind = 'served_trace' needs path = the trace CSV to serve"

@@ -25,7 +25,7 @@ from curtail.planning.executor import RoundView
 from curtail.planning.plan import plan_live_run
 from curtail.planning.signals import iso
 from curtail.planning.simulator import Simulator
-from curtail.sources.live_feed import LiveSignal
+from curtail.sources.live_feed import LiveSignal, SignalEventSink
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,14 @@ def shadow(
     interval_s: float = 300.0,
     stop_after: int | None = None,
     on_status: Callable[[ShadowStatus], None] = lambda status: print("\n".join(status.lines()), flush=True),
+    on_event: SignalEventSink = lambda t_s, site, event, details: print(f"{iso(t_s)}  {site}: {event} {details}",
+                                                                       flush=True),
 ) -> list[ShadowStatus]:
     """Follow ``run``'s live signal without training (see the module doc) until its deadline, or
-    ``stop_after`` reports; returns the reports. Signal events go to ``on_status``'s output as
-    they happen (printed by default)."""
+    ``stop_after`` reports; returns the reports. Signal events (``signal_failed``, ...) go to
+    ``on_event`` as they happen; both are printed by default."""
     if experiment.live is None:
         raise ValueError(f"experiment {experiment.name!r} has no [live] source to follow")
-    events: list[tuple[float, str, str, dict[str, Any]]] = []
-
-    def on_event(t_s: float, site: str, event: str, details: dict[str, Any]) -> None:
-        events.append((t_s, site, event, details))
-        print(f"{iso(t_s)}  {site}: {event} {details}", flush=True)
-
     live = LiveSignal(experiment, run, shadow_dir, on_event=on_event)
     plan = plan_live_run(experiment, run, live.calendar, live.planned_start_s())
     executor = _ShadowExecutor(plan.context, plan.policy, speedup=experiment.training.realtime_speedup,

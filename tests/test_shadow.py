@@ -92,3 +92,39 @@ sites = ["caiso"]
     assert len(reports) == 2 and reports[0].startswith("2026-01-11T")
     assert "window" in done.stdout and "policy" in done.stdout
     assert (tmp_path / "runs" / "shadow-cli" / "shadow-r" / "live_readings.jsonl").is_file()
+
+
+def test_served_faults_become_signal_events_and_the_feed_degrades(tmp_path):
+    """A served trace scripted to fail: a 5xx burst, answers slower than the timeout, refused
+    credentials, then the server down. Each is a typed signal event with what failed; the last
+    good value bridges short faults, the lost value covers long ones, and the readings come back.
+    (A timed-out request costs the run wall time: the trace's clock runs ahead meanwhile.)"""
+    data = live_experiment(duration_s=3 * 3600, speedup=1800).model_dump(mode="json")
+    data["live"]["max_stale_s"] = 900
+    data["live"]["retry_s"] = 120
+    data["live"]["source"]["timeout_s"] = 0.2
+    data["live"]["source"]["faults"] = [
+        {"at_s": 1200, "kind": "server_errors", "count": 3},
+        {"at_s": 2400, "kind": "slow", "count": 2, "delay_s": 1.0},
+        {"at_s": 3600, "kind": "refuse_credentials", "duration_s": 600},
+        {"at_s": 6000, "kind": "down", "duration_s": 2400},
+    ]
+    experiment = parse_experiment(data)
+    events = []
+    shadow(experiment, experiment.runs[0], tmp_path, interval_s=1800, on_status=lambda s: None,
+           on_event=lambda t_s, site, event, details: events.append((t_s, site, event, details)))
+    kinds = {event for _, _, event, _ in events}
+    assert {"signal_failed", "signal_stale", "signal_lost", "signal_recovered", "signal_reading"} <= kinds
+    failures = [str(d["detail"]) for _, _, e, d in events if e == "signal_failed"]
+    for cause in ("HTTP 503", "no answer within 0.2 s", "credentials", "cannot connect"):
+        assert any(cause in detail for detail in failures), cause
+    readings = read_readings(tmp_path)
+    lost = [r for r in readings if r.origin == "lost"]
+    assert lost, "the outage outlasted max_stale_s: the lost value must be assumed"
+    for site in SITES:
+        mine = [r for r in readings if r.site == site]
+        last_lost = max((i for i, r in enumerate(mine) if r.origin == "lost"), default=None)
+        if last_lost is not None:  # the signal came back after it was lost
+            assert any(r.origin == "source" for r in mine[last_lost + 1:]), site
+    assert [r.effective_t_s for r in readings if r.site == "caiso"] == sorted(
+        r.effective_t_s for r in readings if r.site == "caiso")

@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from curtail.config import ExperimentConfig, LiveConfig, LiveSourceConfig, RunSpec
+from curtail.config import ExperimentConfig, LiveConfig, LiveSourceConfig, RunSpec, ServedFault
 from curtail.planning.live_calendar import AppliedReading, FedReading, LiveCalendar
 from curtail.planning.traces import load_trace
 from curtail.sources.base import CarbonSource, SourceError, TraceFileSource
@@ -106,7 +106,7 @@ def open_source(config: LiveSourceConfig, *, speedup: float) -> tuple[CarbonSour
         server = TraceServer.from_csv(config.path, naive_timezone=config.naive_timezone, speedup=speedup)
         os.environ.setdefault(_SERVED_USER_ENV, "curtail")
         os.environ.setdefault(_SERVED_PASSWORD_ENV, "served-trace")
-        return _ServedSource(server, config.timeout_s), server
+        return _ServedSource(server, config.timeout_s, config.faults), server
     if config.kind == "watttime":
         return WattTimeSource(**url({"timeout_s": config.timeout_s})), None
     if config.kind == "electricitymaps":
@@ -117,13 +117,41 @@ def open_source(config: LiveSourceConfig, *, speedup: float) -> tuple[CarbonSour
 
 
 class _ServedSource(CarbonSource):
-    """The WattTime client pointed at a trace server once it runs (its port is known then)."""
+    """The WattTime client pointed at a trace server once it runs (its port is known then); arms
+    the configured faults on the server as its clock reaches them."""
 
-    def __init__(self, server: Any, timeout_s: float):
+    def __init__(self, server: Any, timeout_s: float, faults: Sequence[ServedFault] = ()):
         self.server = server
         self.timeout_s = timeout_s
         self.name = "served-trace"
         self._client: CarbonSource | None = None
+        self._faults = sorted(faults, key=lambda fault: fault.at_s)
+        self._ends: list[tuple[float, str]] = []  # (trace time, "clear" | "restart")
+        self.injected: list[tuple[float, str]] = []  # (trace time, kind): what was armed when
+
+    def _arm_due_faults(self) -> None:
+        now_s = self.server.now_s()
+        elapsed_s = now_s - self.server.start_s
+        for end_s, action in [e for e in self._ends if e[0] <= now_s]:
+            self._ends.remove((end_s, action))
+            self.server.faults.clear() if action == "clear" else self.server.restart()
+        while self._faults and self._faults[0].at_s <= elapsed_s:
+            fault = self._faults.pop(0)
+            self.injected.append((now_s, fault.kind))
+            faults = self.server.faults
+            if fault.kind == "server_errors":
+                faults.fail_next(fault.count)
+            elif fault.kind == "slow":
+                faults.slow_next(fault.count, delay_s=fault.delay_s)
+            elif fault.kind == "rate_limit":
+                faults.rate_limit_next(fault.count)
+            elif fault.kind == "refuse_credentials":
+                faults.refuse_logins()
+                faults.revoke_tokens()
+                self._ends.append((now_s + fault.duration_s, "clear"))
+            else:  # down
+                self.server.stop()
+                self._ends.append((now_s + fault.duration_s, "restart"))
 
     def _source(self) -> CarbonSource:
         if self._client is None:
@@ -136,9 +164,11 @@ class _ServedSource(CarbonSource):
         return self._client
 
     def latest(self, region: str, now_s: float | None = None):  # type: ignore[no-untyped-def]
+        self._arm_due_faults()
         return self._source().latest(region, now_s)
 
     def history(self, region: str, start_s: float, end_s: float):  # type: ignore[no-untyped-def]
+        self._arm_due_faults()
         return self._source().history(region, start_s, end_s)
 
 
