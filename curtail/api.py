@@ -367,7 +367,7 @@ def run(
 
     # Everything the driver runs is imported before Ray connects: under `ray job submit`, a
     # module of the job's working directory first imported after ray.init() was not found
-    # (ModuleNotFoundError; tests/test_job_submit.py).
+    # (ModuleNotFoundError; tests/test_multinode.py).
     import curtail.runtime.coordinator  # noqa: F401
     from curtail.runtime.checkpoint import point_latest, select_checkpoint
     from curtail.runtime.cluster import check_capacity, connect, remove_stale_placement_groups

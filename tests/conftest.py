@@ -33,7 +33,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def two_runs(ray_cluster, tmp_path_factory):
-    """The tiny two-site run, twice with the same seed (uninterrupted baselines)."""
+    """The tiny two-site run, twice with the same seed (uninterrupted baselines); the second
+    also logs to TensorBoard and MLflow (tests/test_tracking.py reads it back)."""
     from runtime_fixtures import tiny_experiment
 
     import curtail
@@ -41,5 +42,6 @@ def two_runs(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runtime")
     experiment = tiny_experiment(tmp)
     first = curtail.run(experiment, output_dir=tmp / "first")
-    second = curtail.run(experiment, output_dir=tmp / "second")
+    tracked = {**experiment, "tracking": {"tensorboard": True, "mlflow": True}}
+    second = curtail.run(tracked, output_dir=tmp / "second")
     return first, second

@@ -669,15 +669,17 @@ def _checkpoints(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_at_a_checkpoint_and_resume_completes_the_run(tmp_path):
-    """A terminal's Ctrl-C (SIGINT to the process group) on ``python -m curtail run``."""
+def test_ctrl_c_stops_at_a_checkpoint_and_resume_completes_the_run(ray_cluster, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the process group) on ``python -m curtail run``; both
+    commands join the session's cluster with ``--address`` (it is not in their process group)."""
     from curtail.runtime.checkpoint import audit_journal, verify_checkpoint
 
     config = write_config(_mid_round(tiny_experiment(tmp_path)), tmp_path / "tiny.toml")
     run_dir = tmp_path / "runs" / "runtime-test" / "two-sites"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    address = ["--address", ray_cluster.get_runtime_context().gcs_address]
     process = subprocess.Popen([sys.executable, "-m", "curtail", "run", str(config), "--output-dir",
-                                str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                str(tmp_path / "runs"), *address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -701,7 +703,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_completes_the_run(tmp_path):
     assert verify_checkpoint(run_dir / "checkpoints" / written) == []
     assert not (run_dir / "summary.json").exists() and not (run_dir / "model").exists()
 
-    done = subprocess.run([sys.executable, "-m", "curtail", "run", "--resume", str(run_dir), "--json"],
+    done = subprocess.run([sys.executable, "-m", "curtail", "run", "--resume", str(run_dir), "--json", *address],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # the whole of stdout is the summary
