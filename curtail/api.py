@@ -36,7 +36,7 @@ from curtail.planning.energy import PowerModel
 from curtail.planning.live_calendar import signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
 from curtail.planning.simulator import Simulator
-from curtail.preflight import check_output_dir, check_run_files, unwritable_dir
+from curtail.preflight import check_live_files, check_output_dir, check_run_files, unwritable_dir
 from curtail.runlog import RunRecord, losses_frame, record_of, write_run_dir
 from curtail.sources.live_feed import READINGS_FILE, read_readings
 from curtail.tracking import check_available, log_run
@@ -392,6 +392,7 @@ def run(
     check_available(experiment.tracking)  # before any training: a missing package names its pip command
     check_run_files(experiment)
     if experiment.live is not None:
+        check_live_files(experiment)
         if resume is not None:
             raise ResumeError(
                 f"{run_dir} is a live run: a live run cannot resume (its clock is the grid's, which moved on); "

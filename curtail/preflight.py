@@ -72,6 +72,31 @@ def check_run_files(experiment: ExperimentConfig) -> None:
                              "(relative paths are read from the working directory, then the project root)")
 
 
+def check_live_files(experiment: ExperimentConfig) -> None:
+    """A live experiment's trace files (a served trace, the fallback) load and hold every site's
+    region, before any cluster starts (``TraceError`` names the file, the line and the fix)."""
+    from curtail.config import TraceSource
+    from curtail.planning.traces import load_trace
+
+    live = experiment.live
+    if live is None:
+        return
+    files = []
+    if live.source.path is not None:
+        files.append(("live.source", TraceSource(path=live.source.path, naive_timezone=live.source.naive_timezone)))
+    if live.fallback_trace is not None:
+        files.append(("live.fallback_trace", live.fallback_trace))
+    regions = {experiment.sites[site].region for run in experiment.runs for site in run.sites}
+    for key, source in files:
+        served = load_trace(source).signals
+        missing = sorted(r for r in regions if live.source.regions.get(r, r) not in served)
+        if missing:
+            raise PreflightError(
+                f"{key}: {source.path} has no column for regions {missing} (it has {sorted(served)}); "
+                "fix the sites' regions or map them with live.source.regions"
+            )
+
+
 def check_output_dir(path: Path, *, key: str = "output_dir") -> None:
     """The run directory can be created at (or under) ``path``."""
     if problem := unwritable_dir(path):

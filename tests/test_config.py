@@ -276,3 +276,14 @@ def test_start_now_needs_a_live_source():
     data["runs"][0]["start"] = "now"
     with pytest.raises(ConfigError, match='start = "now": that needs a \\[live\\] source'):
         parse_experiment(data, base_dir=PAPER_TOML.parent)
+
+
+def test_a_live_sites_region_missing_from_the_served_trace_is_refused_before_any_cluster():
+    from curtail.errors import PreflightError
+    from curtail.preflight import check_live_files
+
+    check_live_files(load_experiment(REPO / "experiments" / "live_demo.toml"))
+    data = live_config()
+    data["sites"]["nem_sa"]["region"] = "NOWHERE"
+    with pytest.raises(PreflightError, match=r"live.source: .* has no column for regions \['NOWHERE'\]"):
+        check_live_files(parse_experiment(data, base_dir=REPO / "experiments"))
