@@ -192,7 +192,7 @@ def _assert_inner_optimizers_restored(result, baseline) -> None:
     assert len(events) == len(result.summary["resumes"])
     assert all(event["sites"] == ["a", "b"] for event in events)  # both were training (FEDERATED) at each crash
     timings = result.record.timings
-    assert sorted(timings[timings.kind == "load_optimizer"].site) == ["a", "b"] * len(events)
+    assert sorted(timings[timings.kind == "load_optimizer"].site) == sorted(["a", "b"] * len(events))
     assert (timings.kind == "save_optimizer").sum() >= 2 * len(result.summary["weight_digests"]) // 2
     print("resumed vs uninterrupted held-out loss:", result.summary["final_eval_loss"],
           baseline.summary["final_eval_loss"])
