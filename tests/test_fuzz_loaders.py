@@ -889,7 +889,7 @@ CROSS_FIELD = {
         "runs.0.sites: List should have at least 1 item",
     ),
     "no runs": (lambda c: c.update(runs=[]), "runs: List should have at least 1 item"),
-    "no traces": (lambda c: c.update(traces=[]), "traces: List should have at least 1 item"),
+    "no traces": (lambda c: c.update(traces=[]), "give at least one [[traces]] file, or a [live] source"),
     "site twice": (
         lambda c: c["runs"][0].update(sites=c["runs"][0]["sites"] * 2),
         "runs.0.sites: Value error, sites listed twice",
