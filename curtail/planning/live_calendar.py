@@ -180,8 +180,9 @@ class LiveCalendar:
                 effective_s = reading.sample_t_s  # learnt in time: as the offline calendar
             else:  # learnt late: from the first poll the run has it, after what is decided
                 effective_s = _poll_at_or_after(t_s, origin_s, self.rules.poll_s)
-                if effective_s <= calendar.now_s:
-                    effective_s = _poll_at_or_after(calendar.now_s + self.rules.poll_s / 2, origin_s, self.rules.poll_s)
+                if effective_s <= calendar.now_s:  # the first poll after what is decided
+                    polls = math.floor((calendar.now_s - origin_s) / self.rules.poll_s + 1e-9) + 1
+                    effective_s = origin_s + polls * self.rules.poll_s
         calendar.add(effective_s, reading.ci_g_per_kwh)
         self._samples[reading.site].append(reading.sample_t_s)
         applied = AppliedReading(
