@@ -298,6 +298,7 @@ class RayExecutor(Executor):
             self.clock.observe(site, reply.steps, reply.wall_s)
             tokens[site] = float(reply.tokens)
             self.recorder.loss(LossPoint(end_s, site, self.tokens + sum(tokens.values()), reply.loss))
+        self.clock.pass_time(start_s, end_s)  # real time: never ahead of the wall (sites may stop early)
         if current is not None and current.kind is RunMode.SINGLE:
             for site in set(current.members) & set(tokens):  # single site: deliver periodically
                 if end_s - self.last_publish_s.get(site, start_s) >= self.options.single_publish_interval_s:
