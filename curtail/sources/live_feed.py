@@ -197,7 +197,7 @@ class LiveSignal:
             fallback = TraceFileSource(load_trace(self.config.fallback_trace), name="fallback-trace")
         rules = experiment.rules_for(run)
         self.poller = RealtimePoller(
-            self.source, sorted(set(self.source_regions.values())), refresh_s=rules.poll_s,
+            self.source, sorted(set(self.source_regions.values())), refresh_s=0.0,  # asked only when due
             max_stale_s=self.config.max_stale_s, retry_s=self.config.retry_s, fallback=fallback,
             on_event=self._source_event,
         )
