@@ -34,7 +34,7 @@ from curtail.config import CurtailmentRules
 from curtail.errors import CurtailError
 from curtail.planning.online_calendar import NotYetKnownError, OnlineCalendar
 from curtail.planning.signals import Signal, iso
-from curtail.planning.windows import Window, WindowState
+from curtail.planning.windows import Window, WindowState, poll_at_or_after
 
 ReadingOrigin = Literal["source", "fallback", "lost"]
 """Where a reading came from: the live source, the configured fallback source, or the value a
@@ -91,10 +91,6 @@ class SignalFeed(Protocol):
 
 class LiveSignalError(CurtailError):
     """The live signal cannot start a run (no reading for a site)."""
-
-
-def _poll_at_or_after(t_s: float, origin_s: float, poll_s: float) -> float:
-    return origin_s + math.ceil((t_s - origin_s) / poll_s - 1e-9) * poll_s
 
 
 class LiveCalendar:
@@ -175,11 +171,11 @@ class LiveCalendar:
             self._origins[reading.site] = effective_s
         else:
             origin_s = self._origins[reading.site]
-            first_poll_s = _poll_at_or_after(reading.sample_t_s, origin_s, self.rules.poll_s)
+            first_poll_s = poll_at_or_after(reading.sample_t_s, origin_s, self.rules.poll_s)
             if reading.sample_t_s > calendar.now_s and first_poll_s >= t_s:
                 effective_s = reading.sample_t_s  # learnt in time: as the offline calendar
             else:  # learnt late: from the first poll the run has it, after what is decided
-                effective_s = _poll_at_or_after(t_s, origin_s, self.rules.poll_s)
+                effective_s = poll_at_or_after(t_s, origin_s, self.rules.poll_s)
                 if effective_s <= calendar.now_s:  # the first poll after what is decided
                     polls = math.floor((calendar.now_s - origin_s) / self.rules.poll_s + 1e-9) + 1
                     effective_s = origin_s + polls * self.rules.poll_s
@@ -228,9 +224,9 @@ class LiveCalendar:
 
     def _next_reading_due(self, site: str, t_s: float) -> float:
         origin_s = self._origins[site]
-        due_s = _poll_at_or_after(self._samples[site][-1] + self.step_s(site), origin_s, self.rules.poll_s)
+        due_s = poll_at_or_after(self._samples[site][-1] + self.step_s(site), origin_s, self.rules.poll_s)
         if due_s <= t_s:  # overdue: look again every recheck_s
-            due_s = _poll_at_or_after(t_s + self.recheck_s, origin_s, self.rules.poll_s)
+            due_s = poll_at_or_after(t_s + self.recheck_s, origin_s, self.rules.poll_s)
         return due_s
 
     def _calendar(self, site: str) -> OnlineCalendar:

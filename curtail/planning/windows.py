@@ -64,7 +64,7 @@ class Window:
         return f"{self.site}: {iso(self.open_s)} .. {iso(self.close_s)} ({self.duration_s / 3600:.2f} h)"
 
 
-def _poll_after(t_s: float, origin_s: float, poll_s: float) -> float:
+def poll_at_or_after(t_s: float, origin_s: float, poll_s: float) -> float:
     """The first poll instant at or after ``t_s`` on a grid starting at ``origin_s``."""
     return origin_s + math.ceil((t_s - origin_s) / poll_s - 1e-9) * poll_s
 
@@ -183,7 +183,7 @@ class WindowWalk:
 
     def step(self, t_s: float, value: float, threshold: float, next_s: float) -> None:
         """Apply the sample ``value`` (gCO2/kWh) holding on ``[t_s, next_s)``."""
-        poll_t = _poll_after(t_s, self.origin_s, self.rules.poll_s)
+        poll_t = poll_at_or_after(t_s, self.origin_s, self.rules.poll_s)
         if poll_t >= next_s:  # no poll sees this sample
             return
         if self.open_s is None:
@@ -193,7 +193,7 @@ class WindowWalk:
         if value > threshold:
             if self.above_since_s is None:
                 self.above_since_s = poll_t
-            leave_t = _poll_after(self.above_since_s + self.rules.hysteresis_s, self.origin_s, self.rules.poll_s)
+            leave_t = poll_at_or_after(self.above_since_s + self.rules.hysteresis_s, self.origin_s, self.rules.poll_s)
             if leave_t < next_s:
                 self._close_at(leave_t)
                 # the same sample may not re-open the window: it is above the threshold
