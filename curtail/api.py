@@ -37,7 +37,7 @@ from curtail.planning.live_calendar import signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.preflight import check_live_files, check_output_dir, check_run_files, unwritable_dir
-from curtail.runlog import RunRecord, losses_frame, record_of, write_run_dir
+from curtail.runlog import RunRecord, events_frame, losses_frame, record_of, write_run_dir
 from curtail.sources.live_feed import READINGS_FILE, read_readings
 from curtail.tracking import check_available, log_run
 
@@ -176,6 +176,12 @@ DECISION_EVENTS = ("provision", "nodes_ready", "ready", "drain", "round_start", 
 """The events a policy's decisions and the state machine make (what a replay must reproduce)."""
 
 
+def decisions(events: pd.DataFrame) -> list[tuple[float, str, str]]:
+    """``(t_s, site, event)`` of a run's :data:`DECISION_EVENTS`, in order (an ``events.csv`` frame)."""
+    rows = events[events["event"].isin(DECISION_EVENTS)]
+    return list(zip(rows["t_s"].astype(float), rows["site"].astype(str), rows["event"].astype(str)))
+
+
 def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     """Simulate a finished live run on the signal it recorded (``live_readings.jsonl``).
 
@@ -197,15 +203,10 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     live = json.loads(summary.read_text()).get("live")
     if not live:
         raise CurtailError(f"{run_dir}/summary.json has no 'live' section: the run did not finish as a live run")
-    start_s, end_s = float(live["start_s"]), float(live["finish_s"])
-    regions = {site: experiment.sites[site].region for site in spec.sites}
-    signals = signals_from_readings(read_readings(run_dir), end_s, regions, source=READINGS_FILE)
-    plan = plan_recorded(experiment, spec, signals, start_s, end_s)
+    plan = _recorded_plan(experiment, spec, read_readings(run_dir), float(live["start_s"]), float(live["finish_s"]))
     trajectory = Simulator(plan.context, plan.policy).run()
-    replayed = [(e.t_s, e.site, e.event) for e in trajectory.events if e.event in DECISION_EVENTS]
-    run_events = pd.read_csv(run_dir / "events.csv", keep_default_na=False)
-    decided = run_events[run_events["event"].isin(DECISION_EVENTS)]
-    original = list(zip(decided["t_s"].astype(float), decided["site"].astype(str), decided["event"].astype(str)))
+    replayed = decisions(events_frame(trajectory))
+    original = decisions(pd.read_csv(run_dir / "events.csv", keep_default_na=False))
     differ = next((i for i, (a, b) in enumerate(zip(replayed, original)) if a != b), None)
     if differ is None and len(replayed) != len(original):
         differ = min(len(replayed), len(original))
@@ -399,10 +400,11 @@ def run(
                 "start a new run"
             )
         max_restarts = 0  # a restart from a checkpoint would rewind the clock
+        plan: RunPlan | None = None  # accounted on the signal the run records
         traces_checksums: dict[str, str] = {}
     else:
         traces, forecasts = load_experiment_traces(experiment)
-        plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
+        plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
         traces_checksums = traces.checksums
     started_ray = connect(
         list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site
@@ -420,7 +422,11 @@ def run(
     finally:
         if started_ray:
             ray.shutdown()
-    plan = _plan_of_finished_run(experiment, spec, run_dir, artifacts.trajectory)
+    live_note: dict[str, Any] = {}
+    if plan is None:
+        readings = read_readings(run_dir)
+        plan = _recorded_plan(experiment, spec, readings, artifacts.trajectory.start_s, artifacts.trajectory.finish_s)
+        live_note = _live_note(experiment, readings, artifacts.trajectory)
     plan, power_note = _with_measured_power(plan, experiment, artifacts.summary_extra["measured_power_per_gpu_w"])
     record = record_of(
         plan,
@@ -428,7 +434,7 @@ def run(
         experiment,
         executor="ray",
         traces_checksums=traces_checksums,
-        extra={**artifacts.summary_extra, **power_note, **_live_note(experiment, run_dir, artifacts.trajectory),
+        extra={**artifacts.summary_extra, **power_note, **live_note,
                "restarts": restarts, "resumed": resume is not None,
                "resume_checkpoint": start_from.name if start_from is not None else None,
                "skipped_checkpoints": [{"checkpoint": name, "reason": reason} for name, reason in skipped],
@@ -442,21 +448,17 @@ def run(
     return RunResult(record.summary, run_dir, record)
 
 
-def _plan_of_finished_run(experiment: ExperimentConfig, spec: RunSpec, run_dir: Path, trajectory: Any) -> RunPlan:
-    """The plan a finished run is accounted against: its traces, or the signal a live run recorded."""
-    if experiment.live is None:
-        traces, forecasts = load_experiment_traces(experiment)
-        return plan_run(experiment, spec, traces, forecasts)
-    readings = read_readings(run_dir)
+def _recorded_plan(
+    experiment: ExperimentConfig, spec: RunSpec, readings: list[Any], start_s: float, end_s: float
+) -> RunPlan:
+    """A live run's plan on the readings it recorded (its accounting, and its replay)."""
     regions = {site: experiment.sites[site].region for site in spec.sites}
-    signals = signals_from_readings(readings, trajectory.finish_s, regions, source=READINGS_FILE)
-    return plan_recorded(experiment, spec, signals, trajectory.start_s, trajectory.finish_s)
+    signals = signals_from_readings(readings, end_s, regions, source=READINGS_FILE)
+    return plan_recorded(experiment, spec, signals, start_s, end_s)
 
 
-def _live_note(experiment: ExperimentConfig, run_dir: Path, trajectory: Any) -> dict[str, Any]:
-    if experiment.live is None:
-        return {}
-    readings = read_readings(run_dir)
+def _live_note(experiment: ExperimentConfig, readings: list[Any], trajectory: Any) -> dict[str, Any]:
+    assert experiment.live is not None
     origins = pd.Series([r.origin for r in readings]).value_counts().to_dict()
     return {"live": {
         "source": experiment.live.source.kind, "start_s": trajectory.start_s, "finish_s": trajectory.finish_s,

@@ -20,16 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import curtail
-from curtail.api import DECISION_EVENTS
+from curtail.api import decisions
 from curtail.config import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 LIVE = REPO / "experiments" / "live_demo.toml"
-
-
-def decisions(events) -> list[tuple[float, str, str]]:
-    rows = events[events["event"].isin(DECISION_EVENTS)]
-    return [(float(t), str(s), str(e)) for t, s, e in zip(rows["t_s"], rows["site"], rows["event"])]
 
 
 def _stamp(t_s: float) -> str:
