@@ -13,7 +13,6 @@ Readings go to ``live_readings.jsonl`` in the shadow's directory, as in a live r
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,9 +81,8 @@ class _ShadowExecutor(Simulator):
         calendar = self.context.calendar
         sites = []
         for name, site in self.sites.items():
-            readings = [r for r in calendar.applied if r.site == name and r.effective_t_s <= t_s]
             sites.append(SiteStatus(
-                name, readings[-1].ci_g_per_kwh if readings else math.nan, calendar.threshold_at(name, t_s),
+                name, calendar.value_at(name, t_s), calendar.threshold_at(name, t_s),
                 calendar.state_at(name, t_s).value, self._state(site).value, site.intent.value,
             ))
         status = ShadowStatus(t_s, self.recorder.mode.value, tuple(sites), calendar.next_change_after(t_s))

@@ -202,6 +202,11 @@ class LiveCalendar:
     def states_at(self, t_s: float) -> dict[str, WindowState]:
         return {site: self.state_at(site, t_s) for site in self._calendars}
 
+    def value_at(self, site: str, t_s: float) -> float:
+        """The reading in force for ``site`` at ``t_s`` (gCO2/kWh)."""
+        self.catch_up(t_s)
+        return self._calendar(site).value_at(t_s)
+
     def threshold_at(self, site: str, t_s: float) -> float:
         self.catch_up(t_s)
         return self._calendar(site).threshold_at(t_s)

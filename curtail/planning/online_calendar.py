@@ -244,6 +244,11 @@ class OnlineCalendar:
         """Whether the site is in a curtailment window at ``t_s`` (provisioning, ready or draining)."""
         return self.state_at(t_s) is not WindowState.OFF
 
+    def value_at(self, t_s: float) -> float:
+        """The reading in force at ``t_s`` (gCO2/kWh; at most ``now_s``)."""
+        self._require_known(t_s)
+        return self._values[max(bisect.bisect_right(self._times_s, t_s) - 1, 0)]
+
     def threshold_at(self, t_s: float) -> float:
         """The curtailment threshold (gCO2/kWh) in force at ``t_s`` (at most ``now_s``)."""
         self._require_known(t_s)
