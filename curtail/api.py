@@ -33,12 +33,18 @@ from curtail.config import (
 )
 from curtail.errors import CurtailError, PreflightError, ResumeError
 from curtail.planning.energy import PowerModel
-from curtail.planning.live_calendar import signals_from_readings
+from curtail.planning.live_calendar import AppliedReading, signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.preflight import check_live_files, check_output_dir, check_run_files, unwritable_dir
 from curtail.runlog import RunRecord, events_frame, losses_frame, record_of, write_run_dir
 from curtail.sources.live_feed import READINGS_FILE, read_readings
+from curtail.sources.live_forecasts import (
+    FORECASTS_FILE,
+    ReceivedForecast,
+    forecasts_from_records,
+    read_forecasts,
+)
 from curtail.tracking import check_available, log_run
 
 SUMMARY_COLUMNS = [
@@ -203,7 +209,8 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     live = json.loads(summary.read_text()).get("live")
     if not live:
         raise CurtailError(f"{run_dir}/summary.json has no 'live' section: the run did not finish as a live run")
-    plan = _recorded_plan(experiment, spec, read_readings(run_dir), float(live["start_s"]), float(live["finish_s"]))
+    plan = _recorded_plan(experiment, spec, read_readings(run_dir), read_forecasts(run_dir),
+                          float(live["start_s"]), float(live["finish_s"]))
     trajectory = Simulator(plan.context, plan.policy).run()
     replayed = decisions(events_frame(trajectory))
     original = decisions(pd.read_csv(run_dir / "events.csv", keep_default_na=False))
@@ -424,9 +431,10 @@ def run(
             ray.shutdown()
     live_note: dict[str, Any] = {}
     if plan is None:
-        readings = read_readings(run_dir)
-        plan = _recorded_plan(experiment, spec, readings, artifacts.trajectory.start_s, artifacts.trajectory.finish_s)
-        live_note = _live_note(experiment, readings, artifacts.trajectory)
+        readings, forecasts = read_readings(run_dir), read_forecasts(run_dir)
+        plan = _recorded_plan(experiment, spec, readings, forecasts, artifacts.trajectory.start_s,
+                              artifacts.trajectory.finish_s)
+        live_note = _live_note(experiment, readings, forecasts, artifacts.trajectory)
     plan, power_note = _with_measured_power(plan, experiment, artifacts.summary_extra["measured_power_per_gpu_w"])
     record = record_of(
         plan,
@@ -449,21 +457,35 @@ def run(
 
 
 def _recorded_plan(
-    experiment: ExperimentConfig, spec: RunSpec, readings: list[Any], start_s: float, end_s: float
+    experiment: ExperimentConfig, spec: RunSpec, readings: list[AppliedReading],
+    forecasts: list[ReceivedForecast], start_s: float, end_s: float,
 ) -> RunPlan:
-    """A live run's plan on the readings it recorded (its accounting, and its replay)."""
+    """A live run's plan on the readings (and forecasts) it recorded: its accounting, and its replay.
+    A policy that read forecasts gets exactly those, each from the instant the run fetched it."""
+    assert experiment.live is not None
+    deadline_s = start_s + experiment.live.duration_s  # the live run's: a run that finished early kept it
     regions = {site: experiment.sites[site].region for site in spec.sites}
-    signals = signals_from_readings(readings, end_s, regions, source=READINGS_FILE)
-    return plan_recorded(experiment, spec, signals, start_s, end_s)
+    signals = signals_from_readings(readings, max(end_s, deadline_s), regions, source=READINGS_FILE)
+    read = forecasts_from_records(forecasts, regions) if getattr(spec.policy, "forecast", "none") != "none" else {}
+    return plan_recorded(experiment, spec, signals, start_s, deadline_s, read)
 
 
-def _live_note(experiment: ExperimentConfig, readings: list[Any], trajectory: Any) -> dict[str, Any]:
+def _live_note(
+    experiment: ExperimentConfig, readings: list[AppliedReading], forecasts: list[ReceivedForecast], trajectory: Any
+) -> dict[str, Any]:
     assert experiment.live is not None
     origins = pd.Series([r.origin for r in readings]).value_counts().to_dict()
+    by_site: dict[str, dict[str, Any]] = {}
+    for forecast in forecasts:  # which forecasts the policy read, per site
+        entry = by_site.setdefault(forecast.site, {"count": 0, "sources": []})
+        entry["count"] += 1
+        if forecast.source not in entry["sources"]:
+            entry["sources"].append(forecast.source)
     return {"live": {
         "source": experiment.live.source.kind, "start_s": trajectory.start_s, "finish_s": trajectory.finish_s,
         "readings": len(readings), "late_readings": sum(r.late for r in readings),
         "readings_by_origin": {str(k): int(v) for k, v in origins.items()}, "readings_file": READINGS_FILE,
+        "forecasts_by_site": by_site, "forecasts_file": FORECASTS_FILE if forecasts else None,
     }}
 
 

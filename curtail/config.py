@@ -485,8 +485,9 @@ class TrackingConfig(StrictModel):
 # --------------------------------------------------------------------------------------------
 # Live signals (curtail.sources, curtail.planning.live_calendar)
 
-LIVE_POLICY_KINDS = ("threshold", "always_on")
-"""Policies a live run can follow: they need nothing of the signal beyond "now"."""
+LIVE_POLICY_KINDS = ("threshold", "always_on", "forecast", "budget")
+"""Policies a live run can follow: they read the signal up to now, and (forecast, budget) the
+source's forecasts; the oracle needs the future itself."""
 
 
 class ServedFault(StrictModel):
@@ -525,11 +526,28 @@ class LiveSourceConfig(StrictModel):
     naive_timezone: str | None = Field(default=None, description="served_trace: zone of naive timestamps")
     timeout_s: float = Field(default=5.0, gt=0, description="longest wait for one answer (wall seconds)")
     faults: list[ServedFault] = Field(default_factory=list, description="served_trace: faults to inject")
+    forecast_path: Path | None = Field(
+        default=None, description="served_trace: a recorded WattTime forecast CSV served with the trace"
+    )
+    forecast_region: str | None = Field(
+        default=None, description="served_trace: the region forecast_path forecasts (a one-region trace: it)"
+    )
+    synthetic_forecast_seed: int | None = Field(
+        default=None,
+        description="served_trace without forecast_path: publish forecasts the calibrated error model makes",
+    )
 
     @model_validator(mode="after")
     def _served_trace_has_a_path(self) -> LiveSourceConfig:
-        if self.faults and self.kind != "served_trace":
-            raise ValueError("faults are injected by a served trace only (kind = 'served_trace')")
+        served_only = {"faults": self.faults, "forecast_path": self.forecast_path,
+                       "forecast_region": self.forecast_region,
+                       "synthetic_forecast_seed": self.synthetic_forecast_seed}
+        given = [key for key, value in served_only.items() if value not in (None, [])]
+        if given and self.kind != "served_trace":
+            raise ValueError(f"{given} are for a served trace only (kind = 'served_trace')")
+        if self.forecast_path is not None and self.synthetic_forecast_seed is not None:
+            raise ValueError("a served trace publishes recorded forecasts (forecast_path) or synthetic ones "
+                             "(synthetic_forecast_seed), not both")
         if (self.kind == "served_trace") != (self.path is not None):
             raise ValueError(
                 "kind = 'served_trace' needs path = the trace CSV to serve"
@@ -564,6 +582,9 @@ class LiveConfig(StrictModel):
     fallback_trace: TraceSource | None = None
     lost_ci_g_per_kwh: float = Field(
         default=10_000.0, ge=0, description="assumed while the signal is lost (default: never curtailed)"
+    )
+    forecast_refresh_s: float = Field(
+        default=300.0, gt=0, description="forecast and budget policies: fetch the newest forecast this often"
     )
 
 
@@ -705,6 +726,14 @@ class ExperimentConfig(StrictModel):
                     f"run {run.name!r}: policy {run.policy.kind!r} reads the signal ahead of now, which a "
                     f"live run does not have; use one of {list(LIVE_POLICY_KINDS)}"
                 )
+            if getattr(run.policy, "forecast", None) == "synthetic":
+                raise ValueError(
+                    f"run {run.name!r}: forecast = 'synthetic' perturbs the future, which a live run does "
+                    "not have; use 'auto' (the source's forecasts) or 'none' (a served trace can publish "
+                    "synthetic ones: live.source.synthetic_forecast_seed)"
+                )
+            if getattr(run.policy, "seasonal_s", 0.0) > 0:
+                raise ValueError(f"run {run.name!r}: seasonal_s is not supported live yet; set it to 0")
         if self.sweep is not None:
             raise ValueError("a sweep replays traces: remove [sweep] from a [live] experiment")
         return self

@@ -110,7 +110,7 @@ def shadow(
     if experiment.live is None:
         raise ValueError(f"experiment {experiment.name!r} has no [live] source to follow")
     live = LiveSignal(experiment, run, shadow_dir, on_event=on_event)
-    plan = plan_live_run(experiment, run, live.calendar, live.planned_start_s())
+    plan = plan_live_run(experiment, run, live.calendar, live.planned_start_s(), live.site_forecasts())
     executor = _ShadowExecutor(plan.context, plan.policy, speedup=experiment.training.realtime_speedup,
                                interval_s=interval_s, on_status=on_status, stop_after=stop_after)
     try:

@@ -256,7 +256,12 @@ def test_the_live_demo_resolves_its_served_trace_next_to_the_config():
     ("changes", "message"),
     [
         ({"training.clock": "virtual"}, 'set training.clock = "realtime"'),
-        ({"runs.0.policy": {"kind": "forecast"}}, "reads the signal ahead of now"),
+        ({"runs.0.policy": {"kind": "oracle"}}, "reads the signal ahead of now"),
+        ({"runs.0.policy": {"kind": "forecast", "forecast": "synthetic"}}, "perturbs the future"),
+        ({"runs.0.policy": {"kind": "budget", "seasonal_s": 86400}}, "seasonal_s is not supported live"),
+        ({"live.source": {"kind": "watttime", "synthetic_forecast_seed": 1}}, "for a served trace only"),
+        ({"live.source": {"kind": "served_trace", "path": "x.csv", "synthetic_forecast_seed": 1,
+                          "forecast_path": "f.csv"}}, "not both"),
         ({"runs.0.deadline": "2026-01-12T00:00:00Z"}, "remove its start and deadline"),
         ({"live.source": {"kind": "served_trace"}}, "needs path = the trace CSV"),
         ({"live.source": {"kind": "watttime", "path": "x.csv"}}, "path is for kind = 'served_trace' only"),

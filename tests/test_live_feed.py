@@ -6,18 +6,20 @@ decisions exactly, and the feed's handling of a source ahead of the run and of a
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from planning_fixtures import TRACES
 
 from curtail.api import DECISION_EVENTS
-from curtail.config import TraceSource, parse_experiment
+from curtail.config import ForecastSource, TraceSource, parse_experiment
 from curtail.planning.live_calendar import LiveCalendar, signals_from_readings
-from curtail.planning.plan import plan_live_run, plan_recorded, plan_run
+from curtail.planning.plan import load_experiment_traces, plan_live_run, plan_recorded, plan_run
 from curtail.planning.simulator import Simulator
-from curtail.planning.traces import load_trace
+from curtail.planning.traces import load_forecast, load_trace
 from curtail.sources.base import SourceUnavailable
 from curtail.sources.live_feed import PollingFeed
+from curtail.sources.live_forecasts import LiveForecasts, forecasts_from_records
 from curtail.sources.poller import RealtimePoller
 from curtail.sources.trace_server import TraceServer
 from curtail.sources.watttime import WattTimeSource
@@ -45,10 +47,10 @@ def experiment(live: bool, duration_s: float = 12 * 3600.0):
 class RunClockServer:
     """A trace server whose clock is the run's: set ``t_s`` before each question (speedup 1)."""
 
-    def __init__(self):
-        signals = load_trace(TraceSource(path=PAPER_TRACE)).signals
+    def __init__(self, path=PAPER_TRACE, forecasts=None, naive_timezone=None):
+        signals = load_trace(TraceSource(path=path, naive_timezone=naive_timezone)).signals
         self.t_s = min(s.start_s for s in signals.values())
-        self.server = TraceServer(signals, speedup=1.0, clock=lambda: self.t_s)
+        self.server = TraceServer(signals, speedup=1.0, clock=lambda: self.t_s, forecasts=forecasts)
 
 
 class FollowingFeed:
@@ -144,3 +146,130 @@ def test_a_lost_signal_closes_the_windows_and_recovers(served, monkeypatch):
         for window in replay_plan.calendar.windows(site):
             assert not (outage[0] + 1200 <= window.open_s < outage[1])
     assert decisions(Simulator(replay_plan.context, replay_plan.policy).run()) == decisions(live)
+
+
+# ------------------------------------------------------------------ forecasts, live
+
+CAISO_MONTH = TRACES / "watttime_moer_2023-06_caiso-north_actual.csv"
+CAISO_FORECASTS = ForecastSource(
+    path=TRACES / "watttime_moer_2023-06_caiso-north_forecast.csv.gz", region="Caiso_North", naive_timezone="UTC"
+)
+CAISO = {"caiso": "Caiso_North"}
+FORECAST_POLICY = {"kind": "forecast", "min_window_s": 1800.0, "bridge_s": 1800.0}
+BUDGET_POLICY = {"kind": "budget", "max_ci_g_per_kwh": 60.0, "history_s": 86400.0, "supply_margin": 1.5}
+
+
+def caiso_experiment(policy, live: bool, days: float = 3.0):
+    start = datetime(2023, 6, 8, tzinfo=UTC)
+    data = {
+        "name": "live-forecasts",
+        "token_budget": 5e5 if policy["kind"] == "budget" else 1e12,
+        "sites": {"caiso": {"region": "Caiso_North", "tokens_per_s": 5.0, "training_power_w": 2024,
+                            "idle_power_w": 468}},
+        "rules": {"provisioning_s": 600.0},
+        "runs": [{"name": "r", "policy": policy, "sites": ["caiso"]}],
+    }
+    if live:
+        data["live"] = {"source": {"kind": "served_trace", "path": str(CAISO_MONTH), "naive_timezone": "UTC",
+                                   "forecast_path": str(CAISO_FORECASTS.path), "forecast_region": "Caiso_North"},
+                        "duration_s": days * 86400}
+        data["training"] = {"clock": "realtime", "realtime_speedup": 600.0}
+    else:
+        data["traces"] = [{"path": str(CAISO_MONTH), "naive_timezone": "UTC"}]
+        data["forecasts"] = [CAISO_FORECASTS.model_dump(mode="json")]
+        data["runs"][0]["deadline"] = (start + timedelta(days=days)).isoformat()
+    return parse_experiment(data)
+
+
+class FollowingSource:
+    """A source whose server clock follows the run's to each forecast question."""
+
+    def __init__(self, clocked: RunClockServer, source):
+        self.clocked, self.source, self.name = clocked, source, source.name
+        self.down = False
+
+    def forecast(self, region, now_s=None, *, horizon_s=24 * 3600):
+        self.clocked.t_s = max(self.clocked.t_s, now_s)
+        if self.down:
+            raise SourceUnavailable("watttime", "connection refused (test outage)")
+        return self.source.forecast(region, now_s, horizon_s=horizon_s)
+
+
+@pytest.fixture
+def served_caiso(monkeypatch):
+    monkeypatch.setenv("WATTTIME_USER", "anyone")
+    monkeypatch.setenv("WATTTIME_PASSWORD", "anything")
+    clocked = RunClockServer(CAISO_MONTH, {"Caiso_North": load_forecast(CAISO_FORECASTS)}, naive_timezone="UTC")
+    with clocked.server:
+        yield clocked
+
+
+def live_forecast_run(clocked: RunClockServer, policy, outage=None):
+    config = caiso_experiment(policy, live=True)
+    source = WattTimeSource(base_url=clocked.server.url, timeout_s=30.0)
+    poller = RealtimePoller(source, ["Caiso_North"], refresh_s=config.rules.poll_s)
+    feed = FollowingFeed(clocked, PollingFeed(CAISO, poller, lost_ci_g_per_kwh=config.live.lost_ci_g_per_kwh))
+    calendar = LiveCalendar(["caiso"], config.rules, feed)
+    following = FollowingSource(clocked, source)
+    events = []
+    forecasts = LiveForecasts(CAISO, following, refresh_s=config.live.forecast_refresh_s,
+                              on_event=lambda *event: events.append(event))
+    if outage is not None:  # the forecast endpoint refuses between two run instants
+        answer = following.forecast
+
+        def refused_in_the_outage(region, now_s=None, *, horizon_s=24 * 3600):
+            following.down = outage[0] <= now_s < outage[1]
+            return answer(region, now_s, horizon_s=horizon_s)
+
+        following.forecast = refused_in_the_outage
+    start_s = calendar.start(clocked.t_s)
+    forecasts.begin(start_s)
+    plan = plan_live_run(config, config.runs[0], calendar, start_s, {"caiso": forecasts.for_site("caiso")})
+    return config, plan, Simulator(plan.context, plan.policy).run(), forecasts, events
+
+
+def replayed(config, plan, live, forecasts):
+    deadline_s = live.start_s + config.live.duration_s
+    signals = signals_from_readings(plan.calendar.applied, deadline_s, CAISO)
+    read = forecasts_from_records(forecasts.received, CAISO)
+    replay_plan = plan_recorded(config, config.runs[0], signals, live.start_s, deadline_s, read)
+    return Simulator(replay_plan.context, replay_plan.policy).run()
+
+
+def standby_starts(trajectory):
+    """Provisions while the signal is above the threshold: pre-provisioning from a forecast."""
+    return [e for e in trajectory.events if e.event == "provision" and e.details.get("intent") == "standby"]
+
+
+def test_the_forecast_policy_followed_live_decides_as_the_offline_run(served_caiso):
+    """Three days of the CAISO month served with WattTime's recorded forecasts: the forecast
+    policy reading them live (fetched every 5 min on the run's clock) decides exactly what it
+    decides offline on the trace and the forecast file, and the record replays it."""
+    config, plan, live, forecasts, events = live_forecast_run(served_caiso, FORECAST_POLICY)
+    offline_config = caiso_experiment(FORECAST_POLICY, live=False)
+    offline_plan = plan_run(offline_config, offline_config.runs[0], *load_experiment_traces(offline_config))
+    offline = Simulator(offline_plan.context, offline_plan.policy).run()
+    assert decisions(live) == decisions(offline, until_s=live.finish_s)
+    assert len(decisions(live)) > 10
+    assert standby_starts(live)  # it pre-provisioned on a forecast opening
+    assert len(forecasts.received) == 3 * 288  # one every 5 min
+    assert all(f.source == "watttime" and len(f.targets_s) > 1 for f in forecasts.received)
+    assert not events
+    assert decisions(replayed(config, plan, live, forecasts)) == decisions(live)
+
+
+def test_the_budget_policy_live_replays_exactly(served_caiso):
+    config, plan, live, forecasts, _ = live_forecast_run(served_caiso, BUDGET_POLICY)
+    assert live.completed and live.tokens == pytest.approx(config.token_budget)
+    assert decisions(replayed(config, plan, live, forecasts)) == decisions(live)
+
+
+def test_a_forecast_outage_is_an_event_and_the_policy_runs_on(served_caiso):
+    start_s = served_caiso.t_s
+    outage = (start_s + 86400.0, start_s + 86400.0 + 6 * 3600.0)
+    config, plan, live, forecasts, events = live_forecast_run(served_caiso, FORECAST_POLICY, outage=outage)
+    kinds = [(event[2], event[0]) for event in events]
+    assert kinds == [("signal_forecast_failed", outage[0]), ("signal_forecast_recovered", outage[1])]
+    assert not any(outage[0] <= f.effective_t_s < outage[1] for f in forecasts.received)
+    assert live.finish_s == live.start_s + 3 * 86400
+    assert decisions(replayed(config, plan, live, forecasts)) == decisions(live)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from statistics import NormalDist
+from typing import Protocol
 
 import numpy as np
 
@@ -415,7 +416,21 @@ class Outlook:
         return float(self.targets_s[above[0]]) if len(above) else math.inf
 
 
-def outlook_of(forecast: Forecast | None, now_s: float, step_s: float) -> Outlook | None:
+class IssuedForecasts(Protocol):
+    """What a policy reads of a site's forecasts: the newest issued by ``now_s`` (targets,
+    values), or None. A recorded :class:`~curtail.planning.traces.Forecast` is one; a live run's
+    (:class:`curtail.sources.live_forecasts.LiveForecast`) also says when the next arrives."""
+
+    def latest(self, now_s: float) -> tuple[np.ndarray, np.ndarray] | None: ...
+
+
+class ArrivingForecasts(IssuedForecasts, Protocol):
+    """A live run's forecasts: they arrive as the run's clock passes ``next_due_s``."""
+
+    def next_due_s(self, now_s: float) -> float: ...
+
+
+def outlook_of(forecast: IssuedForecasts | None, now_s: float, step_s: float) -> Outlook | None:
     """The newest forecast issued at or before ``now_s``, restricted to targets after now."""
     if forecast is None:
         return None

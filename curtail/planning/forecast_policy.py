@@ -24,16 +24,20 @@ persistence hysteresis that idles instead of training).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 
 from curtail.config import ForecastChoice, ForecastParams
 from curtail.planning.forecast import (
     WATTTIME_CAISO_2023_06,
+    ArrivingForecasts,
+    IssuedForecasts,
     Outlook,
     outlook_of,
     synthesize_forecast,
 )
+from curtail.planning.live_calendar import LiveCalendar
 from curtail.planning.policy import (
     Decision,
     Intent,
@@ -50,17 +54,24 @@ _EPS_S = 1e-6
 
 def site_forecasts(
     context: PolicyContext, choice: ForecastChoice, *, seed: int, horizon_s: float
-) -> dict[str, Forecast | None]:
+) -> dict[str, IssuedForecasts | None]:
     """The forecast each site's policy may read.
 
     ``recorded``: the experiment's forecasts (None for sites without); ``synthetic``: made from
     the signal by the calibrated error model (seeded per site); ``auto``: recorded where there
-    are some, else synthetic; ``none``: no forecasts.
+    are some, else synthetic; ``none``: no forecasts. A live run's forecasts are its source's
+    (recorded and auto); the error model needs the future it perturbs, which a live run lacks.
     """
-    forecasts: dict[str, Forecast | None] = {}
+    live = isinstance(context.calendar, LiveCalendar)
+    if live and choice == "synthetic":
+        raise ValueError(
+            "a live run cannot synthesize forecasts (the error model perturbs the future): use "
+            "forecast = 'auto' for the source's forecasts, or serve a trace with synthetic ones"
+        )
+    forecasts: dict[str, IssuedForecasts | None] = {}
     for index, site in enumerate(context.sites):
         recorded = context.forecasts.get(site)
-        if choice == "none" or (choice == "recorded" and recorded is None):
+        if choice == "none" or (choice == "recorded" and recorded is None) or (live and recorded is None):
             forecasts[site] = None
         elif choice in ("recorded", "auto") and recorded is not None:
             forecasts[site] = recorded
@@ -89,19 +100,18 @@ class ForecastAwarePolicy(Policy):
         super().__init__(context, config)
         config = self.config
         self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
-        self._window_spans = {
-            site: (
-                np.array([w.open_s for w in context.calendar.windows(site)]),
-                np.array([w.close_s for w in context.calendar.windows(site)]),
-            )
-            for site in context.sites
-        }
         self.forecasts = site_forecasts(
             context, config.forecast, seed=config.forecast_seed, horizon_s=config.forecast_horizon_s
         )
         self._above_since: dict[str, float] = {}
+        self._live = isinstance(context.calendar, LiveCalendar)
+        if self._live:  # the past grows: windows and wake-ups are read as the run goes
+            self._window_spans: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            self._wake_instants = np.array([])
+            return
+        self._window_spans = {site: self._spans(site) for site in context.sites}
         instants = [s.times_s for s in context.signals.values()]
-        instants += [f.request_s for f in self.forecasts.values() if f is not None]
+        instants += [f.request_s for f in self.forecasts.values() if isinstance(f, Forecast)]
         self._wake_instants = np.unique(np.concatenate(instants))
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -132,22 +142,38 @@ class ForecastAwarePolicy(Policy):
 
     def typical_window_s(self, site: str, now_s: float) -> float:
         """Median length of the site's calendar windows closed in the past ``history_s`` (0: none)."""
-        opens, closes = self._window_spans[site]
+        opens, closes = self._spans(site) if self._live else self._window_spans[site]
         recent = (closes <= now_s) & (closes > now_s - self.config.history_s)
         return float(np.median(closes[recent] - opens[recent])) if recent.any() else 0.0
+
+    def _spans(self, site: str) -> tuple[np.ndarray, np.ndarray]:
+        windows = self.context.calendar.windows(site)
+        return np.array([w.open_s for w in windows]), np.array([w.close_s for w in windows])
 
     # ------------------------------------------------------------------ the decision
 
     def decide(self, now_s: float, observation: Observation) -> Decision:
         intents: dict[str, Intent] = {}
-        index = int(np.searchsorted(self._wake_instants, now_s + _EPS_S, side="right"))
-        wake_s = float(self._wake_instants[index]) if index < len(self._wake_instants) else math.inf
+        wake_s = self._next_news_s(now_s)
         for site in self.context.sites:
             intent, site_wake_s = self._site_intent(site, now_s, observation)
             intents[site] = intent
             if site_wake_s > now_s + _EPS_S:
                 wake_s = min(wake_s, site_wake_s)
         return Decision(intents, wake_s)
+
+    def _next_news_s(self, now_s: float) -> float:
+        """The next instant the signal or a forecast can change: the next sample or issue of a
+        trace; live, the calendar's next change or reading due and the next forecast fetch."""
+        if self._live:
+            assert isinstance(self.context.calendar, LiveCalendar)
+            wake_s = self.context.calendar.next_change_after(now_s)  # also pulls readings up to now
+            for forecast in self.forecasts.values():
+                if forecast is not None:
+                    wake_s = min(wake_s, cast(ArrivingForecasts, forecast).next_due_s(now_s))
+            return wake_s
+        index = int(np.searchsorted(self._wake_instants, now_s + _EPS_S, side="right"))
+        return float(self._wake_instants[index]) if index < len(self._wake_instants) else math.inf
 
     def _site_intent(
         self, site: str, now_s: float, observation: Observation

@@ -24,7 +24,7 @@ does) is asked at every instant its intents could change.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -220,6 +220,24 @@ class LiveCalendar:
             candidates.append(self._next_reading_due(site, t_s))
         return min(candidates)
 
+    def received(self, site: str) -> int:
+        """How many readings ``site`` has received."""
+        return len(self._samples[site])
+
+    def windows(self, site: str) -> list[Window]:
+        """``site``'s windows opened so far; one still open has ``close_s = inf``."""
+        return self._calendar(site).windows_opened()
+
+    def thresholds(self, site: str) -> np.ndarray:
+        """The threshold (gCO2/kWh) in force from each reading of :meth:`known_signal` on."""
+        return self._calendar(site).samples()[2]
+
+    def known_signal(self, site: str, region: str) -> Signal:
+        """``site``'s readings so far at their effective instants, the newest holding one step:
+        the past a policy may read (the replay's signal has the same samples up to now)."""
+        times, values, _ = self._calendar(site).samples()
+        return Signal(region, times, values, self.step_s(site), source="live")
+
     def step_s(self, site: str) -> float:
         """The site's signal step: the median spacing of its readings (``step_s`` before two)."""
         samples = self._samples[site]
@@ -250,6 +268,29 @@ class LiveCalendar:
         """Each site's readings at their effective instants, holding until ``end_s``: the signal
         the run followed (the simulator replays the run's decisions from it exactly)."""
         return signals_from_readings(self.applied, end_s, regions, kind=kind, source=source)
+
+
+class KnownSignals(Mapping[str, Signal]):
+    """The live run's ``PolicyContext.signals``: each site's :meth:`LiveCalendar.known_signal`,
+    built when asked (a policy reads the past and the present through it, never the future)."""
+
+    def __init__(self, calendar: LiveCalendar, regions: Mapping[str, str]):
+        self.calendar, self.regions = calendar, dict(regions)
+        self._cache: dict[str, tuple[int, Signal]] = {}
+
+    def __getitem__(self, site: str) -> Signal:
+        count = self.calendar.received(site)
+        cached = self._cache.get(site)
+        if cached is None or cached[0] != count:
+            cached = (count, self.calendar.known_signal(site, self.regions[site]))
+            self._cache[site] = cached
+        return cached[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.regions)
+
+    def __len__(self) -> int:
+        return len(self.regions)
 
 
 class TraceFeed:
@@ -297,6 +338,6 @@ def signals_from_readings(
 
 
 __all__ = [
-    "AppliedReading", "FedReading", "LiveCalendar", "LiveSignalError", "ReadingOrigin", "SignalFeed",
+    "AppliedReading", "FedReading", "KnownSignals", "LiveCalendar", "LiveSignalError", "ReadingOrigin", "SignalFeed",
     "TraceFeed", "signals_from_readings",
 ]

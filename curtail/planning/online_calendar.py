@@ -33,6 +33,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from curtail.config import CurtailmentRules
@@ -197,6 +198,10 @@ class OnlineCalendar:
         """The applied readings, in time order (buffered ones not included)."""
         return tuple(Reading(t, v) for t, v in zip(self._times_s, self._values))
 
+    def samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The applied readings as arrays: times (s), values and thresholds (gCO2/kWh)."""
+        return np.array(self._times_s), np.array(self._values), np.array(self._thresholds)
+
     # ------------------------------------------------------------------------ queries
 
     def windows(self, until_s: float | None = None) -> list[Window]:
@@ -213,6 +218,13 @@ class OnlineCalendar:
         if until_s < now_s:
             raise ValueError(f"until_s ({iso(until_s)}) is before now_s ({iso(now_s)}); give until_s >= now_s")
         return self._walk_through(until_s)
+
+    def windows_opened(self) -> list[Window]:
+        """The windows opened by ``now_s``, as the readings so far decide them: one still open has
+        ``close_s = inf``; one closing (hysteresis running) its decided close."""
+        now_s = self._require_now()
+        windows, opens = self._state_view()
+        return windows[: bisect.bisect_right(opens, now_s)]
 
     def state_at(self, t_s: float) -> WindowState:
         """The site's state at ``t_s`` (at most ``now_s``), exactly as the offline calendar's."""

@@ -6,12 +6,14 @@ same policy object against the same calendar and validated signals.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 from curtail.config import ExperimentConfig, RunSpec
 from curtail.planning.energy import PowerModel
-from curtail.planning.live_calendar import LiveCalendar
+from curtail.planning.forecast import ArrivingForecasts, IssuedForecasts
+from curtail.planning.live_calendar import KnownSignals, LiveCalendar
 from curtail.planning.policy import Policy, PolicyContext, make_policy
 from curtail.planning.signals import Signal, to_epoch_s
 from curtail.planning.traces import Forecast, TraceError, TraceSet, load_forecast, load_traces
@@ -65,19 +67,36 @@ def plan_run(
     return _plan(config, run, signals, calendar, start_s, deadline_s, site_forecasts)
 
 
-def plan_live_run(config: ExperimentConfig, run: RunSpec, calendar: LiveCalendar, start_s: float) -> RunPlan:
-    """A live run: the calendar grows with the readings; the deadline is ``live.duration_s`` on."""
+def plan_live_run(
+    config: ExperimentConfig,
+    run: RunSpec,
+    calendar: LiveCalendar,
+    start_s: float,
+    forecasts: Mapping[str, ArrivingForecasts] | None = None,
+) -> RunPlan:
+    """A live run: the calendar grows with the readings, the policy reads the past through it
+    (:class:`KnownSignals`) and the source's ``forecasts`` as they arrive; the deadline is
+    ``live.duration_s`` on."""
     if config.live is None:
         raise ValueError("plan_live_run needs an experiment with [live]")
-    return _plan(config, run, {}, calendar, start_s, start_s + config.live.duration_s, {})
+    regions = {name: config.sites[name].region for name in run.sites}
+    context_signals = KnownSignals(calendar, regions)
+    return _plan(config, run, {}, calendar, start_s, start_s + config.live.duration_s, dict(forecasts or {}),
+                 context_signals=context_signals)
 
 
 def plan_recorded(
-    config: ExperimentConfig, run: RunSpec, signals: dict[str, Signal], start_s: float, end_s: float
+    config: ExperimentConfig,
+    run: RunSpec,
+    signals: dict[str, Signal],
+    start_s: float,
+    deadline_s: float,
+    forecasts: Mapping[str, Forecast] | None = None,
 ) -> RunPlan:
-    """A finished live run's plan on the signal it recorded (its summary, and its replay)."""
+    """A finished live run's plan on the signal (and forecasts) it recorded, with its deadline
+    (``start_s + live.duration_s``): its summary, and its replay."""
     calendar = CurtailmentCalendar(signals, config.rules_for(run))
-    return _plan(config, run, signals, calendar, start_s, end_s, {})
+    return _plan(config, run, signals, calendar, start_s, deadline_s, dict(forecasts or {}))
 
 
 def _plan(
@@ -87,12 +106,14 @@ def _plan(
     calendar: CurtailmentCalendar | LiveCalendar,
     start_s: float,
     deadline_s: float,
-    forecasts: dict[str, Forecast],
+    forecasts: Mapping[str, IssuedForecasts],
+    *,
+    context_signals: Mapping[str, Signal] | None = None,
 ) -> RunPlan:
     sites = {name: config.sites[name] for name in run.sites}
     context = PolicyContext(
         sites=sites,
-        signals=signals,
+        signals=signals if context_signals is None else context_signals,
         calendar=calendar,
         rules=config.rules_for(run),
         execution=config.execution_for(run),

@@ -38,9 +38,9 @@ from curtail.config import (
     PolicyConfig,
     SiteConfig,
 )
+from curtail.planning.forecast import IssuedForecasts
 from curtail.planning.live_calendar import LiveCalendar
 from curtail.planning.signals import Signal
-from curtail.planning.traces import Forecast
 from curtail.planning.windows import CurtailmentCalendar
 
 
@@ -98,7 +98,7 @@ class PolicyContext:
     start_s: float
     deadline_s: float
     token_budget: float
-    forecasts: Mapping[str, Forecast] = field(default_factory=dict)  # by site
+    forecasts: Mapping[str, IssuedForecasts] = field(default_factory=dict)  # by site (live: arriving)
 
 
 class Policy(ABC):

@@ -131,7 +131,8 @@ class Coordinator:
             traces, forecasts = load_experiment_traces(self.config)
             return plan_run(self.config, self.run_spec, traces, forecasts), None
         live = LiveSignal(self.config, self.run_spec, self.run_dir, on_event=self._signal_event)
-        return plan_live_run(self.config, self.run_spec, live.calendar, live.planned_start_s()), live
+        plan = plan_live_run(self.config, self.run_spec, live.calendar, live.planned_start_s(), live.site_forecasts())
+        return plan, live
 
     def run(self) -> RunArtifacts:
         training = self.config.training

@@ -372,6 +372,15 @@ class TraceFileSource(CarbonSource):
     def forecast(
         self, region: str, now_s: float | None = None, *, horizon_s: float = 24 * 3600
     ) -> Forecast:
+        """The forecast issued at or before ``now_s`` (every recorded one without ``now_s``)."""
         if region not in self.forecasts:
             raise SourceRequestError(self.name, f"no forecast for region {region!r}")
-        return self.forecasts[region]
+        recorded = self.forecasts[region]
+        if now_s is None:
+            return recorded
+        issued = recorded.latest(now_s)
+        if issued is None:
+            raise SourceUnavailable(self.name, f"no forecast for region {region!r} issued by {iso(now_s)}")
+        index = int(np.searchsorted(recorded.request_s, now_s, side="right")) - 1
+        targets, values = issued
+        return make_forecast(self.name, region, [(float(recorded.request_s[index]), targets, values)])

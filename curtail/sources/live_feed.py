@@ -9,9 +9,11 @@ and hands over what is new. While a region's signal is lost it hands over one re
 
 :class:`LiveSignal` builds the whole chain from ``[live]`` (:class:`~curtail.config.LiveConfig`):
 the source (a served trace starts its :class:`~curtail.sources.trace_server.TraceServer` here),
-the poller, the feed, the :class:`~curtail.planning.live_calendar.LiveCalendar`, and the record
-``live_readings.jsonl`` in the run directory (one JSON line per reading as the run used it,
-flushed as it arrives), from which ``curtail replay`` simulates the run.
+the poller, the feed, the :class:`~curtail.planning.live_calendar.LiveCalendar`, the forecasts a
+forecast-reading policy reads (:mod:`curtail.sources.live_forecasts`), and the records
+``live_readings.jsonl`` and ``live_forecasts.jsonl`` in the run directory (one JSON line per
+reading or forecast as the run used it, flushed as it arrives), from which ``curtail replay``
+simulates the run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from curtail.config import ExperimentConfig, LiveConfig, LiveSourceConfig, RunSp
 from curtail.planning.live_calendar import AppliedReading, FedReading, LiveCalendar
 from curtail.planning.traces import load_trace
 from curtail.sources.base import CarbonSource, SourceError, TraceFileSource
+from curtail.sources.live_forecasts import ForecastRecord, LiveForecast, LiveForecasts
 from curtail.sources.poller import RealtimePoller, SignalLost, SourceEvent
 
 READINGS_FILE = "live_readings.jsonl"
@@ -103,7 +106,10 @@ def open_source(config: LiveSourceConfig, *, speedup: float) -> tuple[CarbonSour
 
     if config.kind == "served_trace":
         assert config.path is not None  # the config validates it
-        server = TraceServer.from_csv(config.path, naive_timezone=config.naive_timezone, speedup=speedup)
+        server = TraceServer.from_csv(
+            config.path, naive_timezone=config.naive_timezone, speedup=speedup, forecast_path=config.forecast_path,
+            forecast_region=config.forecast_region, synthetic_forecast_seed=config.synthetic_forecast_seed,
+        )
         os.environ.setdefault(_SERVED_USER_ENV, "curtail")
         os.environ.setdefault(_SERVED_PASSWORD_ENV, "served-trace")
         return _ServedSource(server, config.timeout_s, config.faults), server
@@ -171,6 +177,10 @@ class _ServedSource(CarbonSource):
         self._arm_due_faults()
         return self._source().history(region, start_s, end_s)
 
+    def forecast(self, region: str, now_s: float | None = None, *, horizon_s: float = 24 * 3600):  # type: ignore[no-untyped-def]
+        self._arm_due_faults()
+        return self._source().forecast(region, now_s, horizon_s=horizon_s)
+
 
 class LiveSignal:
     """A live run's signal chain (see the module doc).
@@ -208,6 +218,19 @@ class LiveSignal:
         )
         self.path = run_dir / READINGS_FILE
         self._file: IO[str] | None = None
+        self.forecast_record = ForecastRecord(run_dir)
+        self.forecasts: LiveForecasts | None = None
+        if getattr(run.policy, "forecast", "none") != "none":  # forecast and budget policies read them
+            self.forecasts = LiveForecasts(
+                self.source_regions, self.source, refresh_s=self.config.forecast_refresh_s,
+                on_forecast=self.forecast_record.write, on_event=self._emit,
+            )
+
+    def site_forecasts(self) -> dict[str, LiveForecast]:
+        """What a forecast-reading policy reads per site (empty if the run's policy reads none)."""
+        if self.forecasts is None:
+            return {}
+        return {site: self.forecasts.for_site(site) for site in self.source_regions}
 
     def planned_start_s(self) -> float:
         """The run's start: a served trace's first sample; else now minus ``lag_s``."""
@@ -222,6 +245,9 @@ class LiveSignal:
         if self.server is not None:
             self.server.start()
         self.calendar.start(start_s)
+        if self.forecasts is not None:
+            self.forecast_record.open()
+            self.forecasts.begin(start_s)
 
     def close(self) -> None:
         if self.server is not None:
@@ -229,6 +255,7 @@ class LiveSignal:
         if self._file is not None:
             self._file.close()
             self._file = None
+        self.forecast_record.close()
 
     def _record(self, reading: AppliedReading) -> None:
         if self._file is not None:

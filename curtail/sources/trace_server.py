@@ -364,14 +364,26 @@ class TraceServer:
         naive_timezone: str | None = None,
         forecast_path: str | Path | None = None,
         forecast_region: str | None = None,
+        synthetic_forecast_seed: int | None = None,
         **options: Any,
     ) -> TraceServer:
-        """Serve a trace CSV (``[[traces]]`` layout, gCO2/kWh), optionally with a forecast CSV."""
+        """Serve a trace CSV (``[[traces]]`` layout, gCO2/kWh), optionally with a forecast CSV,
+        or (``synthetic_forecast_seed``) with forecasts the calibrated error model makes from the
+        trace for every region (:func:`~curtail.planning.forecast.synthesize_forecast`: what a
+        WattTime-like forecast of this trace would have said; the server knows the trace's future)."""
         from curtail.config import ForecastSource, TraceSource
+        from curtail.planning.forecast import synthesize_forecast
         from curtail.planning.traces import load_forecast
 
         signals = load_trace(TraceSource(path=Path(path), naive_timezone=naive_timezone)).signals
         forecasts = {}
+        if forecast_path is not None and synthetic_forecast_seed is not None:
+            raise TraceServerError("serve recorded forecasts (forecast_path) or synthetic ones, not both")
+        if synthetic_forecast_seed is not None:
+            forecasts = {
+                region: synthesize_forecast(signals[region], seed=synthetic_forecast_seed * 1000 + index)
+                for index, region in enumerate(sorted(signals))
+            }
         if forecast_path is not None:
             if forecast_region is None:
                 if len(signals) != 1:
@@ -680,6 +692,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--forecast", type=Path, help="recorded forecast CSV (request_time, forecast_time, value)"
     )
     parser.add_argument("--forecast-region", help="the trace region the forecast is for")
+    parser.add_argument(
+        "--synthetic-forecast-seed",
+        type=int,
+        metavar="SEED",
+        help="publish forecasts the calibrated error model makes from the trace (every region)",
+    )
     faults = parser.add_argument_group("injected faults (for tests of a live run's signal)")
     faults.add_argument(
         "--fail-first", type=_count, metavar="N", help="answer the first N data requests HTTP 503"
@@ -721,6 +739,7 @@ def serve(args: argparse.Namespace) -> None:
         naive_timezone=args.naive_timezone,
         forecast_path=args.forecast,
         forecast_region=args.forecast_region,
+        synthetic_forecast_seed=args.synthetic_forecast_seed,
         speedup=args.speedup,
         port=args.port,
         start_s=args.start,
