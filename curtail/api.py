@@ -211,9 +211,10 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
         raise CurtailError(f"{run_dir}/summary.json has no 'live' section: the run did not finish as a live run")
     plan = _recorded_plan(experiment, spec, read_readings(run_dir), read_forecasts(run_dir),
                           float(live["start_s"]), float(live["finish_s"]))
-    trajectory = Simulator(plan.context, plan.policy).run()
+    events = pd.read_csv(run_dir / "events.csv", keep_default_na=False)
+    trajectory = Simulator(plan.context, plan.policy).run(lost_time=lost_time(events))
     replayed = decisions(events_frame(trajectory))
-    original = decisions(pd.read_csv(run_dir / "events.csv", keep_default_na=False))
+    original = decisions(events)
     differ = next((i for i, (a, b) in enumerate(zip(replayed, original)) if a != b), None)
     if differ is None and len(replayed) != len(original):
         differ = min(len(replayed), len(original))
@@ -401,12 +402,7 @@ def run(
     check_run_files(experiment)
     if experiment.live is not None:
         check_live_files(experiment)
-        if resume is not None:
-            raise ResumeError(
-                f"{run_dir} is a live run: a live run cannot resume (its clock is the grid's, which moved on); "
-                "start a new run"
-            )
-        max_restarts = 0  # a restart from a checkpoint would rewind the clock
+        # a restart or resume goes on at the grid's now: the stretch since the checkpoint is lost time
         plan: RunPlan | None = None  # accounted on the signal the run records
         traces_checksums: dict[str, str] = {}
     else:
@@ -454,6 +450,14 @@ def run(
     write_run_dir(record, run_dir)
     log_run(record, experiment.tracking)  # TensorBoard / MLflow, if [tracking] turns them on
     return RunResult(record.summary, run_dir, record)
+
+
+def lost_time(events: pd.DataFrame) -> list[tuple[float, float]]:
+    """The stretches a live run was down (its ``lost_time`` events: from its checkpoint to the
+    instant it resumed at), which a replay leaves out as the run did."""
+    rows = events[events["event"] == "lost_time"]
+    details = [json.loads(text) if isinstance(text, str) and text else {} for text in rows.get("details", [])]
+    return [(float(d["from_s"]), float(d["to_s"])) for d in details]
 
 
 def _recorded_plan(

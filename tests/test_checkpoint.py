@@ -55,6 +55,37 @@ def test_simulated_run_resumed_from_a_snapshot_ends_identically():
         assert [e for e in resumed.events if e.event != "resume"] == list(full.events)
 
 
+def test_lost_time_resumes_at_now_and_replays_identically():
+    """A live run down from its checkpoint to "now": resumed from the snapshot with the lost
+    stretch, it equals a run told of the stretch from the start (what a replay does); nothing
+    trains and every site is off in the stretch, and the policy picks up again after it."""
+    from curtail.planning.simulator import Simulator
+
+    snapshots = []
+
+    class Recording(Simulator):
+        def at_safe_point(self, t_s, next_decision_s, current):
+            if current is not None and len(current.members) >= 2:  # mid federated round: a site trains
+                snapshots.append(json.loads(json.dumps(self.snapshot(t_s, next_decision_s))))
+            return False
+
+    plan = _plan()
+    full = Recording(plan.context, plan.policy).run()
+    snapshot = snapshots[len(snapshots) // 3]
+    lost = (snapshot["t_s"], snapshot["t_s"] + 5400.0)
+    fresh = _plan()
+    resumed = Simulator(fresh.context, fresh.policy).run(resume_from=snapshot, lost_time=[lost])
+    fresh = _plan()
+    replayed = Simulator(fresh.context, fresh.policy).run(lost_time=[lost])
+    assert [e for e in resumed.events if e.event != "resume"] == list(replayed.events)
+    assert resumed.intervals == replayed.intervals and resumed.tokens_by_site == replayed.tokens_by_site
+    [event] = [e for e in resumed.events if e.event == "lost_time"]
+    assert (event.t_s, event.details["lost_s"]) == (lost[0], 5400.0)
+    assert not any(i.start_s < lost[1] and i.end_s > lost[0] and i.state != "off" for i in resumed.intervals)
+    assert any(i.start_s >= lost[1] and i.state == "training" for i in resumed.intervals)
+    assert resumed.tokens < full.tokens or resumed.finish_s > full.finish_s  # the stretch cost training
+
+
 def test_checkpoint_round_trip_and_torn_checkpoints(tmp_path):
     from curtail.errors import CheckpointError
     from curtail.runtime.checkpoint import (

@@ -22,6 +22,7 @@ the syncs, through the ``on_*`` hooks below (no-ops here).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,9 @@ class Executor:
 
     def on_failure(self, site: str, t_s: float) -> None:
         """A failed site has been taken out of the run: release what it held."""
+
+    def on_lost_time(self, from_s: float, to_s: float) -> None:
+        """The run was down over ``[from_s, to_s)``; every site has been released at ``from_s``."""
 
     def at_safe_point(self, t_s: float, next_decision_s: float, current: RoundView | None) -> bool:
         """Between two stretches of work, with the state machine settled: checkpoint here.
@@ -423,12 +427,39 @@ class Executor:
                 return next_decision_s
         raise PolicyProtocolError(f"no steady state at t={t_s}: the policy and timers keep flipping")
 
+    def _lose_time(self, t_s: float, from_s: float, to_s: float) -> tuple[float, float]:
+        """The run was down over ``[from_s, to_s)``: release every site at ``t_s`` (= ``from_s``),
+        close the round without a sync, and decide afresh at ``to_s`` (see :meth:`run`)."""
+        to_s = max(to_s, t_s)
+        self.recorder.event(t_s, "", "lost_time", from_s=from_s, to_s=to_s, lost_s=to_s - from_s,
+                            tokens=round(self.tokens))
+        self.round, self.sync_until_s, self.sync_members = None, None, set()
+        for site in self.sites.values():
+            site.intent, site.member, site.failures, site.benched = Intent.OFF, False, 0, False
+            if self._state(site) is not SiteState.OFF:
+                self._set(site, SiteState.OFF, t_s)
+            site.until_s = math.inf
+        self._failures.clear()
+        self._update_mode(t_s)
+        self.on_lost_time(from_s, to_s)
+        return to_s, self._settle(to_s, math.inf, ask=True)
+
     # ---------------------------------------------------------------- main loop
 
-    def run(self, resume_from: dict[str, Any] | None = None) -> Trajectory:
-        """Execute the run to its budget or deadline (from a :meth:`snapshot` if given)."""
+    def run(
+        self, resume_from: dict[str, Any] | None = None, *, lost_time: Sequence[tuple[float, float]] = ()
+    ) -> Trajectory:
+        """Execute the run to its budget or deadline (from a :meth:`snapshot` if given).
+
+        ``lost_time``: stretches ``(from_s, to_s)`` of the run's clock in which it was down (a live
+        run whose coordinator died after its checkpoint at ``from_s`` and resumed at ``to_s``: the
+        clock never rewinds). At ``from_s`` every site is released and the round closed without a
+        sync (what was trained since the checkpoint is lost; the ledger trains it again); nothing
+        runs until ``to_s``, where the policy decides afresh. A replay passes the run's stretches.
+        """
         context = self.context
         budget = context.token_budget
+        lost = sorted(lost_time)
         if resume_from is None:
             t_s = context.start_s
             next_decision_s = self._settle(t_s, math.inf, ask=True)
@@ -436,6 +467,9 @@ class Executor:
             t_s, next_decision_s = self.restore(resume_from)
             self.recorder.event(t_s, "", "resume", tokens=round(self.tokens))
         while True:
+            if lost and t_s >= lost[0][0] - _EPS_S:
+                t_s, next_decision_s = self._lose_time(t_s, *lost.pop(0))
+                continue
             if self.at_safe_point(t_s, next_decision_s, self._round_view()):
                 self.recorder.event(t_s, "", "interrupted", tokens=round(self.tokens))
                 self.on_interrupt(t_s)
@@ -443,6 +477,7 @@ class Executor:
             training = [s for s in self.sites.values() if self._state(s) is SiteState.TRAINING]
             rate = sum(s.tokens_per_s for s in training)
             candidates = [next_decision_s, context.deadline_s, t_s + self.max_segment_s]
+            candidates += [lost[0][0]] if lost else []
             candidates += [s.until_s for s in self.sites.values()]
             if self.round is not None:
                 candidates.append(self.round.end_s)

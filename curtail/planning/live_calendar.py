@@ -144,6 +144,18 @@ class LiveCalendar:
         self.catch_up(start_s)
         return start_s
 
+    def restore(self, applied: Sequence[AppliedReading]) -> None:
+        """Take back the readings a run had used before it went down (its record), each from
+        its recorded effective instant; the next :meth:`catch_up` goes on from the newest."""
+        for reading in applied:
+            calendar = self._calendars[reading.site]
+            if calendar.now_s is None:
+                self._origins[reading.site] = reading.effective_t_s
+            calendar.add(reading.effective_t_s, reading.ci_g_per_kwh)
+            self._samples[reading.site].append(reading.sample_t_s)
+            self.applied.append(reading)
+        self._known_s = max([self._known_s, *(r.effective_t_s for r in applied)])
+
     def catch_up(self, t_s: float) -> None:
         """Pull every reading due by ``t_s`` and let the calendars know ``t_s`` has come."""
         if t_s <= self._known_s:

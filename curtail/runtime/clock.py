@@ -33,8 +33,11 @@ class RunClock:
     def realtime(self) -> bool:
         return self.mode == "realtime"
 
-    def start(self) -> None:
-        """The run (or its resume) begins now on the wall clock."""
+    def start(self, at_s: float | None = None) -> None:
+        """The run (or its resume) begins now on the wall clock, at run time ``at_s`` (default
+        the run's start; a live run resumed after lost time: the instant it resumes at)."""
+        if at_s is not None:
+            self.start_s = at_s
         self.wall_start = time.time()
 
     def wall_at(self, t_s: float) -> float:

@@ -159,9 +159,14 @@ class Coordinator:
             executor.stop_requested.set()
         started = time.perf_counter()
         try:
-            if live is not None:
+            resume_at_s = None
+            if live is None:
+                pass
+            elif checkpoint is None:
                 live.begin(plan.context.start_s)  # a served trace's clock starts with the run's
-            trajectory = executor.run(resume_from=checkpoint)
+            else:  # the grid's clock moved on while the run was down: resume now, the stretch is lost
+                resume_at_s = live.resume()
+            trajectory = executor.run(resume_from=checkpoint, resume_at_s=resume_at_s)
         finally:
             self._stop_groups(executor.groups)
             executor.account.close()

@@ -100,9 +100,12 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------------ run, resume, checkpoints
 
-    def run(self, resume_from: RunCheckpoint | None = None) -> Trajectory:
-        self.clock.start()
+    def run(self, resume_from: RunCheckpoint | None = None, *, resume_at_s: float | None = None) -> Trajectory:  # type: ignore[override]
+        """Run, or resume from a checkpoint: at its own instant (a trace's clock), or (a live
+        run: ``resume_at_s``, now on the grid's clock) after the lost stretch since it, with every
+        site released (its nodes went with the coordinator)."""
         if resume_from is None:
+            self.clock.start()
             return super().run()
         saved = resume_from.coordinator
         self._restore_bookkeeping(saved)
@@ -111,6 +114,12 @@ class RayExecutor(Executor):
             saved.get("wall_time"),
         )
         self._resume_inner_dir = resume_from.inner_dir
+        if resume_at_s is not None:
+            self._resume_inner_dir = None  # no site is up to take them: each starts its next window afresh
+            self.clock.start(at_s=resume_at_s)
+            return super().run(resume_from=resume_from.executor,
+                               lost_time=[(float(resume_from.executor["t_s"]), resume_at_s)])
+        self.clock.start()
         for name, state in resume_from.executor["recorder"]["state"].items():
             if SiteState(state) not in (SiteState.OFF, SiteState.PROVISIONING):  # its group was up: bring it back
                 self.groups[name].start()

@@ -29,11 +29,19 @@ from curtail.config import ExperimentConfig, LiveConfig, LiveSourceConfig, RunSp
 from curtail.planning.live_calendar import AppliedReading, FedReading, LiveCalendar
 from curtail.planning.traces import load_trace
 from curtail.sources.base import CarbonSource, SourceError, TraceFileSource
-from curtail.sources.live_forecasts import ForecastRecord, LiveForecast, LiveForecasts
+from curtail.sources.live_forecasts import (
+    ForecastRecord,
+    LiveForecast,
+    LiveForecasts,
+    read_forecasts,
+)
 from curtail.sources.poller import RealtimePoller, SignalLost, SourceEvent
 
 READINGS_FILE = "live_readings.jsonl"
 """A live run's readings as it used them, one JSON object per line (:class:`AppliedReading`)."""
+
+CLOCK_FILE = "live_clock.json"
+"""When a live run's clock started: ``start_s`` (run time) at ``wall_start_s`` (wall), ``speedup``."""
 
 SignalEventSink = Callable[[float, str, str, dict[str, Any]], None]
 """Called with ``(t_s, site, event, details)`` for every signal event (``signal_failed``, ...);
@@ -52,6 +60,12 @@ class PollingFeed:
         self.lost_ci_g_per_kwh = lost_ci_g_per_kwh
         self._newest: dict[str, float] = {}  # site -> newest sample time handed over
         self._lost: set[str] = set()
+
+    def resume(self, readings: Sequence[AppliedReading]) -> None:
+        """Go on after the readings a run had used before it went down (nothing is handed twice)."""
+        for reading in readings:
+            if reading.origin != "lost":
+                self._newest[reading.site] = max(reading.sample_t_s, self._newest.get(reading.site, -float("inf")))
 
     def readings_until(self, t_s: float) -> list[FedReading]:
         readings = []
@@ -134,10 +148,16 @@ class _ServedSource(CarbonSource):
         self._faults = sorted(faults, key=lambda fault: fault.at_s)
         self._ends: list[tuple[float, str]] = []  # (trace time, "clear" | "restart")
         self.injected: list[tuple[float, str]] = []  # (trace time, kind): what was armed when
+        self._run_start_s: float | None = None  # faults are timed from the run's start
+
+    def resume(self, run_start_s: float, now_s: float) -> None:
+        """A resumed run: faults stay timed from the run's start; those already past are dropped."""
+        self._run_start_s = run_start_s
+        self._faults = [fault for fault in self._faults if run_start_s + fault.at_s >= now_s]
 
     def _arm_due_faults(self) -> None:
         now_s = self.server.now_s()
-        elapsed_s = now_s - self.server.start_s
+        elapsed_s = now_s - (self.server.start_s if self._run_start_s is None else self._run_start_s)
         for end_s, action in [e for e in self._ends if e[0] <= now_s]:
             self._ends.remove((end_s, action))
             self.server.faults.clear() if action == "clear" else self.server.restart()
@@ -217,6 +237,8 @@ class LiveSignal:
             on_reading=self._record,
         )
         self.path = run_dir / READINGS_FILE
+        self.clock_path = run_dir / CLOCK_FILE
+        self.speedup = experiment.training.realtime_speedup
         self._file: IO[str] | None = None
         self.forecast_record = ForecastRecord(run_dir)
         self.forecasts: LiveForecasts | None = None
@@ -233,21 +255,52 @@ class LiveSignal:
         return {site: self.forecasts.for_site(site) for site in self.source_regions}
 
     def planned_start_s(self) -> float:
-        """The run's start: a served trace's first sample; else now minus ``lag_s``."""
+        """The run's start: a served trace's first sample; else now minus ``lag_s``. A run that
+        resumes keeps the start it had (``live_clock.json``)."""
+        if self.clock_path.is_file():
+            return float(json.loads(self.clock_path.read_text())["start_s"])
         if self.server is not None:
             return self.server.start_s
         return time.time() - self.config.lag_s
 
     def begin(self, start_s: float) -> None:
-        """Start a served trace's clock, open the record, and pull the first readings."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        """Start a served trace's clock, open the record, pull the first readings, and write
+        which wall instant the run's clock started at (``live_clock.json``, for a resume)."""
+        self._open_records()
         if self.server is not None:
             self.server.start()
         self.calendar.start(start_s)
+        self.clock_path.write_text(json.dumps({"start_s": start_s, "wall_start_s": time.time(),
+                                               "speedup": self.speedup}))
+        if self.forecasts is not None:
+            self.forecasts.begin(start_s)
+
+    def resume(self) -> float:
+        """Go on after the run went down: the run's clock now (it never rewinds: the stretch since
+        the run's checkpoint is lost), with the readings and forecasts it had recorded taken back
+        and a served trace's clock where the wall says. Returns the instant the run resumes at."""
+        clock = json.loads(self.clock_path.read_text())
+        now_s = float(clock["start_s"]) + (time.time() - float(clock["wall_start_s"])) * float(clock["speedup"])
+        self._open_records()
+        readings = read_readings(self.path.parent)
+        self.calendar.restore(readings)
+        self.feed.resume(readings)
+        if self.server is not None:
+            self.server.start_s = now_s
+            assert isinstance(self.source, _ServedSource)
+            self.source.resume(float(clock["start_s"]), now_s)
+            self.server.start()
+        self.calendar.catch_up(now_s)
+        if self.forecasts is not None:
+            self.forecasts.restore(read_forecasts(self.path.parent), float(clock["start_s"]))
+            self.forecasts.refresh(now_s)
+        return now_s
+
+    def _open_records(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
         if self.forecasts is not None:
             self.forecast_record.open()
-            self.forecasts.begin(start_s)
 
     def close(self) -> None:
         if self.server is not None:
