@@ -13,6 +13,7 @@ from curtail.planning.traces import load_trace
 from curtail.planning.windows import CurtailmentCalendar, WindowState
 from curtail.shadow import shadow
 from curtail.sources.live_feed import read_readings
+from curtail.sources.live_forecasts import FORECASTS_FILE, read_forecasts
 
 PAPER_TRACE = TRACES / "watttime_moer_2026-01-11_4regions.csv"
 SITES = {"caiso": "CAISO_NORTH", "texas": "SPP_TX", "sa": "NEM_SA"}
@@ -128,3 +129,29 @@ def test_served_faults_become_signal_events_and_the_feed_degrades(tmp_path):
             assert any(r.origin == "source" for r in mine[last_lost + 1:]), site
     assert [r.effective_t_s for r in readings if r.site == "caiso"] == sorted(
         r.effective_t_s for r in readings if r.site == "caiso")
+
+
+def test_a_forecast_policy_shadow_reads_and_records_the_served_forecasts(tmp_path):
+    """A forecast policy's shadow of a served trace publishing synthetic forecasts fetches every
+    site's forecast as it begins and then every forecast_refresh_s of its clock, and records each."""
+    data = live_experiment(duration_s=2 * 3600, speedup=7200).model_dump(mode="json")  # 1 s
+    data["live"]["source"]["synthetic_forecast_seed"] = 3
+    data["live"]["forecast_refresh_s"] = 600  # not the readings' 300 s step
+    data["runs"][0]["policy"] = {"kind": "forecast"}
+    experiment = parse_experiment(data)
+    statuses = shadow(experiment, experiment.runs[0], tmp_path, interval_s=1800,
+                      on_status=lambda s: None, on_event=lambda *event: None)
+    assert statuses and any(site.intent != "off" for status in statuses for site in status.sites)
+    assert (tmp_path / FORECASTS_FILE).is_file()
+    forecasts = read_forecasts(tmp_path)
+    assert {f.site for f in forecasts} == set(SITES)
+    first_s = forecasts[0].effective_t_s
+    assert first_s == statuses[0].t_s  # fetched as the shadow began
+    for site in SITES:
+        mine = [f for f in forecasts if f.site == site]
+        # one forecast per refresh, on the grid from the first, none skipped
+        assert [f.effective_t_s for f in mine] == [first_s + 600 * k for k in range(len(mine))], site
+        assert len(mine) >= 6, site
+        for forecast in mine:
+            assert sum(t > forecast.issued_t_s for t in forecast.targets_s) > 1, forecast
+            assert all(math.isfinite(v) and v >= 0 for v in forecast.ci_g_per_kwh), forecast

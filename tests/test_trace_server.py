@@ -481,3 +481,124 @@ def test_curtail_serve_trace_serves_the_trace_with_its_faults(paper, credentials
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------- synthetic forecasts
+
+
+def served_forecasts(seed: int, wall_s: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every region's /v3/forecast, read through the WattTime client at ``wall_s`` (speedup 300:
+    one 5-min sample per wall second) from a server publishing synthetic forecasts of ``seed``."""
+    wall = [wall_s]
+    server = TraceServer.from_csv(
+        PAPER_TRACE, synthetic_forecast_seed=seed, speedup=STEP_S, clock=lambda: wall[0]
+    )
+    with server:
+        source = WattTimeSource(base_url=server.url, timeout_s=5)
+        return {
+            region: source.forecast(region, horizon_s=24 * 3600).latest(server.now_s())
+            for region in sorted(server.signals)
+        }
+
+
+def test_synthetic_forecasts_are_served_for_every_region(paper, credentials):
+    wall = [12.0]  # 1 h into the trace
+    server = TraceServer.from_csv(
+        PAPER_TRACE, synthetic_forecast_seed=3, speedup=STEP_S, clock=lambda: wall[0]
+    )
+    assert sorted(server.forecasts) == sorted(paper)
+    with server:
+        source = WattTimeSource(base_url=server.url, timeout_s=5)
+        now_s = server.now_s()
+        read = {}
+        for region, signal in paper.items():
+            forecast = read[region] = source.forecast(region, horizon_s=24 * 3600)
+            issued_s = float(forecast.request_s[-1])
+            targets, values = forecast.latest(now_s)
+            current = prefix(signal, now_s)
+            assert issued_s == current.times_s[-1] <= now_s
+            # WattTime's "now" value, then the synthetic forecast's points ahead of it
+            assert targets[0] == issued_s
+            assert values[0] == pytest.approx(current.ci_g_per_kwh[-1], rel=1e-12)
+            ahead = targets > issued_s
+            assert ahead.sum() > 1, region
+            assert np.all(np.diff(targets) > 0)
+            assert np.all(np.isfinite(values)) and np.all(values >= 0), region
+            # exactly the server's forecast issued by now, through the lbs/MWh round trip
+            published_targets, published_values = server.forecasts[region].latest(now_s)
+            mine = (published_targets > issued_s) & (published_targets <= issued_s + 24 * 3600)
+            np.testing.assert_array_equal(targets[ahead], published_targets[mine])
+            np.testing.assert_allclose(values[ahead], published_values[mine], rtol=1e-12)
+
+        wall[0] += 3.0  # 15 min later: a newer forecast, reaching further
+        later = source.forecast("CAISO_NORTH", horizon_s=24 * 3600)
+        assert later.request_s[-1] == prefix(paper["CAISO_NORTH"], server.now_s()).times_s[-1]
+        before = read["CAISO_NORTH"]
+        assert later.request_s[-1] == before.request_s[-1] + 3 * STEP_S
+        assert later.target_s[-1] == before.target_s[-1] + 3 * STEP_S
+
+
+def test_synthetic_forecasts_are_deterministic_per_seed(credentials):
+    first, again = served_forecasts(3, 12.0), served_forecasts(3, 12.0)
+    other = served_forecasts(4, 12.0)
+    assert first.keys() == again.keys() == other.keys()
+    for region in first:
+        np.testing.assert_array_equal(first[region][0], again[region][0])
+        np.testing.assert_array_equal(first[region][1], again[region][1])
+        np.testing.assert_array_equal(first[region][0], other[region][0])  # same instants
+    assert any(not np.array_equal(first[r][1], other[r][1]) for r in first), "seed 4 = seed 3"
+
+
+def test_recorded_and_synthetic_forecasts_are_exclusive():
+    recorded = PAPER_TRACE.parent / "watttime_moer_2023-06_caiso-north_forecast.csv.gz"
+    with pytest.raises(TraceServerError, match="not both"):
+        TraceServer.from_csv(
+            PAPER_TRACE,
+            forecast_path=recorded,
+            forecast_region="CAISO_NORTH",
+            synthetic_forecast_seed=3,
+        )
+
+
+def test_curtail_serve_trace_publishes_synthetic_forecasts(paper, credentials):
+    script = Path(sys.executable).with_name("curtail")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "curtail"]
+    serve = [*command, "serve-trace", str(PAPER_TRACE), "--port", "0"]
+    serve += ["--synthetic-forecast-seed", "3"]
+    recorded = PAPER_TRACE.parent / "watttime_moer_2023-06_caiso-north_forecast.csv.gz"
+    both = subprocess.run(
+        [*serve, "--forecast", str(recorded), "--forecast-region", "CAISO_NORTH"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+
+    process = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line, "curtail serve-trace printed nothing (see its stderr above)"
+        source = WattTimeSource(base_url=line.split()[0], timeout_s=5)
+        for region in paper:
+            targets, values = source.forecast(region).latest(float("inf"))
+            assert (targets > targets[0]).sum() > 1, region
+            assert np.all(np.isfinite(values)) and np.all(values >= 0), region
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_a_run_behind_the_server_reads_no_forecast_issued_after_its_now(paper, credentials):
+    from curtail.sources.live_forecasts import LiveForecasts
+
+    wall = [0.0]
+    server = TraceServer.from_csv(
+        PAPER_TRACE, synthetic_forecast_seed=3, speedup=STEP_S, clock=lambda: wall[0]
+    )
+    with server:
+        wall[0] = 2.0  # the server is two samples ahead of the run (a served run's startup lag)
+        run_now_s = server.start_s
+        forecasts = LiveForecasts(
+            {"caiso": "CAISO_NORTH"}, WattTimeSource(base_url=server.url, timeout_s=5)
+        )
+        forecasts.begin(run_now_s)
+    assert forecasts.received  # the one issued at the run's now, from the source's history
+    assert all(f.issued_t_s <= f.effective_t_s for f in forecasts.received), forecasts.received

@@ -201,6 +201,10 @@ class _ServedSource(CarbonSource):
         self._arm_due_faults()
         return self._source().forecast(region, now_s, horizon_s=horizon_s)
 
+    def forecast_history(self, region: str, start_s: float, end_s: float, *, horizon_s: float = 24 * 3600):  # type: ignore[no-untyped-def]
+        self._arm_due_faults()
+        return self._source().forecast_history(region, start_s, end_s, horizon_s=horizon_s)  # type: ignore[attr-defined]
+
 
 class LiveSignal:
     """A live run's signal chain (see the module doc).

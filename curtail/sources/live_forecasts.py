@@ -158,10 +158,26 @@ class LiveForecasts:
         for site, region in self.regions.items():
             if region not in asked:
                 try:
-                    asked[region] = self.source.forecast(region, now_s, horizon_s=self.horizon_s)
+                    asked[region] = self._issued_by(region, now_s)
                 except SourceError as error:
                     asked[region] = error
             self._take(site, asked[region], now_s)
+
+    def _issued_by(self, region: str, now_s: float) -> Forecast:
+        """The source's newest forecast issued at or before ``now_s``. A source ahead of the run
+        (a lagged run, a served trace's clock) is asked for its history of forecasts; one without
+        history gives nothing new (the policy keeps the last): a forecast issued after now would
+        tell the run its own future."""
+        answer = self.source.forecast(region, now_s, horizon_s=self.horizon_s)
+        if not len(answer.request_s) or answer.request_s[-1] <= now_s:
+            return answer
+        history = getattr(self.source, "forecast_history", None)
+        if history is None:
+            return Forecast(region, np.array([]), np.array([0]), np.array([]), np.array([]), answer.source)
+        issued = history(region, now_s - 2 * self.refresh_s, now_s, horizon_s=self.horizon_s)
+        keep = int(np.searchsorted(issued.request_s, now_s, side="right"))
+        return Forecast(region, issued.request_s[:keep], issued.offsets[: keep + 1], issued.target_s,
+                        issued.ci_g_per_kwh, issued.source)
 
     def _take(self, site: str, answer: Forecast | SourceError, now_s: float) -> None:
         if isinstance(answer, SourceError):
