@@ -194,7 +194,10 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     The simulator follows the same policy over the same readings, taking effect when the run
     learnt them, from the run's start to its end: its provision / drain / round decisions are the
     run's (``tests/test_live_run.py``), so a live run can be audited and other policies compared on
-    its signal. The summary says whether they are (``decisions_match_run``, ``first_difference``).
+    its signal. The summary says whether they are (``decisions_match_run``, ``first_difference``),
+    up to the run's end: on the real-time clock a run trains at its hardware's pace and may reach its
+    budget before the simulator's ``tokens_per_s`` would. Stretches the run was down (``lost_time``
+    events) are left out as the run left them out.
     Written to ``RUN_DIR/replay/`` unless ``write=False``.
     """
     run_dir = Path(run_dir)
@@ -213,7 +216,9 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
                           float(live["start_s"]), float(live["finish_s"]))
     events = pd.read_csv(run_dir / "events.csv", keep_default_na=False)
     trajectory = Simulator(plan.context, plan.policy).run(lost_time=lost_time(events))
-    replayed = decisions(events_frame(trajectory))
+    # the run trained at its hardware's pace, the simulator at tokens_per_s: compare up to the run's end
+    finish_s = float(live["finish_s"])
+    replayed = [d for d in decisions(events_frame(trajectory)) if d[0] <= finish_s + 1e-6]
     original = decisions(events)
     differ = next((i for i, (a, b) in enumerate(zip(replayed, original)) if a != b), None)
     if differ is None and len(replayed) != len(original):

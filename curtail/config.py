@@ -492,7 +492,8 @@ source's forecasts; the oracle needs the future itself."""
 
 class ServedFault(StrictModel):
     """A fault a served trace injects (``[[live.source.faults]]``; demos and tests of a live run):
-    from ``at_s`` seconds of the trace's clock after the run's start.
+    from ``at_s`` seconds of the run's clock after its start (``duration_s`` too: a run that lags
+    the wall meets them when it gets there).
 
     ``server_errors``: the next ``count`` requests answer HTTP 503; ``slow``: the next ``count``
     answers wait ``delay_s`` wall seconds (beyond ``timeout_s``: a timeout); ``rate_limit``: the next

@@ -8,9 +8,14 @@ decisions."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
-from runtime_fixtures import tiny_experiment
+from runtime_fixtures import STEP_TOKENS, tiny_experiment
 
 import curtail
 from curtail.api import DECISION_EVENTS
@@ -79,3 +84,86 @@ def test_replaying_the_recorded_signal_reproduces_the_decisions(live_run):
     assert decisions(replayed.events) == decisions(result.record.events)
     assert replayed.summary["decisions_match_run"] and replayed.summary["decisions"] > 10
     assert (result.run_dir / "replay" / "summary.json").is_file()
+
+
+# ------------------------------------------------------------------ faults and a crash, live
+
+SIGNAL_FAULTS = [  # trace seconds after the run's start; each shorter than max_stale_s: the last value serves
+    {"at_s": 600, "kind": "server_errors", "count": 3},
+    {"at_s": 1200, "kind": "slow", "count": 2, "delay_s": 3.0},  # beyond the 1 s timeout
+    {"at_s": 1800, "kind": "refuse_credentials", "duration_s": 240},
+    {"at_s": 3000, "kind": "down", "duration_s": 240},
+]
+FAULTED_BUDGET = 469 * STEP_TOKENS  # whole steps: a budget the real-time clock meets exactly
+
+
+def long_windows_csv(path):
+    """Eight hours: a curtailed from 0:05 to 7:00, b from 0:40 to 7:30 (room for a restart)."""
+    times = pd.date_range("2026-01-11 00:00", periods=96, freq="5min", tz="UTC")
+    minutes = np.arange(96) * 5
+    frame = pd.DataFrame({"time": times.strftime("%Y-%m-%dT%H:%M:%S+00:00"),
+                          "A": np.where((minutes >= 5) & (minutes < 420), 20.0, 400.0),
+                          "B": np.where((minutes >= 40) & (minutes < 450), 30.0, 450.0)})
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _kill_coordinator_once(runs: Path, after_tokens: float):
+    """SIGKILL the coordinator once, mid-round, after ``after_tokens`` and a checkpoint."""
+    killed: list[dict] = []
+
+    def callback(progress: dict) -> None:
+        pid = progress.get("coordinator_pid")
+        checkpointed = any(runs.glob("*/*/checkpoints/*"))
+        if (not killed and pid and checkpointed and progress.get("tokens", 0) > after_tokens
+                and progress.get("mode") == "FEDERATED"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append({"pid": pid, "tokens": progress["tokens"]})
+
+    return callback, killed
+
+
+@pytest.fixture(scope="module")
+def faulted_run(ray_cluster, tmp_path_factory):
+    """Three hours of the scripted trace at 60x with the signal failing four ways, and the
+    coordinator killed mid-run: it resumes at the grid's now and trains to the budget."""
+    tmp = tmp_path_factory.mktemp("live-faults")
+    experiment = live_experiment(tmp)
+    experiment["token_budget"] = FAULTED_BUDGET
+    experiment["live"]["source"].update(path=str(long_windows_csv(tmp / "long.csv")), faults=SIGNAL_FAULTS,
+                                        timeout_s=1.0)
+    experiment["live"].update(duration_s=8 * 3600, max_stale_s=600, retry_s=60)
+    experiment["training"].update(realtime_speedup=120.0, checkpoint_interval_s=240)
+    callback, killed = _kill_coordinator_once(tmp / "runs", after_tokens=15_000)
+    result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=callback, progress_interval_s=1.0)
+    return result, killed
+
+
+def test_signal_faults_are_events_and_the_run_reaches_its_budget(faulted_run):
+    from curtail.runtime.checkpoint import audit_journal
+
+    result, _ = faulted_run
+    events, summary = result.record.events, result.summary
+    signal_events = events[events["event"].str.startswith("signal_")]
+    details = " ".join(signal_events["details"])
+    assert {"signal_failed", "signal_recovered"} <= set(signal_events["event"])
+    for evidence in ("HTTP 503", "no answer within", "check the credentials", "connect"):  # 5xx, timeout, auth, down
+        assert evidence in details, f"no signal event says {evidence!r}"
+    assert summary["completed"] and summary["tokens"] == FAULTED_BUDGET
+    assert summary["ledger_trained_tokens"] == summary["tokens"]
+    assert summary["ledger_trained_by_site"] == {k: int(v) for k, v in summary["tokens_by_site"].items()}
+    assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
+
+
+def test_a_killed_coordinator_resumes_live_at_now(faulted_run):
+    result, killed = faulted_run
+    assert len(killed) == 1 and len(result.summary["restarts"]) == 1
+    events = result.record.events
+    [lost] = [json.loads(d) for d in events[events["event"] == "lost_time"]["details"]]
+    assert lost["to_s"] - lost["from_s"] >= 60 * 5  # at 60x the restart takes > 5 s of wall
+    intervals = result.record.intervals
+    during = intervals[(intervals["start_s"] < lost["to_s"]) & (intervals["end_s"] > lost["from_s"])]
+    assert not (during["state"] != "off").any()  # nothing provisioned, nothing trained while down
+    assert (intervals[intervals["start_s"] >= lost["to_s"]]["state"] == "training").any()
+    replayed = curtail.replay(result.run_dir, write=False)
+    assert replayed.summary["decisions_match_run"], replayed.summary["first_difference"]

@@ -17,6 +17,7 @@ the global weights. It only orchestrates; each job belongs to one collaborator:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -291,8 +292,13 @@ class RayExecutor(Executor):
         rates = {s: self.context.sites[s].tokens_per_s for s in sites}
         total_rate = sum(rates.values())
         claims, commands = {}, {}
+        # the real-time clock trains as many steps as the wall allows: never claim past the budget
+        left_steps = math.ceil(max(0.0, self.context.token_budget - self.tokens) / self.options.tokens_per_step - 1e-9)
         for site in sites:
             steps = self.clock.steps_for(site, start_s, end_s)
+            if self.clock.realtime:
+                steps = min(steps, left_steps)
+                left_steps -= steps
             if steps == 0:
                 continue
             claims[site] = self.account.claim(site, steps)

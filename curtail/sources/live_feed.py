@@ -155,8 +155,10 @@ class _ServedSource(CarbonSource):
         self._run_start_s = run_start_s
         self._faults = [fault for fault in self._faults if run_start_s + fault.at_s >= now_s]
 
-    def _arm_due_faults(self) -> None:
-        now_s = self.server.now_s()
+    def _arm_due_faults(self, run_now_s: float | None) -> None:
+        """Arm the faults due by the run's clock (the instant asked about): a run that lags the
+        wall (a worker group starting blocks it) meets them when it gets there, in order."""
+        now_s = self.server.now_s() if run_now_s is None else run_now_s
         elapsed_s = now_s - (self.server.start_s if self._run_start_s is None else self._run_start_s)
         for end_s, action in [e for e in self._ends if e[0] <= now_s]:
             self._ends.remove((end_s, action))
@@ -190,19 +192,19 @@ class _ServedSource(CarbonSource):
         return self._client
 
     def latest(self, region: str, now_s: float | None = None):  # type: ignore[no-untyped-def]
-        self._arm_due_faults()
+        self._arm_due_faults(now_s)
         return self._source().latest(region, now_s)
 
     def history(self, region: str, start_s: float, end_s: float):  # type: ignore[no-untyped-def]
-        self._arm_due_faults()
+        self._arm_due_faults(end_s)
         return self._source().history(region, start_s, end_s)
 
     def forecast(self, region: str, now_s: float | None = None, *, horizon_s: float = 24 * 3600):  # type: ignore[no-untyped-def]
-        self._arm_due_faults()
+        self._arm_due_faults(now_s)
         return self._source().forecast(region, now_s, horizon_s=horizon_s)
 
     def forecast_history(self, region: str, start_s: float, end_s: float, *, horizon_s: float = 24 * 3600):  # type: ignore[no-untyped-def]
-        self._arm_due_faults()
+        self._arm_due_faults(end_s)
         return self._source().forecast_history(region, start_s, end_s, horizon_s=horizon_s)  # type: ignore[attr-defined]
 
 
