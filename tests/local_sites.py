@@ -63,6 +63,8 @@ class LocalSites:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     process_groups: list[int] = field(default_factory=list)
+    autoscale: bool = False  # no site node at start: Ray's fake multi-node autoscaler launches them
+    idle_timeout_s: float = 3.0  # autoscale: an idle site node is removed after this long
 
     @property
     def address(self) -> str:
@@ -88,6 +90,8 @@ class LocalSites:
             RAY_AUTH_TOKEN_PATH=str(self.token_path),
             RAY_ADDRESS=self.address,
         )
+        if self.autoscale:  # the head's autoscaler runs the fake provider, polling every second
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         env.update(extra)
         return env
 
@@ -124,12 +128,43 @@ class LocalSites:
             if attempt == attempts or "timed out during startup" not in output:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{output}")
 
+    def autoscaler_config(self) -> dict:
+        """Ray's fake multi-node provider: one node type per site (its label and resource),
+        from zero to one node, launched as a raylet on this machine when a site asks."""
+        site_types = {
+            f"site-{site}": {
+                "resources": {"CPU": self.cpus_per_site, f"site_{site}": capacity,
+                              "object_store_memory": self.object_store_bytes},
+                "labels": {"site": site}, "node_config": {}, "min_workers": 0, "max_workers": 1,
+            }
+            for site, capacity in self.sites.items()
+        }
+        return {
+            "cluster_name": "curtail-local", "max_workers": len(self.sites),
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True, "gcs_address": self.address},
+            "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {},
+                                                          "max_workers": 0}, **site_types},
+            "head_node_type": "ray.head.default", "upscaling_speed": 1.0,
+            "idle_timeout_minutes": self.idle_timeout_s / 60, "auth": {}, "docker": {},
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": [],
+        }
+
     def start(self) -> LocalSites:
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
+        head = []
+        if self.autoscale:
+            config = self.root / "autoscaler.json"
+            config.write_text(json.dumps(self.autoscaler_config()))
+            head = ["--autoscaling-config", str(config)]
         try:
             self._ray_start(
                 [
+                    *head,
                     "--head",
                     "--port",
                     str(self.gcs_port),
@@ -145,7 +180,7 @@ class LocalSites:
                     str(self.dashboard_port),
                 ]
             )
-            for site, capacity in self.sites.items():
+            for site, capacity in ({} if self.autoscale else self.sites).items():
                 self._ray_start(
                     [
                         "--address",
@@ -158,7 +193,7 @@ class LocalSites:
                         json.dumps({f"site_{site}": capacity}),
                     ]
                 )
-            self.wait_for_nodes(1 + len(self.sites))
+            self.wait_for_nodes(1 if self.autoscale else 1 + len(self.sites))
         except BaseException:
             self.stop()
             raise
@@ -269,7 +304,7 @@ STEP_TOKENS = 2 * 64  # tiny preset: batch 2 × seq 64
 STEP_S = 300.0  # virtual seconds per step at each site
 
 
-def write_tiny_experiment(folder: Path, name: str = "multinode") -> Path:
+def write_tiny_experiment(folder: Path, name: str = "multinode", token_budget: int = 10_000_000) -> Path:
     """A TOML experiment: sites a and b on a 2-hour scripted trace, the tiny preset.
 
     Both are curtailed from 00:05 (UTC), so their worker groups start together (start-up is
@@ -292,7 +327,7 @@ def write_tiny_experiment(folder: Path, name: str = "multinode") -> Path:
     config.write_text(f"""\
 name = "{name}"
 seed = 3
-token_budget = 10_000_000  # more than fits: the trace end stops the run
+token_budget = {token_budget}  # the default is more than fits: the trace end stops the run
 output_dir = "{folder / "runs"}"
 
 [[traces]]

@@ -9,6 +9,8 @@ config has exactly one node group declaring its label and resource (and nothing 
 
 from __future__ import annotations
 
+import copy
+import gzip
 import json
 import re
 import shlex
@@ -17,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -226,3 +229,67 @@ def test_kuberay_cluster_declares_one_worker_group_per_config_site():
         "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]},
     } in volumes
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# ------------------------------------------------------------------ KubeRay: the CRD and scale-to-zero
+
+CRD = DOCKER / "kuberay/crd/kuberay_ray.io_rayclusters.crd.yaml.gz"
+
+
+def strict(schema: object) -> object:
+    """The CRD's OpenAPI schema, refusing fields it does not declare (``kubectl --validate=strict``):
+    a typo'd key is an error, not a field the API server silently prunes."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+    return schema
+
+
+@pytest.fixture(scope="module")
+def raycluster_schema() -> dict:
+    crd = yaml.safe_load(gzip.decompress(CRD.read_bytes()))
+    [v1] = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
+    schema = strict(v1["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked by the API server
+    return schema
+
+
+def test_the_kuberay_manifest_is_a_valid_raycluster(raycluster_schema):
+    jsonschema.validate(yaml.safe_load((DOCKER / "kuberay/raycluster.yaml").read_text()), raycluster_schema)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("spec", "workerGroupSpecs", 0, "minReplica"), 0, "Additional properties"),
+        (("spec", "autoscalerOptions", "idleTimeoutSeconds"), "2m", "is not of type 'integer'"),
+        (("spec", "autoscalerOptions", "upscalingMode"), "Eager", "is not one of"),
+    ],
+)
+def test_the_schema_check_catches_a_broken_manifest(raycluster_schema, path, value, message):
+    cluster = copy.deepcopy(yaml.safe_load((DOCKER / "kuberay/raycluster.yaml").read_text()))
+    node = cluster
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError, match=message):
+        jsonschema.validate(cluster, raycluster_schema)
+
+
+def test_sites_scale_from_zero_and_the_head_holds_no_gpu():
+    cluster = yaml.safe_load((DOCKER / "kuberay/raycluster.yaml").read_text())
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    for group in spec["workerGroupSpecs"]:
+        assert (group["replicas"], group["minReplicas"]) == (0, 0) and group["maxReplicas"] >= 1
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["template"]["spec"]["nodeSelector"] == {"curtail.io/role": "head"}
+    limits = head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits

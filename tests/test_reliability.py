@@ -442,6 +442,20 @@ def test_cluster_capacity_names_the_key_that_asks_too_much():
     assert capacity_problems(two_nodes, ["a"], TrainingConfig(workers_per_site=2, gpus_per_worker=1)) == []
 
 
+def test_a_site_scaled_to_zero_is_checked_on_the_nodes_its_autoscaler_may_launch():
+    from curtail.config import TrainingConfig
+    from curtail.runtime.cluster import capacity_problems
+
+    head = [_node(CPU=0)]  # no site node up: the autoscaler launches them on demand
+    node_types = [{"resources": {"CPU": 1, "site_a": 1}, "max_count": 2},
+                  {"resources": {"CPU": 1, "site_b": 1}, "max_count": 0}]
+    assert capacity_problems(head, ["a"], TrainingConfig(workers_per_site=2), node_types) == []
+    (too_many,) = capacity_problems(head, ["a"], TrainingConfig(workers_per_site=3), node_types)
+    assert too_many.startswith("training.workers_per_site = 3: the nodes of site a can host 2")
+    (never,) = capacity_problems(head, ["b"], TrainingConfig(), node_types)  # max_count 0: never launched
+    assert never.startswith("no node declares site_b")
+
+
 # --------------------------------------------------------------------------------------------
 # The CLI
 

@@ -100,6 +100,9 @@ class Executor:
     def pass_time(self, start_s: float, end_s: float) -> None:
         """No site trains over ``[start_s, end_s)`` (a real-time clock waits here)."""
 
+    def on_provision(self, site: str, t_s: float) -> None:
+        """``site`` starts provisioning: ask for its nodes (they are ready ``provisioning_s`` on)."""
+
     def on_nodes_ready(self, site: str, t_s: float) -> None:
         """A site's nodes are provisioned: start its worker group."""
 
@@ -319,6 +322,7 @@ class Executor:
             elif site.intent is not Intent.OFF and state is SiteState.OFF and not site.benched:
                 self.recorder.event(t_s, site.name, "provision", intent=site.intent.value)
                 self._set(site, SiteState.PROVISIONING, t_s, t_s + self.context.rules.provisioning_s)
+                self.on_provision(site.name, t_s)
 
     def _join_ready_sites(self, t_s: float) -> None:
         joiners = {
@@ -438,6 +442,7 @@ class Executor:
             site.intent, site.member, site.failures, site.benched = Intent.OFF, False, 0, False
             if self._state(site) is not SiteState.OFF:
                 self._set(site, SiteState.OFF, t_s)
+                self.on_drain(site.name, t_s)  # nothing to stop: its group went with the coordinator
             site.until_s = math.inf
         self._failures.clear()
         self._update_mode(t_s)

@@ -14,6 +14,7 @@ the error names the config key instead.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ import ray
 from curtail.config import TrainingConfig
 from curtail.errors import PreflightError
 from curtail.runtime.sites import site_resource
+
+log = logging.getLogger(__name__)
 
 # Ray Train settings for small machines: a report blocks until the controller polls (every 2 s
 # by default), so poll fast; short start timeouts; no preemption watcher. Set before the cluster
@@ -109,15 +112,27 @@ def _slots(resources: dict[str, float], site: str, cpus_per_worker: float, gpus_
             "GPU": fit(resources.get("GPU", 0.0), gpus_per_worker)}
 
 
-def capacity_problems(nodes: list[dict[str, Any]], sites: Iterable[str], training: TrainingConfig) -> list[str]:
+def capacity_problems(
+    nodes: list[dict[str, Any]],
+    sites: Iterable[str],
+    training: TrainingConfig,
+    node_types: Iterable[dict[str, Any]] = (),
+) -> list[str]:
     """Why the cluster's ``nodes`` (as ``ray.nodes()`` lists them) cannot host each site's
     ``workers_per_site`` workers, one line per site, naming the config key to change; [] if
-    they can. Each site is checked on its own (sites sharing a node may still take turns)."""
+    they can. Each site is checked on its own (sites sharing a node may still take turns).
+
+    A site with no node up is checked against the autoscaler's ``node_types``
+    (``{"resources": ..., "max_count": n}``, :func:`autoscaler_node_types`): a site that scales
+    from zero is checked on the nodes the autoscaler may launch for it."""
     workers, cpus, gpus = training.workers_per_site, training.cpus_per_worker, training.gpus_per_worker
     alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
+    launchable = [dict(kind["resources"]) for kind in node_types for _ in range(int(kind.get("max_count", 0)))]
     problems = []
     for site in sites:
         own = [resources for resources in alive if resources.get(site_resource(site), 0) > 0]
+        if not own:
+            own = [resources for resources in launchable if resources.get(site_resource(site), 0) > 0]
         if not own:
             problems.append(f"no node declares {site_resource(site)}: start the site's nodes with "
                             f"`ray start --resources '{{\"{site_resource(site)}\": N}}'`")
@@ -153,10 +168,26 @@ def capacity_problems(nodes: list[dict[str, Any]], sites: Iterable[str], trainin
     return problems
 
 
+def autoscaler_node_types() -> list[dict[str, Any]]:
+    """The node types Ray's autoscaler may launch (``resources``, ``max_count``), as it published
+    them to the cluster; [] on a cluster without an autoscaler (or a Ray that does not say)."""
+    try:  # the autoscaler's published config: no public API for it in Ray 2.60
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception as error:  # noqa: BLE001 -- an older or newer Ray: check the live nodes only
+        log.debug("no autoscaler config: %s", error)
+        return []
+    if config is None:
+        return []
+    return [{"resources": dict(group.resources), "max_count": int(group.max_count)}
+            for group in config.node_group_configs]
+
+
 def check_capacity(sites: Iterable[str], training: TrainingConfig) -> None:
     """Raise :class:`PreflightError` unless the connected cluster can host every site's
-    worker group (see :func:`capacity_problems`)."""
-    problems = capacity_problems(ray.nodes(), sites, training)
+    worker group, now or once its autoscaler launches the site's nodes (see :func:`capacity_problems`)."""
+    problems = capacity_problems(ray.nodes(), sites, training, autoscaler_node_types())
     if problems:
         raise PreflightError("the Ray cluster cannot run this config: " + "; ".join(problems))
 

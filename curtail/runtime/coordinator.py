@@ -29,6 +29,7 @@ from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
 from curtail.preflight import resolve_data_path
 from curtail.runtime.averager import Averager, AveragerClient
+from curtail.runtime.capacity import SiteCapacity, site_bundles
 from curtail.runtime.checkpoint import JOURNAL, RunCheckpoint, read_checkpoint, read_journal
 from curtail.runtime.evaluator import Evaluator
 from curtail.runtime.mailbox import Mailbox
@@ -140,6 +141,8 @@ class Coordinator:
         self._progress = {"phase": "preparing data"}
         setup = self._prepare(plan)
         checkpoint = read_checkpoint(self.checkpoint) if self.checkpoint is not None else None
+        capacity = SiteCapacity(site_bundles(plan.context.sites, training.workers_per_site, training.cpus_per_worker,
+                                             training.gpus_per_worker))
         executor = RayExecutor(
             plan.context, plan.policy,
             ExecutorOptions(
@@ -152,12 +155,13 @@ class Coordinator:
             account=WorkAccount(self._ledger(setup, checkpoint), setup.tokens_per_step, list(plan.context.sites),
                                 self.run_dir),
             checkpointer=RunCheckpointer(self.run_dir, inner_optimizer=training.checkpoint_inner_optimizer),
-            evaluator=setup.evaluator, on_progress=self._report_progress,
+            evaluator=setup.evaluator, on_progress=self._report_progress, capacity=capacity,
         )
         self._executor = executor
         if self._stop_requested:
             executor.stop_requested.set()
         started = time.perf_counter()
+        capacity.start()
         try:
             resume_at_s = None
             if live is None:
@@ -169,6 +173,9 @@ class Coordinator:
             trajectory = executor.run(resume_from=checkpoint, resume_at_s=resume_at_s)
         finally:
             self._stop_groups(executor.groups)
+            capacity.release_all()  # an autoscaler lets the sites' nodes go after its idle timeout
+            capacity.stop()
+            capacity.write(self.run_dir)
             executor.account.close()
             if live is not None:
                 live.close()
@@ -298,6 +305,7 @@ class Coordinator:
             "tokens_lost_to_failures": sum(e.details.get("lost_tokens", 0.0) for e in failures),
             "global_version": executor.global_version,
             "weight_digests": executor.telemetry.digests,
+            "site_capacity": executor.capacity.summary() if executor.capacity is not None else {},
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.telemetry.site_nodes.items()},
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
         }

@@ -31,6 +31,7 @@ from curtail.planning.executor import Executor, RoundView
 from curtail.planning.policy import Policy, PolicyContext, SiteState
 from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
 from curtail.runtime.averager import AveragerClient
+from curtail.runtime.capacity import SiteCapacity
 from curtail.runtime.checkpoint import RunCheckpoint
 from curtail.runtime.clock import RunClock
 from curtail.runtime.protocol import (
@@ -77,8 +78,10 @@ class RayExecutor(Executor):
         checkpointer: RunCheckpointer | None = None,
         evaluator: Any = None,
         on_progress: Callable[[RayExecutor, float, float], None] | None = None,
+        capacity: SiteCapacity | None = None,
     ):
         super().__init__(context, policy)
+        self.capacity = capacity
         self.options = options
         self.groups = groups
         self.averager = averager
@@ -204,6 +207,9 @@ class RayExecutor(Executor):
         replies, failures = self._send_all(commands, t_s, round_index)
         for site, error in failures.items():
             self._fail(site, error)
+        if self.capacity is not None:
+            for site in replies:  # its worker group answers: measured group-ready time
+                self.capacity.group_ready(site)
         return replies
 
     def _send_all(
@@ -322,6 +328,10 @@ class RayExecutor(Executor):
             self.on_progress(self, end_s, self.tokens + sum(tokens.values()))
         return tokens
 
+    def on_provision(self, site: str, t_s: float) -> None:
+        if self.capacity is not None:  # an autoscaler launches the site's nodes meanwhile
+            self.capacity.want(site, t_s)
+
     def on_nodes_ready(self, site: str, t_s: float) -> None:
         self.groups[site].start()
 
@@ -351,6 +361,8 @@ class RayExecutor(Executor):
             self._outer_step(current.index, t_s)
 
     def on_drain(self, site: str, t_s: float) -> None:
+        if self.capacity is not None:
+            self.capacity.release(site)
         try:
             self.telemetry.reply(t_s, site, "stop", 0, self.groups[site].stop())
         except SiteFailure as error:  # it died while draining: its handed-over work is safe
@@ -359,6 +371,8 @@ class RayExecutor(Executor):
         self.loaded_version[site] = -1
 
     def on_failure(self, site: str, t_s: float) -> None:
+        if self.capacity is not None:
+            self.capacity.release(site)
         self.recorder.event(t_s, site, "ledger_release", **self.account.release(site, t_s))
         self.clock.reset(site)
         self.loaded_version[site] = -1
