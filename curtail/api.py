@@ -218,7 +218,7 @@ def replay(run_dir: str | Path, *, write: bool = True) -> RunRecord:
     trajectory = Simulator(plan.context, plan.policy).run(lost_time=lost_time(events))
     # the run trained at its hardware's pace, the simulator at tokens_per_s: compare up to the run's end
     finish_s = float(live["finish_s"])
-    replayed = [d for d in decisions(events_frame(trajectory)) if d[0] <= finish_s + 1e-6]
+    replayed = [d for d in decisions(events_frame(trajectory)) if d[0] < finish_s - 1e-6]  # the run decides nothing at its end
     original = decisions(events)
     differ = next((i for i, (a, b) in enumerate(zip(replayed, original)) if a != b), None)
     if differ is None and len(replayed) != len(original):
@@ -415,7 +415,8 @@ def run(
         plan = plan_run(experiment, spec, traces, forecasts)  # validates before any cluster starts
         traces_checksums = traces.checksums
     started_ray = connect(
-        list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site
+        list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site,
+        autoscaled_sites=experiment.training.autoscaled_sites,
     )
     try:
         check_capacity(spec.sites, experiment.training)

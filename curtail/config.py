@@ -212,6 +212,11 @@ class TrainingConfig(StrictModel):
     realtime_speedup: float = Field(default=1.0, gt=0)
     cache_dir: Path = Field(default=Path(".cache"), description="tokenizer and token arrays (reused across runs)")
     command_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for one site command")
+    autoscaled_sites: bool = Field(
+        default=False,
+        description="site nodes come from the cluster's autoscaler (min 0): not required up when a run "
+        "starts; a site whose nodes never come fails its worker group's start (docs/DEPLOYMENT.md)",
+    )
     compile_model: bool = Field(default=False, description="torch.compile the model and loss (GPUs; docs/GPU.md)")
     micro_batch_size: int | None = Field(
         default=None, ge=1, description="rows per forward/backward; batch_size is accumulated (default: batch_size)"

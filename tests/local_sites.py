@@ -304,7 +304,9 @@ STEP_TOKENS = 2 * 64  # tiny preset: batch 2 × seq 64
 STEP_S = 300.0  # virtual seconds per step at each site
 
 
-def write_tiny_experiment(folder: Path, name: str = "multinode", token_budget: int = 10_000_000) -> Path:
+def write_tiny_experiment(
+    folder: Path, name: str = "multinode", token_budget: int = 10_000_000, autoscaled_sites: bool = False
+) -> Path:
     """A TOML experiment: sites a and b on a 2-hour scripted trace, the tiny preset.
 
     Both are curtailed from 00:05 (UTC), so their worker groups start together (start-up is
@@ -354,6 +356,7 @@ eval_batch_size = 2
 cpus_per_worker = 0.5
 cache_dir = "{folder / "cache"}"
 command_timeout_s = 120
+autoscaled_sites = {"true" if autoscaled_sites else "false"}
 
 [sites.a]
 region = "A"

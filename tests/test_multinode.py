@@ -1,13 +1,10 @@
-"""Multi-node sites that scale from zero, and ``ray job submit``: a real run on a head whose
-autoscaler launches one raylet per site when the site's window opens and removes it after.
+"""Multi-node sites and ``ray job submit``: a real run on a head plus one raylet per site.
 
-The cluster is started with ``ray start`` as the README's real-cluster commands do
-(tests/local_sites.py): a head with the dashboard (the job server) and Ray's fake multi-node
-autoscaler, whose node types are the sites (label and resource, 0 to 1 node each, 3 s idle
-timeout), with token authentication on and a token of its own (Ray ≥ 2.59's default; without it
-``ray job submit`` fails with "Missing authentication token"): the client must say
-``RAY_AUTH_MODE=token`` and find the token (here ``RAY_AUTH_TOKEN_PATH``). No site node is up
-when the run starts.
+The cluster is started with ``ray start`` exactly as the README's real-cluster commands do
+(tests/local_sites.py): a head with the dashboard (the job server) plus one raylet per site,
+each labelled with its site, with token authentication on and a token of its own (Ray ≥ 2.59's
+default; without it ``ray job submit`` fails with "Missing authentication token"): the client
+must say ``RAY_AUTH_MODE=token`` and find the token (here ``RAY_AUTH_TOKEN_PATH``).
 
 The run is ``ray job submit --working-dir . -- python -m curtail run CONFIG``: the job's driver
 joins the cluster through the ``RAY_ADDRESS`` Ray sets for it, and the tests read the run
@@ -23,15 +20,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
-from local_sites import RAY, REPO, STEP_TOKENS, LocalSites, run_dir_of, write_tiny_experiment
+from local_sites import RAY, REPO, LocalSites, run_dir_of, write_tiny_experiment
 
 pytestmark = pytest.mark.slow
-
-BUDGET = 31 * STEP_TOKENS  # reached while b trains alone, after a drained
 
 # Subprocess timeouts catch hangs; they are not speed goals: the module takes about 2 minutes
 # on an otherwise idle 2-core machine, several times that when other Ray jobs share the cores.
@@ -39,15 +33,14 @@ BUDGET = 31 * STEP_TOKENS  # reached while b trains alone, after a drained
 
 @pytest.fixture(scope="module")
 def cluster():
-    sites = LocalSites({"a": 1, "b": 1}, autoscale=True).start()
+    sites = LocalSites({"a": 1, "b": 1}).start()
     yield sites
     sites.stop()
 
 
 @pytest.fixture(scope="module")
 def submitted_run(cluster, tmp_path_factory):
-    config = write_tiny_experiment(tmp_path_factory.mktemp("submitted"), name="submitted", token_budget=BUDGET)
-    assert [n for n in cluster.nodes() if n["labels"].get("site")] == []  # every site starts at zero
+    config = write_tiny_experiment(tmp_path_factory.mktemp("submitted"), name="submitted")
     env = cluster.env()
     del env["RAY_ADDRESS"]  # the client names the dashboard, the job gets RAY_ADDRESS from Ray
     command = [
@@ -82,46 +75,20 @@ def test_job_submit_runs_the_uploaded_working_directory(cluster, submitted_run):
     assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_")  # not the installed package
 
 
-def test_each_site_trained_only_on_its_own_autoscaled_raylet(submitted_run):
+def test_each_site_trained_only_on_its_own_raylet(submitted_run):
     summary, _, nodes, _, _ = submitted_run
-    [head] = [node["node_id"] for node in nodes if node["labels"].get("role") == "head"]
-    [a], [b] = summary["site_nodes"]["a"], summary["site_nodes"]["b"]
-    assert len({a, b, head}) == 3
-    assert a.startswith("ffff") and b.startswith("ffff")  # ids the fake provider gives the nodes it launches
-
-
-def test_site_nodes_follow_the_calendar(cluster, submitted_run):
-    """No site node before its window; at least one from its node's start to its drain; none
-    once drained, after the autoscaler's idle timeout. The measured node-up and group-ready
-    times are in the run directory (docs/DEPLOYMENT.md quotes them)."""
-    summary, run_dir, _, _, _ = submitted_run
-    windows = pd.read_csv(run_dir / "site_capacity.csv")
-    counts = pd.read_csv(run_dir / "site_node_counts.csv")
-    assert sorted(windows.site) == ["a", "b"] and (windows.nodes_before == 0).all()
-    assert (windows.node_start_s > 0).all() and (windows.group_ready_s >= windows.node_start_s).all()
-    slack_s = cluster.idle_timeout_s + 10  # the autoscaler's idle timeout, its polling, the raylet's exit
-    for window in windows.itertuples():
-        mine = counts[counts.site == window.site]
-        assert (mine[mine.wall_s < window.requested_wall_s].nodes == 0).all()
-        inside = mine[(mine.wall_s >= window.nodes_up_wall_s) & (mine.wall_s <= window.released_wall_s)]
-        assert len(inside) >= 2 and (inside.nodes >= 1).all()
-        assert (mine[mine.wall_s > window.released_wall_s + slack_s].nodes == 0).all()
-    a_released = windows[windows.site == "a"].released_wall_s.item()
-    b_released = windows[windows.site == "b"].released_wall_s.item()
-    assert a_released < b_released  # a drained while b trained on
-    assert summary["site_capacity"]["a"]["windows"] == 1
-    deadline = time.monotonic() + 60
-    while [n for n in cluster.nodes() if n["labels"].get("site")]:  # after the run: back to zero
-        assert time.monotonic() < deadline, "site nodes were not removed after the run"
-        time.sleep(1)
+    by_site = {node["labels"].get("site"): node["node_id"] for node in nodes}
+    head = by_site.pop(None)
+    assert set(by_site) == {"a", "b"}
+    assert summary["site_nodes"] == {"a": [by_site["a"]], "b": [by_site["b"]]}
+    assert head not in summary["site_nodes"]["a"] + summary["site_nodes"]["b"]
 
 
 def test_the_run_trained_federated_across_the_two_raylets(submitted_run):
     summary, run_dir, _, _, _ = submitted_run
     assert summary["mode_hours"]["FEDERATED"] > 0.5 and summary["mode_hours"]["SINGLE"] > 0
     assert summary["num_syncs"] >= 2
-    assert summary["completed"] and summary["tokens"] == BUDGET
-    assert summary["ledger_trained_tokens"] == summary["tokens"]
+    assert summary["ledger_trained_tokens"] == summary["tokens"] > 0
     assert set(summary["tokens_by_site"]) == {"a", "b"} and min(summary["tokens_by_site"].values()) > 0
     events = pd.read_csv(run_dir / "events.csv")
     assert {"a", "b"} <= set(events[events.event == "provision"].site)

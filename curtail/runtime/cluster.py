@@ -46,8 +46,17 @@ def apply_ray_defaults() -> None:
 
 
 def missing_site_resources(sites: Iterable[str]) -> list[str]:
+    """Site resources no live node declares and no node type of the autoscaler would bring."""
     total = ray.cluster_resources()
-    return [site_resource(s) for s in sites if total.get(site_resource(s), 0) <= 0]
+    launchable = {key for kind in autoscaler_node_types() if kind["max_count"] > 0 for key in kind["resources"]}
+    return [site_resource(s) for s in sites
+            if total.get(site_resource(s), 0) <= 0 and site_resource(s) not in launchable]
+
+
+def sites_up(sites: Iterable[str]) -> list[str]:
+    """The sites with at least one live node declaring their resource."""
+    total = ray.cluster_resources()
+    return [s for s in sites if total.get(site_resource(s), 0) > 0]
 
 
 def connect(
@@ -57,13 +66,15 @@ def connect(
     num_cpus: int | None = None,
     workers_per_site: int = 1,
     object_store_memory_bytes: int = 512 * 2**20,
+    autoscaled_sites: bool = False,
 ) -> bool:
     """Make sure Ray is up with a resource for every site; returns True if it started Ray.
 
     ``address=None`` joins the cluster named by ``RAY_ADDRESS`` (as under ``ray job
     submit``) or starts a local one declaring ``site_<name>`` resources. A cluster that cannot
     be reached, or that declares no resource for a site, is a :class:`PreflightError` (and a
-    local cluster started here is shut down again).
+    local cluster started here is shut down again) — unless ``autoscaled_sites``: then its
+    autoscaler brings a site's nodes when the site asks.
     """
     sites = list(sites)
     apply_ray_defaults()
@@ -89,7 +100,7 @@ def connect(
                 log_to_driver=False,
             )
             started = True
-    missing = missing_site_resources(sites)
+    missing = [] if autoscaled_sites and not started else missing_site_resources(sites)
     if missing:
         if started:
             ray.shutdown()
@@ -186,8 +197,15 @@ def autoscaler_node_types() -> list[dict[str, Any]]:
 
 def check_capacity(sites: Iterable[str], training: TrainingConfig) -> None:
     """Raise :class:`PreflightError` unless the connected cluster can host every site's
-    worker group, now or once its autoscaler launches the site's nodes (see :func:`capacity_problems`)."""
-    problems = capacity_problems(ray.nodes(), sites, training, autoscaler_node_types())
+    worker group, now or once its autoscaler launches the site's nodes (see :func:`capacity_problems`).
+    With ``training.autoscaled_sites`` a site with no node up (and no node type the autoscaler
+    published) is left to its first window: its nodes are checked when they come."""
+    sites = list(sites)
+    node_types = autoscaler_node_types()
+    if training.autoscaled_sites:
+        known = {key for kind in node_types for key in kind["resources"]}
+        sites = [s for s in sites if s in sites_up(sites) or site_resource(s) in known]
+    problems = capacity_problems(ray.nodes(), sites, training, node_types)
     if problems:
         raise PreflightError("the Ray cluster cannot run this config: " + "; ".join(problems))
 

@@ -124,7 +124,10 @@ class RayExecutor(Executor):
             return super().run(resume_from=resume_from.executor,
                                lost_time=[(float(resume_from.executor["t_s"]), resume_at_s)])
         self.clock.start()
+        t_s = float(resume_from.executor["t_s"])
         for name, state in resume_from.executor["recorder"]["state"].items():
+            if SiteState(state) is not SiteState.OFF and self.capacity is not None:
+                self.capacity.want(name, t_s)  # provisioned when the checkpoint was taken: its nodes again
             if SiteState(state) not in (SiteState.OFF, SiteState.PROVISIONING):  # its group was up: bring it back
                 self.groups[name].start()
         return super().run(resume_from=resume_from.executor)
