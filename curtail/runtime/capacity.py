@@ -203,8 +203,15 @@ class SiteCapacity:
 
     # ------------------------------------------------------------------ the record
 
-    def summary(self) -> dict[str, Any]:
-        """Measured node start and group-ready times per site (wall seconds): mean and max."""
+    def summary(
+        self, modelled_start_s: float | None = None, idle_w: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Measured node start and group-ready times per site (wall seconds): mean and max.
+
+        Given the model's start-up (``provisioning_s + group_start_s``) and each site's idle
+        power, also what the measured start-ups cost in idle energy beyond the model's
+        (``idle_kwh_beyond_model``, negative when they were shorter): the simulator and the
+        run's accounting charge the model's."""
         result: dict[str, Any] = {}
         for site in self.bundles:
             mine = [w for w in self.windows if w.site == site]
@@ -217,6 +224,10 @@ class SiteCapacity:
                 "group_ready_s_mean": sum(ready) / len(ready) if ready else None,
                 "group_ready_s_max": max(ready) if ready else None,
             }
+            if modelled_start_s is not None and idle_w is not None:
+                beyond_s = sum(r - modelled_start_s for r in ready)
+                result[site] |= {"modelled_start_s": modelled_start_s,
+                                 "idle_kwh_beyond_model": idle_w[site] * beyond_s / 3.6e6}
         return result
 
     def write(self, run_dir: Path) -> None:

@@ -305,7 +305,10 @@ class Coordinator:
             "tokens_lost_to_failures": sum(e.details.get("lost_tokens", 0.0) for e in failures),
             "global_version": executor.global_version,
             "weight_digests": executor.telemetry.digests,
-            "site_capacity": executor.capacity.summary() if executor.capacity is not None else {},
+            "site_capacity": executor.capacity.summary(
+                executor.context.rules.provisioning_s + executor.context.execution.group_start_s,
+                {site: cfg.site_idle_power_w for site, cfg in executor.context.sites.items()},
+            ) if executor.capacity is not None else {},
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.telemetry.site_nodes.items()},
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
         }
