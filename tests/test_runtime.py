@@ -9,6 +9,7 @@ twice with the same seed to check the event log is deterministic.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -118,3 +119,20 @@ def test_measured_power_falls_back_to_the_model_without_nvml(two_runs):
     for site, kwh in summary["energy_kwh_by_site"].items():
         assert kwh == pytest.approx(modelled_kwh[site], rel=1e-9)
 
+
+def test_each_site_reports_its_progress_to_ray_train(two_runs):
+    """The sites' progress went through Ray Train's own reporting (the dashboard's Train view):
+    each site's last ``Result.metrics`` carries its window's tokens, the run's tokens, loss and LR;
+    and the run's capacity record has a window per provisioning."""
+    from curtail.runlog import read_run_dir
+
+    summary = two_runs[0].summary
+    metrics = summary["ray_train_metrics"]
+    assert set(metrics) == {"a", "b"}
+    for site, reported in metrics.items():
+        assert reported["site"] == site and reported["steps"] >= reported["window_steps"] > 0  # steps: at the drain
+        assert 0 < reported["run_tokens"] <= 1.1 * summary["tokens"]
+        assert math.isfinite(reported["loss"]) and reported["lr"] > 0
+    events = read_run_dir(two_runs[0].run_dir).events
+    provisions = events[events.event == "provision"].site.value_counts().to_dict()
+    assert {site: entry["windows"] for site, entry in summary["site_capacity"].items()} == provisions

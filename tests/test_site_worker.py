@@ -185,6 +185,23 @@ def test_loss_falls_over_repeated_train_commands(corpus, averager) -> None:
     assert worker.trainer.tokens_trained == 60 * STEP_TOKENS
 
 
+def test_a_train_command_asked_to_report_reports_the_site_progress_to_ray_train(corpus, averager) -> None:
+    reported, saved = [], {}
+    worker = make_worker(corpus, averager, report_metrics=reported.append,
+                         report_checkpoint=lambda metrics, folder: saved.update(metrics))
+    worker.execute(Load())
+    worker.execute(Train(chunks=((0, 2),), tokens_before=1_000.0, concurrency=2.0))  # not asked: silent
+    assert reported == []
+    trained = worker.execute(Train(chunks=((10 * STEP_TOKENS, 3),), tokens_before=9_000.0, concurrency=2.0,
+                                   report=True))
+    [metrics] = reported
+    run_tokens = 9_000.0 + 3 * STEP_TOKENS * 2.0
+    assert metrics == {"site": "a", "window_steps": 5, "window_tokens": 5 * STEP_TOKENS, "run_tokens": run_tokens,
+                       "loss": trained.loss, "lr": SCHEDULE.lr_at(run_tokens)}  # no power_w on a CPU
+    worker.execute(Stop())
+    assert saved == {**metrics, "steps": 5}  # the drain's report carries them: Ray Train's Result shows them
+
+
 def test_train_stops_at_the_wall_clock_deadline(corpus, averager) -> None:
     worker = make_worker(corpus, averager)
     trained = worker.execute(train_command(0, 5, until_wall=time.time() - 1.0))

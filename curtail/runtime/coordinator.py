@@ -150,6 +150,7 @@ class Coordinator:
                 realtime_speedup=training.realtime_speedup,
                 single_publish_interval_s=training.checkpoint_interval_s,
                 deadline_is_trace_end=self.run_spec.deadline is None,
+                report_interval_s=training.report_interval_s,
             ),
             groups=self._site_groups(plan, setup), averager=AveragerClient(setup.averager),
             account=WorkAccount(self._ledger(setup, checkpoint), setup.tokens_per_step, list(plan.context.sites),
@@ -305,6 +306,7 @@ class Coordinator:
             "tokens_lost_to_failures": sum(e.details.get("lost_tokens", 0.0) for e in failures),
             "global_version": executor.global_version,
             "weight_digests": executor.telemetry.digests,
+            "ray_train_metrics": executor.ray_train_metrics,
             "site_capacity": executor.capacity.summary(
                 executor.context.rules.provisioning_s + executor.context.execution.group_start_s,
                 {site: cfg.site_idle_power_w for site, cfg in executor.context.sites.items()},

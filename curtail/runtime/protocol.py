@@ -137,6 +137,7 @@ class Train(Command):
     tokens_before: float  # tokens trained by the whole run before this command (LR schedule)
     concurrency: float  # all active sites' rate / this site's: the schedule advances this much faster
     until_wall: float | None = None  # real-time clock: stop at this wall-clock instant
+    report: bool = False  # report the site's progress to Ray Train after it (every rank; the dashboard shows it)
 
 
 @dataclass(frozen=True)

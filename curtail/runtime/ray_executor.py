@@ -59,6 +59,7 @@ class ExecutorOptions:
     realtime_speedup: float = 1.0
     single_publish_interval_s: float = 600.0  # a single site delivers (and so checkpoints) this often
     deadline_is_trace_end: bool = False  # the run's deadline is where its carbon signal ends
+    report_interval_s: float = 10.0  # a site reports its progress to Ray Train at most this often (wall)
 
 
 class RayExecutor(Executor):
@@ -95,6 +96,8 @@ class RayExecutor(Executor):
         self.loaded_version = dict.fromkeys(context.sites, -1)
         self.global_version = 0
         self.last_publish_s: dict[str, float] = {}
+        self.last_report_wall: dict[str, float] = {}  # when each site last reported to Ray Train
+        self.ray_train_metrics: dict[str, dict[str, Any]] = {}  # each site's Result metrics at its last drain
         self.max_segment_s = min(self.max_segment_s, options.single_publish_interval_s)
         self.pending_evals: list[tuple[float, float, Any]] = []
         self.stop_requested = threading.Event()  # set from another thread: stop at the next safe point
@@ -312,8 +315,11 @@ class RayExecutor(Executor):
                 continue
             claims[site] = self.account.claim(site, steps)
             chunks = tuple((r.start, r.num_tokens // self.options.tokens_per_step) for r in claims[site])
+            report = time.time() - self.last_report_wall.get(site, -math.inf) >= self.options.report_interval_s
+            if report:
+                self.last_report_wall[site] = time.time()
             commands[site] = Train(chunks, tokens_before=self.tokens, concurrency=total_rate / rates[site],
-                                   until_wall=self.clock.until_wall(end_s))
+                                   until_wall=self.clock.until_wall(end_s), report=report)
         self._load([s for s in commands if self.loaded_version[s] < 0], start_s, index)  # e.g. after a resume
         commands = {s: c for s, c in commands.items() if self.groups[s].running}
         tokens: dict[str, float] = {}
@@ -368,6 +374,8 @@ class RayExecutor(Executor):
             self.capacity.release(site)
         try:
             self.telemetry.reply(t_s, site, "stop", 0, self.groups[site].stop())
+            if self.groups[site].ray_train_metrics:
+                self.ray_train_metrics[site] = self.groups[site].ray_train_metrics
         except SiteFailure as error:  # it died while draining: its handed-over work is safe
             self.recorder.event(t_s, site, "stop_failed", reason=str(error)[-300:])
             self.groups[site].abandon()

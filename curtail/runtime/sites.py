@@ -155,6 +155,14 @@ def report_to_ray_train(metrics: dict[str, Any], folder: str) -> None:
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def report_metrics_to_ray_train(metrics: dict[str, Any]) -> None:
+    """Report a site's progress to Ray Train (its run's metrics: the dashboard's Train view, the
+    ``Result``); every rank calls it, Ray keeps rank 0's."""
+    import ray.train
+
+    ray.train.report(metrics)
+
+
 class SiteWorker:
     """One rank of a site's worker group: the trainer and the round's state, one method per command.
 
@@ -181,6 +189,7 @@ class SiteWorker:
         node_id: str = "",
         power: PowerSampler | None = None,
         report_checkpoint: Callable[[dict[str, Any], str], None] = report_to_ray_train,
+        report_metrics: Callable[[dict[str, Any]], None] = report_metrics_to_ray_train,
     ) -> None:
         self.config = config
         self.trainer = trainer
@@ -190,6 +199,8 @@ class SiteWorker:
         self.node_id = node_id
         self.power = power  # NVML sampler of this rank's GPU; None on CPUs or without NVML
         self.report_checkpoint = report_checkpoint
+        self.report_metrics = report_metrics
+        self.metrics: dict[str, Any] = {}  # the site's progress as last reported
         self.reference: dict[str, np.ndarray] | None = None  # the global weights the round started from
         self.steps_done = 0  # optimizer steps over the window
         self.rank_tokens = config.batch_size * config.model.seq_len
@@ -252,6 +263,15 @@ class SiteWorker:
         power_w = None
         if self.config.use_gpu:  # a collective only where there is something to measure (same on every rank)
             power_w = _site_power_w(self.power.stop() if self.power is not None else None, self.world)
+        if command.report:  # every rank reports (Ray Train's report is a barrier); the controller keeps rank 0's
+            run_tokens = command.tokens_before + steps * self.tokens_per_step * command.concurrency
+            self.metrics = {
+                "site": self.config.site, "window_steps": self.steps_done,
+                "window_tokens": self.steps_done * self.tokens_per_step, "run_tokens": run_tokens,
+                "loss": mean_loss, "lr": self.config.schedule.lr_at(run_tokens),
+                **({"power_w": power_w} if power_w is not None else {}),
+            }
+            self.report_metrics(self.metrics)
         return Trained(wall_s=self._elapsed_s(), steps=steps, tokens=steps * self.tokens_per_step, loss=mean_loss,
                        power_w=power_w, gpus=self.world)
 
@@ -312,7 +332,7 @@ class SiteWorker:
 
         with tempfile.TemporaryDirectory() as folder:
             torch.save(self.trainer.optimizer_state_dict(), Path(folder) / f"inner_optimizer_rank{self.rank}.pt")
-            self.report_checkpoint({"steps": self.steps_done}, folder)
+            self.report_checkpoint({**self.metrics, "steps": self.steps_done}, folder)
         return Stopped(wall_s=self._elapsed_s(), steps=self.steps_done)
 
     def _step(self, position: int, progress: float) -> torch.Tensor:
@@ -409,7 +429,7 @@ def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: st
         ),
     )
     result = trainer.fit()
-    return result.return_value or {}
+    return {**(result.return_value or {}), "ray_train_metrics": dict(result.metrics or {})}
 
 
 @dataclass
@@ -436,6 +456,7 @@ class SiteGroup:
     fit_ref: Any = None
     # commands sent and not yet answered, oldest first: each reply is checked against its command
     awaiting: collections.deque[Command] = field(default_factory=collections.deque, repr=False)
+    ray_train_metrics: dict[str, Any] = field(default_factory=dict)  # what Ray Train's Result held at the last drain
 
     @property
     def running(self) -> bool:
@@ -489,7 +510,8 @@ class SiteGroup:
             return None
         reply = self.call(Stop())
         try:
-            ray.get(self.fit_ref, timeout=self.timeout_s)
+            outcome = ray.get(self.fit_ref, timeout=self.timeout_s)
+            self.ray_train_metrics = dict(outcome.get("ray_train_metrics", {}))
         except Exception as error:  # noqa: BLE001 -- fit() failing after the stop reply
             raise SiteFailure(self.site, f"worker group failed while stopping: {error}") from None
         finally:
