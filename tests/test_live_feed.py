@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 from planning_fixtures import TRACES
 
@@ -273,3 +274,35 @@ def test_a_forecast_outage_is_an_event_and_the_policy_runs_on(served_caiso):
     assert not any(outage[0] <= f.effective_t_s < outage[1] for f in forecasts.received)
     assert live.finish_s == live.start_s + 3 * 86400
     assert decisions(replayed(config, plan, live, forecasts)) == decisions(live)
+
+
+def test_forecasts_taken_back_after_a_crash_keep_the_refresh_grid():
+    """A resumed run's forecasts: those recorded before the crash are read again, and the next
+    fetch is on the run's refresh grid (from its start), not from the resume instant."""
+    from curtail.planning.traces import Forecast
+    from curtail.sources.live_forecasts import ReceivedForecast
+
+    class Issuing:
+        name = "fake"
+
+        def __init__(self):
+            self.asked: list[float] = []
+
+        def forecast(self, region, now_s=None, *, horizon_s=0.0):
+            self.asked.append(now_s)
+            return Forecast(region, np.array([now_s]), np.array([0, 1]), np.array([now_s + 300.0]),
+                            np.array([42.0]), "fake")
+
+    start_s = 1_000_000.0
+    before = [ReceivedForecast("caiso", start_s + k * 300.0, start_s + k * 300.0, (start_s + k * 300.0 + 300.0,),
+                               (float(k),), "fake") for k in range(3)]
+    source = Issuing()
+    forecasts = LiveForecasts({"caiso": "CAISO_NORTH"}, source, refresh_s=300.0)
+    forecasts.restore(before, start_s)
+    view = forecasts.for_site("caiso")
+    assert view.latest(start_s + 650.0)[1].tolist() == [2.0]  # the one fetched at +600, before the crash
+    assert source.asked == []  # nothing due yet: +600 was fetched
+    now_s = start_s + 1234.0  # resumed here, after lost time
+    assert view.next_due_s(now_s) == start_s + 1500.0
+    assert view.latest(now_s)[1].tolist() == [42.0] and source.asked == [now_s]  # overdue: fetched at once
+    assert forecasts.next_due_s(now_s) == start_s + 1500.0

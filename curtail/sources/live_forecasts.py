@@ -75,15 +75,6 @@ class LiveForecast:
         self.store.refresh(now_s)
         return self.store.latest(self.site, now_s)
 
-    def restore(self, received: Sequence[ReceivedForecast], start_s: float) -> None:
-        """Take back what a run had received before it went down; the refresh grid stays the
-        run's (from ``start_s``)."""
-        self._origin_s = start_s
-        for forecast in received:
-            self.received.append(forecast)
-            self._by_site[forecast.site].append(forecast)
-            self._fetched_s = max(self._fetched_s, forecast.effective_t_s)
-
     def next_due_s(self, now_s: float) -> float:
         """When the next forecast is fetched (after ``now_s``)."""
         return self.store.next_due_s(now_s)
