@@ -111,17 +111,23 @@ def long_windows_csv(path):
     return path
 
 
-def _kill_coordinator_once(runs: Path, after_tokens: float):
-    """SIGKILL the coordinator once, mid-round, after ``after_tokens`` and a checkpoint."""
+def _kill_coordinator_once(runs: Path, after_clock: str, after_tokens: float):
+    """SIGKILL the coordinator once, mid-round, after the run's clock passed ``after_clock``
+    (ISO, UTC), a checkpoint written since, and ``after_tokens``: the events before are kept."""
     killed: list[dict] = []
+    checkpoints_at_clock: list[int] = []  # the newest checkpoint's number when the clock passed
 
     def callback(progress: dict) -> None:
         pid = progress.get("coordinator_pid")
-        checkpointed = any(runs.glob("*/*/checkpoints/*"))
-        if (not killed and pid and checkpointed and progress.get("tokens", 0) > after_tokens
-                and progress.get("mode") == "FEDERATED"):
+        count = max((int(path.name) for path in runs.glob("*/*/checkpoints/0*")), default=0)  # the newest's number
+        if killed or not pid or progress.get("clock", "") < after_clock:
+            return
+        if not checkpoints_at_clock:
+            checkpoints_at_clock.append(count)
+        if count > checkpoints_at_clock[0] and progress.get("tokens", 0) > after_tokens \
+                and progress.get("mode") == "FEDERATED":
             os.kill(pid, signal.SIGKILL)
-            killed.append({"pid": pid, "tokens": progress["tokens"]})
+            killed.append({"pid": pid, "tokens": progress["tokens"], "clock": progress["clock"]})
 
     return callback, killed
 
@@ -137,7 +143,7 @@ def faulted_run(ray_cluster, tmp_path_factory):
                                         timeout_s=1.0)
     experiment["live"].update(duration_s=8 * 3600, max_stale_s=600, retry_s=60)
     experiment["training"].update(realtime_speedup=120.0, checkpoint_interval_s=240)
-    callback, killed = _kill_coordinator_once(tmp / "runs", after_tokens=15_000)
+    callback, killed = _kill_coordinator_once(tmp / "runs", after_clock="2026-01-11T01:00:00Z", after_tokens=15_000)
     result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=callback, progress_interval_s=1.0)
     return result, killed
 
