@@ -281,6 +281,7 @@ class FakeSite:
 def autospec_group(site: FakeSite) -> SiteGroup:
     """A ``SiteGroup`` autospec whose methods are the fake's (and ``running`` its state)."""
     group = create_autospec(SiteGroup, instance=True, spec_set=True)
+    group.ray_train_metrics = None  # no Ray Train run behind a fake group
     for method in ("start", "send", "receive", "stop", "abandon"):
         getattr(group, method).side_effect = getattr(site, method)
     type(group).running = PropertyMock(side_effect=lambda: site.running)

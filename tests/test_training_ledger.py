@@ -267,8 +267,11 @@ def test_retrained_ranges_are_recorded_and_survive_a_checkpoint() -> None:
     assert [(r.cause, r.epoch, r.start, r.end) for r in restored.retrained] == [("site_failure:a", 0, 0, 20)]
     # the lost positions are the next ones handed out: they are what gets trained again
     assert restored.claim("b", 20) == TokenRange(0, 0, 20)
-    with pytest.raises(LedgerError, match="not inside an opened epoch"):
-        ledger.record_retrained("resume:000001", [(3, 0, 10)])
+    # work lost from an epoch opened after the checkpoint (the data wrapped meanwhile) is recorded
+    assert ledger.record_retrained("resume:000001", [(1, 0, 10)])[0].epoch == 1
+    for bad in [(-1, 0, 10), (0, 90, 110), (0, 20, 20)]:
+        with pytest.raises(LedgerError, match="is not inside an epoch"):
+            ledger.record_retrained("resume:000001", [bad])
     state = ledger.to_dict()
     del state["retrained"]  # a checkpoint written before re-training was recorded
     assert DataLedger.from_dict(state).retrained == []

@@ -456,7 +456,7 @@ class SiteGroup:
     fit_ref: Any = None
     # commands sent and not yet answered, oldest first: each reply is checked against its command
     awaiting: collections.deque[Command] = field(default_factory=collections.deque, repr=False)
-    ray_train_metrics: dict[str, Any] = field(default_factory=dict)  # what Ray Train's Result held at the last drain
+    ray_train_metrics: dict[str, Any] | None = None  # what Ray Train's Result held at the last drain
 
     @property
     def running(self) -> bool:

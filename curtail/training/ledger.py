@@ -303,11 +303,16 @@ class DataLedger:
 
     def record_retrained(self, cause: str, ranges: list[tuple[int, int, int]]) -> list[RetrainedRange]:
         """Note that the positions ``(epoch, start, end)`` were trained, lost, and go back to be
-        trained again (the caller releases them); returns what was recorded."""
+        trained again (the caller releases them); returns what was recorded. The epoch may be
+        one this ledger has not opened yet: a run resumed from a checkpoint taken before its data
+        wrapped lost work of the next epoch, which is trained when that epoch opens."""
         recorded = []
         for epoch, start, end in ranges:
-            if not 0 <= epoch < len(self._epochs) or not 0 <= start < end <= self.usable_tokens:
-                raise LedgerError(f"re-trained range {[epoch, start, end]} is not inside an opened epoch")
+            if epoch < 0 or not 0 <= start < end <= self.usable_tokens:
+                raise LedgerError(
+                    f"re-trained range {[epoch, start, end]} is not inside an epoch of "
+                    f"[0, {self.usable_tokens}) positions"
+                )
             recorded.append(RetrainedRange(cause, int(epoch), int(start), int(end)))
         self._retrained.extend(recorded)
         return recorded
