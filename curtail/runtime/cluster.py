@@ -204,7 +204,8 @@ def check_capacity(sites: Iterable[str], training: TrainingConfig) -> None:
     node_types = autoscaler_node_types()
     if training.autoscaled_sites:
         known = {key for kind in node_types for key in kind["resources"]}
-        sites = [s for s in sites if s in sites_up(sites) or site_resource(s) in known]
+        up = set(sites_up(sites))
+        sites = [s for s in sites if s in up or site_resource(s) in known]
     problems = capacity_problems(ray.nodes(), sites, training, node_types)
     if problems:
         raise PreflightError("the Ray cluster cannot run this config: " + "; ".join(problems))

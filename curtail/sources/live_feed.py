@@ -23,14 +23,15 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from curtail.config import ExperimentConfig, LiveConfig, LiveSourceConfig, RunSpec, ServedFault
 from curtail.planning.live_calendar import AppliedReading, FedReading, LiveCalendar
 from curtail.planning.traces import load_trace
 from curtail.sources.base import CarbonSource, SourceError, TraceFileSource
 from curtail.sources.live_forecasts import (
-    ForecastRecord,
+    FORECASTS_FILE,
+    JsonLinesRecord,
     LiveForecast,
     LiveForecasts,
     read_forecasts,
@@ -245,8 +246,8 @@ class LiveSignal:
         self.path = run_dir / READINGS_FILE
         self.clock_path = run_dir / CLOCK_FILE
         self.speedup = experiment.training.realtime_speedup
-        self._file: IO[str] | None = None
-        self.forecast_record = ForecastRecord(run_dir)
+        self.readings_record = JsonLinesRecord(self.path)
+        self.forecast_record = JsonLinesRecord(run_dir / FORECASTS_FILE)
         self.forecasts: LiveForecasts | None = None
         if getattr(run.policy, "forecast", "none") != "none":  # forecast and budget policies read them
             self.forecasts = LiveForecasts(
@@ -303,23 +304,18 @@ class LiveSignal:
         return now_s
 
     def _open_records(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self.readings_record.open()
         if self.forecasts is not None:
             self.forecast_record.open()
 
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.readings_record.close()
         self.forecast_record.close()
 
     def _record(self, reading: AppliedReading) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(reading.to_json()) + "\n")
-            self._file.flush()
+        self.readings_record.write(reading)
         if reading.late or reading.origin != "source":
             self._emit(reading.received_t_s, reading.site, "signal_reading", {
                 "origin": reading.origin, "late": reading.late, "sample_t_s": reading.sample_t_s,

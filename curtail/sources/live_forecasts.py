@@ -204,20 +204,22 @@ class LiveForecasts:
             self.on_event(t_s, site, event, details)
 
 
-class ForecastRecord:
-    """Appends every received forecast to ``live_forecasts.jsonl`` in a run directory."""
+class JsonLinesRecord:
+    """Appends one JSON object per line to ``path``, flushed as it comes (a live run's readings
+    and forecasts); nothing is written before :meth:`open` or after :meth:`close`."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / FORECASTS_FILE
+    def __init__(self, path: Path):
+        self.path = Path(path)
         self._file: IO[str] | None = None
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def write(self, forecast: ReceivedForecast) -> None:
+    def write(self, item: Any) -> None:
+        """``item``: anything with ``to_json()`` (a reading, a forecast)."""
         if self._file is not None:
-            self._file.write(json.dumps(forecast.to_json()) + "\n")
+            self._file.write(json.dumps(item.to_json()) + "\n")
             self._file.flush()
 
     def close(self) -> None:
@@ -259,6 +261,6 @@ def forecasts_from_records(
 
 
 __all__ = [
-    "FORECASTS_FILE", "ForecastRecord", "LiveForecast", "LiveForecasts", "ReceivedForecast",
+    "FORECASTS_FILE", "JsonLinesRecord", "LiveForecast", "LiveForecasts", "ReceivedForecast",
     "forecasts_from_records", "read_forecasts",
 ]
