@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from curtail.planning.live_calendar import AppliedReading, signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
 from curtail.planning.simulator import Simulator
 from curtail.preflight import check_live_files, check_output_dir, check_run_files, unwritable_dir
+from curtail.run_store import RunStore, is_uri, join
 from curtail.runlog import RunRecord, events_frame, losses_frame, record_of, write_run_dir
 from curtail.sources.live_feed import READINGS_FILE, read_readings
 from curtail.sources.live_forecasts import (
@@ -258,8 +260,10 @@ class RunInterrupted(Exception):
     safe point after writing that checkpoint (False after a second Ctrl-C or a failure while
     stopping: then the work since that checkpoint is trained again on resume)."""
 
-    def __init__(self, run_dir: Path, checkpoint: str | None, *, graceful: bool = True, resumable: bool = True):
+    def __init__(self, run_dir: Path, checkpoint: str | None, *, graceful: bool = True, resumable: bool = True,
+                 location: str | None = None):
         self.run_dir = Path(run_dir)
+        self.location = location or str(self.run_dir)  # where the run lives (a URI for object storage)
         self.checkpoint = checkpoint
         self.graceful = graceful
         if checkpoint is None:
@@ -274,24 +278,27 @@ class RunInterrupted(Exception):
 
     @property
     def resume_command(self) -> str:
-        return f"curtail run --resume {self.run_dir}"
+        return f"curtail run --resume {self.location}"
 
 
-def _new_run_dir(root: Path, experiment: ExperimentConfig, run: str) -> Path:
-    """``root/experiment/run`` with ``run.json`` in it; a real run never overwrites another: a
-    time suffix if taken."""
-    path = root / experiment.name / run
+def _new_run_dir(root: str | Path, experiment: ExperimentConfig, run: str) -> RunStore:
+    """``root/experiment/run`` (a folder, or a URI with its working copy) with ``run.json`` in it;
+    a real run never overwrites another: a time suffix if taken."""
+    store = RunStore.at(join(str(root), experiment.name, run))
     try:
-        if path.exists() and any(path.iterdir()):
-            path = root / experiment.name / f"{run}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-        path.mkdir(parents=True, exist_ok=False)
+        if store.exists():
+            store = RunStore.at(join(str(root), experiment.name, f"{run}-{datetime.now(UTC):%Y%m%d-%H%M%S}"))
+        if store.remote is not None:
+            shutil.rmtree(store.local, ignore_errors=True)  # a stale working copy: the URI holds nothing
+        store.local.mkdir(parents=True, exist_ok=False)
     except OSError as error:
-        raise PreflightError(f"output_dir: cannot create {path} ({error.strerror or error}); choose another "
+        raise PreflightError(f"output_dir: cannot create {store.local} ({error.strerror or error}); choose another "
                              "output folder (--output-dir DIR)") from None
-    (path / RUN_SPEC_FILE).write_text(
+    (store.local / RUN_SPEC_FILE).write_text(
         json.dumps({"experiment": experiment.model_dump(mode="json"), "run": run}, indent=2)
     )
-    return path.resolve()
+    store.push(RUN_SPEC_FILE)
+    return RunStore(store.local.resolve(), store.remote)
 
 
 def _differences(saved: Any, given: Any, prefix: str = "") -> list[str]:
@@ -360,10 +367,11 @@ def run(
             the ``small`` preset on Tiny Shakespeare). With ``resume``: optional, and refused
             if it differs from the config the run was started with.
         run: which of the experiment's runs (default: its first).
-        output_dir: root of run directories (default: the config's ``output_dir``).
+        output_dir: root of run directories (default: the config's ``output_dir``): a folder,
+            or a URI ``pyarrow.fs`` opens (``s3://bucket/runs``; see :mod:`curtail.run_store`).
         address: a Ray cluster to join (default: ``RAY_ADDRESS``, else a local cluster that
             declares one resource per site).
-        resume: a run directory to continue (config and run name are read from it) from its
+        resume: a run directory (a folder or a URI) to continue (config and run name are read from it) from its
             newest intact checkpoint; the ones skipped, and why, go to ``summary.json``
             (``resume_checkpoint``, ``skipped_checkpoints``). A completed run is refused.
         checkpoint: with ``resume``, continue from this checkpoint (``4`` or ``"000004"``).
@@ -388,8 +396,13 @@ def run(
 
     if checkpoint is not None and resume is None:
         raise ResumeError("a checkpoint is picked for a resume: pass resume=RUN_DIR (--resume RUN_DIR) too")
+    store: RunStore | None = None
     if resume is not None:
-        run_dir, experiment, spec = _resume_target(resume, config, run, output_dir)
+        if is_uri(resume):  # any machine may continue a run on object storage: pull its working copy
+            store = RunStore.at(str(resume))
+            store.pull()
+        run_dir, experiment, spec = _resume_target(store.local if store else resume, config, run, output_dir)
+        store = store or RunStore.at(run_dir)
         if problem := unwritable_dir(run_dir):
             raise PreflightError(f"cannot resume {run_dir}: {problem} (a resume writes its checkpoints and "
                                  "results there)")
@@ -400,8 +413,11 @@ def run(
             config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
         experiment = as_experiment(config)
         spec = experiment.run(run) if run is not None else experiment.runs[0]
-        root = Path(output_dir) if output_dir is not None else experiment.output_dir
-        check_output_dir(root / experiment.name)
+        root = output_dir if output_dir is not None else experiment.output_dir
+        if is_uri(root):
+            RunStore.at(join(str(root), experiment.name)).exists()  # reachable, before any cluster starts
+        else:
+            check_output_dir(Path(root) / experiment.name)
         run_dir, start_from, skipped = None, None, []
     check_available(experiment.tracking)  # before any training: a missing package names its pip command
     check_run_files(experiment)
@@ -420,13 +436,14 @@ def run(
     )
     try:
         check_capacity(spec.sites, experiment.training)
-        if run_dir is None:
-            run_dir = _new_run_dir(root, experiment, spec.name)
+        if store is None:
+            store = _new_run_dir(root, experiment, spec.name)
+            run_dir = store.local
         else:  # a killed driver may have left its sites' worker groups reserved
             remove_stale_placement_groups(spec.sites)
             if start_from is not None:
                 point_latest(run_dir, start_from)  # the run's state descends from it now
-        artifacts, restarts = _train(experiment, spec, run_dir, start_from, max_restarts=max_restarts,
+        artifacts, restarts = _train(experiment, spec, store, start_from, max_restarts=max_restarts,
                                      on_progress=on_progress, progress_interval_s=progress_interval_s)
     finally:
         if started_ray:
@@ -445,7 +462,7 @@ def run(
         executor="ray",
         traces_checksums=traces_checksums,
         extra={**artifacts.summary_extra, **power_note, **live_note,
-               "restarts": restarts, "resumed": resume is not None,
+               "restarts": restarts, "resumed": resume is not None, "run_store": store.name,
                "resume_checkpoint": start_from.name if start_from is not None else None,
                "skipped_checkpoints": [{"checkpoint": name, "reason": reason} for name, reason in skipped],
                "reference": spec.reference.model_dump() if spec.reference else None},
@@ -455,6 +472,7 @@ def run(
     record.timings = pd.DataFrame([vars(t) for t in artifacts.timings])
     write_run_dir(record, run_dir)
     log_run(record, experiment.tracking)  # TensorBoard / MLflow, if [tracking] turns them on
+    store.push_run()  # a run on object storage: the whole run directory goes there
     return RunResult(record.summary, run_dir, record)
 
 
@@ -500,7 +518,7 @@ def _live_note(
 
 
 def _train(
-    experiment: ExperimentConfig, spec: RunSpec, run_dir: Path, start_from: Path | None, *, max_restarts: int,
+    experiment: ExperimentConfig, spec: RunSpec, store: RunStore, start_from: Path | None, *, max_restarts: int,
     on_progress: Callable[[dict[str, Any]], None] | None, progress_interval_s: float,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Drive the coordinator to the run's end: restart it from the newest intact checkpoint
@@ -514,16 +532,17 @@ def _train(
 
     restarts: list[dict[str, Any]] = []
     checkpoint = start_from
+    run_dir = store.local
     while True:
         coordinator = Coordinator.options(resources=HEAD_NODE).remote(
-            experiment.model_dump(mode="json"), spec.name, str(run_dir), None if checkpoint is None else str(checkpoint)
+            experiment.model_dump(mode="json"), spec.name, store, None if checkpoint is None else str(checkpoint)
         )
         pending = coordinator.run.remote()
         try:
             try:
                 artifacts = _wait(coordinator, pending, on_progress, progress_interval_s)
             except KeyboardInterrupt:
-                artifacts = _stop(coordinator, pending, run_dir, spec, on_progress)
+                artifacts = _stop(coordinator, pending, store, spec, on_progress)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
             try:
                 checkpoint, skipped = select_checkpoint(run_dir)
@@ -539,7 +558,8 @@ def _train(
             continue
         ray.kill(coordinator)
         if artifacts.interrupted:
-            raise RunInterrupted(run_dir, artifacts.checkpoint)
+            store.push_top_level()  # the journal as it ends
+            raise RunInterrupted(run_dir, artifacts.checkpoint, location=store.name)
         return artifacts, restarts
 
 
@@ -553,7 +573,7 @@ def _wait(coordinator: Any, pending: Any, on_progress: Callable[[dict[str, Any]]
     return ray.get(pending)
 
 
-def _stop(coordinator: Any, pending: Any, run_dir: Path, spec: RunSpec,
+def _stop(coordinator: Any, pending: Any, store: RunStore, spec: RunSpec,
           on_progress: Callable[[dict[str, Any]], None] | None) -> Any:
     """Ctrl-C: ask the coordinator to stop at its next safe point (it checkpoints there and
     returns interrupted artifacts). A second Ctrl-C, or a failure meanwhile, stops it at once:
@@ -576,8 +596,10 @@ def _stop(coordinator: Any, pending: Any, run_dir: Path, spec: RunSpec,
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
         pass
     try:
-        newest, _ = select_checkpoint(run_dir)
+        newest, _ = select_checkpoint(store.local)
     except CurtailError:
         newest = None
-    resumable = newest is not None or not journal_trained_tokens(run_dir)
-    raise RunInterrupted(run_dir, None if newest is None else newest.name, graceful=False, resumable=resumable)
+    resumable = newest is not None or not journal_trained_tokens(store.local)
+    store.push_top_level()  # the journal as it ends
+    raise RunInterrupted(store.local, None if newest is None else newest.name, graceful=False,
+                         resumable=resumable, location=store.name)

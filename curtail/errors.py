@@ -11,6 +11,8 @@ keeps its traceback.
 * :class:`CheckpointError` — a checkpoint folder is incomplete or corrupt (names the file).
 * :class:`ResumeError` — a resume is refused: a completed run, a config that differs from the
   run's, no intact checkpoint while the run's journal records trained work.
+* :class:`StorageError` — a run directory on a URI cannot be opened, read or written (names the
+  location, without credentials).
 """
 
 from __future__ import annotations
@@ -30,3 +32,7 @@ class CheckpointError(CurtailError):
 
 class ResumeError(CurtailError):
     """A run directory cannot be resumed as asked; nothing in it was changed."""
+
+
+class StorageError(CurtailError):
+    """A run directory's storage location cannot be opened, read or written."""

@@ -45,3 +45,20 @@ def two_runs(ray_cluster, tmp_path_factory):
     tracked = {**experiment, "tracking": {"tensorboard": True, "mlflow": True}}
     second = curtail.run(tracked, output_dir=tmp / "second")
     return first, second
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) on 127.0.0.1 with bucket ``curtail-runs``; yields the
+    URI prefix a run directory there is named by (credentials and endpoint in the URI, so Ray's
+    workers need no environment)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="curtail-runs")
+    yield f"s3://testing:testing@curtail-runs/{{path}}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()

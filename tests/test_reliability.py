@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 from runtime_fixtures import tiny_experiment
 
+from curtail.run_store import RunStore
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -603,7 +605,7 @@ def _drive(run_dir: Path, start_from: Path | None = None, max_restarts: int = 2)
     from curtail.api import _train, as_experiment
 
     experiment = as_experiment(tiny_experiment(run_dir))
-    return _train(experiment, experiment.runs[0], run_dir, start_from, max_restarts=max_restarts,
+    return _train(experiment, experiment.runs[0], RunStore.at(run_dir), start_from, max_restarts=max_restarts,
                   on_progress=None, progress_interval_s=0.0)
 
 
@@ -618,7 +620,7 @@ def test_ctrl_c_asks_the_coordinator_to_stop_and_raises_run_interrupted(tmp_path
     assert (error.value.checkpoint, error.value.graceful) == ("000004", True)
     assert error.value.resume_command == f"curtail run --resume {tmp_path}"
     assert [entry[0] for entry in log] == ["start", "run", "request_stop", "kill"]
-    assert log[0][1][2:] == (str(tmp_path), None)  # (experiment, run name, run_dir, checkpoint)
+    assert log[0][1][2:] == (RunStore.at(tmp_path), None)  # (experiment, run name, run store, checkpoint)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_names_the_newest_intact_checkpoint(tmp_path, fake_ray):

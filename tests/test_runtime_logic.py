@@ -29,6 +29,7 @@ from runtime_fixtures import STEP_TOKENS, tiny_experiment
 from curtail.config import parse_experiment
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_run
 from curtail.planning.trajectory import RunMode, Trajectory
+from curtail.run_store import RunStore
 from curtail.runtime.averager import AveragerClient
 from curtail.runtime.checkpoint import (
     RunCheckpoint,
@@ -378,7 +379,7 @@ def fake_run(
                         deadline_is_trace_end=True),
         groups={name: autospec_group(site) for name, site in sites.items()},
         averager=autospec_averager(averager), account=account,
-        checkpointer=RunCheckpointer(run_dir, inner_optimizer=True) if run_dir and checkpoints else None,
+        checkpointer=RunCheckpointer(RunStore.at(run_dir), inner_optimizer=True) if run_dir and checkpoints else None,
         evaluator=None, on_progress=on_progress,
     )
     return FakeRun(plan, averager, sites, executor, log)

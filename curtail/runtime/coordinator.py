@@ -28,6 +28,7 @@ from curtail.planning.plan import RunPlan, load_experiment_traces, plan_live_run
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
 from curtail.preflight import resolve_data_path
+from curtail.run_store import BackgroundUpload, RunStore
 from curtail.runtime.averager import Averager, AveragerClient
 from curtail.runtime.capacity import SiteCapacity, site_bundles
 from curtail.runtime.checkpoint import JOURNAL, RunCheckpoint, read_checkpoint, read_journal
@@ -93,10 +94,11 @@ class RunSetup:
 class Coordinator:
     """The driver actor of one real run (see the module doc)."""
 
-    def __init__(self, experiment: dict[str, Any], run_name: str, run_dir: str, checkpoint: str | None = None):
+    def __init__(self, experiment: dict[str, Any], run_name: str, store: RunStore, checkpoint: str | None = None):
         self.config = ExperimentConfig.model_validate(experiment)
         self.run_spec = self.config.run(run_name)
-        self.run_dir = Path(run_dir)
+        self.store = store  # the run directory: its working copy here, and a URI the sites write to
+        self.run_dir = store.local
         self.checkpoint = None if checkpoint is None else Path(checkpoint)  # chosen and verified by the driver
         self._averager_pid: int | None = None
         self._executor: RayExecutor | None = None
@@ -141,6 +143,7 @@ class Coordinator:
         self._progress = {"phase": "preparing data"}
         setup = self._prepare(plan)
         checkpoint = read_checkpoint(self.checkpoint) if self.checkpoint is not None else None
+        uploads = BackgroundUpload(self.store)  # a run on object storage: the journal goes up as it grows
         capacity = SiteCapacity(site_bundles(plan.context.sites, training.workers_per_site, training.cpus_per_worker,
                                              training.gpus_per_worker))
         executor = RayExecutor(
@@ -154,8 +157,8 @@ class Coordinator:
             ),
             groups=self._site_groups(plan, setup), averager=AveragerClient(setup.averager),
             account=WorkAccount(self._ledger(setup, checkpoint), setup.tokens_per_step, list(plan.context.sites),
-                                self.run_dir),
-            checkpointer=RunCheckpointer(self.run_dir, inner_optimizer=training.checkpoint_inner_optimizer),
+                                self.run_dir, on_journal=lambda: uploads.changed(JOURNAL)),
+            checkpointer=RunCheckpointer(self.store, inner_optimizer=training.checkpoint_inner_optimizer),
             evaluator=setup.evaluator, on_progress=self._report_progress, capacity=capacity,
         )
         self._executor = executor
@@ -178,6 +181,7 @@ class Coordinator:
             capacity.stop()
             capacity.write(self.run_dir)
             executor.account.close()
+            uploads.close()
             if live is not None:
                 live.close()
         wall_s = time.perf_counter() - started
@@ -224,7 +228,7 @@ class Coordinator:
             training.warmdown_fraction, training.final_lr_fraction,
         )
         use_gpu = training.gpus_per_worker > 0
-        storage = str((self.run_dir / "ray_train").resolve())
+        storage = self.store.location(self.run_dir / "ray_train")
         groups = {}
         for site in plan.context.sites:
             resources = {"CPU": training.cpus_per_worker, site_resource(site): 1}

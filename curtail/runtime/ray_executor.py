@@ -30,6 +30,7 @@ import ray
 from curtail.planning.executor import Executor, RoundView
 from curtail.planning.policy import Policy, PolicyContext, SiteState
 from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
+from curtail.run_store import join
 from curtail.runtime.averager import AveragerClient
 from curtail.runtime.capacity import SiteCapacity
 from curtail.runtime.checkpoint import RunCheckpoint
@@ -189,15 +190,17 @@ class RayExecutor(Executor):
         )
         self.telemetry.action(t_s, "checkpoint", self.num_rounds, time.perf_counter() - started)
 
-    def _save_inner_optimizers(self, folder: Path, t_s: float) -> bool:
-        """Every running site saves its inner AdamW into ``folder/<site>`` (all ranks)."""
+    def _save_inner_optimizers(self, folder: str, t_s: float) -> bool:
+        """Every running site saves its inner AdamW into ``folder/<site>`` (all ranks; a path or a URI)."""
         running = [site for site, group in self.groups.items() if group.running]
-        return bool(self._exchange({site: SaveOptimizer(str(folder / site)) for site in running}, t_s, self.num_rounds))
+        return bool(self._exchange({site: SaveOptimizer(join(folder, site)) for site in running}, t_s, self.num_rounds))
 
     def _load_inner_optimizers(self, inner: Path, t_s: float) -> None:
         """Resume: the restarted sites take the inner AdamW saved with the checkpoint (newer
         than their Ray Train checkpoints, which are written only when a site drains)."""
-        commands = {site: LoadOptimizer(str(inner / site))
+        assert self.checkpointer is not None  # a resume's inner states come with its checkpoint
+        where = self.checkpointer.store.location  # where the sites' nodes read the working copy's files
+        commands = {site: LoadOptimizer(where(inner / site))
                     for site, group in self.groups.items() if group.running and (inner / site).is_dir()}
         replies = self._exchange(commands, t_s, self.num_rounds)
         self.recorder.event(t_s, "", "inner_optimizer_restored",

@@ -5,7 +5,10 @@ weights changed (a sync or a single-site hand-off). Everything it needs is gathe
 the averaging actor's state (fetched now: once the safe point is passed the checkpoint no
 longer depends on that actor staying alive), the sites' inner optimizers (saved by the sites
 into a staging folder), the ledger, the state machine and the coordinator's bookkeeping — and
-the files are written by one background thread, so the sites go on training meanwhile.
+the files are written by one background thread, so the sites go on training meanwhile. For a
+run directory on object storage (:class:`~curtail.run_store.RunStore`) the sites save their inner
+optimizers to the URI, the checkpointer brings them into the working copy, and the writer uploads
+the finished checkpoint.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from curtail.run_store import RunStore
 from curtail.runtime.checkpoint import inner_staging_dir, write_checkpoint
 
 
 class RunCheckpointer:
-    def __init__(self, run_dir: Path, *, inner_optimizer: bool):
-        self.run_dir = Path(run_dir)
+    def __init__(self, store: RunStore, *, inner_optimizer: bool):
+        self.store = store
+        self.run_dir = store.local
         self.inner_optimizer = inner_optimizer  # also save every running site's inner AdamW
         self.sequence = 0
         self.checkpointed_version = 0  # the global version of the newest checkpoint
@@ -37,11 +42,11 @@ class RunCheckpointer:
         global_version: int,
         *,
         averager_state: dict[str, Any],
-        save_inner: Callable[[Path], bool],
+        save_inner: Callable[[str], bool],
         state: Callable[[], dict[str, Any]],
     ) -> None:
-        """Take checkpoint ``sequence + 1``. ``save_inner(folder)`` asks the running sites to save
-        their inner optimizers there (True if any did); ``state()`` returns the JSON parts
+        """Take checkpoint ``sequence + 1``. ``save_inner(location)`` asks the running sites to save
+        their inner optimizers there, a folder or a URI (True if any did); ``state()`` returns the JSON parts
         (``ledger``, ``executor``, ``coordinator``), gathered after the sites' saves."""
         self.wait()  # at most one write in flight
         self.sequence += 1
@@ -49,15 +54,23 @@ class RunCheckpointer:
         inner_dir = None
         if self.inner_optimizer:
             folder = inner_staging_dir(self.run_dir, sequence)
-            inner_dir = folder if save_inner(folder) else None
+            inner_dir = folder if save_inner(self.store.location(folder)) else None
         parts = state()
         self._write = self._writer.submit(
-            write_checkpoint, self.run_dir, sequence, averager_state=averager_state,
+            self._write_and_upload, sequence, averager_state=averager_state,
             ledger_state=parts["ledger"], executor_state=parts["executor"],
             coordinator_state=parts["coordinator"], inner_dir=inner_dir,
         )
         self.checkpointed_version = global_version
         self.last_written = f"{sequence:06d}"
+
+    def _write_and_upload(self, sequence: int, *, inner_dir: Path | None, **parts: dict[str, Any]) -> None:
+        if inner_dir is not None and self.store.remote is not None:  # the sites saved them to the URI
+            staged = inner_dir.relative_to(self.run_dir).as_posix()
+            self.store.fetch(staged)
+            self.store.remove(staged)
+        final = write_checkpoint(self.run_dir, sequence, inner_dir=inner_dir, **parts)
+        self.store.push_checkpoint(final)
 
     def wait(self) -> None:
         """Block until the checkpoint being written is on disk (errors surface here)."""

@@ -22,6 +22,7 @@ back (Ray Train V2's auto-resume).
 from __future__ import annotations
 
 import collections
+import io
 import os
 import tempfile
 import time
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
+from curtail.run_store import is_uri, join, open_location, read_bytes, write_bytes
 from curtail.runtime.protocol import (
     Command,
     CommandFailed,
@@ -122,11 +124,16 @@ def _site_power_w(reading: Any, world: int) -> float | None:
 
 def _load_optimizer_file(trainer: SiteTrainer, state_file: Path) -> bool:
     """Load the inner optimizer from ``state_file`` if it exists; whether it did."""
+    return _load_optimizer_bytes(trainer, state_file.read_bytes() if state_file.is_file() else None)
+
+
+def _load_optimizer_bytes(trainer: SiteTrainer, state: bytes | None) -> bool:
+    """Load the inner optimizer from a saved state (None: there was none); whether it did."""
     import torch
 
-    if not state_file.is_file():
+    if state is None:
         return False
-    trainer.load_optimizer_state_dict(torch.load(state_file, weights_only=True))
+    trainer.load_optimizer_state_dict(torch.load(io.BytesIO(state), weights_only=True))
     return True
 
 
@@ -312,17 +319,15 @@ class SiteWorker:
         """With a run checkpoint: this rank's inner AdamW into ``path/rank<r>.pt`` (atomically)."""
         import torch
 
-        folder = Path(command.path)
-        folder.mkdir(parents=True, exist_ok=True)
-        staged = folder / f".rank{self.rank}.pt.tmp"
-        torch.save(self.trainer.optimizer_state_dict(), staged)
-        os.replace(staged, folder / f"rank{self.rank}.pt")
+        buffer = io.BytesIO()
+        torch.save(self.trainer.optimizer_state_dict(), buffer)
+        write_bytes(join(command.path, f"rank{self.rank}.pt"), buffer.getvalue())  # a path or a URI
         _gather_object(True, self.world)  # every rank has written before the reply
         return OptimizerSaved(wall_s=self._elapsed_s())
 
     def load_optimizer(self, command: LoadOptimizer) -> OptimizerLoaded:
         """Resume: this rank's inner AdamW from ``path/rank<r>.pt``; loaded only if every rank found its file."""
-        found = _load_optimizer_file(self.trainer, Path(command.path) / f"rank{self.rank}.pt")
+        found = _load_optimizer_bytes(self.trainer, read_bytes(join(command.path, f"rank{self.rank}.pt")))
         loaded = all(_gather_object(found, self.world))
         return OptimizerLoaded(wall_s=self._elapsed_s(), loaded=loaded)
 
@@ -418,6 +423,9 @@ def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: st
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    filesystem = None
+    if is_uri(storage_path):  # the run directory is on object storage: Ray Train writes there too
+        filesystem, storage_path = open_location(storage_path)
     trainer = TorchTrainer(
         _site_train_function,
         train_loop_config={"site_config": loop_config},
@@ -425,6 +433,7 @@ def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: st
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
         ),
     )

@@ -5,12 +5,14 @@ A site claims ranges from the data ledger before it trains them; what it trained
 publish), when the ledger records the ranges as trained. A site that dies loses its pending
 work: the ranges go back to the pool and the ledger records them as re-trained. Every trained,
 delivered and released range is also appended to the fsync'd ledger journal, so a resume from
-a checkpoint knows exactly which work the crash discarded (:meth:`WorkAccount.resume`).
+a checkpoint knows exactly which work the crash discarded (:meth:`WorkAccount.resume`);
+``on_journal`` hears of every entry (a run on object storage uploads the journal then).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,14 @@ from curtail.training.ledger import DataLedger, TokenRange
 
 
 class WorkAccount:
-    def __init__(self, ledger: DataLedger, tokens_per_step: int, sites: list[str], journal_dir: Path | None):
+    def __init__(self, ledger: DataLedger, tokens_per_step: int, sites: list[str], journal_dir: Path | None,
+                 on_journal: Callable[[], None] | None = None):
         self.ledger = ledger
         self.tokens_per_step = tokens_per_step
         self.pending: dict[str, list[tuple[TokenRange, int]]] = {site: [] for site in sites}  # (range, trained)
         self.round_tokens = dict.fromkeys(sites, 0.0)  # trained since the site's last delivery
         self.journal = LedgerJournal(journal_dir) if journal_dir is not None else None
+        self.on_journal = on_journal  # after every entry (a run on object storage uploads the journal)
 
     @property
     def settled(self) -> bool:
@@ -34,6 +38,8 @@ class WorkAccount:
     def _journal(self, kind: str, site: str, ranges: list[list[int]], t_s: float, **details: Any) -> None:
         if self.journal is not None and ranges:
             self.journal.append(kind, site, ranges, t_s=t_s, wall=time.time(), **details)
+            if self.on_journal is not None:
+                self.on_journal()
 
     def claim(self, site: str, num_steps: int) -> list[TokenRange]:
         """Claim ``num_steps`` steps' worth of tokens for ``site`` (one range, or more at an epoch end)."""
@@ -104,6 +110,8 @@ class WorkAccount:
         }
         self.journal.append("resume", "", [], t_s=checkpoint_t_s, wall=time.time(),
                             **{k: v for k, v in note.items() if k != "ranges"}, lost_ranges=lost["ranges"])
+        if self.on_journal is not None:
+            self.on_journal()
         return note
 
     @property
