@@ -36,6 +36,7 @@ from curtail.errors import CurtailError, PreflightError, ResumeError
 from curtail.planning.energy import PowerModel
 from curtail.planning.live_calendar import AppliedReading, signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
+from curtail.planning.provisioning import CAPACITY_FILE, measured_provisioning_of
 from curtail.planning.simulator import Simulator
 from curtail.preflight import check_live_files, check_output_dir, check_run_files, unwritable_dir
 from curtail.run_store import RunStore, is_uri, join
@@ -127,6 +128,20 @@ def _with_measured_power(plan: RunPlan, config: ExperimentConfig, per_gpu_w: dic
             "their training power is the configured model"
         )
     return dataclasses.replace(plan, power=power), note
+
+
+def _measured_provisioning(plan: RunPlan, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """A real run's site start-ups as measured (``site_capacity.csv``): their idle kWh and kg
+    beside the model's, and the run's energy and emissions with the measured ones instead."""
+    windows_file = run_dir / CAPACITY_FILE
+    if not windows_file.is_file():
+        return {}
+    measured = measured_provisioning_of(plan, pd.read_csv(windows_file))
+    return {
+        "provisioning_measured": measured,
+        "energy_kwh_measured_provisioning": summary["energy_kwh"] + measured["total"]["difference_kwh"],
+        "emissions_kg_measured_provisioning": summary["emissions_kg"] + measured["total"]["difference_kg"],
+    }
 
 
 def simulate(
@@ -467,6 +482,7 @@ def run(
                "skipped_checkpoints": [{"checkpoint": name, "reason": reason} for name, reason in skipped],
                "reference": spec.reference.model_dump() if spec.reference else None},
     )
+    record.summary |= _measured_provisioning(plan, run_dir, record.summary)
     record.manifest["training"] = experiment.training.model_dump(mode="json")
     record.losses = losses_frame(artifacts.trajectory)
     record.timings = pd.DataFrame([vars(t) for t in artifacts.timings])

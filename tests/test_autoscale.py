@@ -87,3 +87,10 @@ def test_site_nodes_follow_the_calendar(cluster, autoscaled_run):
     events = pd.read_csv(run_dir / "events.csv")
     assert list(events[events.event == "drain"].site) == ["a"]  # b stopped at the budget, not by a drain
     assert summary["site_capacity"]["a"]["windows"] == 1 and summary["site_capacity"]["a"]["node_start_s_max"] > 0
+    # the start-ups are accounted as measured (request to group ready), beside the model's
+    measured = summary["provisioning_measured"]
+    for window in windows.itertuples():
+        assert measured["by_site"][window.site]["measured_s"] == pytest.approx(window.group_ready_s)
+    assert measured["total"]["num_windows"] == 2 and measured["total"]["measured_kwh"] > 0
+    assert summary["emissions_kg_measured_provisioning"] == pytest.approx(
+        summary["emissions_kg"] + measured["total"]["difference_kg"])

@@ -136,3 +136,8 @@ def test_each_site_reports_its_progress_to_ray_train(two_runs):
     events = read_run_dir(two_runs[0].run_dir).events
     provisions = events[events.event == "provision"].site.value_counts().to_dict()
     assert {site: entry["windows"] for site, entry in summary["site_capacity"].items()} == provisions
+    measured = summary["provisioning_measured"]  # each window's start-up in kWh and kg, as measured
+    assert {site: entry["num_windows"] for site, entry in measured["by_site"].items()} == provisions
+    assert measured["total"]["modelled_kwh"] > 0 and measured["total"]["measured_s"] > 0
+    assert summary["energy_kwh_measured_provisioning"] == pytest.approx(
+        summary["energy_kwh"] + measured["total"]["difference_kwh"])

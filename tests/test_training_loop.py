@@ -70,13 +70,16 @@ def test_training_is_deterministic(tokenizer, corpora) -> None:
 
 def test_micro_batches_accumulate_to_the_full_batch(tokenizer, corpora) -> None:
     train, _ = corpora
-    whole, micro = make_trainer(tokenizer), make_trainer(tokenizer, micro_batch_size=3)
+    # AdamW's first step is lr * g / (|g| + eps): with the default eps it is near sign(g), so a
+    # float-rounding difference flips single near-zero gradients (and would hide a scale error);
+    # a large eps makes the step proportional to the accumulated gradient itself
+    whole, micro = make_trainer(tokenizer, eps=1e-3), make_trainer(tokenizer, micro_batch_size=3, eps=1e-3)
     input_ids, labels = train.batch(0, BATCH_SIZE, SEQ_LEN)
     loss_whole = whole.train_step(input_ids, labels, lr=1e-3)
     loss_micro = micro.train_step(input_ids, labels, lr=1e-3)
     assert loss_micro == pytest.approx(loss_whole, rel=1e-5)
     a, b = whole.export_params(), micro.export_params()
-    assert all(np.allclose(a[name], b[name], atol=1e-6) for name in a)
+    assert all(np.allclose(a[name], b[name], atol=1e-7) for name in a)
 
 
 def test_weights_and_optimizer_state_move_between_trainers(tokenizer, corpora) -> None:

@@ -20,6 +20,9 @@ from curtail.errors import CurtailError
 if TYPE_CHECKING:
     from curtail.planning.plan import RunPlan
 
+CAPACITY_FILE = "site_capacity.csv"
+"""One row per site window: when capacity was requested, nodes were up, the group answered, released."""
+
 REQUIRED_COLUMNS = ("site", "requested_t_s", "requested_wall_s", "group_ready_wall_s", "released_wall_s")
 """The ``site_capacity.csv`` columns the accounting reads."""
 

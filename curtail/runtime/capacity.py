@@ -28,12 +28,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from curtail.planning.provisioning import CAPACITY_FILE
 from curtail.runtime.sites import site_resource
 
 log = logging.getLogger(__name__)
 
-CAPACITY_FILE = "site_capacity.csv"
-"""One row per site window: when capacity was requested, nodes were up, the group answered, released."""
 
 NODES_FILE = "site_node_counts.csv"
 """Each site's live node count, sampled: ``wall_s, site, nodes``."""
@@ -203,15 +202,10 @@ class SiteCapacity:
 
     # ------------------------------------------------------------------ the record
 
-    def summary(
-        self, modelled_start_s: float | None = None, idle_w: Mapping[str, float] | None = None
-    ) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """Measured node start and group-ready times per site (wall seconds): mean and max.
-
-        Given the model's start-up (``provisioning_s + group_start_s``) and each site's idle
-        power, also what the measured start-ups cost in idle energy beyond the model's
-        (``idle_kwh_beyond_model``, negative when they were shorter): the simulator and the
-        run's accounting charge the model's."""
+        Their idle energy and emissions are accounted by
+        :func:`curtail.planning.provisioning.measured_provisioning` from ``site_capacity.csv``."""
         result: dict[str, Any] = {}
         for site in self.bundles:
             mine = [w for w in self.windows if w.site == site]
@@ -224,10 +218,6 @@ class SiteCapacity:
                 "group_ready_s_mean": sum(ready) / len(ready) if ready else None,
                 "group_ready_s_max": max(ready) if ready else None,
             }
-            if modelled_start_s is not None and idle_w is not None:
-                beyond_s = sum(r - modelled_start_s for r in ready)
-                result[site] |= {"modelled_start_s": modelled_start_s,
-                                 "idle_kwh_beyond_model": idle_w[site] * beyond_s / 3.6e6}
         return result
 
     def write(self, run_dir: Path) -> None:

@@ -311,10 +311,7 @@ class Coordinator:
             "global_version": executor.global_version,
             "weight_digests": executor.telemetry.digests,
             "ray_train_metrics": executor.ray_train_metrics,
-            "site_capacity": executor.capacity.summary(
-                executor.context.rules.provisioning_s + executor.context.execution.group_start_s,
-                {site: cfg.site_idle_power_w for site, cfg in executor.context.sites.items()},
-            ) if executor.capacity is not None else {},
+            "site_capacity": executor.capacity.summary() if executor.capacity is not None else {},
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.telemetry.site_nodes.items()},
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
         }
