@@ -408,6 +408,7 @@ def run(
     import curtail.runtime.coordinator  # noqa: F401
     from curtail.runtime.checkpoint import point_latest, select_checkpoint
     from curtail.runtime.cluster import check_capacity, connect, remove_stale_placement_groups
+    from curtail.runtime.placement import SitePinning
 
     if checkpoint is not None and resume is None:
         raise ResumeError("a checkpoint is picked for a resume: pass resume=RUN_DIR (--resume RUN_DIR) too")
@@ -448,6 +449,7 @@ def run(
     started_ray = connect(
         list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site,
         autoscaled_sites=experiment.training.autoscaled_sites,
+        pinning=SitePinning(experiment.training.site_pinning),
     )
     try:
         check_capacity(spec.sites, experiment.training)
@@ -455,7 +457,7 @@ def run(
             store = _new_run_dir(root, experiment, spec.name)
             run_dir = store.local
         else:  # a killed driver may have left its sites' worker groups reserved
-            remove_stale_placement_groups(spec.sites)
+            remove_stale_placement_groups(spec.sites, SitePinning(experiment.training.site_pinning))
             if start_from is not None:
                 point_latest(run_dir, start_from)  # the run's state descends from it now
         artifacts, restarts = _train(experiment, spec, store, start_from, max_restarts=max_restarts,
@@ -544,13 +546,14 @@ def _train(
 
     from curtail.runtime.checkpoint import select_checkpoint
     from curtail.runtime.cluster import remove_stale_placement_groups
-    from curtail.runtime.coordinator import HEAD_NODE, Coordinator
+    from curtail.runtime.coordinator import Coordinator
+    from curtail.runtime.placement import SitePinning, control_plane
 
     restarts: list[dict[str, Any]] = []
     checkpoint = start_from
     run_dir = store.local
     while True:
-        coordinator = Coordinator.options(resources=HEAD_NODE).remote(
+        coordinator = Coordinator.options(**control_plane()).remote(
             experiment.model_dump(mode="json"), spec.name, store, None if checkpoint is None else str(checkpoint)
         )
         pending = coordinator.run.remote()
@@ -558,7 +561,8 @@ def _train(
             try:
                 artifacts = _wait(coordinator, pending, on_progress, progress_interval_s)
             except KeyboardInterrupt:
-                artifacts = _stop(coordinator, pending, store, spec, on_progress)
+                artifacts = _stop(coordinator, pending, store, spec, on_progress,
+                                  SitePinning(experiment.training.site_pinning))
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
             try:
                 checkpoint, skipped = select_checkpoint(run_dir)
@@ -567,7 +571,7 @@ def _train(
             if len(restarts) >= max_restarts or checkpoint is None:
                 raise error from None
             ray.kill(coordinator)
-            removed = remove_stale_placement_groups(spec.sites)
+            removed = remove_stale_placement_groups(spec.sites, SitePinning(experiment.training.site_pinning))
             restarts.append({"error": str(error).splitlines()[0][:300], "checkpoint": checkpoint.name,
                              "skipped_checkpoints": [{"checkpoint": n, "reason": r} for n, r in skipped],
                              "stale_placement_groups_removed": removed})
@@ -590,7 +594,7 @@ def _wait(coordinator: Any, pending: Any, on_progress: Callable[[dict[str, Any]]
 
 
 def _stop(coordinator: Any, pending: Any, store: RunStore, spec: RunSpec,
-          on_progress: Callable[[dict[str, Any]], None] | None) -> Any:
+          on_progress: Callable[[dict[str, Any]], None] | None, pinning: Any) -> Any:
     """Ctrl-C: ask the coordinator to stop at its next safe point (it checkpoints there and
     returns interrupted artifacts). A second Ctrl-C, or a failure meanwhile, stops it at once:
     :class:`RunInterrupted` names the newest intact checkpoint."""
@@ -608,7 +612,7 @@ def _stop(coordinator: Any, pending: Any, store: RunStore, spec: RunSpec,
         return ray.get(pending)
     except KeyboardInterrupt:
         ray.kill(coordinator)
-        remove_stale_placement_groups(spec.sites)
+        remove_stale_placement_groups(spec.sites, pinning)
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
         pass
     try:

@@ -221,6 +221,12 @@ class TrainingConfig(StrictModel):
         description="site nodes come from the cluster's autoscaler (min 0): not required up when a run "
         "starts; a site whose nodes never come fails its worker group's start (docs/DEPLOYMENT.md)",
     )
+    site_pinning: Literal["resources", "labels"] = Field(
+        default="resources",
+        description="how a site's workers find its nodes: its custom resource site_<name> (any Ray, any "
+        "autoscaler, one-node local clusters) or its node label site=<name> (Ray >= 2.49; autoscaling from "
+        "zero by label needs autoscaler v2, Ray >= 2.50); docs/DEPLOYMENT.md",
+    )
     compile_model: bool = Field(default=False, description="torch.compile the model and loss (GPUs; docs/GPU.md)")
     micro_batch_size: int | None = Field(
         default=None, ge=1, description="rows per forward/backward; batch_size is accumulated (default: batch_size)"

@@ -34,7 +34,7 @@ class FakeCluster:
                 node["Alive"] = False
 
     def capacity(self) -> SiteCapacity:
-        return SiteCapacity(site_bundles(["a", "b"], 2, 0.5, 0.0), request=self.requests.append,
+        return SiteCapacity(site_bundles(["a", "b"], 2, 0.5, 0.0), request=lambda bundles, selectors: self.requests.append(bundles),
                             list_nodes=lambda: self.nodes, clock=lambda: self.wall)
 
 
@@ -110,7 +110,7 @@ def test_live_nodes_count_alive_nodes_declaring_the_site():
 
 def test_the_sampler_runs_in_the_background_and_stops():
     cluster = FakeCluster()
-    capacity = SiteCapacity(site_bundles(["a"], 1, 1, 0), request=cluster.requests.append,
+    capacity = SiteCapacity(site_bundles(["a"], 1, 1, 0), request=lambda bundles, selectors: cluster.requests.append(bundles),
                             list_nodes=lambda: cluster.nodes, sample_s=0.01)
     capacity.start()
     try:
@@ -136,7 +136,7 @@ def test_a_failing_sample_does_not_stop_the_sampler(broken):
             raise broken
         return []
 
-    capacity = SiteCapacity(site_bundles(["a"], 1, 1, 0), request=lambda b: None, list_nodes=nodes, sample_s=0.01)
+    capacity = SiteCapacity(site_bundles(["a"], 1, 1, 0), request=lambda bundles, selectors: None, list_nodes=nodes, sample_s=0.01)
     capacity.start()
     for _ in range(200):
         if len(calls) >= 3:

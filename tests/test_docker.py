@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from curtail.config import load_experiment
-from curtail.runtime.sites import site_resource
+from curtail.runtime.placement import site_resource
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"

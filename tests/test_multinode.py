@@ -118,3 +118,21 @@ def test_a_cluster_without_a_site_resource_is_refused_by_name(cluster, tmp_path)
     )
     assert done.returncode != 0
     assert "site_c" in done.stderr and "ray start --address" in done.stderr
+
+
+def test_sites_pinned_by_labels_train_on_their_labelled_raylets(cluster, tmp_path):
+    """``training.site_pinning = "labels"``: each site's two workers ask for CPUs and the label
+    ``site=NAME`` only. The nodes declare ``site_NAME: 1``, so the same run pinned by resources
+    is refused (two workers, one site resource: tests/test_reliability.py); by labels both
+    workers of each site train on its own raylet, the control plane on the head."""
+    config = write_tiny_experiment(tmp_path, name="labelled")
+    config.write_text(config.read_text().replace(
+        "cpus_per_worker = 0.5\n", 'cpus_per_worker = 0.5\nworkers_per_site = 2\nsite_pinning = "labels"\n'))
+    done = subprocess.run([sys.executable, "-m", "curtail", "run", str(config), "--json"],
+                          check=False, cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout)
+    by_site = {node["labels"].get("site"): node["node_id"] for node in cluster.nodes()}
+    assert summary["site_nodes"] == {"a": [by_site["a"]], "b": [by_site["b"]]}
+    assert summary["ledger_trained_tokens"] == summary["tokens"] > 0
+    assert summary["num_syncs"] >= 1 and min(summary["tokens_by_site"].values()) > 0

@@ -96,7 +96,7 @@ def test_the_plan_gives_the_model_the_idle_powers_and_the_intensity():
 def test_site_capacity_csv_as_the_run_writes_it(tmp_path):
     """The run's own file, None written as empty cells: window a never ready, b ready after 360 s."""
     wall = {"s": 2000.0}
-    capacity = SiteCapacity(site_bundles(["a", "b"], 1, 0.5, 0.0), request=lambda bundles: None,
+    capacity = SiteCapacity(site_bundles(["a", "b"], 1, 0.5, 0.0), request=lambda bundles, selectors: None,
                             list_nodes=list, clock=lambda: wall["s"])
     capacity.want("a", at(7))
     wall["s"] = 2090.0

@@ -567,6 +567,7 @@ def fake_ray(monkeypatch):
 
     import curtail.runtime.cluster
     import curtail.runtime.coordinator
+    import curtail.runtime.placement
 
     log: list = []
     script: list = []
@@ -591,7 +592,8 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray, "get", get)
     monkeypatch.setattr(ray, "kill", lambda actor: log.append(("kill",)))
     monkeypatch.setattr(curtail.runtime.cluster, "remove_stale_placement_groups",
-                        lambda sites: log.append(("remove_stale_placement_groups",)) or 0)
+                        lambda sites, pinning: log.append(("remove_stale_placement_groups",)) or 0)
+    monkeypatch.setattr(curtail.runtime.placement, "control_plane", dict)  # no node to pin to
     return log, script, results
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from curtail.planning.provisioning import CAPACITY_FILE
-from curtail.runtime.sites import site_resource
+from curtail.runtime.placement import BY_RESOURCES, SitePinning
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +67,28 @@ class CapacityWindow:
         return self.group_ready_wall_s - self.requested_wall_s
 
 
-def site_bundles(sites: Iterable[str], workers: int, cpus: float, gpus: float) -> dict[str, list[Bundle]]:
+def site_bundles(
+    sites: Iterable[str], workers: int, cpus: float, gpus: float, pinning: SitePinning = BY_RESOURCES
+) -> dict[str, list[Bundle]]:
     """Each site's worker bundles, as its Ray Train worker group asks for them."""
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
-    return {site: [{**bundle, site_resource(site): 1.0} for _ in range(workers)] for site in sites}
+    return {site: [pinning.worker_resources(site, cpus, gpus) for _ in range(workers)] for site in sites}
 
 
-def live_site_nodes(nodes: list[dict[str, Any]], sites: Iterable[str]) -> dict[str, int]:
-    """Alive nodes declaring each site's resource (``ray.nodes()``'s layout)."""
-    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
-    return {site: sum(1 for r in alive if r.get(site_resource(site), 0) > 0) for site in sites}
+def live_site_nodes(
+    nodes: list[dict[str, Any]], sites: Iterable[str], pinning: SitePinning = BY_RESOURCES
+) -> dict[str, int]:
+    """Alive nodes of each site (``ray.nodes()``'s layout)."""
+    alive = [node for node in nodes if node.get("Alive", True)]
+    return {site: sum(1 for node in alive if pinning.node_of(site, node)) for site in sites}
 
 
-def _request_resources(bundles: list[Bundle]) -> None:
+def _request_resources(bundles: list[Bundle], label_selectors: list[dict[str, str]] | None) -> None:
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=bundles)
+    if label_selectors is None:
+        request_resources(bundles=bundles)
+    else:
+        request_resources(bundles=bundles, bundle_label_selectors=label_selectors)
 
 
 def _ray_nodes() -> list[dict[str, Any]]:
@@ -106,12 +112,14 @@ class SiteCapacity:
         self,
         bundles: Mapping[str, list[Bundle]],
         *,
-        request: Callable[[list[Bundle]], None] = _request_resources,
+        request: Callable[[list[Bundle], list[dict[str, str]] | None], None] = _request_resources,
         list_nodes: Callable[[], list[dict[str, Any]]] = _ray_nodes,
         sample_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        pinning: SitePinning = BY_RESOURCES,
     ):
         self.bundles = {site: list(b) for site, b in bundles.items()}
+        self.pinning = pinning
         self.request = request
         self.list_nodes = list_nodes
         self.sample_s = sample_s
@@ -158,12 +166,12 @@ class SiteCapacity:
             self.release(site)
 
     def _send(self) -> None:
-        self.request([bundle for site in sorted(self._open) for bundle in self.bundles[site]])
+        self.request(*self.pinning.request(self.bundles, self._open))
 
     # ------------------------------------------------------------------ measurement
 
     def _count(self) -> dict[str, int]:
-        return live_site_nodes(self.list_nodes(), self.bundles)
+        return live_site_nodes(self.list_nodes(), self.bundles, self.pinning)
 
     def sample(self) -> dict[str, int]:
         """Count every site's live nodes now; the first node of an asked-for site marks it up."""

@@ -24,7 +24,7 @@ import ray
 
 from curtail.config import TrainingConfig
 from curtail.errors import PreflightError
-from curtail.runtime.sites import site_resource
+from curtail.runtime.placement import BY_RESOURCES, SitePinning, site_resource
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,21 @@ def apply_ray_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def missing_site_resources(sites: Iterable[str]) -> list[str]:
-    """Site resources no live node declares and no node type of the autoscaler would bring."""
-    total = ray.cluster_resources()
-    launchable = {key for kind in autoscaler_node_types() if kind["max_count"] > 0 for key in kind["resources"]}
-    return [site_resource(s) for s in sites
-            if total.get(site_resource(s), 0) <= 0 and site_resource(s) not in launchable]
+def _launchable(site: str, node_types: Iterable[dict[str, Any]], pinning: SitePinning) -> bool:
+    return any(kind["max_count"] > 0 and pinning.on_node(site, kind["resources"], kind.get("labels", {}))
+               for kind in node_types)
 
 
-def sites_up(sites: Iterable[str]) -> list[str]:
-    """The sites with at least one live node declaring their resource."""
-    total = ray.cluster_resources()
-    return [s for s in sites if total.get(site_resource(s), 0) > 0]
+def missing_sites(sites: Iterable[str], pinning: SitePinning = BY_RESOURCES) -> list[str]:
+    """Sites no live node serves and no node type of the autoscaler would bring."""
+    up, node_types = set(sites_up(sites, pinning)), autoscaler_node_types()
+    return [s for s in sites if s not in up and not _launchable(s, node_types, pinning)]
+
+
+def sites_up(sites: Iterable[str], pinning: SitePinning = BY_RESOURCES) -> list[str]:
+    """The sites with at least one live node."""
+    alive = [node for node in ray.nodes() if node.get("Alive", True)]
+    return [s for s in sites if any(pinning.node_of(s, node) for node in alive)]
 
 
 def connect(
@@ -67,16 +70,23 @@ def connect(
     workers_per_site: int = 1,
     object_store_memory_bytes: int = 512 * 2**20,
     autoscaled_sites: bool = False,
+    pinning: SitePinning = BY_RESOURCES,
 ) -> bool:
-    """Make sure Ray is up with a resource for every site; returns True if it started Ray.
+    """Make sure Ray is up with nodes for every site; returns True if it started Ray.
 
     ``address=None`` joins the cluster named by ``RAY_ADDRESS`` (as under ``ray job
     submit``) or starts a local one declaring ``site_<name>`` resources. A cluster that cannot
-    be reached, or that declares no resource for a site, is a :class:`PreflightError` (and a
-    local cluster started here is shut down again) — unless ``autoscaled_sites``: then its
-    autoscaler brings a site's nodes when the site asks.
+    be reached, or that has no node for a site (by ``pinning``), is a :class:`PreflightError`
+    (and a local cluster started here is shut down again) — unless ``autoscaled_sites``: then
+    its autoscaler brings a site's nodes when the site asks.
     """
     sites = list(sites)
+    if pinning.by_labels and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        raise PreflightError(
+            "training.site_pinning = \"labels\" needs a cluster with a node per site (ray start --labels "
+            "site=NAME): a local one-node cluster cannot carry every site's label. Join a cluster with "
+            "--address / RAY_ADDRESS, or pin by resources (training.site_pinning = \"resources\")"
+        )
     apply_ray_defaults()
     started = False
     if not ray.is_initialized():
@@ -100,25 +110,28 @@ def connect(
                 log_to_driver=False,
             )
             started = True
-    missing = [] if autoscaled_sites and not started else missing_site_resources(sites)
+    missing = [] if autoscaled_sites and not started else missing_sites(sites, pinning)
     if missing:
         if started:
             ray.shutdown()
+        what = (", ".join(f"site={s}" for s in missing) if pinning.by_labels
+                else ", ".join(site_resource(s) for s in missing))
         raise PreflightError(
-            f"the Ray cluster declares no {', '.join(missing)}: start each site's nodes with "
-            f"`ray start --address ... --resources '{{\"{missing[0]}\": N}}'`, or run without "
+            f"the Ray cluster has no node for {what}: start each site's nodes with "
+            f"{pinning.how_to_start(missing[0])} (ray start --address ...), or run without "
             "RAY_ADDRESS to emulate the sites on a local cluster"
         )
     return started
 
 
-def _slots(resources: dict[str, float], site: str, cpus_per_worker: float, gpus_per_worker: float) -> dict[str, int]:
+def _slots(resources: dict[str, float], site: str, cpus_per_worker: float, gpus_per_worker: float,
+           pinning: SitePinning) -> dict[str, int]:
     """How many of one site's workers a node can host, by each resource a worker asks for."""
 
     def fit(available: float, per_worker: float) -> int:
         return math.floor(available / per_worker + 1e-9) if per_worker > 0 else 1 << 30
 
-    return {"site": fit(resources.get(site_resource(site), 0.0), 1.0),
+    return {"site": fit(resources.get(site_resource(site), 0.0), 1.0) if not pinning.by_labels else 1 << 30,
             "CPU": fit(resources.get("CPU", 0.0), cpus_per_worker),
             "GPU": fit(resources.get("GPU", 0.0), gpus_per_worker)}
 
@@ -137,18 +150,20 @@ def capacity_problems(
     (``{"resources": ..., "max_count": n}``, :func:`autoscaler_node_types`): a site that scales
     from zero is checked on the nodes the autoscaler may launch for it."""
     workers, cpus, gpus = training.workers_per_site, training.cpus_per_worker, training.gpus_per_worker
-    alive = [node.get("Resources", {}) for node in nodes if node.get("Alive", True)]
-    launchable = [dict(kind["resources"]) for kind in node_types for _ in range(int(kind.get("max_count", 0)))]
+    pinning = SitePinning(training.site_pinning)
+    alive = [node for node in nodes if node.get("Alive", True)]
+    launchable = [{"Resources": dict(kind["resources"]), "Labels": dict(kind.get("labels", {}))}
+                  for kind in node_types for _ in range(int(kind.get("max_count", 0)))]
     problems = []
     for site in sites:
-        own = [resources for resources in alive if resources.get(site_resource(site), 0) > 0]
+        own = [node.get("Resources", {}) for node in alive if pinning.node_of(site, node)]
         if not own:
-            own = [resources for resources in launchable if resources.get(site_resource(site), 0) > 0]
+            own = [node["Resources"] for node in launchable if pinning.node_of(site, node)]
         if not own:
-            problems.append(f"no node declares {site_resource(site)}: start the site's nodes with "
-                            f"`ray start --resources '{{\"{site_resource(site)}\": N}}'`")
+            named = f"carries the label site={site}" if pinning.by_labels else f"declares {site_resource(site)}"
+            problems.append(f"no node {named}: start the site's nodes with {pinning.how_to_start(site)}")
             continue
-        slots = [_slots(resources, site, cpus, gpus) for resources in own]
+        slots = [_slots(resources, site, cpus, gpus, pinning) for resources in own]
         if sum(min(s.values()) for s in slots) >= workers:
             continue
 
@@ -191,8 +206,8 @@ def autoscaler_node_types() -> list[dict[str, Any]]:
         return []
     if config is None:
         return []
-    return [{"resources": dict(group.resources), "max_count": int(group.max_count)}
-            for group in config.node_group_configs]
+    return [{"resources": dict(group.resources), "labels": dict(getattr(group, "labels", {}) or {}),
+             "max_count": int(group.max_count)} for group in config.node_group_configs]
 
 
 def check_capacity(sites: Iterable[str], training: TrainingConfig) -> None:
@@ -203,32 +218,37 @@ def check_capacity(sites: Iterable[str], training: TrainingConfig) -> None:
     sites = list(sites)
     node_types = autoscaler_node_types()
     if training.autoscaled_sites:
-        known = {key for kind in node_types for key in kind["resources"]}
-        up = set(sites_up(sites))
-        sites = [s for s in sites if s in up or site_resource(s) in known]
+        pinning = SitePinning(training.site_pinning)
+        up = set(sites_up(sites, pinning))
+        sites = [s for s in sites if s in up or _launchable(s, node_types, pinning)]
     problems = capacity_problems(ray.nodes(), sites, training, node_types)
     if problems:
         raise PreflightError("the Ray cluster cannot run this config: " + "; ".join(problems))
 
 
-def remove_stale_placement_groups(sites: Iterable[str]) -> int:
-    """Remove placement groups that still reserve site resources after their owner died.
+def remove_stale_placement_groups(sites: Iterable[str], pinning: SitePinning = BY_RESOURCES) -> int:
+    """Remove placement groups that still reserve site nodes after their owner died.
 
     Ray Train releases a worker group's placement group when ``fit()`` ends; if the process
     that called ``fit()`` is killed (a coordinator crash) it can stay reserved until the job
     ends (without the dashboard, Ray Train's placement-group cleaner cannot run), and a resumed
-    run would wait for resources forever. Only groups
-    whose bundles ask for one of ``sites``' resources are touched. Returns how many were removed.
+    run would wait for resources forever. Pinned by resources, only groups whose bundles ask for
+    one of ``sites``' resources are touched; pinned by labels, groups placed wholly on the sites'
+    nodes (the site nodes are the run's own). Returns how many were removed.
     """
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    sites = list(sites)
     wanted = {site_resource(s) for s in sites}
+    site_nodes = {node["NodeID"] for node in ray.nodes() if any(pinning.node_of(s, node) for s in sites)}
     removed = 0
     for group_id, info in ray.util.placement_group_table().items():
         if info.get("state") not in ("CREATED", "PENDING", "RESCHEDULING"):
             continue
         bundles = info.get("bundles", {}).values()
-        if any(wanted & set(bundle) for bundle in bundles):
+        placed = set(info.get("bundles_to_node_id", {}).values())
+        ours = (placed and placed <= site_nodes) if pinning.by_labels else any(wanted & set(b) for b in bundles)
+        if ours:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
             removed += 1
     return removed

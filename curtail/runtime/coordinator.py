@@ -34,10 +34,11 @@ from curtail.runtime.capacity import SiteCapacity, site_bundles
 from curtail.runtime.checkpoint import JOURNAL, RunCheckpoint, read_checkpoint, read_journal
 from curtail.runtime.evaluator import Evaluator
 from curtail.runtime.mailbox import Mailbox
+from curtail.runtime.placement import SitePinning, control_plane
 from curtail.runtime.protocol import EvalConfig, ModelSetup, SiteLoopConfig
 from curtail.runtime.ray_executor import ExecutorOptions, RayExecutor
 from curtail.runtime.run_checkpointer import RunCheckpointer
-from curtail.runtime.sites import SiteFailure, SiteGroup, site_resource
+from curtail.runtime.sites import SiteFailure, SiteGroup
 from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w
 from curtail.runtime.work_account import WorkAccount
 from curtail.sources.live_feed import LiveSignal
@@ -46,9 +47,6 @@ from curtail.training.ledger import DataLedger
 from curtail.training.model import build_model, get_spec
 from curtail.training.schedule import LRSchedule
 from curtail.training.tokenizer import train_tokenizer
-
-HEAD_NODE = {"node:__internal_head__": 0.001}
-"""Resource request that keeps the coordinator, averager and fit() drivers on the head node."""
 
 
 def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -144,8 +142,9 @@ class Coordinator:
         setup = self._prepare(plan)
         checkpoint = read_checkpoint(self.checkpoint) if self.checkpoint is not None else None
         uploads = BackgroundUpload(self.store)  # a run on object storage: the journal goes up as it grows
+        pinning = SitePinning(training.site_pinning)
         capacity = SiteCapacity(site_bundles(plan.context.sites, training.workers_per_site, training.cpus_per_worker,
-                                             training.gpus_per_worker))
+                                             training.gpus_per_worker, pinning), pinning=pinning)
         executor = RayExecutor(
             plan.context, plan.policy,
             ExecutorOptions(
@@ -205,23 +204,23 @@ class Coordinator:
         model = ModelSetup(spec, len(tokenizer), config.seed, training.seq_len or spec.seq_len,
                            training.torch_threads_per_worker)
         initial = {n: p.detach().numpy().copy() for n, p in build_model(spec, model.vocab_size, config.seed).named_parameters()}
-        averager = Averager.options(resources=HEAD_NODE).remote(
+        averager = Averager.options(**control_plane()).remote(
             initial, training.outer_optimizer, training.outer_lr, training.outer_momentum
         )
         self._averager_pid = ray.get(averager.pid.remote())
-        evaluator = Evaluator.options(resources=HEAD_NODE).remote(
+        evaluator = Evaluator.options(**control_plane()).remote(
             EvalConfig(model, ray.put(heldout_tokens), training.eval_batches, training.eval_batch_size)
         )
         return RunSetup(
             tokenizer=tokenizer, model=model, num_train_tokens=len(train_tokens),
             tokens_per_step=training.batch_size * model.seq_len * training.workers_per_site,
             num_parameters=int(sum(v.size for v in initial.values())), averager=averager,
-            mailbox=Mailbox.options(resources=HEAD_NODE).remote(), evaluator=evaluator,
+            mailbox=Mailbox.options(**control_plane()).remote(), evaluator=evaluator,
             train_tokens=ray.put(train_tokens),
         )
 
     def _site_groups(self, plan: RunPlan, setup: RunSetup) -> dict[str, SiteGroup]:
-        """One persistent worker group per site, pinned to the site's resource."""
+        """One persistent worker group per site, pinned to the site's nodes (``training.site_pinning``)."""
         training = self.config.training
         schedule = LRSchedule.from_fractions(
             training.peak_lr, int(plan.context.token_budget), training.warmup_fraction,
@@ -229,11 +228,9 @@ class Coordinator:
         )
         use_gpu = training.gpus_per_worker > 0
         storage = self.store.location(self.run_dir / "ray_train")
+        pinning = SitePinning(training.site_pinning)
         groups = {}
         for site in plan.context.sites:
-            resources = {"CPU": training.cpus_per_worker, site_resource(site): 1}
-            if use_gpu:
-                resources["GPU"] = training.gpus_per_worker
             loop_config = SiteLoopConfig(
                 site=site, model=setup.model, mailbox=setup.mailbox, averager=setup.averager,
                 train_tokens=setup.train_tokens, batch_size=training.batch_size, schedule=schedule,
@@ -242,10 +239,10 @@ class Coordinator:
             )
             groups[site] = SiteGroup(
                 site=site, mailbox=setup.mailbox, loop_config=loop_config,
-                scaling={"num_workers": training.workers_per_site, "use_gpu": use_gpu,
-                         "resources_per_worker": resources},
+                scaling=pinning.scaling(site, training.workers_per_site, training.cpus_per_worker,
+                                        training.gpus_per_worker),
                 run_name=f"{self.run_spec.name}-{site}", storage_path=storage,
-                head_resources=HEAD_NODE, timeout_s=training.command_timeout_s,
+                placement=control_plane(), timeout_s=training.command_timeout_s,
             )
         return groups
 

@@ -76,11 +76,6 @@ class SiteFailure(RuntimeError):
         super().__init__(f"site {site!r}: {reason}")
 
 
-def site_resource(site: str) -> str:
-    """The custom resource that pins a site's workers to its nodes."""
-    return f"site_{site}"
-
-
 # --------------------------------------------------------------------------------------------
 # Worker side (runs inside Ray Train workers)
 
@@ -460,7 +455,7 @@ class SiteGroup:
     scaling: dict[str, Any]
     run_name: str
     storage_path: str
-    head_resources: dict[str, float]
+    placement: dict[str, Any]  # Ray options for the fit() driver: the control plane's node
     timeout_s: float
     fit_ref: Any = None
     # commands sent and not yet answered, oldest first: each reply is checked against its command
@@ -476,7 +471,7 @@ class SiteGroup:
             return
         ray.get(self.mailbox.clear.remote(self.site))
         self.awaiting.clear()
-        self.fit_ref = _fit_site.options(resources=self.head_resources).remote(
+        self.fit_ref = _fit_site.options(**self.placement).remote(
             self.loop_config, self.scaling, self.run_name, self.storage_path
         )
 
