@@ -212,6 +212,11 @@ class TrainingConfig(StrictModel):
     realtime_speedup: float = Field(default=1.0, gt=0)
     cache_dir: Path = Field(default=Path(".cache"), description="tokenizer and token arrays (reused across runs)")
     command_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for one site command")
+    capacity_timeout_s: float = Field(
+        default=1800.0, gt=0, description="longest wait for a site's nodes and worker group when its window "
+        "opens (an autoscaler launching nodes takes minutes); then the site fails as a site_failure event and "
+        "the run goes on without it (docs/DEPLOYMENT.md)",
+    )
     report_interval_s: float = Field(
         default=10.0, ge=0, description="report each site's progress to Ray Train (its dashboard view) at most "
         "this often (wall seconds; 0: after every train command — each report waits for Train's controller)",

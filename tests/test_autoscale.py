@@ -94,3 +94,32 @@ def test_site_nodes_follow_the_calendar(cluster, autoscaled_run):
     assert measured["total"]["num_windows"] == 2 and measured["total"]["measured_kwh"] > 0
     assert summary["emissions_kg_measured_provisioning"] == pytest.approx(
         summary["emissions_kg"] + measured["total"]["difference_kg"])
+
+
+def test_a_site_whose_nodes_never_come_fails_and_the_run_goes_on(cluster, tmp_path):
+    """Site c has no node type: when its window opens the autoscaler cannot launch anything, its
+    worker group waits ``training.capacity_timeout_s`` and the site fails — a ``failure`` event
+    naming the missing capacity, at most three per window, then benched — while a trains the
+    budget alone. Its capacity windows are recorded, never ready, and accounted as such."""
+    budget = 8 * STEP_TOKENS
+    config = write_tiny_experiment(tmp_path, name="no-capacity", token_budget=budget, autoscaled_sites=True)
+    config.write_text(config.read_text().replace("[sites.b]", "[sites.c]").replace('"a", "b"', '"a", "c"')
+                      .replace("autoscaled_sites = true", "autoscaled_sites = true\ncapacity_timeout_s = 8"))
+    done = subprocess.run([sys.executable, "-m", "curtail", "run", str(config)], check=False, cwd=REPO,
+                          env=cluster.env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-8000:]
+    run_dir = run_dir_of(config)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] and summary["tokens"] == budget == summary["ledger_trained_tokens"]
+    assert summary["ledger_trained_by_site"] == {"a": budget}
+    events = pd.read_csv(run_dir / "events.csv", keep_default_na=False)
+    failures = [json.loads(d) for d in events[(events.event == "failure") & (events.site == "c")].details]
+    assert 1 <= len(failures) <= 3
+    assert all("no capacity" in f["reason"] and "capacity_timeout_s = 8" in f["reason"] for f in failures)
+    assert failures[-1]["benched"] == (len(failures) == 3)
+    windows = pd.read_csv(run_dir / "site_capacity.csv")
+    mine = windows[windows.site == "c"]
+    assert len(mine) == len(failures) and mine.group_ready_wall_s.isna().all() and mine.nodes_up_wall_s.isna().all()
+    assert summary["provisioning_measured"]["by_site"]["c"]["num_never_ready"] == len(failures)
+    print(f"no capacity: {len(failures)} failures of c, first after "
+          f"{mine.released_wall_s.iloc[0] - mine.requested_wall_s.iloc[0]:.1f} s; a trained {summary['tokens']} tokens")

@@ -243,6 +243,7 @@ class Coordinator:
                                         training.gpus_per_worker),
                 run_name=f"{self.run_spec.name}-{site}", storage_path=storage,
                 placement=control_plane(), timeout_s=training.command_timeout_s,
+                capacity_timeout_s=training.capacity_timeout_s,
             )
         return groups
 

@@ -412,6 +412,9 @@ def _site_train_function(train_loop_config: dict[str, SiteLoopConfig]) -> dict[s
 # Coordinator side
 
 
+START_ATTEMPTS = 4  # Ray Train's tries to start a worker group: the first and controller_failure_limit = 3 more
+
+
 @ray.remote(num_cpus=0)
 def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: str, storage_path: str) -> dict[str, Any]:
     """Run one window of a site: ``TorchTrainer.fit()`` until the site is told to stop."""
@@ -429,7 +432,7 @@ def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: st
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=3),
+            failure_config=ray.train.FailureConfig(max_failures=0, controller_failure_limit=START_ATTEMPTS - 1),
         ),
     )
     result = trainer.fit()
@@ -457,10 +460,12 @@ class SiteGroup:
     storage_path: str
     placement: dict[str, Any]  # Ray options for the fit() driver: the control plane's node
     timeout_s: float
+    capacity_timeout_s: float  # the first answer after a start may take this much longer: nodes, start-up
     fit_ref: Any = None
     # commands sent and not yet answered, oldest first: each reply is checked against its command
     awaiting: collections.deque[Command] = field(default_factory=collections.deque, repr=False)
     ray_train_metrics: dict[str, Any] | None = None  # what Ray Train's Result held at the last drain
+    starting: bool = False  # started, and no reply yet: the first may take capacity_timeout_s longer
 
     @property
     def running(self) -> bool:
@@ -471,7 +476,13 @@ class SiteGroup:
             return
         ray.get(self.mailbox.clear.remote(self.site))
         self.awaiting.clear()
-        self.fit_ref = _fit_site.options(**self.placement).remote(
+        # Ray Train's controller gives up a start attempt after RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+        # (read in its own process: the task's runtime env carries it down)
+        attempt_s = str(self.capacity_timeout_s / START_ATTEMPTS)
+        self.starting = True
+        self.fit_ref = _fit_site.options(
+            **self.placement, runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": attempt_s}},
+        ).remote(
             self.loop_config, self.scaling, self.run_name, self.storage_path
         )
 
@@ -524,10 +535,13 @@ class SiteGroup:
         return reply
 
     def _wait_for_reply(self) -> Reply:
-        deadline = time.monotonic() + self.timeout_s
+        """The next reply; the first after :meth:`start` may take the group's start-up too."""
+        timeout_s = self.timeout_s + (self.capacity_timeout_s if self.starting else 0.0)
+        deadline = time.monotonic() + timeout_s
         while True:
             reply = ray.get(self.mailbox.get.remote(self.site, "result", min(COMMAND_POLL_S, self.timeout_s)))
             if reply is not None:
+                self.starting = False
                 return reply
             done, _ = ray.wait([self.fit_ref], timeout=0)
             if done:
@@ -537,6 +551,11 @@ class SiteGroup:
                     reason = "worker group exited without answering"
                 except Exception as error:  # noqa: BLE001 -- any fit() error says what broke
                     reason = f"worker group failed: {error}"
+                    if self.starting and "startup timed out" in reason:
+                        reason = (f"no capacity: its worker group did not start within training.capacity_timeout_s"
+                                  f" = {self.capacity_timeout_s:g} s (its nodes never came?); {reason}")
                 raise SiteFailure(self.site, reason)
             if time.monotonic() > deadline:
-                raise SiteFailure(self.site, f"no answer within {self.timeout_s:.0f} s")
+                raise SiteFailure(self.site, f"no answer within {timeout_s:.0f} s" + (
+                    " (training.capacity_timeout_s + command_timeout_s: the worker group never started)"
+                    if self.starting else ""))
