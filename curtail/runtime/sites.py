@@ -551,9 +551,10 @@ class SiteGroup:
                     reason = "worker group exited without answering"
                 except Exception as error:  # noqa: BLE001 -- any fit() error says what broke
                     reason = f"worker group failed: {error}"
-                    if self.starting and "startup timed out" in reason:
+                    timed_out = [line for line in reason.splitlines() if "startup timed out" in line]
+                    if self.starting and timed_out:  # Ray Train's own message ends in advice that does not apply
                         reason = (f"no capacity: its worker group did not start within training.capacity_timeout_s"
-                                  f" = {self.capacity_timeout_s:g} s (its nodes never came?); {reason}")
+                                  f" = {self.capacity_timeout_s:g} s (its nodes never came): {timed_out[0][:200]}")
                 raise SiteFailure(self.site, reason)
             if time.monotonic() > deadline:
                 raise SiteFailure(self.site, f"no answer within {timeout_s:.0f} s" + (
