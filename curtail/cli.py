@@ -91,6 +91,44 @@ def _print_table(rows: list[dict], title: str) -> None:
     console.print(table)
 
 
+def _print_bounds(summaries: list[dict]) -> None:
+    """Each run beside the least any schedule could emit on its budget (perfect foresight, no
+    overheads): anywhere in its span, and only inside curtailment windows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title="emission bounds of each run's budget (perfect foresight, no overheads)",
+        header_style="bold",
+        caption="windows-only: training only while a site is curtailed; x: emissions / that bound",
+    )
+    for header in ("run", "emissions kg", "kg / 1B tokens", "bound kg", "windows-only bound kg", "x windows-only"):
+        table.add_column(header, justify="left" if header == "run" else "right")
+
+    def kg(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    for s in summaries:
+        if "emissions_bound_windows_only_kg" not in s:
+            continue
+        windows = s["emissions_bound_windows_only_kg"]
+        per_1b = s.get("emissions_kg_per_1b_tokens")
+        ratio = s.get("emissions_over_windows_only_bound")
+        table.add_row(
+            s["run"],
+            f"{s['emissions_kg']:.3f}",
+            "-" if per_1b is None else f"{per_1b:.4f}",
+            kg(s["emissions_bound_kg"]) if s["emissions_bound_kg"] is not None else "budget does not fit",
+            kg(windows) if windows is not None
+            else f"none: windows hold {_count(s['windows_only_capacity_tokens'])} of {_count(s['token_budget'])}",
+            "-" if ratio is None else f"{ratio:.2f}",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from curtail.api import simulate
 
@@ -100,6 +138,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(json.dumps(result.summaries, indent=2, default=str), file=args.stdout)
         return 0
     _print_table(result.table().to_dict("records"), f"{result.experiment.name}: simulated runs")
+    _print_bounds(result.summaries)
     root = result.run_dirs[0].parent if result.run_dirs else None
     if root is not None:
         print(f"run directories: {root}/<run>   (plots: curtail report {root}/*)")

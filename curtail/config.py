@@ -293,6 +293,13 @@ class ForecastParams(StrictModel):
     forecast_horizon_s: float = Field(
         default=3900.0, gt=0, description="reach of synthetic forecasts (recorded WattTime: 65 min)"
     )
+    forecast_error_scale: float = Field(
+        default=1.0,
+        ge=0,
+        description="multiplies every error of synthetic forecasts (wrong-side chances, level bias and "
+        "spread; dimensionless): 1 = the error model calibrated on WattTime's recorded CAISO forecasts, "
+        "0 = perfect forecasts over the horizon; recorded forecasts are used as recorded",
+    )
     lead_s: float = Field(default=0.0, ge=0, description="extra pre-provisioning beyond provisioning + group start")
     min_window_s: float = Field(default=0.0, ge=0, description="least predicted training time worth a start")
     bridge_s: float = Field(default=1800.0, ge=0, description="idle through predicted gaps shorter than this")
@@ -694,8 +701,8 @@ class ExperimentConfig(StrictModel):
                 run = dict(run)
                 for section in ("rules", "execution"):
                     base = data.get(section, {})
-                    if isinstance(base, BaseModel):
-                        base = base.model_dump()
+                    if isinstance(base, BaseModel):  # only the keys set: defaults stay defaults
+                        base = base.model_dump(exclude_unset=True)
                     if isinstance(run.get(section), dict) and isinstance(base, dict):  # else: reported below
                         run[section] = {**base, **run[section]}
             merged.append(run)
@@ -714,6 +721,45 @@ class ExperimentConfig(StrictModel):
                     f"run {run.name!r} uses sites {unknown} that are not defined; "
                     f"defined sites: {sorted(self.sites)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _average_signals_have_a_curtailment_rule(self) -> ExperimentConfig:
+        """Average intensity has no curtailment level of its own: the default absolute 100 g
+        would silently give a site like Germany's (rarely below it) no windows at all."""
+        average = [t for t in self.traces if t.signal == "average"]
+        live_average = self.live is not None and self.live.source.kind == "electricitymaps"
+        if not average and not live_average:
+            return self
+        average_regions = {region for t in average for region in t.columns.values()}
+        marginal_regions = {region for t in self.traces if t.signal == "marginal" for region in t.columns.values()}
+        unmapped = any(not t.columns for t in average)  # its regions are the file's columns
+
+        def reads_average(region: str) -> bool:
+            return live_average or region in average_regions or (unmapped and region not in marginal_regions)
+
+        for index, run in enumerate(self.runs):
+            rules = self.rules_for(run)
+            if rules.threshold_kind == "percentile" or "threshold_g_per_kwh" in rules.model_fields_set:
+                continue
+            regions = sorted(
+                {self.sites[s].region for s in run.sites if s in self.sites and reads_average(self.sites[s].region)}
+            )
+            if not regions:
+                continue
+            source = (
+                f"live.source.kind = {self.live.source.kind!r}" if live_average and self.live is not None
+                else ", ".join(f'{t.path.name} (signal = "average")' for t in average)
+            )
+            where = "rules" if run.rules is None else f"runs.{index}.rules (run {run.name!r})"
+            raise ValueError(
+                f"run {run.name!r} reads average carbon intensity for {regions} ({source}), which has no "
+                f"curtailment level of its own, but {where} leaves threshold_kind = \"absolute\" with the "
+                f"default threshold_g_per_kwh = {rules.threshold_g_per_kwh:g} (an average-intensity grid may "
+                f"never drop below it: no windows). Set rules.threshold_kind = \"percentile\" (with "
+                "threshold_percentile, default 20, and percentile_window_s, default 604800 = a week), or set "
+                "rules.threshold_g_per_kwh explicitly if you mean an absolute level"
+            )
         return self
 
     @model_validator(mode="after")

@@ -247,6 +247,12 @@ def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
         ax_ci.axhline(
             threshold, color="black", ls="--", lw=1.1, label=f"threshold {threshold:g} g/kWh"
         )
+    elif summary.get("threshold_kind") == "percentile":  # no single level: name the rule
+        ax_ci.plot(
+            [], [], " ",
+            label=f"curtailed below percentile {summary['threshold_percentile']:g} of the "
+            f"trailing {summary['percentile_window_s'] / 3600:g} h",
+        )
     # a little room below zero keeps fully renewable stretches (CI ≈ 0) off the axis line
     top = ax_ci.get_ylim()[1]
     ax_ci.set_ylim(-0.03 * top, top)

@@ -36,10 +36,12 @@ import numpy as np
 import pandas as pd
 
 from curtail.config import ExperimentConfig
+from curtail.planning.oracle import EmissionBounds, emission_bounds
 from curtail.planning.plan import RunPlan
 from curtail.planning.signals import iso, iso_array
 from curtail.planning.summary import summarize, timeseries
 from curtail.planning.trajectory import Trajectory
+from curtail.planning.windows import CurtailmentCalendar
 
 RUN_FILES = ("manifest.json", "summary.json", "events.csv", "intervals.csv", "modes.csv", "timeseries.parquet")
 
@@ -73,7 +75,8 @@ def summary_of(
     plan: RunPlan, trajectory: Trajectory, *, executor: str, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The run's ``summary.json`` object: ``trajectory`` accounted with ``plan``'s power model,
-    signals and calendar; ``extra`` keys are added (e.g. ``simulation_s``)."""
+    signals and calendar, beside the emission bounds of its budget (:func:`bounds_of`);
+    ``extra`` keys are added (e.g. ``simulation_s``)."""
     return summarize(
         trajectory,
         run=plan.run.name,
@@ -85,7 +88,16 @@ def summary_of(
         token_budget=plan.context.token_budget,
         executor=executor,
         extra=extra,
+        bounds=bounds_of(plan),
     )
+
+
+def bounds_of(plan: RunPlan) -> EmissionBounds | None:
+    """Both emission bounds of the run's budget, at the power its accounting uses; None where
+    the plan has no signal of a site (a live plan reads the past through its calendar)."""
+    if not isinstance(plan.calendar, CurtailmentCalendar) or set(plan.signals) != set(plan.context.sites):
+        return None
+    return emission_bounds(plan.context, training_power_w={site: p.training_w for site, p in plan.power.items()})
 
 
 def record_of(

@@ -229,6 +229,79 @@ def test_configs_are_frozen():
         experiment.rules.threshold_g_per_kwh = 50  # type: ignore[misc]
 
 
+# ------------------------------------------------------------------------------- average intensity
+
+
+def average_config(rules: dict | None = None, run_rules: dict | None = None) -> dict:
+    """Germany's 2020 average intensity beside the paper trace's marginal CAISO_NORTH."""
+    site = {"training_power_w": 2024, "idle_power_w": 468, "tokens_per_s": 1000}
+    run = {"name": "germany", "policy": {"kind": "threshold"}, "sites": ["de"]}
+    if run_rules is not None:
+        run["rules"] = run_rules
+    data = {
+        "token_budget": 1e9,
+        "traces": [
+            {"path": "../data/traces/avg_ci_2020_germany.csv", "signal": "average",
+             "naive_timezone": "UTC", "columns": {"Carbon Intensity": "DE"}},
+            {"path": "../data/traces/watttime_moer_2026-01-11_4regions.csv"},
+        ],
+        "sites": {"de": {"region": "DE", **site}, "caiso": {"region": "CAISO_NORTH", **site}},
+        "runs": [run, {"name": "caiso", "policy": {"kind": "threshold"}, "sites": ["caiso"]}],
+    }
+    if rules is not None:
+        data["rules"] = rules
+    return data
+
+
+def test_average_signal_without_a_percentile_rule_is_refused_with_the_fix():
+    message = rejection(average_config())
+    assert "run 'germany' reads average carbon intensity for ['DE']" in message
+    assert 'avg_ci_2020_germany.csv (signal = "average")' in message
+    assert 'rules leaves threshold_kind = "absolute" with the default threshold_g_per_kwh = 100' in message
+    assert 'Set rules.threshold_kind = "percentile"' in message
+    assert "set rules.threshold_g_per_kwh explicitly if you mean an absolute level" in message
+    assert "'caiso'" not in message  # its region comes from a marginal trace
+    message = rejection(average_config(rules={"hysteresis_s": 300}, run_rules={"provisioning_s": 0}))
+    assert "runs.0.rules (run 'germany') leaves threshold_kind" in message
+
+
+@pytest.mark.parametrize(
+    "rules, run_rules",
+    [
+        ({"threshold_kind": "percentile"}, None),
+        ({"threshold_g_per_kwh": 100}, None),  # an absolute level, said out loud
+        (None, {"threshold_kind": "percentile", "threshold_percentile": 30}),
+        (None, {"threshold_g_per_kwh": 250}),
+    ],
+)
+def test_average_signal_with_a_curtailment_rule_loads(rules, run_rules):
+    experiment = parse_experiment(average_config(rules, run_rules), base_dir=PAPER_TOML.parent)
+    assert experiment.run("germany").sites == ["de"]
+
+
+def test_object_rules_keep_their_defaults_unset_when_a_run_overrides_a_key():
+    from curtail.config import CurtailmentRules
+
+    data = average_config(run_rules={"hysteresis_s": 0})
+    data["rules"] = CurtailmentRules(threshold_kind="percentile")
+    experiment = parse_experiment(data, base_dir=PAPER_TOML.parent)
+    rules = experiment.rules_for(experiment.run("germany"))
+    assert rules.threshold_kind == "percentile" and rules.hysteresis_s == 0
+    assert "threshold_g_per_kwh" not in rules.model_fields_set
+    data["rules"] = CurtailmentRules(hysteresis_s=300)  # absolute by default: refused
+    assert "threshold_kind = \"absolute\"" in rejection(data)
+
+
+def test_forecast_error_scale_is_a_typed_knob():
+    from curtail.config import ForecastParams, ForecastPolicyConfig
+
+    field = ForecastParams.model_fields["forecast_error_scale"]
+    assert field.default == 1.0 and "0 = perfect" in field.description
+    assert ForecastPolicyConfig(forecast_error_scale=0).forecast_error_scale == 0
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        ForecastPolicyConfig(forecast_error_scale=-0.5)
+
+
 # ------------------------------------------------------------------------------- live experiments
 
 

@@ -1,5 +1,6 @@
 """The perfect-foresight oracle: the bound by hand, the oracle run on hand-made traces with known
-optimal schedules, and the property that no policy ever beats the bound on random traces."""
+optimal schedules, and the property that no policy ever beats the bound on random traces (nor,
+when all its energy is inside windows, the windows-only bound)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from planning_fixtures import IDLE_W, RATE, T0_S, TRAINING_W, make_context, summary_of
 
 from curtail.config import POLICY_CONFIGS, CurtailmentRules, ExecutionConfig
-from curtail.planning.oracle import cheapest_pieces, emissions_lower_bound_kg
+from curtail.planning.oracle import cheapest_pieces, emissions_lower_bound_kg, windows_only_bound
 from curtail.planning.policy import SiteState, make_policy
 from curtail.planning.simulator import Simulator
 
@@ -152,6 +153,12 @@ def test_no_policy_beats_the_oracle_bound_on_random_traces(case):
         trajectory, summary = run(context, kind, **params)
         bound = emissions_lower_bound_kg(context, trajectory.tokens)
         assert summary["emissions_kg"] >= bound * (1 - 1e-9) - 1e-12, (kind, params)
+        windows = windows_only_bound(context, trajectory.tokens)
+        if windows.holds_tokens:
+            assert windows.emissions_kg >= bound * (1 - 1e-9) - 1e-12
+        if summary["share_energy_in_windows"] == 1.0:  # all its energy inside windows
+            assert windows.holds_tokens, (kind, params)
+            assert summary["emissions_kg"] >= windows.emissions_kg * (1 - 1e-9) - 1e-12, (kind, params)
         results[(kind, tuple(params.items()))] = (trajectory, summary)
     oracle, oracle_summary = results[("oracle", ())]
     if not overheads:

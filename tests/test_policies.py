@@ -41,6 +41,7 @@ from curtail.planning.forecast import (
     synthesize_forecast,
 )
 from curtail.planning.forecast_policy import ForecastAwarePolicy
+from curtail.planning.plan import load_experiment_traces, plan_run
 from curtail.planning.policy import SiteState, make_policy, registered_policies
 from curtail.planning.simulator import Simulator
 from curtail.planning.windows import (
@@ -155,6 +156,39 @@ def test_forecast_reads_synthetic_forecasts_when_none_are_recorded():
     )
     again = make_policy(ForecastPolicyConfig(forecast="auto", forecast_seed=4), context)
     assert np.array_equal(policy.forecasts["a"].ci_g_per_kwh, again.forecasts["a"].ci_g_per_kwh)
+
+
+@pytest.fixture(scope="module")
+def paper_plan():
+    experiment = load_experiment(REPO / "experiments/paper_policies.toml")
+    traces, forecasts = load_experiment_traces(experiment)
+
+    def plan(policy):
+        run = experiment.run("budget").model_copy(update={"policy": policy})
+        return plan_run(experiment, run, traces, forecasts)
+
+    return plan
+
+
+def forecast_errors(policy) -> np.ndarray:
+    """Every synthetic forecast's error (gCO2/kWh), all sites, at every lead."""
+    errors = []
+    for site, forecast in policy.forecasts.items():
+        truth = policy.context.signals[site].step.value_at(forecast.target_s)
+        errors.append(forecast.ci_g_per_kwh - truth)
+    return np.concatenate(errors)
+
+
+def test_the_forecast_error_scale_scales_synthetic_forecast_errors_on_the_paper_trace(paper_plan):
+    def errors(scale: float) -> np.ndarray:
+        config = BudgetPolicyConfig(max_ci_g_per_kwh=75, forecast="synthetic", forecast_error_scale=scale)
+        return forecast_errors(paper_plan(config).policy)
+
+    calibrated, perfect, doubled = errors(1.0), errors(0.0), errors(2.0)
+    assert np.all(perfect == 0)  # scale 0: the truth over the horizon
+    assert np.array_equal(calibrated, forecast_errors(paper_plan(BudgetPolicyConfig(forecast="synthetic")).policy))
+    assert 0 < np.mean(np.abs(calibrated)) < np.mean(np.abs(doubled))
+    assert len(perfect) == len(calibrated) > 0
 
 
 # ------------------------------------------------------------------------------- budget-aware

@@ -432,6 +432,27 @@ def test_paper_accounting_and_determinism():
         assert Simulator(again.context, again.policy).run() == trajectory
 
 
+def test_the_bounds_are_at_the_power_the_accounting_uses():
+    import dataclasses
+
+    from curtail.planning.energy import PowerModel
+    from curtail.runlog import bounds_of
+
+    experiment = load_experiment(PAPER_TOML)
+    traces, forecasts = load_experiment_traces(experiment)
+    plan = plan_run(experiment, experiment.run("threshold"), traces, forecasts)
+    configured = bounds_of(plan)
+    assert configured is not None
+    measured = dataclasses.replace(  # a real run's measured power: twice the configured
+        plan, power={site: PowerModel(2 * p.training_w, p.idle_w) for site, p in plan.power.items()}
+    )
+    doubled = bounds_of(measured)
+    assert doubled is not None
+    assert doubled.windows_only.emissions_kg == pytest.approx(2 * configured.windows_only.emissions_kg)
+    assert doubled.unconstrained.emissions_kg == pytest.approx(2 * configured.unconstrained.emissions_kg)
+    assert doubled.windows_only.capacity_tokens == configured.windows_only.capacity_tokens
+
+
 def test_planning_imports_neither_torch_nor_ray():
     code = (
         "import curtail.planning.simulator, curtail.planning.plan, curtail.planning.summary, curtail.api, sys; "

@@ -3,6 +3,8 @@ trace (expected windows worked out from the data)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +22,9 @@ from planning_fixtures import (
     simulate,
 )
 
-from curtail.config import CurtailmentRules, ExecutionConfig, TraceSource
+from curtail.api import simulate as simulate_experiment
+from curtail.config import CurtailmentRules, ExecutionConfig, TraceSource, parse_experiment
+from curtail.planning.plan import load_experiment_traces, plan_run
 from curtail.planning.policy import SiteState
 from curtail.planning.traces import load_trace
 from curtail.planning.windows import (
@@ -302,3 +306,80 @@ def test_matches_reference_and_is_causal(spec, cut):
     if prefix_windows:
         assert prefix_windows[-1][1] == min(early[-1][1], prefix_end)
     assert LOW < 100 < HIGH
+
+
+# ------------------------------------------------------------------------------- percentile runs
+
+
+def experiment_on(trace_rules: dict, *, start: str | None = None, average: bool = False, site_hours: float = 10):
+    """The paper's three sites (marginal), or Germany and Great Britain 2020 (average)."""
+    site = {"training_power_w": 2024, "idle_power_w": 468, "tokens_per_s": 191_454}
+    if average:
+        traces = [
+            {"path": str(TRACES / f"avg_ci_2020_{name}.csv"), "signal": "average",
+             "naive_timezone": "UTC", "columns": {"Carbon Intensity": region}}
+            for name, region in (("germany", "DE"), ("great-britain", "GB"))
+        ]
+        sites = {"de": {"region": "DE", **site}, "gb": {"region": "GB", **site}}
+    else:
+        traces = [{"path": str(TRACES / "watttime_moer_2026-01-11_4regions.csv")}]
+        sites = {name.lower(): {"region": name, **site} for name in ("CAISO_NORTH", "SPP_TX", "NEM_SA")}
+    run = {"name": "threshold", "policy": {"kind": "threshold"}, "sites": sorted(sites)}
+    if start is not None:
+        run.update(start=start, deadline=start.replace("-01T", "-08T"))
+    return parse_experiment(
+        {"token_budget": 191_454 * 3600 * site_hours, "traces": traces, "rules": trace_rules, "sites": sites,
+         "runs": [run]}
+    )
+
+
+PERCENTILE_RULE = {"threshold_kind": "percentile", "threshold_percentile": 20}
+
+
+def warned_sites(caplog, experiment) -> list[str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="curtail.planning.windows"):
+        traces, _ = load_experiment_traces(experiment)
+        plan_run(experiment, experiment.runs[0], traces)
+    return [r.args[0] for r in caplog.records if "percentile_window_s" in r.getMessage()]
+
+
+def test_a_trace_shorter_than_the_percentile_window_is_warned_about(caplog):
+    paper = experiment_on(PERCENTILE_RULE)  # 18 hours of history at most, the window is a week
+    assert warned_sites(caplog, paper) == ["caiso_north", "nem_sa", "spp_tx"]
+    message = caplog.records[0].getMessage()
+    assert "0.0 h of history before the run starts" in message and "(168.0 h)" in message
+    assert "shorten percentile_window_s" in message
+    assert warned_sites(caplog, experiment_on({"threshold_g_per_kwh": 100})) == []  # absolute: no past needed
+    germany = experiment_on(PERCENTILE_RULE, average=True)  # from the trace start: no past
+    assert warned_sites(caplog, germany) == ["de", "gb"]
+    march = experiment_on(PERCENTILE_RULE, average=True, start="2020-03-01T00:00:00Z")  # 10 weeks back
+    assert warned_sites(caplog, march) == []
+
+
+def test_a_percentile_run_reports_its_rule_and_per_site_thresholds():
+    experiment = experiment_on(PERCENTILE_RULE, average=True, start="2020-03-01T00:00:00Z", site_hours=40)
+    summary = simulate_experiment(experiment, write=False).summary("threshold")
+    assert summary["completed"] and summary["hours"] > 72
+    assert summary["threshold_kind"] == "percentile" and summary["threshold_g_per_kwh"] is None
+    assert summary["threshold_percentile"] == 20 and summary["percentile_window_s"] == 7 * 86400
+    thresholds = summary["thresholds_g_per_kwh_by_site"]
+    assert set(thresholds) == {"de", "gb"}
+    for levels in thresholds.values():  # a trailing percentile moves with the grid
+        assert 100 < levels["min"] < levels["median"] < levels["max"] < 400
+    assert thresholds["de"] != thresholds["gb"]
+    traces, _ = load_experiment_traces(experiment)
+    calendar = plan_run(experiment, experiment.runs[0], traces).calendar
+    at_start = calendar.threshold_at("de", summary_start_s(summary))
+    assert thresholds["de"]["min"] <= at_start <= thresholds["de"]["max"]
+
+
+def summary_start_s(summary: dict) -> float:
+    return pd.Timestamp(summary["start"]).timestamp()
+
+
+def test_an_absolute_run_reports_its_level():
+    summary = simulate_experiment(experiment_on({"threshold_g_per_kwh": 100}), write=False).summary("threshold")
+    assert summary["threshold_kind"] == "absolute" and summary["threshold_g_per_kwh"] == 100
+    assert summary["threshold_percentile"] is None and summary["percentile_window_s"] is None
+    assert summary["thresholds_g_per_kwh_by_site"]["caiso_north"] == {"min": 100, "median": 100, "max": 100}

@@ -53,12 +53,18 @@ _EPS_S = 1e-6
 
 
 def site_forecasts(
-    context: PolicyContext, choice: ForecastChoice, *, seed: int, horizon_s: float
+    context: PolicyContext,
+    choice: ForecastChoice,
+    *,
+    seed: int,
+    horizon_s: float,
+    error_scale: float = 1.0,
 ) -> dict[str, IssuedForecasts | None]:
     """The forecast each site's policy may read.
 
     ``recorded``: the experiment's forecasts (None for sites without); ``synthetic``: made from
-    the signal by the calibrated error model (seeded per site); ``auto``: recorded where there
+    the signal by the calibrated error model with every error times ``error_scale`` (0: perfect
+    over the horizon; seeded per site); ``auto``: recorded where there
     are some, else synthetic; ``none``: no forecasts. A live run's forecasts are its source's
     (recorded and auto); the error model needs the future it perturbs, which a live run lacks.
     """
@@ -78,7 +84,7 @@ def site_forecasts(
         else:
             forecasts[site] = synthesize_forecast(
                 context.signals[site],
-                model=WATTTIME_CAISO_2023_06,
+                model=WATTTIME_CAISO_2023_06 if error_scale == 1.0 else WATTTIME_CAISO_2023_06.scaled(error_scale),
                 thresholds=context.calendar.thresholds(site),
                 seed=seed * 1000 + index,
                 horizon_s=horizon_s,
@@ -101,7 +107,11 @@ class ForecastAwarePolicy(Policy):
         config = self.config
         self.startup_s = context.rules.provisioning_s + context.execution.group_start_s
         self.forecasts = site_forecasts(
-            context, config.forecast, seed=config.forecast_seed, horizon_s=config.forecast_horizon_s
+            context,
+            config.forecast,
+            seed=config.forecast_seed,
+            horizon_s=config.forecast_horizon_s,
+            error_scale=config.forecast_error_scale,
         )
         self._above_since: dict[str, float] = {}
         self._live = isinstance(context.calendar, LiveCalendar)

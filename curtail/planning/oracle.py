@@ -14,6 +14,16 @@ is exact for the relaxation (a fractional knapsack) and ignores every overhead, 
 — and no oracle run — can emit less for the same tokens. ``tests/test_oracle.py`` checks it
 against every policy on random traces.
 
+**The windows-only bound** (:func:`windows_only_bound`). The same greedy choice among the
+pieces where the site is *curtailed* (its signal below the threshold in force: the calendar's
+``curtailed``, which is also what ``share_energy_in_windows`` counts as inside windows). No run
+that draws all its training energy inside windows can emit less for the same tokens: it is the
+curtailment bound. The unconstrained bound is no such thing on average-intensity traces with
+percentile curtailment, where it trains wherever intensity is lowest, windows or not. When the
+windows cannot hold the tokens the bound is ``None``, and :class:`Bound` says how many they hold.
+:func:`emission_bounds` gives both for a run's budget; the run's ``summary.json`` carries them
+(:meth:`EmissionBounds.summary`) and ``curtail simulate`` prints them.
+
 **The oracle run** (``kind = "oracle"``). The same greedy choice, re-planned at every piece
 boundary for the tokens still missing (so sync pauses and start-ups are made up in the next
 cheapest pieces), executed by the shared executor with its real overheads: a site trains in
@@ -28,6 +38,7 @@ run meets the bound to within that reserve.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,22 +77,38 @@ class Pieces:
 
 
 def cheapest_pieces(
-    context: PolicyContext, start_s: float | None = None, end_s: float | None = None
+    context: PolicyContext,
+    start_s: float | None = None,
+    end_s: float | None = None,
+    *,
+    windows_only: bool = False,
+    training_power_w: Mapping[str, float] | None = None,
 ) -> Pieces:
-    """All sites' pieces in ``[start_s, end_s]`` (default: the run's span), cheapest first."""
+    """All sites' pieces in ``[start_s, end_s]`` (default: the run's span), cheapest first.
+
+    ``windows_only`` keeps only the pieces where the site is curtailed (the calendar's
+    ``curtailed``); ``training_power_w`` (by site) replaces the sites' configured training
+    power, e.g. with a real run's measured power.
+    """
     start_s = context.start_s if start_s is None else start_s
     end_s = context.deadline_s if end_s is None else end_s
     sites = tuple(context.sites)
     columns: list[list[np.ndarray]] = [[], [], [], [], [], []]
     for index, site in enumerate(sites):
         cfg, signal = context.sites[site], context.signals[site]
-        inner = signal.times_s[(signal.times_s > start_s) & (signal.times_s < end_s)]
+        times_s = signal.times_s
+        if windows_only:
+            times_s = np.union1d(times_s, context.calendar.curtailed(site).times_s)
+        inner = times_s[(times_s > start_s) & (times_s < end_s)]
         edges = np.concatenate(([start_s], inner, [end_s]))
         starts, ends = edges[:-1], edges[1:]
         keep = ends > starts
+        if windows_only:
+            keep &= np.asarray(context.calendar.curtailed(site).value_at(starts)) > 0.5
         starts, ends = starts[keep], ends[keep]
         ci = np.asarray(signal.step.value_at(starts), dtype=float)
-        g_per_token = cfg.site_training_power_w * ci / (_WS_PER_KWH * cfg.tokens_per_s)
+        power_w = cfg.site_training_power_w if training_power_w is None else training_power_w[site]
+        g_per_token = power_w * ci / (_WS_PER_KWH * cfg.tokens_per_s)
         for column, values in zip(
             columns,
             (
@@ -101,6 +128,18 @@ def cheapest_pieces(
     )
 
 
+def _greedy_kg(pieces: Pieces, tokens: float) -> float:
+    """Emissions (kg) of ``tokens`` taken from ``pieces`` in order, the last one in part (or
+    of all of them, if they hold fewer)."""
+    cumulative = np.cumsum(pieces.tokens)
+    full = int(np.searchsorted(cumulative, tokens, side="left"))
+    grams = float(np.sum(pieces.tokens[:full] * pieces.g_per_token[:full]))
+    if full < len(cumulative):
+        taken = tokens - (cumulative[full - 1] if full > 0 else 0.0)
+        grams += taken * float(pieces.g_per_token[full])
+    return float(grams) / 1000.0
+
+
 def emissions_lower_bound_kg(
     context: PolicyContext,
     tokens: float | None = None,
@@ -114,14 +153,85 @@ def emissions_lower_bound_kg(
     that of everything the span can hold.
     """
     tokens = context.token_budget if tokens is None else tokens
-    pieces = cheapest_pieces(context, start_s, end_s)
-    cumulative = np.cumsum(pieces.tokens)
-    full = int(np.searchsorted(cumulative, tokens, side="left"))
-    grams = float(np.sum(pieces.tokens[:full] * pieces.g_per_token[:full]))
-    if full < len(cumulative):
-        taken = tokens - (cumulative[full - 1] if full > 0 else 0.0)
-        grams += taken * float(pieces.g_per_token[full])
-    return grams / 1000.0
+    return _greedy_kg(cheapest_pieces(context, start_s, end_s), tokens)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A bound on the emissions of ``tokens`` in a run's span, over the pieces it may use.
+
+    ``capacity_tokens`` is what those pieces hold with every site training through all of
+    them; when it is less than ``tokens`` no such schedule trains the tokens and
+    ``emissions_kg`` is None.
+    """
+
+    tokens: float
+    capacity_tokens: float
+    emissions_kg: float | None
+
+    @property
+    def holds_tokens(self) -> bool:
+        return self.emissions_kg is not None
+
+
+def _bound(pieces: Pieces, tokens: float) -> Bound:
+    capacity = float(np.sum(pieces.tokens))
+    # a budget that needs every last piece may exceed the float sum by a rounding error
+    holds = capacity >= tokens * (1 - 1e-12)
+    return Bound(tokens, capacity, _greedy_kg(pieces, tokens) if holds else None)
+
+
+def windows_only_bound(
+    context: PolicyContext,
+    tokens: float | None = None,
+    *,
+    training_power_w: Mapping[str, float] | None = None,
+) -> Bound:
+    """The least training emissions of ``tokens`` (default: the budget) in ``[start, deadline]``
+    training only while a site is curtailed (see the module doc): None, with the tokens the
+    windows hold, when they cannot hold ``tokens``.
+
+    >>> bound = windows_only_bound(context)
+    >>> bound.emissions_kg if bound.holds_tokens else f"windows hold {bound.capacity_tokens:.3g} tokens"
+    """
+    tokens = context.token_budget if tokens is None else tokens
+    pieces = cheapest_pieces(context, windows_only=True, training_power_w=training_power_w)
+    return _bound(pieces, tokens)
+
+
+@dataclass(frozen=True)
+class EmissionBounds:
+    """Both bounds on a run's token budget: ``unconstrained`` (any piece of the span) and
+    ``windows_only`` (curtailed pieces only)."""
+
+    unconstrained: Bound
+    windows_only: Bound
+
+    def summary(self, emissions_kg: float) -> dict[str, float | None]:
+        """The ``summary.json`` keys of a run that emitted ``emissions_kg``.
+
+        ``emissions_over_windows_only_bound`` is None where the bound is None or 0 (a ratio to
+        a bound of ~0 says nothing: California has hours of zero MOER).
+        """
+        windows = self.windows_only.emissions_kg
+        return {
+            "emissions_bound_kg": self.unconstrained.emissions_kg,
+            "emissions_bound_windows_only_kg": windows,
+            "windows_only_capacity_tokens": self.windows_only.capacity_tokens,
+            "emissions_over_windows_only_bound": emissions_kg / windows if windows else None,
+        }
+
+
+def emission_bounds(
+    context: PolicyContext, *, training_power_w: Mapping[str, float] | None = None
+) -> EmissionBounds:
+    """Both bounds on ``context``'s token budget in ``[start, deadline]`` (``training_power_w``:
+    see :func:`cheapest_pieces`)."""
+    tokens = context.token_budget
+    return EmissionBounds(
+        unconstrained=_bound(cheapest_pieces(context, training_power_w=training_power_w), tokens),
+        windows_only=windows_only_bound(context, tokens, training_power_w=training_power_w),
+    )
 
 
 class OraclePolicy(Policy):

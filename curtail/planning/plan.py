@@ -17,7 +17,7 @@ from curtail.planning.live_calendar import KnownSignals, LiveCalendar
 from curtail.planning.policy import Policy, PolicyContext, make_policy
 from curtail.planning.signals import Signal, to_epoch_s
 from curtail.planning.traces import Forecast, TraceError, TraceSet, load_forecast, load_traces
-from curtail.planning.windows import CurtailmentCalendar
+from curtail.planning.windows import CurtailmentCalendar, warn_short_percentile_history
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ def plan_run(
         )
     for name, region in regions.items():
         traces.require_span(region, start_s, deadline_s, needed_by=name)
+    warn_short_percentile_history(signals, config.rules_for(run), start_s)
     calendar = CurtailmentCalendar(signals, config.rules_for(run))
     site_forecasts = {
         name: forecasts[region] for name, region in regions.items() if forecasts and region in forecasts

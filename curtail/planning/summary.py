@@ -4,13 +4,15 @@ Both executors hand their :class:`~curtail.planning.trajectory.Trajectory` to
 :func:`summarize` and :func:`timeseries` (through :func:`curtail.runlog.record_of`); the
 summary's keys are the run directory's ``summary.json`` (:mod:`curtail.runlog`, the README's
 "Run directory"): ``run``, ``policy``, ``sites``, ``tokens``, ``hours``, ``energy_kwh``,
-``emissions_kg``, ``share_energy_in_windows``, ``window_utilisation``, ``site_hours``,
-``mode_hours``, ``num_syncs``, ...
+``emissions_kg``, ``emissions_kg_per_1b_tokens``, ``share_energy_in_windows``,
+``window_utilisation``, ``site_hours``, ``mode_hours``, ``num_syncs``, the curtailment rule
+(:func:`threshold_summary`) and, where the executor's plan gives them, the emission bounds
+(:meth:`~curtail.planning.oracle.EmissionBounds.summary`), ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from curtail.planning.energy import (
     cumulative_seconds,
     totals,
 )
+from curtail.planning.oracle import EmissionBounds
 from curtail.planning.policy import SiteState
 from curtail.planning.signals import Signal, iso
 from curtail.planning.trajectory import RunMode, Trajectory
@@ -58,8 +61,9 @@ def summarize(
     token_budget: float,
     executor: str,
     extra: Mapping[str, Any] | None = None,
+    bounds: EmissionBounds | None = None,
 ) -> dict[str, Any]:
-    """The run's ``summary.json`` object."""
+    """The run's ``summary.json`` object (with ``bounds``: the emission bounds' keys too)."""
     accounts = site_accounts(trajectory, power, signals, calendar)
     mode_hours = {mode.value: 0.0 for mode in RunMode}
     for interval in trajectory.modes:
@@ -90,12 +94,52 @@ def summarize(
         "emissions_kg_by_site": {site: a.emissions_kg for site, a in accounts.items()},
         "mode_hours": mode_hours,
         "num_syncs": trajectory.num_syncs,
-        "threshold_g_per_kwh": calendar.rules.threshold_g_per_kwh,
+        **threshold_summary(calendar, trajectory.sites, (trajectory.start_s, trajectory.finish_s)),
         "final_eval_loss": None,
     }
+    emissions_kg = summary["emissions_kg"]
+    summary["emissions_kg_per_1b_tokens"] = (
+        emissions_kg / (trajectory.tokens / 1e9) if trajectory.tokens > 0 else None
+    )
+    if bounds is not None:
+        summary.update(bounds.summary(emissions_kg))
     if extra:
         summary.update(extra)
     return summary
+
+
+def threshold_summary(
+    calendar: CurtailmentCalendar, sites: Sequence[str], span: tuple[float, float]
+) -> dict[str, Any]:
+    """The curtailment rule as ``summary.json`` reports it.
+
+    ``threshold_kind``; ``threshold_g_per_kwh`` (the absolute level; None for a percentile
+    rule, which has no single level); ``threshold_percentile`` and ``percentile_window_s``
+    (the percentile rule; None for an absolute one); ``thresholds_g_per_kwh_by_site``: each
+    site's thresholds in force during ``span`` (min, median, max over the samples holding then).
+    """
+    rules = calendar.rules
+    percentile = rules.threshold_kind == "percentile"
+    by_site = {}
+    for site in sites:
+        signal, levels = calendar.signals[site], calendar.thresholds(site)
+        holding = (np.append(signal.times_s[1:], signal.end_s) > span[0]) & (signal.times_s < span[1])
+        if not holding.any():  # an empty span: the sample holding at its start
+            first = int(np.searchsorted(signal.times_s, span[0], side="right")) - 1
+            holding[min(max(first, 0), len(holding) - 1)] = True
+        used = levels[holding]
+        by_site[site] = {
+            "min": float(used.min()),
+            "median": float(np.median(used)),
+            "max": float(used.max()),
+        }
+    return {
+        "threshold_kind": rules.threshold_kind,
+        "threshold_g_per_kwh": None if percentile else rules.threshold_g_per_kwh,
+        "threshold_percentile": rules.threshold_percentile if percentile else None,
+        "percentile_window_s": rules.percentile_window_s if percentile else None,
+        "thresholds_g_per_kwh_by_site": by_site,
+    }
 
 
 def _state_at(intervals: list, query_s: np.ndarray) -> np.ndarray:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import bisect
 import enum
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,8 @@ import pandas as pd
 
 from curtail.config import CurtailmentRules
 from curtail.planning.signals import Signal, StepFunction, iso
+
+log = logging.getLogger(__name__)
 
 
 class WindowState(enum.StrEnum):
@@ -84,6 +88,35 @@ def curtailment_thresholds(signal: Signal, rules: CurtailmentRules) -> np.ndarra
     window = pd.Timedelta(seconds=rules.percentile_window_s)
     rolling = series.rolling(window, min_periods=1).quantile(rules.threshold_percentile / 100.0)
     return rolling.to_numpy(dtype=float)
+
+
+def warn_short_percentile_history(
+    signals: Mapping[str, Signal], rules: CurtailmentRules, start_s: float
+) -> dict[str, float]:
+    """Warn (this module's logger) for every site whose trace holds less than
+    ``percentile_window_s`` of history before the run starts at ``start_s``: its first
+    thresholds are percentiles of a shorter past than the rule says (the first sample's, of
+    itself alone). Returns those sites' history in seconds; nothing for an absolute rule."""
+    if rules.threshold_kind != "percentile":
+        return {}
+    short = {
+        site: max(start_s - signal.start_s, 0.0)
+        for site, signal in signals.items()
+        if start_s - signal.start_s < rules.percentile_window_s
+    }
+    for site, history_s in short.items():
+        log.warning(
+            "site %r: its trace (%s) has %.1f h of history before the run starts (%s), less than "
+            "rules.percentile_window_s (%.1f h): its first curtailment thresholds are percentiles of "
+            "a shorter past. Start the run later, load a trace that starts earlier, or shorten "
+            "percentile_window_s",
+            site,
+            signals[site].source or signals[site].region,
+            history_s / 3600,
+            iso(start_s),
+            rules.percentile_window_s / 3600,
+        )
+    return short
 
 
 def compute_windows(
