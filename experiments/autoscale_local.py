@@ -9,7 +9,9 @@ site node up), runs the tiny two-site experiment on it with ``training.autoscale
 (``curtail run`` joining through ``RAY_ADDRESS``), waits for the autoscaler to remove the site
 nodes, and prints each window's measured times from the run's ``site_capacity.csv``: seconds from
 the capacity request to the site's first node, to its worker group's first answer, and how long
-the node stayed after the site was released. docs/DEPLOYMENT.md records the result.
+the node stayed after the site was released; then the run's start-ups accounted as measured
+beside the configured model (``summary.json`` → ``provisioning_measured``). docs/DEPLOYMENT.md
+and docs/BENCHMARKS.md record the result.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def main() -> None:
             "node_up_s": round(float(window.node_start_s), 1), "group_ready_s": round(float(window.group_ready_s), 1),
             "node_gone_after_release_s": round(gone - float(window.released_wall_s), 1),
         })
-    result = {"run_wall_s": round(wall_s, 1), "idle_timeout_s": cluster.idle_timeout_s, "windows": rows}
+    measured = json.loads((run_dir_of(config) / "summary.json").read_text())["provisioning_measured"]
+    result = {"run_wall_s": round(wall_s, 1), "idle_timeout_s": cluster.idle_timeout_s, "windows": rows,
+              "provisioning_measured": measured}
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -77,6 +81,12 @@ def main() -> None:
     for row in rows:
         print(f"| {row['site']} | {row['nodes_before']} | {row['node_up_s']} | {row['group_ready_s']} | "
               f"{row['node_gone_after_release_s']} |")
+    print(f"\nstart-ups, measured vs modelled ({measured['modelled_start_s']:g} s per window):")
+    print("| site | windows | measured s | modelled s | measured kWh | modelled kWh | measured g CO2 | modelled g CO2 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for site, f in [*measured["by_site"].items(), ("total", measured["total"])]:
+        print(f"| {site} | {f['num_windows']} | {f['measured_s']:.1f} | {f['modelled_s']:.0f} | {f['measured_kwh']:.4f} | "
+              f"{f['modelled_kwh']:.4f} | {1000 * f['measured_kg']:.2f} | {1000 * f['modelled_kg']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,11 @@ SIGNAL_FAULTS = [  # trace seconds after the run's start; each shorter than max_
     {"at_s": 1800, "kind": "refuse_credentials", "duration_s": 240},
     {"at_s": 3000, "kind": "down", "duration_s": 240},
 ]
-FAULTED_BUDGET = 469 * STEP_TOKENS  # whole steps: a budget the real-time clock meets exactly
+# whole steps: a budget the real-time clock meets exactly. The real-time clock runs at 120x whatever
+# the machine's speed, so the budget sets where on the trace the run ends: this one ends after 01:40
+# (the kill's window opens at 00:55) on an idle 2-core machine and well before 07:00 at a third of
+# that speed.
+FAULTED_BUDGET = 700 * STEP_TOKENS
 
 
 def long_windows_csv(path):
@@ -134,7 +138,7 @@ def _kill_coordinator_once(runs: Path, after_clock: str, after_tokens: float):
 
 @pytest.fixture(scope="module")
 def faulted_run(ray_cluster, tmp_path_factory):
-    """Three hours of the scripted trace at 60x with the signal failing four ways, and the
+    """The eight-hour scripted trace at 120x with the signal failing four ways, and the
     coordinator killed mid-run: it resumes at the grid's now and trains to the budget."""
     tmp = tmp_path_factory.mktemp("live-faults")
     experiment = live_experiment(tmp)
@@ -143,7 +147,7 @@ def faulted_run(ray_cluster, tmp_path_factory):
                                         timeout_s=1.0)
     experiment["live"].update(duration_s=8 * 3600, max_stale_s=600, retry_s=60)
     experiment["training"].update(realtime_speedup=120.0, checkpoint_interval_s=240)
-    callback, killed = _kill_coordinator_once(tmp / "runs", after_clock="2026-01-11T01:00:00Z", after_tokens=15_000)
+    callback, killed = _kill_coordinator_once(tmp / "runs", after_clock="2026-01-11T00:55:00Z", after_tokens=15_000)
     result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=callback, progress_interval_s=1.0)
     return result, killed
 
