@@ -97,6 +97,10 @@ def summarize(
         **threshold_summary(calendar, trajectory.sites, (trajectory.start_s, trajectory.finish_s)),
         "final_eval_loss": None,
     }
+    training_s = sum(a.training_s for a in accounts.values())
+    provisioned_s = training_s + sum(a.provisioned_idle_s for a in accounts.values())
+    # goodput: the share of provisioned site-time spent training (the rest: start-ups, syncs, waits)
+    summary["goodput"] = training_s / provisioned_s if provisioned_s > 0 else None
     emissions_kg = summary["emissions_kg"]
     summary["emissions_kg_per_1b_tokens"] = (
         emissions_kg / (trajectory.tokens / 1e9) if trajectory.tokens > 0 else None
