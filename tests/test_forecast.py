@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from planning_fixtures import TRACES, make_signal
+from planning_fixtures import TRACES, make_context, make_signal
 
 from curtail.config import ForecastSource, TraceSource
 from curtail.planning.forecast import (
@@ -19,10 +19,13 @@ from curtail.planning.forecast import (
     Outlook,
     PowerLaw,
     calibrate_error_model,
+    foresight,
+    noise_seed,
     outlook_of,
     synthesize_forecast,
 )
-from curtail.planning.traces import load_forecast, load_trace
+from curtail.planning.forecast_policy import site_forecasts
+from curtail.planning.traces import Forecast, load_forecast, load_trace
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +172,93 @@ def test_mean_error_grows_with_lead_time(caiso_month):
     error = np.abs(forecast.ci_g_per_kwh - actual.step.value_at(forecast.target_s))
     short, long = error[np.isclose(lead, 300)].mean(), error[np.isclose(lead, 3600)].mean()
     assert long > 1.5 * short
+
+
+def test_a_sites_synthetic_forecast_depends_on_its_name_not_its_order():
+    """Reordering, adding or removing sites leaves every other site's forecast unchanged; two
+    sites on the same trace get different noise (their names differ)."""
+    trace = list(np.linspace(20.0, 400.0, 24)) + list(np.linspace(400.0, 20.0, 24))
+    other = [400.0 - v for v in trace]
+
+    def forecasts(traces: dict) -> dict:
+        made = site_forecasts(make_context(traces), "synthetic", seed=7, horizon_s=RECORDED_HORIZON_S)
+        return {site: forecast.ci_g_per_kwh for site, forecast in made.items()}
+
+    ab = forecasts({"alpha": trace, "beta": other})
+    ba = forecasts({"beta": other, "alpha": trace})
+    alone = forecasts({"beta": other})
+    crowd = forecasts({"gamma": trace, "beta": other, "alpha": trace})
+    assert np.array_equal(ab["alpha"], ba["alpha"]) and np.array_equal(ab["beta"], ba["beta"])
+    assert np.array_equal(alone["beta"], ab["beta"]) and np.array_equal(crowd["beta"], ab["beta"])
+    assert np.array_equal(crowd["alpha"], ab["alpha"])
+    assert not np.array_equal(crowd["gamma"], crowd["alpha"])  # same trace, another name
+    seeded = site_forecasts(make_context({"alpha": trace}), "synthetic", seed=8, horizon_s=RECORDED_HORIZON_S)
+    assert not np.array_equal(seeded["alpha"].ci_g_per_kwh, ab["alpha"])  # the run's seed still counts
+
+
+def test_the_noise_seed_is_a_stable_hash_of_the_name():
+    assert noise_seed(0, "caiso_north") == [0, 3567636198]  # CRC-32: the same in every process
+    assert noise_seed(3, "a") != noise_seed(3, "b") and noise_seed(3, "a") != noise_seed(4, "a")
+    assert noise_seed(-1, "a")[0] == 2**64 - 1  # negative run seeds are valid entropy too
+    signal = make_signal(np.linspace(20, 400, 48), region="R")
+    named = synthesize_forecast(signal, seed=5, site="alpha")
+    assert np.array_equal(named.ci_g_per_kwh, synthesize_forecast(signal, seed=5, site="alpha").ci_g_per_kwh)
+    assert "site=alpha" in named.source
+
+
+# ------------------------------------------------------------------------------- foresight
+
+HOUR = 12  # five-minute samples
+
+
+def issued_every_step(signal, leads: int, values) -> Forecast:
+    requests = signal.times_s
+    targets = (requests[:, None] + 300.0 * np.arange(1, leads + 1)[None, :]).ravel()
+    return Forecast(signal.region, requests, np.arange(len(requests) + 1) * leads, targets, values(requests, targets))
+
+
+def persistence(signal, leads: int) -> Forecast:
+    """Forecasts that repeat the value at issue for every target (what WattTime's mostly do)."""
+    return issued_every_step(signal, leads, lambda requests, _: np.repeat(signal.ci_g_per_kwh, leads))
+
+
+def late_by(signal, leads: int, delay_s: float) -> Forecast:
+    """Forecasts that see every change coming, ``delay_s`` late."""
+    return issued_every_step(signal, leads, lambda _, targets: signal.step.value_at(targets - delay_s))
+
+
+def test_foresight_by_hand():
+    """Two windows: one opening after 3 h above (new at a 1 h lead), one 30 min after the first
+    closed (a reopening); the first is open 2 h, so its closing counts at 1 h; the second only
+    45 min, so at issue of the forecast an hour before its closing there was no window."""
+    values = [400.0] * (3 * HOUR) + [50.0] * (2 * HOUR) + [400.0] * 6 + [50.0] * 9 + [400.0] * (2 * HOUR)
+    signal = make_signal(values)
+    perfect = synthesize_forecast(signal, model=WATTTIME_CAISO_2023_06.scaled(0.0), horizon_s=3 * 3600.0)
+    seen = foresight(signal, perfect, threshold_g_per_kwh=100, lead_s=3600)
+    assert (seen.new_openings, seen.new_openings_foreseen) == (1, 1)
+    assert (seen.reopenings, seen.reopenings_foreseen) == (1, 1)
+    assert (seen.closings, seen.closings_foreseen) == (1, 1)
+    assert seen.false_alarm_rate == 0 and seen.open_miss_rate == 0
+    blind = foresight(signal, persistence(signal, 36), threshold_g_per_kwh=100, lead_s=3600)
+    assert (blind.new_openings_foreseen, blind.closings_foreseen) == (0, 0)
+    assert blind.reopenings_foreseen == 1  # issued inside the first window: persistence says "open"
+    assert blind.false_alarm_rate == 0 and blind.open_miss_rate == 0
+    late = late_by(signal, 36, 600.0)  # 10 min late: missed exactly, foreseen within 15 min
+    strict = foresight(signal, late, threshold_g_per_kwh=100, lead_s=3600)
+    near = foresight(signal, late, threshold_g_per_kwh=100, lead_s=3600, tolerance_s=900)
+    assert (strict.new_openings_foreseen, strict.closings_foreseen) == (0, 0)
+    assert (near.new_openings_foreseen, near.closings_foreseen) == (1, 1)
+    # a forecast too short for the lead, or issued after the crossing minus the lead, counts nothing
+    short = foresight(signal, persistence(signal, 6), threshold_g_per_kwh=100, lead_s=3600)
+    assert short.new_openings == short.reopenings == short.closings == 0
+
+
+def test_foresight_of_the_recorded_caiso_month_at_100_g(caiso_month):
+    """WattTime's CAISO forecasts foresee none of the new openings an hour ahead."""
+    actual, recorded = caiso_month
+    seen = foresight(actual, recorded, threshold_g_per_kwh=100, lead_s=3600)
+    assert seen.new_openings > 30 and seen.new_openings_foreseen == 0
+    assert seen.false_alarm_rate < 0.01
 
 
 # ------------------------------------------------------------------------------- the policy's view

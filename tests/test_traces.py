@@ -450,3 +450,97 @@ def test_a_missing_header_is_named_even_when_the_first_row_repeats_a_value(tmp_p
     path.write_text("2026-01-11 00:00:00+00:00,0.0,0.0\n2026-01-11 00:05:00+00:00,1.0,2.0\n")
     message = assert_names(load_error(path), path, 1)
     assert "looks like data" in message and "add a header line" in message
+
+
+# ------------------------------------------------------------------------------- wide forecasts
+
+WIDE_HEADER = "request_time,ahead_5min,ahead_10min,ahead_15min"
+
+
+def wide(tmp_path: Path, lines: list[str]) -> Path:
+    return write(tmp_path, [WIDE_HEADER, *lines], "forecast.csv")
+
+
+def wide_rows(count: int) -> list[str]:
+    return [
+        f"2020-04-01 0{i // 12}:{5 * (i % 12):02d}:00+00:00,{100 + i},{110 + i},{120 + i}"
+        for i in range(count)
+    ]
+
+
+def load_wide_error(path: Path, **source) -> TraceError:
+    with pytest.raises(TraceError) as info:
+        load_forecast(ForecastSource(path=path, region="R", **source))
+    return info.value
+
+
+def test_a_wide_forecast_equals_the_same_forecast_in_long_rows(tmp_path):
+    """One row per issued forecast and a column per lead loads to the same :class:`Forecast`
+    as WattTime's long layout (one row per value)."""
+    lines = wide_rows(3)
+    long_lines = ["request_time,forecast_time,R"]
+    for line in lines:
+        request, *values = line.split(",")
+        issued = datetime.fromisoformat(request)
+        for minutes, value in zip((5, 10, 15), values):
+            long_lines.append(f"{request},{(issued + timedelta(minutes=minutes)).isoformat(sep=' ')},{value}")
+    by_row = load_forecast(ForecastSource(path=wide(tmp_path, lines), region="R"))
+    by_value = load_forecast(ForecastSource(path=write(tmp_path, long_lines, "long.csv"), region="R"))
+    for name in ("request_s", "offsets", "target_s", "ci_g_per_kwh"):
+        assert np.array_equal(getattr(by_row, name), getattr(by_value, name)), name
+    assert by_row.ci_g_per_kwh[:3].tolist() == [100, 110, 120]
+    assert by_row.target_s[0] - by_row.request_s[0] == 300
+
+
+def test_a_wide_forecast_in_lbs_per_mwh_is_converted_once(tmp_path):
+    forecast = load_forecast(ForecastSource(path=wide(tmp_path, wide_rows(2)), region="R", unit="lbs_per_mwh"))
+    assert forecast.ci_g_per_kwh[0] == pytest.approx(100 * LBS_PER_MWH_TO_G_PER_KWH)
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [
+        ("request_time,ahead_5min,ahead_10min,lead_15", "'lead_15' is not a lead"),
+        ("request_time,ahead_5min,ahead_0min,ahead_15min", "'ahead_0min' is not a lead"),
+        ("request_time,ahead_10min,ahead_5min,ahead_15min", "'ahead_5min' is not after"),
+    ],
+)
+def test_a_wide_forecast_names_a_bad_lead_column(tmp_path, header, words):
+    path = write(tmp_path, [header, *wide_rows(2)], "forecast.csv")
+    message = assert_names(load_wide_error(path), path, 1)
+    assert words in message
+
+
+def test_a_wide_forecast_names_a_bad_cell_and_an_unsorted_row(tmp_path):
+    lines = wide_rows(4)
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",x"
+    path = wide(tmp_path, lines)
+    message = assert_names(load_wide_error(path), path, 4)
+    assert "'x' in column 'ahead_15min'" in message
+    lines = wide_rows(4)
+    lines[1], lines[2] = lines[2], lines[1]
+    path = wide(tmp_path, lines)
+    assert "out-of-order" in assert_names(load_wide_error(path), path, 4)
+    path = wide(tmp_path, [line.replace("+00:00", "") for line in wide_rows(2)])
+    assert "no time zone" in assert_names(load_wide_error(path), path, 2)
+    assert load_forecast(ForecastSource(path=path, region="R", naive_timezone="UTC")).request_s[0] == datetime(
+        2020, 4, 1, tzinfo=UTC
+    ).timestamp()
+
+
+def test_neither_layout_names_both(tmp_path):
+    path = write(tmp_path, ["time,forecast,R", "2020-04-01 00:00:00+00:00,1,2"], "forecast.csv")
+    message = assert_names(load_wide_error(path), path, 1)
+    assert "request_time, forecast_time, <value>" in message and "ahead_5min" in message
+
+
+def test_a_forecast_slice_keeps_whole_forecasts_issued_inside(tmp_path):
+    forecast = load_forecast(ForecastSource(path=wide(tmp_path, wide_rows(6)), region="R"))
+    start_s = forecast.request_s[2]
+    part = forecast.slice(start_s, forecast.request_s[4])
+    assert np.array_equal(part.request_s, forecast.request_s[2:4])
+    assert part.offsets.tolist() == [0, 3, 6]
+    assert np.array_equal(part.target_s, forecast.target_s[6:12])
+    assert np.array_equal(part.ci_g_per_kwh, forecast.ci_g_per_kwh[6:12])
+    assert part.latest(start_s - 1) is None and part.latest(start_s + 1)[1].tolist() == [102, 112, 122]
+    assert len(forecast.slice(0, 1).request_s) == 0 and forecast.slice(0, 1).offsets.tolist() == [0]

@@ -25,11 +25,17 @@ the model reproduces per lead time ``L``:
 Each quantity is a power law of the lead time, ``at_1h * (L / 1 h) ** exponent``, fitted on the
 recorded 5–65 min leads. Beyond 65 min the flip rates are held at their 65-min values and the
 spreads follow their power laws: a longer ``horizon_s`` is a what-if, not a measurement.
+
+A synthetic forecast's noise is drawn from the run's seed and the site's *name*
+(:func:`noise_seed`), so a site's forecasts do not change when other sites are added, removed
+or reordered. :func:`foresight` measures forecasts (recorded or synthetic) where decisions
+are made: of the windows that open at a level, how many the forecast issued ``L`` before saw.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Protocol
@@ -265,12 +271,24 @@ def _last_value_where(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(index >= 0, values[np.maximum(index, 0)], np.nan)
 
 
+def noise_seed(seed: int, site: str) -> list[int]:
+    """The entropy of ``site``'s synthetic forecast noise: the run's ``seed`` and a stable hash
+    of the site's name (CRC-32 of its UTF-8 bytes; unlike ``hash()``, the same in every
+    process), never its position among the sites.
+
+    >>> noise_seed(0, "caiso_north")
+    [0, 3567636198]
+    """
+    return [seed % 2**64, zlib.crc32(site.encode("utf-8"))]
+
+
 def synthesize_forecast(
     signal: Signal,
     *,
     model: ForecastErrorModel = WATTTIME_CAISO_2023_06,
     thresholds: np.ndarray | float | None = None,
     seed: int = 0,
+    site: str | None = None,
     horizon_s: float = RECORDED_HORIZON_S,
     issue_every_s: float | None = None,
 ) -> Forecast:
@@ -281,7 +299,9 @@ def synthesize_forecast(
     (``thresholds``: one per sample, or a number; default the model's), read at the issue time.
     A forecast that misses a regime places the target part-way towards the level the site was
     last *seen* at in the other regime (causal), or ``other_level_ratio_*`` times the threshold
-    if it has not been seen there yet. Deterministic for a given ``seed``.
+    if it has not been seen there yet. Deterministic for a given ``seed`` and ``site``: the
+    noise comes from :func:`noise_seed` (``seed`` and the site's name) when ``site`` is given,
+    from ``seed`` alone otherwise.
     """
     step_s = float(signal.resolution_s)
     num_leads = math.floor(horizon_s / step_s + 1e-9)
@@ -313,7 +333,7 @@ def synthesize_forecast(
         np.isnan(seen_above), threshold * model.other_level_ratio_above, seen_above
     )
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if site is None else noise_seed(seed, site))
     flip_latent = _latent_field(rng, len(request_s), num_leads, model.rho_revision, model.rho_lead)
     level_latent = _latent_field(rng, len(request_s), num_leads, model.rho_revision, model.rho_lead)
     normal = NormalDist()
@@ -354,7 +374,9 @@ def synthesize_forecast(
         offsets=offsets,
         target_s=targets_s[inside],
         ci_g_per_kwh=forecast[inside],
-        source=f"synthetic({model.source or 'error model'}; seed={seed}, horizon_s={horizon_s:g})",
+        source=f"synthetic({model.source or 'error model'}; seed={seed}"
+        + (f", site={site}" if site is not None else "")
+        + f", horizon_s={horizon_s:g})",
     )
 
 
@@ -381,6 +403,99 @@ def _latent_field(
         previous = np.concatenate(([rng.standard_normal()], z[:-1, k + 1]))
         z[:, k] = rho_revision * previous + c_rev * eta[:, k]
     return z
+
+
+@dataclass(frozen=True)
+class Foresight:
+    """What forecasts issued ``lead_s`` ahead said about the crossings of one level.
+
+    An *opening* is a sample below ``threshold_g_per_kwh`` after one at or above it; a
+    *closing* the reverse. An opening is *new* when the site was at or above the level for the
+    whole ``lead_s`` before it (persistence says "no window"), a *reopening* otherwise. A
+    closing counts only when the site was below the level for the whole ``lead_s`` before it
+    (persistence says "still open"; the end of a shorter window was no window at issue). A
+    crossing at ``T`` counts only where a forecast was issued at ``T - lead_s`` (within one
+    sample); it is *foreseen* when that forecast puts some target in ``[T - tolerance_s,
+    T + tolerance_s]`` on the new side. ``false_alarm_rate``: of the targets ``lead_s`` ahead
+    that are at or above the level, with the site at or above it at issue, the share forecast
+    below it (an invented window); ``open_miss_rate``: of the targets ``lead_s`` ahead below the
+    level, with the site below it at issue, the share forecast at or above it (an open window
+    called closed — what makes "foreseen" closings cheap).
+    """
+
+    threshold_g_per_kwh: float
+    lead_s: float
+    new_openings: int
+    new_openings_foreseen: int
+    reopenings: int
+    reopenings_foreseen: int
+    closings: int
+    closings_foreseen: int
+    false_alarm_rate: float
+    open_miss_rate: float
+
+
+def foresight(
+    actual: Signal,
+    forecast: Forecast,
+    *,
+    threshold_g_per_kwh: float,
+    lead_s: float,
+    tolerance_s: float = 0.0,
+) -> Foresight:
+    """Count how many openings and closings of ``actual`` at ``threshold_g_per_kwh`` the
+    forecasts issued ``lead_s`` before them foresaw (see :class:`Foresight`).
+
+    Example: ``foresight(signal, recorded, threshold_g_per_kwh=100, lead_s=3600)``.
+    """
+    times, values = actual.times_s, actual.ci_g_per_kwh
+    step_s = float(actual.resolution_s)
+    below = values < threshold_g_per_kwh
+    crossings = np.flatnonzero(below[1:] != below[:-1]) + 1
+    counts = {"new": [0, 0], "reopen": [0, 0], "close": [0, 0]}
+    for index in crossings:
+        crossing_s = float(times[index])
+        issued = int(np.searchsorted(forecast.request_s, crossing_s - lead_s + 1e-6, side="right")) - 1
+        if issued < 0 or forecast.request_s[issued] < crossing_s - lead_s - step_s + 1e-6:
+            continue  # no forecast issued lead_s before this crossing
+        if crossing_s - lead_s < times[0]:
+            continue  # the site's side over the lead is unknown
+        rows = slice(forecast.offsets[issued], forecast.offsets[issued + 1])
+        targets, predicted = forecast.target_s[rows], forecast.ci_g_per_kwh[rows]
+        near = np.abs(targets - crossing_s) <= tolerance_s + 1e-6
+        if not near.any():
+            continue  # the forecast does not reach the crossing
+        since = int(np.searchsorted(times, crossing_s - lead_s - 1e-6, side="left"))
+        if below[index]:
+            kind = "reopen" if below[since:index].any() else "new"
+            seen = bool(np.any(predicted[near] < threshold_g_per_kwh))
+        elif below[since:index].all():
+            kind = "close"
+            seen = bool(np.any(predicted[near] >= threshold_g_per_kwh))
+        else:
+            continue  # a window shorter than the lead: not open at issue
+        counts[kind][0] += 1
+        counts[kind][1] += seen
+
+    request_of_row = np.repeat(forecast.request_s, np.diff(forecast.offsets))
+    at_lead = np.abs(forecast.target_s - request_of_row - lead_s) < 1e-6
+    at_lead &= (forecast.target_s < actual.end_s) & (request_of_row >= actual.start_s)
+    truth = np.asarray(actual.step.value_at(forecast.target_s[at_lead]), dtype=float)
+    at_issue = np.asarray(actual.step.value_at(request_of_row[at_lead]), dtype=float)
+    predicted = forecast.ci_g_per_kwh[at_lead]
+    calm = (truth >= threshold_g_per_kwh) & (at_issue >= threshold_g_per_kwh)
+    invented = predicted[calm] < threshold_g_per_kwh
+    held = (truth < threshold_g_per_kwh) & (at_issue < threshold_g_per_kwh)
+    missed = predicted[held] >= threshold_g_per_kwh
+    return Foresight(
+        threshold_g_per_kwh,
+        lead_s,
+        *counts["new"],
+        *counts["reopen"],
+        *counts["close"],
+        float(invented.mean()) if len(invented) else math.nan,
+        float(missed.mean()) if len(missed) else math.nan,
+    )
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def site_forecasts(
 
     ``recorded``: the experiment's forecasts (None for sites without); ``synthetic``: made from
     the signal by the calibrated error model with every error times ``error_scale`` (0: perfect
-    over the horizon; seeded per site); ``auto``: recorded where there
+    over the horizon; seeded by the run's seed and the site's name); ``auto``: recorded where there
     are some, else synthetic; ``none``: no forecasts. A live run's forecasts are its source's
     (recorded and auto); the error model needs the future it perturbs, which a live run lacks.
     """
@@ -75,7 +75,7 @@ def site_forecasts(
             "forecast = 'auto' for the source's forecasts, or serve a trace with synthetic ones"
         )
     forecasts: dict[str, IssuedForecasts | None] = {}
-    for index, site in enumerate(context.sites):
+    for site in context.sites:
         recorded = context.forecasts.get(site)
         if choice == "none" or (choice == "recorded" and recorded is None) or (live and recorded is None):
             forecasts[site] = None
@@ -86,7 +86,8 @@ def site_forecasts(
                 context.signals[site],
                 model=WATTTIME_CAISO_2023_06 if error_scale == 1.0 else WATTTIME_CAISO_2023_06.scaled(error_scale),
                 thresholds=context.calendar.thresholds(site),
-                seed=seed * 1000 + index,
+                seed=seed,
+                site=site,  # noise from the name, not the order (noise_seed)
                 horizon_s=horizon_s,
             )
     return forecasts

@@ -5,6 +5,11 @@ Every defect is reported at the edge with the file, the line and the remedy
 timestamps; NaN, negative or implausible values; gaps longer than allowed; regions that a
 site needs but no trace has; a run span the trace does not cover. Unit conversion happens
 here, once, by name (``lbs_per_mwh`` × 0.453592 → gCO2/kWh).
+
+Recorded forecasts come in two layouts, both read by :func:`load_forecast`: WattTime's long
+one (``request_time, forecast_time, <value>``: one row per forecast value) and a wide one
+(``request_time, ahead_5min, ahead_10min, …``: one row per issued forecast, one column per
+lead, as the SGIP MOER year in ``data/traces`` is stored).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ _UNIT_IN_NAME = re.compile(r"(?<![a-z])(lbs?|kg|g|t)\s*(?:co2e?)?\s*(?:/|_per_|\
 """A unit written into a column name: lbs/MWh, lbs_per_mwh, gCO2/kWh, kg/MWh, t per MWh …"""
 _GRAMS = {"lb": 453.592, "lbs": 453.592, "kg": 1000.0, "g": 1.0, "t": 1e6}
 _KWH = {"kwh": 1.0, "mwh": 1000.0}
+
+_LEAD_COLUMN = re.compile(r"ahead_(\d+)min")
+"""A wide forecast file's lead column: ``ahead_<minutes>min``."""
 
 EARLIEST_YEAR, LATEST_YEAR = 1900, 2200
 """Timestamps outside these years are typos (and beyond nanosecond datetimes near 2262)."""
@@ -344,17 +352,47 @@ class Forecast:
         rows = slice(self.offsets[index], self.offsets[index + 1])
         return self.target_s[rows], self.ci_g_per_kwh[rows]
 
+    def slice(self, start_s: float, end_s: float) -> Forecast:
+        """The forecasts issued in ``[start_s, end_s)``, each whole (targets may lie after
+        ``end_s``: what a forecast issued before the end said about later instants)."""
+        first, last = np.searchsorted(self.request_s, [start_s, end_s], side="left")
+        rows = slice(self.offsets[first], self.offsets[last])
+        return Forecast(
+            self.region,
+            self.request_s[first:last],
+            self.offsets[first : last + 1] - self.offsets[first],
+            self.target_s[rows],
+            self.ci_g_per_kwh[rows],
+            self.source,
+        )
+
 
 def load_forecast(source: ForecastSource) -> Forecast:
-    """Load a WattTime forecast CSV (``request_time, forecast_time, value``; may be gzipped)."""
+    """Load a forecast CSV (may be gzipped) in gCO2/kWh (``source.unit`` converted here).
+
+    Long layout (WattTime's): ``request_time, forecast_time, <value>``, sorted by request, then
+    target. Wide layout: ``request_time, ahead_5min, ahead_10min, …`` — one row per issued
+    forecast, sorted by ``request_time``; the value in column ``ahead_<m>min`` is the forecast
+    for ``request_time + m`` minutes (the SGIP year: ``f1 … f36`` of the source, renamed).
+
+    Example::
+
+        load_forecast(ForecastSource(path="data/traces/sgip_moer_2020_caiso-pge_forecast.csv.gz",
+                                     region="SGIP_CAISO_PGE"))
+    """
     path = Path(source.path)
     frame = _read_csv(path)
+    if frame.columns[0] == "request_time" and any(_LEAD_COLUMN.fullmatch(c) for c in frame.columns[1:]):
+        return _wide_forecast(path, frame, source)
     expected = {"request_time", "forecast_time"}
     if not expected <= set(frame.columns) or len(frame.columns) != 3:
         raise TraceError(
             path,
-            f"columns {list(frame.columns)} are not request_time, forecast_time, <value>",
-            "export WattTime forecasts with exactly these three columns",
+            f"columns {list(frame.columns)} are not request_time, forecast_time, <value> "
+            "(nor request_time, ahead_<minutes>min, …)",
+            "export WattTime forecasts with exactly these three columns, or one row per issued "
+            "forecast with a column per lead (request_time, ahead_5min, ahead_10min, …)",
+            1,
         )
     value_column = next(c for c in frame.columns if c not in expected)
     _check_header(path, [value_column], source.unit)
@@ -379,3 +417,37 @@ def load_forecast(source: ForecastSource) -> Forecast:
     unique_requests, starts = np.unique(request_s, return_index=True)
     offsets = np.append(starts, len(request_s))
     return Forecast(source.region, unique_requests, offsets, target_s, values, str(path))
+
+
+def _wide_forecast(path: Path, frame: pd.DataFrame, source: ForecastSource) -> Forecast:
+    """One row per issued forecast, one ``ahead_<minutes>min`` column per lead."""
+    lead_columns = list(frame.columns[1:])
+    leads_s = []
+    for column in lead_columns:
+        named = _LEAD_COLUMN.fullmatch(column)
+        if named is None or int(named.group(1)) <= 0:
+            raise TraceError(
+                path,
+                f"column {column!r} is not a lead; a wide forecast has request_time, then ahead_<minutes>min columns",
+                "name every lead column ahead_<minutes>min with minutes > 0 (ahead_5min, ahead_10min, …)",
+                1,
+            )
+        leads_s.append(60.0 * int(named.group(1)))
+    leads = np.array(leads_s)
+    if np.any(np.diff(leads) <= 0):
+        bad = lead_columns[int(np.flatnonzero(np.diff(leads) <= 0)[0]) + 1]
+        raise TraceError(path, f"lead column {bad!r} is not after the one before it", "order the lead columns by lead", 1)
+    request_s = parse_times_utc(path, "request_time", frame["request_time"], source.naive_timezone)
+    _check_order(path, request_s, None)
+    values = np.column_stack(
+        [_parse_values(path, column, frame[column], source.unit) for column in lead_columns]
+    )
+    num_requests, num_leads = values.shape
+    return Forecast(
+        source.region,
+        request_s,
+        np.arange(num_requests + 1) * num_leads,
+        (request_s[:, None] + leads[None, :]).ravel(),
+        values.ravel(),
+        str(path),
+    )

@@ -381,8 +381,8 @@ class TraceServer:
             raise TraceServerError("serve recorded forecasts (forecast_path) or synthetic ones, not both")
         if synthetic_forecast_seed is not None:
             forecasts = {
-                region: synthesize_forecast(signals[region], seed=synthetic_forecast_seed * 1000 + index)
-                for index, region in enumerate(sorted(signals))
+                region: synthesize_forecast(signals[region], seed=synthetic_forecast_seed, site=region)
+                for region in sorted(signals)
             }
         if forecast_path is not None:
             if forecast_region is None:
