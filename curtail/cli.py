@@ -8,6 +8,7 @@
     curtail serve-trace TRACE [--speedup N] [--port P] [--forecast F] [--naive-timezone Z] [...]
     curtail shadow CONFIG [--run NAME] [--interval-s S] [--reports N]
     curtail replay RUN_DIR [--json]
+    curtail evaluate-policies [--datasets NAME ...] [--seeds N] [--periods N] [--json]
 
 Errors a user can cause (a config, a trace, a path, a resume that is refused, a cluster
 without the resources asked for) print one ``curtail: error: ...`` line and exit 2; an
@@ -293,6 +294,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if summary["decisions_match_run"] else 1
 
 
+def cmd_evaluate_policies(args: argparse.Namespace) -> int:
+    from curtail.policy_eval import evaluate, table
+
+    datasets = {"datasets": args.datasets} if args.datasets else {}
+    results = evaluate(**datasets, seeds=args.seeds, budget_fraction=args.budget_fraction, periods=args.periods)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str), file=args.stdout)
+        return 0
+    for name, result in results.items():
+        print(f"{name}: budget price tuned on {len(result['tune_periods'])} other period(s): "
+              f"{result['tuned_budget_price_g_per_kwh']}")
+    print(table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -341,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output-dir", help="results folder (default: <output_dir>/<experiment>/sweep)")
     sweep.add_argument("--json", action="store_true", help="print the chosen trial and generalisation as JSON")
     sweep.set_defaults(handler=cmd_sweep)
+    evaluation = commands.add_parser(
+        "evaluate-policies", help="tune on some periods, evaluate every policy on others (curtail.policy_eval)")
+    evaluation.add_argument("--datasets", nargs="+", help="paper, caiso, sgip, average (default: all)")
+    evaluation.add_argument("--seeds", type=int, default=5, help="forecast seeds where forecasts are synthetic")
+    evaluation.add_argument("--periods", type=int, help="evaluate only the first N periods of each dataset")
+    evaluation.add_argument("--budget-fraction", type=float, default=0.5,
+                            help="each period's budget: this share of what its windows hold")
+    evaluation.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluation.set_defaults(handler=cmd_evaluate_policies)
 
     from curtail.sources.trace_server import add_arguments as add_serve_trace_arguments
 
