@@ -342,6 +342,28 @@ class BudgetPolicyConfig(ForecastParams):
     hold_s: float = Field(default=0.0, ge=0, description="keep nodes this long after the price is crossed")
 
 
+class MpcPolicyConfig(ForecastParams):
+    """Model-predictive control: at every decision re-plan the windows-only cheapest pieces for
+    the tokens left over the forecast horizon and, beyond it, the run's own past days as
+    scenarios; train where carbon per token is at or below that plan's marginal price
+    (curtail.planning.mpc_policy). The budget policy's guards keep the deadline."""
+
+    kind: Literal["mpc"] = "mpc"
+    climatology_days: int = Field(
+        default=7, ge=1, description="past days whose samples at the same time of day are scenarios of later days"
+    )
+    climatology_sigmas: float = Field(
+        default=1.0, ge=0,
+        description="count on the climatology's mean supply less this many standard deviations (days independent)",
+    )
+    pace_fraction: float = Field(
+        default=0.0, ge=0, le=1, description="relax the price to the threshold when behind this share of a linear schedule"
+    )
+    deadline_guard: bool = Field(default=True, description="run every site when the budget can only just be met")
+    guard_margin: float = Field(default=0.1, ge=0, lt=1)
+    hold_s: float = Field(default=0.0, ge=0, description="keep nodes this long after the price is crossed")
+
+
 class OraclePolicyConfig(StrictModel):
     """Perfect foresight (reads the true future): the minimum-emission bound, shown beside
     every comparison; never a policy to deploy."""
@@ -354,6 +376,7 @@ PolicyConfig = Annotated[
     | AlwaysOnPolicyConfig
     | ForecastPolicyConfig
     | BudgetPolicyConfig
+    | MpcPolicyConfig
     | OraclePolicyConfig,
     Field(discriminator="kind"),
 ]

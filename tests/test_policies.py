@@ -79,7 +79,7 @@ def provisions(trajectory, site: str = "a") -> list[float]:
 
 
 def test_every_policy_kind_is_known_and_built_from_its_config():
-    assert set(registered_policies()) == set(POLICY_KINDS) == {"threshold", "always_on", "forecast", "budget", "oracle"}
+    assert set(registered_policies()) == set(POLICY_KINDS) == {"threshold", "always_on", "forecast", "budget", "mpc", "oracle"}
     context = make_context({"a": pattern("LLHH")})
     for config in (ForecastPolicyConfig(bridge_s=60), BudgetPolicyConfig(max_ci_g_per_kwh=20)):
         policy = make_policy(config, context)

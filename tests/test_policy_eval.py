@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from curtail.cli import main
-from curtail.policy_eval import DATASETS, evaluate, evaluate_period, period_budget, tune_budget_price
+from curtail.policy_eval import (
+    DATASETS,
+    evaluate,
+    evaluate_period,
+    period_budget,
+    tune_budget_price,
+)
 
 
 def _span(period):

@@ -11,11 +11,12 @@ then the worker group; ``TRAIN → OFF`` drains the site at the next step bounda
 Built-ins: ``threshold`` (the prior system: train whenever the calendar window is open) and
 ``always_on`` (centralized and always-on federated baselines) live here; ``forecast``
 (:mod:`curtail.planning.forecast_policy`: pre-provisions from honest forecasts), ``budget``
-(:mod:`curtail.planning.budget`: cleanest windows for a token budget and deadline) and the
-perfect-foresight ``oracle`` (:mod:`curtail.planning.oracle`: a bound, not a runnable policy)
-live beside it and register on first use. A policy is built from its validated config
-(:func:`make_policy`; the config models, their defaults and the list of kinds live in
-:mod:`curtail.config`). New policies subclass :class:`Policy` and register with
+(:mod:`curtail.planning.budget`: cleanest windows for a token budget and deadline), ``mpc``
+(:mod:`curtail.planning.mpc_policy`: re-plans the budget over forecasts and the past's days at
+every decision) and the perfect-foresight ``oracle`` (:mod:`curtail.planning.oracle`: a bound,
+not a runnable policy) live beside it and register on first use. A policy is built from its
+validated config (:func:`make_policy`; the config models, their defaults and the list of kinds
+live in :mod:`curtail.config`). New policies subclass :class:`Policy` and register with
 :func:`register_policy`.
 """
 
@@ -164,6 +165,7 @@ for _builtin in (ThresholdPolicy, AlwaysOnPolicy):
 _BUILTIN_MODULES = (
     "curtail.planning.forecast_policy",
     "curtail.planning.budget",
+    "curtail.planning.mpc_policy",
     "curtail.planning.oracle",
 )
 """Modules whose policies register themselves when imported (they import this module)."""
