@@ -295,10 +295,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_policies(args: argparse.Namespace) -> int:
-    from curtail.policy_eval import evaluate, table
+    from curtail.policy_eval import DATASETS, evaluate, table
 
-    datasets = {"datasets": args.datasets} if args.datasets else {}
-    results = evaluate(**datasets, seeds=args.seeds, budget_fraction=args.budget_fraction, periods=args.periods)
+    results = evaluate(args.datasets or DATASETS, seeds=args.seeds, budget_fraction=args.budget_fraction,
+                       periods=args.periods)
     if args.json:
         print(json.dumps(results, indent=2, default=str), file=args.stdout)
         return 0

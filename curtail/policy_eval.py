@@ -22,6 +22,7 @@ per billion tokens, share of energy inside windows, goodput and whether the budg
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -115,8 +116,14 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
-def _summaries(experiment: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    traces, forecasts = load_experiment_traces(experiment)
+@functools.cache
+def _traces(dataset: str) -> tuple[Any, Any]:
+    """A dataset's traces and forecasts, read once (every period and policy set shares them)."""
+    return load_experiment_traces(DATASETS[dataset].experiment({"probe": {"kind": "threshold"}}, (None, None), 1.0))
+
+
+def _summaries(dataset: Dataset, experiment: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    traces, forecasts = _traces(dataset.name)
     result = {}
     for run in experiment.runs:
         plan = plan_run(experiment, run, traces, forecasts)
@@ -129,7 +136,7 @@ def period_budget(dataset: Dataset, period: Period, budget_fraction: float) -> f
     if dataset.token_budget is not None:
         return dataset.token_budget
     experiment = dataset.experiment({"probe": {"kind": "threshold"}}, period, 1.0)
-    traces, forecasts = load_experiment_traces(experiment)
+    traces, forecasts = _traces(dataset.name)
     plan = plan_run(experiment, experiment.runs[0], traces, forecasts)
     return budget_fraction * windows_only_bound(plan.context, 1.0).capacity_tokens
 
@@ -178,7 +185,7 @@ def _aggregate(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 def evaluate_period(dataset: Dataset, period: Period, *, seeds: int, budget_fraction: float,
                     budget_price: float | None = None) -> dict[str, Any]:
     budget = period_budget(dataset, period, budget_fraction)
-    summaries = _summaries(dataset.experiment(_policies(dataset, seeds, budget_price), period, budget))
+    summaries = _summaries(dataset, dataset.experiment(_policies(dataset, seeds, budget_price), period, budget))
     return {"period": period, "token_budget": budget, "policies": _aggregate(summaries)}
 
 
@@ -194,7 +201,7 @@ def tune_budget_price(dataset: Dataset, *, seeds: int, budget_fraction: float,
             budget = period_budget(dataset, period, budget_fraction)
             runs = {f"budget.{s}": {"kind": "budget", "max_ci_g_per_kwh": price, "forecast_seed": s}
                     for s in range(1 if dataset.recorded_forecasts else seeds)}
-            summaries = _summaries(dataset.experiment(runs, period, budget))
+            summaries = _summaries(dataset, dataset.experiment(runs, period, budget))
             if not all(s["completed"] for s in summaries.values()):
                 kgs = None
                 break

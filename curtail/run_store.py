@@ -23,6 +23,7 @@ what a site worker uses on a location string (a path or a URI).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import re
@@ -145,9 +146,14 @@ class RunStore:
 
     # ------------------------------------------------------------------ the remote copy
 
-    def _remote(self, relative: str = "") -> tuple[pafs.FileSystem, str]:
+    @functools.cached_property
+    def _opened(self) -> tuple[pafs.FileSystem, str]:
+        """The remote filesystem and root, opened once (an object store's open asks the server)."""
         assert self.remote is not None
-        filesystem, root = open_location(self.remote)
+        return open_location(self.remote)
+
+    def _remote(self, relative: str = "") -> tuple[pafs.FileSystem, str]:
+        filesystem, root = self._opened
         return filesystem, f"{root.rstrip('/')}/{relative}".rstrip("/")
 
     def exists(self) -> bool:
