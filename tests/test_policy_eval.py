@@ -44,6 +44,10 @@ def test_a_period_is_evaluated_against_the_threshold_policy_and_the_windows_only
         assert row["emissions_kg"] >= bound * (1 - 1e-9)
         assert row["over_bound"] == pytest.approx(row["emissions_kg"] / bound)
     assert rows["oracle"]["capture"] > 0.9  # measured: 0.98
+    assert rows["oracle"]["capture_of_oracle_run"] == pytest.approx(1.0)
+    threshold, oracle = rows["threshold"]["emissions_kg"], rows["oracle"]["emissions_kg"]
+    for row in rows.values():
+        assert row["capture_of_oracle_run"] == pytest.approx((threshold - row["emissions_kg"]) / (threshold - oracle))
 
 
 def test_the_tuned_price_is_chosen_on_the_tune_periods_only():
