@@ -201,7 +201,16 @@ class TrainingConfig(StrictModel):
     outer_optimizer: Literal["nesterov", "average"] = "nesterov"
     outer_lr: float = Field(default=0.7, gt=0)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
-    transfer_dtype: Literal["bf16", "fp32"] = "bf16"
+    transfer_dtype: Literal["bf16", "fp32", "int8", "int4"] = Field(
+        default="bf16", description="pseudo-gradient codec on the wire (int8/int4: blockwise quantised, zstd-coded)"
+    )
+    transfer_topk_fraction: float | None = Field(
+        default=None, gt=0, le=1, description="send only this share of each tensor's largest-magnitude values"
+    )
+    transfer_block_size: int = Field(default=128, ge=2, multiple_of=2, description="values per int8/int4 scale")
+    error_feedback: bool = Field(
+        default=True, description="carry what a lossy transfer did not send into the site's next round"
+    )
     workers_per_site: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=0.5, ge=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)

@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from curtail.training.averaging import compress, decompress, make_outer_optimizer, pseudo_gradient
+from curtail.training.averaging import make_outer_optimizer, pseudo_gradient
+from curtail.training.compression import compress, decompress
 from curtail.training.loop import SiteTrainer
 from curtail.training.model import count_parameters, get_spec
 from curtail.training.power import PowerSampler

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curtail.training.averaging import compress
+from curtail.training.compression import compress
 
 
 @pytest.fixture

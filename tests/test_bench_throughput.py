@@ -81,7 +81,8 @@ def test_padded_mlp_is_the_same_model() -> None:
 
 
 def test_device_pseudo_gradient_equals_the_host_path() -> None:
-    from curtail.training.averaging import compress, pseudo_gradient
+    from curtail.training.averaging import pseudo_gradient
+    from curtail.training.compression import compress
 
     trainer = SiteTrainer("tiny", seed=0, device="cpu")
     start = trainer.export_params()

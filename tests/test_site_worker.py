@@ -37,7 +37,8 @@ from curtail.runtime.protocol import (
     Trained,
 )
 from curtail.runtime.sites import MailboxChannel, SiteWorker, site_trainer
-from curtail.training.averaging import compress, decompress, pseudo_gradient
+from curtail.training.averaging import pseudo_gradient
+from curtail.training.compression import WireFormat, compress, decompress
 from curtail.training.data import TokenCorpus
 from curtail.training.model import tiny
 from curtail.training.schedule import LRSchedule
@@ -61,7 +62,7 @@ def make_config(transfer_dtype: str = "bf16") -> SiteLoopConfig:
     return SiteLoopConfig(
         site="a", model=ModelSetup(spec=tiny(), vocab_size=256, seed=7, seq_len=SEQ_LEN),
         mailbox=None, averager=None, train_tokens=None, batch_size=BATCH_SIZE,
-        schedule=SCHEDULE, transfer_dtype=transfer_dtype, use_gpu=False,
+        schedule=SCHEDULE, wire=WireFormat(transfer_dtype), use_gpu=False,
     )
 
 

@@ -9,12 +9,11 @@ import torch
 from curtail.training.averaging import (
     AveragingOuterOptimizer,
     NesterovOuterOptimizer,
-    compress,
-    decompress,
     make_outer_optimizer,
     pseudo_gradient,
     weighted_mean,
 )
+from curtail.training.compression import compress, decompress
 
 torch.set_num_threads(1)  # tiny models gain nothing from more; robust when the CPU is shared
 

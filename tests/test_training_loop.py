@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from curtail.training.averaging import compress, decompress, make_outer_optimizer, pseudo_gradient
+from curtail.training.averaging import make_outer_optimizer, pseudo_gradient
+from curtail.training.compression import compress, decompress
 from curtail.training.data import TokenCorpus, load_corpus
 from curtail.training.ledger import DataLedger
 from curtail.training.loop import SiteTrainer

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from curtail.training.averaging import CompressedState, decompress, make_outer_optimizer
+from curtail.training.averaging import make_outer_optimizer
+from curtail.training.compression import CompressedState, decompress
 
 
 @ray.remote(num_cpus=0)

@@ -42,6 +42,7 @@ from curtail.runtime.sites import SiteFailure, SiteGroup
 from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w
 from curtail.runtime.work_account import WorkAccount
 from curtail.sources.live_feed import LiveSignal
+from curtail.training.compression import WireFormat
 from curtail.training.data import load_corpus
 from curtail.training.ledger import DataLedger
 from curtail.training.model import build_model, get_spec
@@ -234,7 +235,8 @@ class Coordinator:
             loop_config = SiteLoopConfig(
                 site=site, model=setup.model, mailbox=setup.mailbox, averager=setup.averager,
                 train_tokens=setup.train_tokens, batch_size=training.batch_size, schedule=schedule,
-                transfer_dtype=training.transfer_dtype, use_gpu=use_gpu, compile_model=training.compile_model,
+                wire=WireFormat(training.transfer_dtype, training.transfer_topk_fraction,  # type: ignore[arg-type]
+                                training.transfer_block_size, training.error_feedback), use_gpu=use_gpu, compile_model=training.compile_model,
                 micro_batch_size=training.micro_batch_size,
             )
             groups[site] = SiteGroup(

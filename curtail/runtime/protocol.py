@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # annotations only: the coordinator side (cluster.py) imports no torch
+    from curtail.training.compression import WireFormat
     from curtail.training.model import ModelSpec
     from curtail.training.schedule import LRSchedule
 
@@ -46,7 +47,7 @@ class SiteLoopConfig:
     train_tokens: Any  # ObjectRef of the training token array (shared, zero-copy)
     batch_size: int  # sequences per rank per step
     schedule: LRSchedule
-    transfer_dtype: str  # pseudo-gradient dtype on the wire ("bf16" or "fp32")
+    wire: WireFormat  # how the pseudo-gradient travels (codec, top-k, error feedback)
     use_gpu: bool
     compile_model: bool = False
     micro_batch_size: int | None = None

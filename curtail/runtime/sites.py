@@ -296,7 +296,7 @@ class SiteWorker:
             if self.reference is None:
                 raise RuntimeError("submit before load: the site has no global reference weights")
             # On the device against the kept start of the round; only the packed result crosses to the host.
-            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.transfer_dtype)  # type: ignore[arg-type]
+            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire)
             num_bytes = packed.num_bytes
             self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
         return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)

@@ -22,9 +22,8 @@ buffers are updated in place): one multi-threaded pass per operation, which for 
 561M-parameter ``d20`` takes the outer step from seconds to a fraction of one (docs/GPU.md).
 Results are the numpy arrays either way.
 
-For transfer, :func:`compress` turns a state dict into bf16 (round to nearest even, via
-torch, as numpy has no bfloat16) stored as numpy ``uint16`` bit patterns — half the bytes of
-fp32, relative error at most 2⁻⁸ — and :func:`decompress` restores float32.
+How pseudo-gradients travel (bf16 by default; int8, int4, top-k, error feedback) is
+:mod:`curtail.training.compression`.
 
 Example::
 
@@ -38,7 +37,6 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -219,51 +217,6 @@ def make_outer_optimizer(name: OuterOptimizerName = "nesterov", **kwargs: float)
             raise ValueError(f"the 'average' outer optimizer takes no options, got {sorted(kwargs)}")
         return AveragingOuterOptimizer()
     raise ValueError(f"unknown outer optimizer {name!r}; choose 'nesterov' or 'average'")
-
-
-# -------------------------------------------------------------------------------------------
-# Compression for transfer
-
-CompressionDtype = Literal["bf16", "fp32"]
-
-
-@dataclass(frozen=True)
-class CompressedState:
-    """A state dict packed for transfer. ``dtype="bf16"``: arrays are ``uint16`` bf16 bit
-    patterns; ``dtype="fp32"``: arrays are float32 as they were."""
-
-    dtype: CompressionDtype
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(array.nbytes for array in self.arrays.values())
-
-
-def compress(state: Mapping[str, np.ndarray], dtype: CompressionDtype = "bf16") -> CompressedState:
-    """Pack a float32 state dict for transfer (bf16: round to nearest even, half the bytes)."""
-    if dtype == "fp32":
-        return CompressedState("fp32", {n: np.asarray(a, dtype=np.float32) for n, a in state.items()})
-    if dtype != "bf16":
-        raise ValueError(f"unknown compression dtype {dtype!r}; choose 'bf16' or 'fp32'")
-    arrays = {}
-    for name, array in state.items():
-        tensor = _tensor(np.ascontiguousarray(array, dtype=np.float32))
-        arrays[name] = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return CompressedState("bf16", arrays)
-
-
-def decompress(packed: CompressedState) -> StateDict:
-    """The float32 state dict of :func:`compress` (new arrays)."""
-    if packed.dtype == "fp32":
-        return {name: np.array(array, dtype=np.float32) for name, array in packed.arrays.items()}
-    if packed.dtype != "bf16":
-        raise ValueError(f"unknown compression dtype {packed.dtype!r}")
-    # bf16 -> float32 is exact (the top half of a float32); torch widens in one threaded pass.
-    return {
-        name: _tensor(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float().numpy()
-        for name, array in packed.arrays.items()
-    }
 
 
 def _tensor(array: Any) -> torch.Tensor:

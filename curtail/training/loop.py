@@ -57,7 +57,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from curtail.training.averaging import CompressedState, CompressionDtype, pseudo_gradient
+from curtail.training.averaging import pseudo_gradient
+from curtail.training.compression import CompressedState, ErrorFeedback, WireFormat
 from curtail.training.data import TokenCorpus
 from curtail.training.model import ModelSpec, build_model, get_spec, use_causal_sdpa
 
@@ -136,6 +137,7 @@ class SiteTrainer:
         self.fused_cross_entropy = fused_cross_entropy
         self.loss_chunk_tokens = loss_chunk_tokens
         self.keep_reference = self.device.type == "cuda" if keep_reference is None else keep_reference
+        self.error_feedback = ErrorFeedback()  # the residual of lossy transfers (compression.py)
         # Compiled wrappers share the model's parameters; save and export use the model. With
         # the fused loss the model body is compiled and the chunked head + loss (its own small
         # compiled kernels) runs between the body's forward and backward graphs.
@@ -226,21 +228,21 @@ class SiteTrainer:
             return _to_host_flat({name: param.detach() for name, param in self._params.items()}, torch.float32)
 
     def compressed_pseudo_gradient(
-        self, reference: Mapping[str, np.ndarray], dtype: CompressionDtype = "bf16"
+        self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16"
     ) -> CompressedState:
-        """``reference − current weights``, packed for transfer (as ``compress(pseudo_gradient(
-        reference, export_params()), dtype)``, but computed on the device).
+        """``reference − current weights``, packed for transfer in the ``wire`` format (a
+        :class:`~curtail.training.compression.WireFormat` or a codec name), computed on the
+        device; with error feedback the residual of earlier rounds is added first and this
+        round's is kept (:attr:`error_feedback`, saved with :meth:`optimizer_state_dict`).
 
         When ``reference`` is the mapping last passed to :meth:`load_global` (and
         ``keep_reference``), the device copy kept then is used and only the packed result
         crosses to the host; otherwise the reference is uploaded tensor by tensor.
         """
-        if dtype not in ("bf16", "fp32"):
-            raise ValueError(f"unknown compression dtype {dtype!r}; choose 'bf16' or 'fp32'")
+        wire = wire if isinstance(wire, WireFormat) else WireFormat(codec=wire)  # type: ignore[arg-type]
         if set(reference) != set(self._params):
             pseudo_gradient(reference, {name: np.empty(0) for name in self._params})  # raises
         cached = self._reference if reference is self._reference_source else None
-        wire = torch.bfloat16 if dtype == "bf16" else torch.float32
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays
             deltas = {}
@@ -250,10 +252,13 @@ class SiteTrainer:
                 else:
                     start = torch.as_tensor(np.asarray(reference[name], dtype=np.float32)).to(self.device)
                 deltas[name] = torch.sub(start, param.detach())
-            arrays = _to_host_flat(deltas, wire)
-        if dtype == "bf16":
-            arrays = {name: array.view(np.uint16) for name, array in arrays.items()}
-        return CompressedState(dtype, arrays)
+            if not wire.entropy_coded:  # the dense casts: a few large device-to-host copies
+                wire_dtype = torch.bfloat16 if wire.codec == "bf16" else torch.float32
+                arrays = _to_host_flat(deltas, wire_dtype)
+                if wire.codec == "bf16":
+                    arrays = {name: array.view(np.uint16) for name, array in arrays.items()}
+                return CompressedState(wire.codec, arrays)
+            return self.error_feedback.pack(deltas, wire)
 
     # ---------------------------------------------------------------------------------------
     # Steps
@@ -367,6 +372,7 @@ class SiteTrainer:
             "optimizer": _to_cpu_copy(self.optimizer.state_dict()),
             "num_steps": self.num_steps,
             "tokens_trained": self.tokens_trained,
+            "error_feedback": self.error_feedback.state_dict(),
         }
 
     def load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -379,6 +385,7 @@ class SiteTrainer:
         self.optimizer.load_state_dict(_to_cpu_copy(state["optimizer"]))
         self.num_steps = int(state.get("num_steps", 0))
         self.tokens_trained = int(state.get("tokens_trained", 0))
+        self.error_feedback.load_state_dict(state.get("error_feedback", {}), self.device)
 
     # ---------------------------------------------------------------------------------------
 

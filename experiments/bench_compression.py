@@ -1,0 +1,128 @@
+"""Benchmark: bytes on the wire and held-out loss of compressed pseudo-gradients (DiLoCo).
+
+    .venv/bin/python experiments/bench_compression.py                      # small preset, 3 seeds (~15 min, 2 cores)
+    .venv/bin/python experiments/bench_compression.py --preset tiny --seeds 1 --rounds 4   # a quick look
+
+Two sites train the same model DiLoCo-style in one process with curtail's own parts — the site
+trainer (inner AdamW), its on-device packing with error feedback
+(:meth:`~curtail.training.loop.SiteTrainer.compressed_pseudo_gradient`), the averaging actor's
+decoding and the Nesterov outer step — on disjoint halves of real text (Tiny Shakespeare), for
+``--rounds`` rounds of ``--inner-steps`` steps each. Every wire format sees the same data in the
+same order from the same initial weights; only the transfer differs. Reported per format (mean
+over ``--seeds``): pseudo-gradient bytes per site per round as a share of bf16, and the held-out
+loss of the global model after the last round, relative to bf16 (the runtime's default).
+The table is in ``docs/BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from curtail.training.averaging import make_outer_optimizer
+from curtail.training.compression import WireFormat, decompress
+from curtail.training.data import load_corpus
+from curtail.training.loop import SiteTrainer
+from curtail.training.schedule import LRSchedule
+from curtail.training.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "data" / "text" / "tinyshakespeare.txt"
+FORMATS = {
+    "bf16": WireFormat("bf16"),
+    "fp32": WireFormat("fp32"),
+    "int8": WireFormat("int8"),
+    "int4": WireFormat("int4"),
+    "int4, no error feedback": WireFormat("int4", error_feedback=False),
+    "int4 + top-3 %": WireFormat("int4", topk_fraction=0.03),
+    "int8 + top-1 %": WireFormat("int8", topk_fraction=0.01),
+}
+SITES = ("a", "b")
+
+
+def run(preset: str, wire: WireFormat, seed: int, rounds: int, inner_steps: int, batch_size: int, seq_len: int,
+        corpora, vocab_size: int) -> dict[str, float]:
+    """One two-site DiLoCo run; held-out loss and mean bytes per site per round."""
+    train, heldout = corpora
+    torch.manual_seed(seed)
+    step_tokens = batch_size * seq_len
+    total_tokens = len(SITES) * rounds * inner_steps * step_tokens
+    schedule = LRSchedule(peak_lr=3e-3, total_tokens=total_tokens, warmup_tokens=total_tokens // 20)
+    sites = {site: SiteTrainer(preset, vocab_size=vocab_size, seed=seed, device="cpu") for site in SITES}
+    global_params = sites["a"].export_params()
+    outer = make_outer_optimizer("nesterov")
+    half = train.num_trainable_tokens // len(SITES)
+    sent, trained = [], 0
+    for round_index in range(rounds):
+        grads, tokens = {}, {}
+        for index, (site, trainer) in enumerate(sites.items()):
+            trainer.load_global(global_params)
+            start = index * half + (round_index * inner_steps * step_tokens + seed * 7919 * seq_len) % (
+                half - inner_steps * step_tokens)
+            batches = train.iter_batches(start, start + inner_steps * step_tokens, batch_size, seq_len)
+            for step, (_, input_ids, labels) in enumerate(batches):
+                progress = trained + len(SITES) * (step + 1) * step_tokens
+                trainer.train_step(input_ids, labels, lr=schedule.lr_at(progress))
+            packed = trainer.compressed_pseudo_gradient(global_params, wire)
+            sent.append(packed.num_bytes)
+            grads[site], tokens[site] = decompress(packed), inner_steps * step_tokens
+        trained += len(SITES) * inner_steps * step_tokens
+        outer.step(global_params, grads, tokens)
+    evaluator = SiteTrainer(preset, vocab_size=vocab_size, seed=seed, device="cpu")
+    evaluator.load_global(global_params)
+    loss = evaluator.evaluate(heldout, num_batches=16, batch_size=batch_size)
+    return {"heldout_loss": loss, "bytes_per_site_round": statistics.fmean(sent)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small", choices=["tiny", "small"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--inner-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), help=f"of {list(FORMATS)}")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    seq_len = {"tiny": 64, "small": 128}[args.preset]
+    vocab_size = {"tiny": 512, "small": 2048}[args.preset]
+    cache = Path(tempfile.mkdtemp(prefix="bench-compression-"))
+    tokenizer = train_tokenizer(CORPUS, vocab_size=vocab_size, cache_dir=cache)
+    corpora = load_corpus(CORPUS, tokenizer, cache_dir=cache)
+    results: dict[str, list[dict[str, float]]] = {}
+    for name in args.formats:
+        for seed in range(args.seeds):
+            started = time.perf_counter()
+            outcome = run(args.preset, FORMATS[name], seed, args.rounds, args.inner_steps, args.batch_size, seq_len,
+                          corpora, len(tokenizer))
+            results.setdefault(name, []).append(outcome)
+            print(f"{name} seed {seed}: loss {outcome['heldout_loss']:.4f}, "
+                  f"{outcome['bytes_per_site_round']:,.0f} B/site/round ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
+    base = results.get("bf16")
+    print(f"\n{args.preset}, 2 sites, {args.rounds} rounds × {args.inner_steps} steps, {args.seeds} seeds\n")
+    print("| wire format | bytes / site / round | of bf16 | held-out loss (mean ± sd) | vs bf16 |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        losses = [r["heldout_loss"] for r in runs]
+        size = statistics.fmean(r["bytes_per_site_round"] for r in runs)
+        share = f"{size / statistics.fmean(r['bytes_per_site_round'] for r in base):.3f}" if base else "–"
+        delta = "–"
+        if base:
+            diffs = [r["heldout_loss"] / b["heldout_loss"] - 1 for r, b in zip(runs, base, strict=True)]
+            delta = f"{statistics.fmean(diffs):+.2%} (worst {max(diffs, key=abs):+.2%})"
+        spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
+        print(f"| {name} | {size:,.0f} | {share} | {statistics.fmean(losses):.4f}{spread} | {delta} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
