@@ -118,6 +118,12 @@ class SiteConfig(StrictModel):
     training_power_per_gpu_w: float | None = Field(default=None, gt=0)
     idle_power_per_gpu_w: float | None = Field(default=None, ge=0)
     tokens_per_s: float = Field(gt=0, description="site training throughput, all its GPUs")
+    link_mbit_per_s: float | None = Field(
+        default=None, gt=0, description="this site's link to the averager (default: execution.link_mbit_per_s)"
+    )
+    link_latency_ms: float | None = Field(
+        default=None, ge=0, description="one-way latency of this site's link (default: execution.link_latency_ms)"
+    )
 
     @model_validator(mode="after")
     def _one_power_spec(self) -> SiteConfig:
@@ -168,6 +174,17 @@ class ExecutionConfig(StrictModel):
     group_start_s: float = Field(default=30.0, ge=0, description="worker-group start after a node is ready")
     round_restart_s: float = Field(default=0.0, ge=0, description="lost at the start of every round")
     join: Literal["immediate", "next_round"] = "immediate"
+    sync_mb_sent: float = Field(
+        default=0.0, ge=0, description="megabytes each site sends per sync (its pseudo-gradient on the wire)"
+    )
+    sync_mb_received: float = Field(
+        default=0.0, ge=0, description="megabytes each site receives per sync (the global weights)"
+    )
+    link_mbit_per_s: float | None = Field(
+        default=None, gt=0, description="every site's link to the averager (a site's own overrides it); "
+        "None: transfers add nothing to sync_s"
+    )
+    link_latency_ms: float = Field(default=0.0, ge=0, description="one-way latency of that link")
 
     @model_validator(mode="after")
     def _restart_fits_round(self) -> ExecutionConfig:

@@ -114,7 +114,7 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     Returns:
         The PNG and PDF paths, in order: ``timeline_<run>`` for each run with at least
         one site, ``emissions``, ``windows_share``, then ``loss_<run>`` for each run with
-        logged losses.
+        logged losses and ``sync_<run>`` for each real run that synchronised.
 
     Raises:
         ValueError: ``run_dirs`` is empty, or a run directory lacks a column or key the
@@ -148,6 +148,11 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
         if losses is not None:
             figure = loss_figure(losses, title=run.name, sites=run.summary["sites"])
             written += _save(figure, out / f"loss_{_slug(run.name)}")
+    for run in runs:
+        traffic = sync_rounds(run.record)
+        if traffic is not None:
+            figure = sync_figure(traffic, title=run.name, sites=run.summary["sites"])
+            written += _save(figure, out / f"sync_{_slug(run.name)}")
     return written
 
 
@@ -521,6 +526,50 @@ def loss_figure(losses: pd.DataFrame, *, title: str, sites: Sequence[str] = ()) 
     ax.legend(frameon=False, fontsize=9)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    return fig
+
+
+def sync_rounds(record: RunRecord) -> pd.DataFrame | None:
+    """A real run's synchronisation per site and round from ``timings.csv``: ``site, round,
+    mb_sent, mb_received, blocked_s`` (submit and load commands; None for a simulated run or
+    one from before bytes were recorded)."""
+    timings = record.timings
+    if timings is None or "num_bytes" not in timings.columns:
+        return None
+    rows = timings[timings["kind"].isin(["submit", "load"]) & timings["site"].fillna("").astype(bool)]
+    if rows.empty:
+        return None
+    rows = rows.assign(
+        mb_sent=np.where(rows["kind"] == "submit", rows["num_bytes"], 0) / 1e6,
+        mb_received=np.where(rows["kind"] == "load", rows["num_bytes"], 0) / 1e6,
+        blocked_s=rows["wall_s"],
+    )
+    return rows.groupby(["site", "round"], as_index=False)[["mb_sent", "mb_received", "blocked_s"]].sum()
+
+
+def sync_figure(traffic: pd.DataFrame, *, title: str, sites: Sequence[str] = ()) -> Figure:
+    """Per round and site: megabytes sent (pseudo-gradients) and received (global weights), and
+    the seconds the site spent in them instead of training."""
+    known = list(sites) + sorted(set(traffic["site"]) - set(sites))
+    colours = {site: SITE_COLOURS[i % len(SITE_COLOURS)] for i, site in enumerate(known)}
+    fig = _figure(figsize=(9, 5.5))
+    volume, blocked = fig.subplots(2, 1, sharex=True)
+    for site, group in traffic.groupby("site", sort=False):
+        group = group.sort_values("round")
+        volume.plot(group["round"], group["mb_sent"], color=colours[site], marker="o", ms=3, lw=1.2,
+                    label=f"{site} · sent")
+        volume.plot(group["round"], group["mb_received"], color=colours[site], ls="--", lw=1.2,
+                    label=f"{site} · received")
+        blocked.plot(group["round"], group["blocked_s"], color=colours[site], marker="o", ms=3, lw=1.2, label=site)
+    volume.set_ylabel("MB per round")
+    blocked.set_ylabel("s not training")
+    blocked.set_xlabel("round")
+    fig.suptitle(f"{title}: synchronisation", x=0.02, ha="left", fontsize=12, fontweight="bold")
+    for ax in (volume, blocked):
+        ax.grid(color="#e0e0e0", lw=0.8)
+        ax.legend(frameon=False, fontsize=8)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
     return fig
 
 

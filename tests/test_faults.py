@@ -42,7 +42,9 @@ def killed_run(ray_cluster, tmp_path_factory):
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, clock=progress["clock"], tokens=progress["tokens"])
 
-    result = curtail.run(mid_round(tiny_experiment(tmp)), output_dir=tmp / "runs", on_progress=kill_b_once,
+    experiment = mid_round(tiny_experiment(tmp))  # with compression and error feedback on
+    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4", "transfer_topk_fraction": 0.05}
+    result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=kill_b_once,
                          progress_interval_s=0.3)
     assert killed, "the run never reached the point where the fault is injected"
     return result, killed
@@ -62,6 +64,23 @@ def test_the_run_survives_and_the_site_rejoins(killed_run):
     # after rejoining, b loaded the newest global weights with everyone else
     later = [d for d in result.summary["weight_digests"] if d["t_s"] > failed_at and "b" in d["sites"]]
     assert later and all(len(d["digests"]) == 1 for d in later)
+
+
+def test_compressed_pseudo_gradients_travel_and_are_counted(killed_run):
+    """int4 codes of the top 5 % with error feedback: every sending site's bytes per round are
+    under 1/16 of bf16 (2 bytes per parameter), and the run learned."""
+    result, _ = killed_run
+    summary = result.summary
+    assert summary["transfer"] == {"dtype": "int4", "topk_fraction": 0.05, "block_size": 128, "error_feedback": True}
+    sent = summary["sync_traffic"]
+    assert set(sent) == {"a", "b"}
+    for row in sent.values():
+        assert row["submits"] >= 1 and 0 < row["bytes_sent_per_submit"] <= 2 * summary["num_parameters"] / 16
+        assert row["bytes_received_per_load"] == 4 * summary["num_parameters"]  # fp32 global weights
+        assert row["blocked_s_per_round"] > 0
+    losses = result.record.losses
+    train = losses[losses.kind == "train"].loss.to_numpy()
+    assert train[-5:].mean() < train[:5].mean() - 0.3
 
 
 def test_no_token_is_lost_or_counted_twice(killed_run):

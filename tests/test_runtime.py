@@ -141,3 +141,25 @@ def test_each_site_reports_its_progress_to_ray_train(two_runs):
     assert measured["total"]["modelled_kwh"] > 0 and measured["total"]["measured_s"] > 0
     assert summary["energy_kwh_measured_provisioning"] == pytest.approx(
         summary["energy_kwh"] + measured["total"]["difference_kwh"])
+
+
+def test_sync_traffic_is_counted_per_site_and_round_and_drawn(two_runs, tmp_path):
+    """bf16 pseudo-gradients up (2 bytes per parameter), fp32 global weights down (4), and the
+    seconds spent on them: in the summary, in timings.csv and in the report's sync figure."""
+    from curtail.report import load_run, report, sync_rounds
+
+    result = two_runs[0]
+    summary, parameters = result.summary, result.summary["num_parameters"]
+    assert summary["transfer"]["dtype"] == "bf16"
+    for row in summary["sync_traffic"].values():
+        assert row["submits"] >= 1 and row["bytes_sent_per_submit"] == 2 * parameters
+        assert row["loads"] >= 1 and row["bytes_received_per_load"] == 4 * parameters
+        assert 0 < row["blocked_s_per_round"] < 60
+    traffic = sync_rounds(load_run(result.run_dir))
+    assert set(traffic["site"]) == set(summary["sync_traffic"])
+    for site, row in summary["sync_traffic"].items():
+        rows = traffic[traffic["site"] == site]
+        assert rows["mb_sent"].sum() * 1e6 == pytest.approx(row["bytes_sent"])
+        assert rows["mb_received"].sum() * 1e6 == pytest.approx(row["bytes_received"])
+    written = report([result.run_dir], tmp_path)
+    assert tmp_path / "sync_two-sites.png" in written

@@ -7,9 +7,10 @@ model of :class:`~curtail.config.ExecutionConfig`:
   (``group_start_s``), then the site is ready;
 * one ready site trains alone in an open-ended SINGLE round; a second ready site ends it
   with a hand-off sync and FEDERATED rounds of ``round_s`` begin;
-* every federated round ends with a sync (``sync_s`` paused per participating site); a
-  site ready mid-round joins at once (``join = "immediate"``, paying one ``sync_s`` to fetch
-  the global weights) or waits for the next round (``"next_round"``, the prior system);
+* every federated round ends with a sync (``sync_s`` paused per participating site, plus the
+  slowest member's transfers over its link, :mod:`curtail.planning.links`); a site ready
+  mid-round joins at once (``join = "immediate"``, paying one ``sync_s`` and its download to
+  fetch the global weights) or waits for the next round (``"next_round"``, the prior system);
 * ``round_restart_s`` is lost at the start of every round (the prior system's respawn);
 * a site told to stop drains at the next step boundary; its partial round still counts.
 
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from curtail.planning.links import Links
 from curtail.planning.policy import Intent, Observation, Policy, PolicyContext, SiteState
 from curtail.planning.trajectory import RunMode, Trajectory, TrajectoryRecorder
 
@@ -81,6 +83,7 @@ class Executor:
         self.context = context
         self.policy = policy
         self.execution = context.execution
+        self.links = Links(context.execution, context.sites)
         self.sites = {name: _Site(name, cfg.tokens_per_s) for name, cfg in context.sites.items()}
         self.recorder = TrajectoryRecorder(list(context.sites), context.start_s)
         self.round: _Round | None = None
@@ -267,7 +270,7 @@ class Executor:
         self.recorder.event(t_s, "", "sync", round=self.round.index, sites=sorted(members))
         self.on_sync(self.round.view(), sorted(members), t_s)
         self.round = None
-        self.sync_until_s = t_s + self.execution.sync_s
+        self.sync_until_s = t_s + self.links.sync_pause_s(members)
         self.sync_members = members
         for name in members:
             self.sites[name].member = True
@@ -350,7 +353,7 @@ class Executor:
                 self.round.members.add(name)
                 self.recorder.event(t_s, name, "join_round", round=self.round.index)
                 self.on_join(name, self.round.index, t_s)
-                self._set(site, SiteState.SYNCING, t_s, t_s + self.execution.sync_s)
+                self._set(site, SiteState.SYNCING, t_s, t_s + self.links.join_pause_s(name))
             self._update_mode(t_s)
 
     def _expire_timers(self, t_s: float) -> bool:

@@ -39,7 +39,7 @@ from curtail.runtime.protocol import EvalConfig, ModelSetup, SiteLoopConfig
 from curtail.runtime.ray_executor import ExecutorOptions, RayExecutor
 from curtail.runtime.run_checkpointer import RunCheckpointer
 from curtail.runtime.sites import SiteFailure, SiteGroup
-from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w
+from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w, sync_traffic
 from curtail.runtime.work_account import WorkAccount
 from curtail.sources.live_feed import LiveSignal
 from curtail.training.compression import WireFormat
@@ -314,4 +314,9 @@ class Coordinator:
             "site_capacity": executor.capacity.summary() if executor.capacity is not None else {},
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.telemetry.site_nodes.items()},
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
+            "sync_traffic": sync_traffic(executor.telemetry.timings),
+            "transfer": {"dtype": self.config.training.transfer_dtype,
+                         "topk_fraction": self.config.training.transfer_topk_fraction,
+                         "block_size": self.config.training.transfer_block_size,
+                         "error_feedback": self.config.training.error_feedback},
         }

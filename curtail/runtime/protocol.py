@@ -86,6 +86,7 @@ class Loaded(Reply):
     digest: str  # fingerprint of rank 0's weights
     node_ids: tuple[str, ...]  # Ray nodes the site's ranks run on
     pid: int  # rank 0's process (fault-injection tests kill it)
+    num_bytes: int = 0  # global weights received from the averager
 
 
 @dataclass(frozen=True)

@@ -279,15 +279,17 @@ class SiteWorker:
 
     def load(self, command: Load) -> Loaded:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
-        version = -1
+        version, num_bytes = -1, 0
         if self.rank == 0:
             version, state = self.averager.get_global()
+            num_bytes = sum(array.nbytes for array in state.values())
             self.trainer.load_global(state)
             self.reference = state  # read-only object-store arrays: no copy needed
         _broadcast_params(self.trainer, self.world)
         digest = self.trainer.weights_fingerprint() if self.rank == 0 else ""
         node_ids = tuple(sorted(set(_gather_object(self.node_id, self.world))))
-        return Loaded(wall_s=self._elapsed_s(), version=version, digest=digest, node_ids=node_ids, pid=os.getpid())
+        return Loaded(wall_s=self._elapsed_s(), version=version, digest=digest, node_ids=node_ids, pid=os.getpid(),
+                      num_bytes=num_bytes)
 
     def submit(self, command: Submit) -> Submitted:
         """Send the round's pseudo-gradient (reference − local weights) with its token weight."""
