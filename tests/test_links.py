@@ -14,7 +14,7 @@ from curtail.planning.links import Link, Links
 from curtail.planning.policy import SiteState
 
 # d20: a bf16 pseudo-gradient up, fp32 weights down, over 100 Mbit/s with 50 ms one way
-D20_LINK = dict(sync_mb_sent=1122.0, sync_mb_received=2244.0, link_mbit_per_s=100.0, link_latency_ms=50.0)
+D20_LINK = {"sync_mb_sent": 1122.0, "sync_mb_received": 2244.0, "link_mbit_per_s": 100.0, "link_latency_ms": 50.0}
 
 
 def site(**link) -> SiteConfig:
