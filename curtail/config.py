@@ -225,8 +225,16 @@ class TrainingConfig(StrictModel):
         default=None, gt=0, le=1, description="send only this share of each tensor's largest-magnitude values"
     )
     transfer_block_size: int = Field(default=128, ge=2, multiple_of=2, description="values per int8/int4 scale")
+    broadcast_dtype: Literal["fp32", "bf16", "int8", "int4"] = Field(
+        default="fp32",
+        description="the global weights' changes down to the sites (fp32: the exact weights; else the packed change)",
+    )
     error_feedback: bool = Field(
         default=True, description="carry what a lossy transfer did not send into the site's next round"
+    )
+    emulate_link: bool = Field(
+        default=False,
+        description="hold every transfer of a real run for its time on the site's link (bandwidth, latency): emulation",
     )
     workers_per_site: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=0.5, ge=0)

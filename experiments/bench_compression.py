@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from curtail.runtime.averager import advance_view
 from curtail.training.averaging import make_outer_optimizer
-from curtail.training.compression import WireFormat, decompress
+from curtail.training.compression import WireFormat, compress, decompress
 from curtail.training.data import load_corpus
 from curtail.training.loop import SiteTrainer
 from curtail.training.schedule import LRSchedule
@@ -41,14 +42,18 @@ FORMATS = {
     "int4": WireFormat("int4"),
     "int4, no error feedback": WireFormat("int4", error_feedback=False),
     "int4 + top-3 %": WireFormat("int4", topk_fraction=0.03),
+    "int4 + top-5 %": WireFormat("int4", topk_fraction=0.05),
     "int8 + top-1 %": WireFormat("int8", topk_fraction=0.01),
 }
 SITES = ("a", "b")
 
 
 def run(preset: str, wire: WireFormat, seed: int, rounds: int, inner_steps: int, batch_size: int, seq_len: int,
-        corpora, vocab_size: int) -> dict[str, float]:
-    """One two-site DiLoCo run; held-out loss and mean bytes per site per round."""
+        corpora, vocab_size: int, outer_optimizer: str = "nesterov", broadcast: WireFormat | None = None,
+        ) -> dict[str, float]:
+    """One two-site DiLoCo run; held-out loss and mean bytes per site per round. With
+    ``broadcast`` the sites train from the averager's compressed view of the weights
+    (:mod:`curtail.runtime.averager`), as a real run with ``broadcast_dtype`` does."""
     train, heldout = corpora
     torch.manual_seed(seed)
     step_tokens = batch_size * seq_len
@@ -56,24 +61,27 @@ def run(preset: str, wire: WireFormat, seed: int, rounds: int, inner_steps: int,
     schedule = LRSchedule(peak_lr=3e-3, total_tokens=total_tokens, warmup_tokens=total_tokens // 20)
     sites = {site: SiteTrainer(preset, vocab_size=vocab_size, seed=seed, device="cpu") for site in SITES}
     global_params = sites["a"].export_params()
-    outer = make_outer_optimizer("nesterov")
+    view = {name: value.copy() for name, value in global_params.items()}
+    outer = make_outer_optimizer(outer_optimizer)  # type: ignore[arg-type]
     half = train.num_trainable_tokens // len(SITES)
     sent, trained = [], 0
     for round_index in range(rounds):
         grads, tokens = {}, {}
         for index, (site, trainer) in enumerate(sites.items()):
-            trainer.load_global(global_params)
+            trainer.load_global(view if broadcast else global_params)
             start = index * half + (round_index * inner_steps * step_tokens + seed * 7919 * seq_len) % (
                 half - inner_steps * step_tokens)
             batches = train.iter_batches(start, start + inner_steps * step_tokens, batch_size, seq_len)
             for step, (_, input_ids, labels) in enumerate(batches):
                 progress = trained + len(SITES) * (step + 1) * step_tokens
                 trainer.train_step(input_ids, labels, lr=schedule.lr_at(progress))
-            packed = trainer.compressed_pseudo_gradient(global_params, wire)
+            packed = trainer.compressed_pseudo_gradient(view if broadcast else global_params, wire)
             sent.append(packed.num_bytes)
             grads[site], tokens[site] = decompress(packed), inner_steps * step_tokens
         trained += len(SITES) * inner_steps * step_tokens
         outer.step(global_params, grads, tokens)
+        if broadcast is not None:  # the averager's view advances by the packed change
+            advance_view(view, compress({name: global_params[name] - view[name] for name in view}, broadcast))
     evaluator = SiteTrainer(preset, vocab_size=vocab_size, seed=seed, device="cpu")
     evaluator.load_global(global_params)
     loss = evaluator.evaluate(heldout, num_batches=16, batch_size=batch_size)
@@ -88,6 +96,8 @@ def main() -> None:
     parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), help=f"of {list(FORMATS)}")
+    parser.add_argument("--outer", default="nesterov", choices=["nesterov", "average"], help="outer optimizer")
+    parser.add_argument("--broadcast", choices=["bf16", "int8", "int4"], help="compressed view down (default: exact)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -101,13 +111,15 @@ def main() -> None:
         for seed in range(args.seeds):
             started = time.perf_counter()
             outcome = run(args.preset, FORMATS[name], seed, args.rounds, args.inner_steps, args.batch_size, seq_len,
-                          corpora, len(tokenizer))
+                          corpora, len(tokenizer), args.outer,
+                          WireFormat(args.broadcast) if args.broadcast else None)
             results.setdefault(name, []).append(outcome)
             print(f"{name} seed {seed}: loss {outcome['heldout_loss']:.4f}, "
                   f"{outcome['bytes_per_site_round']:,.0f} B/site/round ({time.perf_counter() - started:.0f} s)",
                   flush=True)
     base = results.get("bf16")
-    print(f"\n{args.preset}, 2 sites, {args.rounds} rounds × {args.inner_steps} steps, {args.seeds} seeds\n")
+    print(f"\n{args.preset}, 2 sites, {args.rounds} rounds × {args.inner_steps} steps, {args.seeds} seeds, "
+          f"outer {args.outer}, broadcast {args.broadcast or 'fp32 (exact)'}\n")
     print("| wire format | bytes / site / round | of bf16 | held-out loss (mean ± sd) | vs bf16 |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():

@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/bench_sync.py            # small preset, 2 sites, CPU
     .venv/bin/python experiments/bench_sync.py --preset tiny --rounds 4   # quicker
+    .venv/bin/python experiments/bench_sync.py --transfer-dtype int4 --link-mbit 100 --latency-ms 50
 
 Two sites train federated the whole time (always_on policy) on a local Ray cluster for
 ``--rounds`` rounds of ``--steps-per-round`` steps. From the run's ``timings.csv``: a round's
@@ -9,6 +10,9 @@ wall time runs from one ``round_start`` to the next (all syncs, outer steps, wei
 command round trips included); a site's training time is the compute its workers reported
 for its train commands in that round. Not-training share = 1 − training / round wall time.
 The fixed per-sync cost is also reported and projected onto the prior system's 600-s rounds.
+With ``--link-mbit`` every transfer is held for its time on an emulated link of that bandwidth
+and ``--latency-ms`` (``[training] emulate_link``); ``--transfer-dtype`` / ``--topk-fraction``
+pick the wire format. Bytes sent and received per sync come from the run's summary.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def experiment(preset: str, rounds: int, steps_per_round: int, batch_size: int) -> dict:
+def experiment(preset: str, rounds: int, steps_per_round: int, batch_size: int, transfer: dict | None = None,
+               link: dict | None = None) -> dict:
+    """The two-site always-on run; ``transfer``: ``[training]`` transfer keys; ``link``:
+    ``[execution]`` link keys, emulated (every transfer held for its time on the link)."""
     seq_len = {"tiny": 64, "small": 128}[preset]
     step_tokens = batch_size * seq_len
     step_s = 600.0 / steps_per_round
@@ -32,10 +39,11 @@ def experiment(preset: str, rounds: int, steps_per_round: int, batch_size: int) 
         "name": "bench-sync",
         "token_budget": 2 * rounds * steps_per_round * step_tokens,
         "traces": [{"path": str(ROOT / "data/traces/watttime_moer_2026-01-11_4regions.csv")}],
-        "execution": {"round_s": 600, "sync_s": 5, "group_start_s": 0, "join": "immediate"},
+        "execution": {"round_s": 600, "sync_s": 5, "group_start_s": 0, "join": "immediate", **(link or {})},
         "training": {"preset": preset, "corpus": [str(ROOT / "data/text/tinyshakespeare.txt")],
                      "vocab_size": 2048 if preset == "small" else 512, "batch_size": batch_size,
-                     "eval_batches": 2, "eval_batch_size": 2},
+                     "eval_batches": 2, "eval_batch_size": 2, **(transfer or {}),
+                     **({"emulate_link": True} if link else {})},
         "sites": {"caiso_north": {"region": "CAISO_NORTH", **site}, "nem_sa": {"region": "NEM_SA", **site}},
         "runs": [{"name": "always-on-federated", "policy": {"kind": "always_on"}, "sites": ["caiso_north", "nem_sa"],
                   "rules": {"provisioning_s": 0}}],
@@ -78,15 +86,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps-per-round", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--transfer-dtype", default="bf16", choices=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--topk-fraction", type=float, help="send only this share of each tensor (top-k)")
+    parser.add_argument("--broadcast-dtype", default="fp32", choices=["fp32", "bf16", "int8", "int4"],
+                        help="the global weights' changes down to the sites")
+    parser.add_argument("--link-mbit", type=float, help="emulate every site's link at this bandwidth (Mbit/s)")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="one-way latency of the emulated link")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import curtail
 
+    transfer = {"transfer_dtype": args.transfer_dtype, "transfer_topk_fraction": args.topk_fraction,
+                "broadcast_dtype": args.broadcast_dtype}
+    link = {"link_mbit_per_s": args.link_mbit, "link_latency_ms": args.latency_ms} if args.link_mbit else None
     with tempfile.TemporaryDirectory() as tmp:
-        result = curtail.run(experiment(args.preset, args.rounds, args.steps_per_round, args.batch_size),
-                             output_dir=tmp)
+        result = curtail.run(experiment(args.preset, args.rounds, args.steps_per_round, args.batch_size,
+                                        transfer, link), output_dir=tmp)
         numbers = analyse(pd.read_csv(result.run_dir / "timings.csv"))
-    numbers.update({"preset": args.preset, "num_parameters": result.summary["num_parameters"]})
+    traffic = result.summary["sync_traffic"].values()
+    numbers.update({
+        "preset": args.preset, "num_parameters": result.summary["num_parameters"],
+        "transfer": f"{args.transfer_dtype}{f' top-{args.topk_fraction:g}' if args.topk_fraction else ''} up, "
+                    f"{args.broadcast_dtype} down",
+        "link": f"emulated {args.link_mbit:g} Mbit/s, {args.latency_ms:g} ms" if link else "none (local object store)",
+        "mb_sent_per_submit": max(row["bytes_sent_per_submit"] for row in traffic) / 1e6,
+        "mb_received_per_load": max(row["bytes_received_per_load"] for row in traffic) / 1e6,
+    })
     if args.json:
         print(json.dumps(numbers, indent=2))
         return

@@ -21,7 +21,8 @@ sync per step are timed too. MFU counts 6·(parameters − embedding) + 12·laye
 per token (nanochat's count, the prior system's anchor) against 989 TFLOP/s (H100/H200 dense bf16).
 
 The sync section times one site's share of a federated round with the last variant's
-trainer: device pseudo-gradient packed to bf16, the averager's decompress and a two-site
+trainer: device pseudo-gradient packed to bf16 (and int8, int4, int4 of the top 3 % with error
+feedback: pack and decompress seconds, bytes), the averager's decompress and a two-site
 Nesterov outer step, loading the new global weights; ``--isolate`` runs every variant in its
 own process so peak memory is per variant.
 """
@@ -49,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from curtail.training.averaging import make_outer_optimizer, pseudo_gradient
-from curtail.training.compression import compress, decompress
+from curtail.training.compression import ErrorFeedback, WireFormat, compress, decompress
 from curtail.training.loop import SiteTrainer
 from curtail.training.model import count_parameters, get_spec
 from curtail.training.power import PowerSampler
@@ -251,6 +252,11 @@ def time_data_parallel(args: argparse.Namespace, name: str, options: dict[str, s
     return result
 
 
+COMPRESSED_FORMATS = {
+    "int8": WireFormat("int8"), "int4": WireFormat("int4"), "int4_top3pct": WireFormat("int4", topk_fraction=0.03),
+}
+
+
 def time_sync(trainer: SiteTrainer) -> dict[str, float]:
     """One site's share of a federated round's hand-off, in seconds, plus the old path."""
     timings: dict[str, float] = {}
@@ -279,6 +285,12 @@ def time_sync(trainer: SiteTrainer) -> dict[str, float]:
     clock("outer_step_2_sites_s", lambda: outer.step(global_params, {"a": mean, "b": other}, {"a": 3, "b": 1}))
     clock("digest_sha256_s", lambda: _digest(global_params))
     timings["bytes_bf16"] = float(packed.num_bytes)
+    for name, wire in COMPRESSED_FORMATS.items():  # lossy wire formats with error feedback (compression.py)
+        trainer.error_feedback = ErrorFeedback()
+        lossy = clock(f"pack_{name}_on_device_s", lambda wire=wire: trainer.compressed_pseudo_gradient(start, wire))
+        clock(f"decompress_{name}_s", lambda lossy=lossy: decompress(lossy))
+        timings[f"bytes_{name}"] = float(lossy.num_bytes)
+    trainer.error_feedback = ErrorFeedback()
     timings["site_sync_s"] = (timings["pseudo_gradient_bf16_on_device_s"] + timings["decompress_s"]
                               + timings["outer_step_2_sites_s"] + timings["load_global_s"])
     timings["share_of_600s_round"] = timings["site_sync_s"] / 600.0

@@ -146,3 +146,5 @@ def test_wire_format_errors_name_the_key() -> None:
         TrainingConfig(transfer_topk_fraction=1.5)
     with pytest.raises(ValidationError, match="transfer_block_size"):
         TrainingConfig(transfer_block_size=7)
+    with pytest.raises(ValidationError, match="broadcast_dtype"):
+        TrainingConfig(broadcast_dtype="int2")

@@ -29,6 +29,9 @@ def mid_round(experiment: dict) -> dict:
     return {**experiment, "training": {**experiment["training"], "checkpoint_interval_s": 240}}
 
 
+LINK_MBIT, LINK_MS = 10.0, 20.0  # the fp32 global weights of tiny (0.64 MB) take ~0.5 s to come down
+
+
 @pytest.fixture(scope="module")
 def killed_run(ray_cluster, tmp_path_factory):
     import curtail
@@ -42,8 +45,10 @@ def killed_run(ray_cluster, tmp_path_factory):
             os.kill(pid, signal.SIGKILL)
             killed.update(pid=pid, clock=progress["clock"], tokens=progress["tokens"])
 
-    experiment = mid_round(tiny_experiment(tmp))  # with compression and error feedback on
-    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4", "transfer_topk_fraction": 0.05}
+    experiment = mid_round(tiny_experiment(tmp))  # compression with error feedback, on an emulated link
+    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4", "transfer_topk_fraction": 0.05,
+                              "broadcast_dtype": "int4", "emulate_link": True}
+    experiment["execution"] = {**experiment["execution"], "link_mbit_per_s": LINK_MBIT, "link_latency_ms": LINK_MS}
     result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=kill_b_once,
                          progress_interval_s=0.3)
     assert killed, "the run never reached the point where the fault is injected"
@@ -67,17 +72,30 @@ def test_the_run_survives_and_the_site_rejoins(killed_run):
 
 
 def test_compressed_pseudo_gradients_travel_and_are_counted(killed_run):
-    """int4 codes of the top 5 % with error feedback: every sending site's bytes per round are
-    under 1/16 of bf16 (2 bytes per parameter), and the run learned."""
+    """int4 codes of the top 5 % with error feedback up, int4 view changes down, on an emulated
+    link: every sending site's bytes per submit are under 1/16 of bf16 (2 bytes per parameter),
+    loads mostly changes rather than fp32 weights, the blocked time covers the link's, and the
+    run learned."""
     result, _ = killed_run
     summary = result.summary
-    assert summary["transfer"] == {"dtype": "int4", "topk_fraction": 0.05, "block_size": 128, "error_feedback": True}
+    assert summary["transfer"] == {"dtype": "int4", "topk_fraction": 0.05, "block_size": 128,
+                                   "broadcast_dtype": "int4", "error_feedback": True}
     sent = summary["sync_traffic"]
     assert set(sent) == {"a", "b"}
     for row in sent.values():
         assert row["submits"] >= 1 and 0 < row["bytes_sent_per_submit"] <= 2 * summary["num_parameters"] / 16
-        assert row["bytes_received_per_load"] == 4 * summary["num_parameters"]  # fp32 global weights
-        assert row["blocked_s_per_round"] > 0
+        assert row["bytes_received_per_load"] < 4 * summary["num_parameters"]  # changes, not only fp32 weights
+        # the emulated link held every transfer: blocked at least its bytes' time on it
+        transfer_s = ((row["bytes_sent"] + row["bytes_received"] + row["bytes_published"]) * 8 / (LINK_MBIT * 1e6)
+                      + (row["submits"] + row["loads"]) * LINK_MS / 1000)
+        assert row["blocked_s_per_round"] * row["rounds"] >= transfer_s
+    assert summary["link"] == {"emulated": True, "sites": {
+        site: {"mbit_per_s": LINK_MBIT, "latency_ms": LINK_MS} for site in ("a", "b")}}
+    # the virtual clock charged the bytes each sync moved: the largest download's time on the link
+    intervals, timings = result.record.intervals, result.record.timings
+    syncs = intervals[intervals.state == "syncing"]
+    largest_s = timings[timings.kind == "load"].num_bytes.max() * 8 / (LINK_MBIT * 1e6) + LINK_MS / 1000
+    assert (syncs.end_s - syncs.start_s).max() >= 5 + largest_s - 1e-6
     losses = result.record.losses
     train = losses[losses.kind == "train"].loss.to_numpy()
     assert train[-5:].mean() < train[:5].mean() - 0.3

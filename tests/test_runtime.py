@@ -150,7 +150,7 @@ def test_sync_traffic_is_counted_per_site_and_round_and_drawn(two_runs, tmp_path
 
     result = two_runs[0]
     summary, parameters = result.summary, result.summary["num_parameters"]
-    assert summary["transfer"]["dtype"] == "bf16"
+    assert summary["transfer"]["dtype"] == "bf16" and summary["transfer"]["broadcast_dtype"] == "fp32"
     for row in summary["sync_traffic"].values():
         assert row["submits"] >= 1 and row["bytes_sent_per_submit"] == 2 * parameters
         assert row["loads"] >= 1 and row["bytes_received_per_load"] == 4 * parameters

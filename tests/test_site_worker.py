@@ -78,6 +78,7 @@ def global_weights() -> dict[str, np.ndarray]:
 def averager():
     fake = create_autospec(AveragerClient, instance=True)
     fake.get_global.return_value = (3, global_weights())
+    fake.get_view.return_value = ("full", 3, fake.get_global.return_value[1])  # the exact weights (fp32 broadcast)
     fake.submit.return_value = 1
     fake.publish.return_value = 4
     return fake

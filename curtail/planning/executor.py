@@ -103,6 +103,15 @@ class Executor:
     def pass_time(self, start_s: float, end_s: float) -> None:
         """No site trains over ``[start_s, end_s)`` (a real-time clock waits here)."""
 
+    def sync_pause_s(self, members: list[str]) -> float:
+        """How long the sync that just happened pauses its members: the link model on the
+        configured sizes (a real run charges the bytes it sent and received)."""
+        return self.links.sync_pause_s(members)
+
+    def join_pause_s(self, site: str) -> float:
+        """How long joining a running round pauses ``site`` (its download; see :meth:`sync_pause_s`)."""
+        return self.links.join_pause_s(site)
+
     def on_provision(self, site: str, t_s: float) -> None:
         """``site`` starts provisioning: ask for its nodes (they are ready ``provisioning_s`` on)."""
 
@@ -270,7 +279,7 @@ class Executor:
         self.recorder.event(t_s, "", "sync", round=self.round.index, sites=sorted(members))
         self.on_sync(self.round.view(), sorted(members), t_s)
         self.round = None
-        self.sync_until_s = t_s + self.links.sync_pause_s(members)
+        self.sync_until_s = t_s + self.sync_pause_s(sorted(members))
         self.sync_members = members
         for name in members:
             self.sites[name].member = True
@@ -353,7 +362,7 @@ class Executor:
                 self.round.members.add(name)
                 self.recorder.event(t_s, name, "join_round", round=self.round.index)
                 self.on_join(name, self.round.index, t_s)
-                self._set(site, SiteState.SYNCING, t_s, t_s + self.links.join_pause_s(name))
+                self._set(site, SiteState.SYNCING, t_s, t_s + self.join_pause_s(name))
             self._update_mode(t_s)
 
     def _expire_timers(self, t_s: float) -> bool:

@@ -39,8 +39,8 @@ class Link:
     latency_ms: float
 
     def transfer_s(self, megabytes: float) -> float:
-        """Seconds to move ``megabytes`` one way (0 without a link)."""
-        if self.mbit_per_s is None:
+        """Seconds to move ``megabytes`` one way (0 without a link or without bytes)."""
+        if self.mbit_per_s is None or megabytes <= 0:
             return 0.0
         return self.latency_ms / 1000 + megabytes * _BITS_PER_MEGABYTE / (self.mbit_per_s * 1e6)
 

@@ -8,6 +8,17 @@ global state when another site joins or it leaves (:meth:`Averager.publish`).
 
 Weights leave the actor as numpy arrays through the object store (zero-copy, read-only on the
 same node). Every change bumps ``version``.
+
+**Compressed broadcast** (``[training] broadcast_dtype`` other than fp32): the sites then hold
+the *broadcast weights* (``view``), not the exact global ones. After every outer step the actor
+packs ``θ − view`` in the broadcast format and adds what it decodes to the view; a site that
+holds the previous view downloads only that packed change and adds the same decoded values, so
+every site holds the view bit for bit (their weight fingerprints agree). What a packing loses
+stays in ``θ − view`` and goes out with the next change (error feedback on the server side).
+Sites train from the view and send ``view − local`` as their pseudo-gradients; the outer step
+applies them to the exact ``θ``, which the evaluator scores and checkpoints keep. A site without
+the previous view (joining, restarted, after a single-site hand-off or a resume) downloads the
+whole view in fp32.
 """
 
 from __future__ import annotations
@@ -19,19 +30,24 @@ import numpy as np
 import ray
 
 from curtail.training.averaging import make_outer_optimizer
-from curtail.training.compression import CompressedState, decompress
+from curtail.training.compression import CompressedState, WireFormat, compress, decompress
 
 
 @ray.remote(num_cpus=0)
 class Averager:
-    def __init__(self, initial_params: dict[str, np.ndarray], outer_optimizer: str, outer_lr: float, outer_momentum: float):
+    def __init__(self, initial_params: dict[str, np.ndarray], outer_optimizer: str, outer_lr: float, outer_momentum: float,
+                 broadcast: WireFormat | None = None):
         self._params = {name: np.array(value, dtype=np.float32) for name, value in initial_params.items()}
+        self._broadcast = broadcast  # None: sites download the exact weights (fp32)
+        self._view: dict[str, np.ndarray] = {}  # the weights as broadcast (what the sites hold)
+        self._change: tuple[int, CompressedState] | None = None  # (from version, packed view change)
         kwargs = {"lr": outer_lr, "momentum": outer_momentum} if outer_optimizer == "nesterov" else {}
         self._optimizer = make_outer_optimizer(outer_optimizer, **kwargs)
         self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
         self.version = 0
         self.num_outer_steps = 0
         self._published_by: tuple[str, int] = ("", -1)  # (site, version) of the newest publish
+        self._reset_view()
 
     def load_state(self, params: dict[str, np.ndarray], optimizer: dict[str, Any], version: int, num_outer_steps: int) -> int:
         """Restore from a run checkpoint (resume)."""
@@ -39,10 +55,35 @@ class Averager:
         self._optimizer.load_state_dict(optimizer)
         self._pending = {}
         self.version, self.num_outer_steps = int(version), int(num_outer_steps)
+        self._reset_view()
         return self.version
 
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         return self.version, self._params
+
+    def get_view(self, held_version: int) -> tuple[str, int, Any]:
+        """What a site holding the view of ``held_version`` downloads: ``("change", version,
+        packed)`` when it holds the previous view, else ``("full", version, view)`` (the exact
+        weights when the broadcast is not compressed)."""
+        if self._broadcast is None:
+            return "full", self.version, self._params
+        if self._change is not None and held_version == self._change[0]:
+            return "change", self.version, self._change[1]
+        return "full", self.version, self._view
+
+    def _reset_view(self) -> None:
+        """The view becomes the exact weights (no site holds a view to build on)."""
+        if self._broadcast is not None:
+            self._view = {name: value.copy() for name, value in self._params.items()}
+        self._change = None
+
+    def _advance_view(self, previous_version: int) -> None:
+        """After an outer step: pack ``θ − view``, add what it decodes to the view."""
+        if self._broadcast is None:
+            return
+        packed = compress({name: self._params[name] - self._view[name] for name in self._params}, self._broadcast)
+        advance_view(self._view, packed)
+        self._change = (previous_version, packed)
 
     def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
         """Add a site's work to round ``round_index`` (idempotent per site and round)."""
@@ -68,6 +109,7 @@ class Averager:
             )
             self.version += 1
             self.num_outer_steps += 1
+            self._advance_view(self.version - 1)
         return {
             "version": self.version,
             "sites": sorted(contributing),
@@ -80,6 +122,7 @@ class Averager:
             self._params[name][...] = value
         self.version += 1
         self._published_by = (site, self.version)
+        self._reset_view()  # the publishing site holds the exact weights: the view is them
         return self.version
 
     def published_by(self, site: str) -> int | None:
@@ -100,6 +143,14 @@ class Averager:
         }
 
 
+def advance_view(view: dict[str, np.ndarray], packed: CompressedState) -> dict[str, np.ndarray]:
+    """Add a packed view change to ``view`` in place (the actor and every site do exactly this,
+    so they hold the same bits)."""
+    for name, change in decompress(packed).items():
+        np.add(view[name], change, out=view[name])
+    return view
+
+
 class AveragerClient:
     """Blocking calls to the averaging actor: the coordinator's (outer steps, withdrawals, state)
     and a site's rank 0 (global weights in, pseudo-gradients and publishes out). Tests give the
@@ -111,6 +162,10 @@ class AveragerClient:
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         """``(version, params)``: the newest global weights (read-only object-store arrays)."""
         return ray.get(self.handle.get_global.remote())
+
+    def get_view(self, held_version: int) -> tuple[str, int, Any]:
+        """The broadcast weights for a site holding ``held_version`` (:meth:`Averager.get_view`)."""
+        return ray.get(self.handle.get_view.remote(held_version))
 
     def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
         return ray.get(self.handle.submit.remote(site, round_index, pseudo_grad, tokens))

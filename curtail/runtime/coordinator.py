@@ -24,6 +24,7 @@ import numpy as np
 import ray
 
 from curtail.config import ExperimentConfig, TrainingConfig
+from curtail.planning.links import Links
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_live_run, plan_run
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
@@ -205,8 +206,10 @@ class Coordinator:
         model = ModelSetup(spec, len(tokenizer), config.seed, training.seq_len or spec.seq_len,
                            training.torch_threads_per_worker)
         initial = {n: p.detach().numpy().copy() for n, p in build_model(spec, model.vocab_size, config.seed).named_parameters()}
+        broadcast = (None if training.broadcast_dtype == "fp32"
+                     else WireFormat(training.broadcast_dtype, block_size=training.transfer_block_size))  # type: ignore[arg-type]
         averager = Averager.options(**control_plane()).remote(
-            initial, training.outer_optimizer, training.outer_lr, training.outer_momentum
+            initial, training.outer_optimizer, training.outer_lr, training.outer_momentum, broadcast
         )
         self._averager_pid = ray.get(averager.pid.remote())
         evaluator = Evaluator.options(**control_plane()).remote(
@@ -230,6 +233,7 @@ class Coordinator:
         use_gpu = training.gpus_per_worker > 0
         storage = self.store.location(self.run_dir / "ray_train")
         pinning = SitePinning(training.site_pinning)
+        links = Links(plan.context.execution, plan.context.sites)
         groups = {}
         for site in plan.context.sites:
             loop_config = SiteLoopConfig(
@@ -238,6 +242,7 @@ class Coordinator:
                 wire=WireFormat(training.transfer_dtype, training.transfer_topk_fraction,  # type: ignore[arg-type]
                                 training.transfer_block_size, training.error_feedback), use_gpu=use_gpu, compile_model=training.compile_model,
                 micro_batch_size=training.micro_batch_size,
+                emulated_link=links.by_site[site] if training.emulate_link else None,
             )
             groups[site] = SiteGroup(
                 site=site, mailbox=setup.mailbox, loop_config=loop_config,
@@ -315,8 +320,11 @@ class Coordinator:
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.telemetry.site_nodes.items()},
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
             "sync_traffic": sync_traffic(executor.telemetry.timings),
+            "link": {"emulated": self.config.training.emulate_link,
+                     "sites": {site: vars(link) for site, link in executor.links.by_site.items()}},
             "transfer": {"dtype": self.config.training.transfer_dtype,
                          "topk_fraction": self.config.training.transfer_topk_fraction,
                          "block_size": self.config.training.transfer_block_size,
+                         "broadcast_dtype": self.config.training.broadcast_dtype,
                          "error_feedback": self.config.training.error_feedback},
         }

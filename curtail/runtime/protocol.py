@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # annotations only: the coordinator side (cluster.py) imports no torch
+    from curtail.planning.links import Link
     from curtail.training.compression import WireFormat
     from curtail.training.model import ModelSpec
     from curtail.training.schedule import LRSchedule
@@ -51,6 +52,7 @@ class SiteLoopConfig:
     use_gpu: bool
     compile_model: bool = False
     micro_batch_size: int | None = None
+    emulated_link: Link | None = None  # hold each transfer for its time on this link (emulation)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class Submitted(Reply):
 @dataclass(frozen=True)
 class Published(Reply):
     version: int  # the global version the site's weights became
+    num_bytes: int = 0  # the weights sent to the averager
 
 
 @dataclass(frozen=True)

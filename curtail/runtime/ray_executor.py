@@ -97,6 +97,7 @@ class RayExecutor(Executor):
         self.loaded_version = dict.fromkeys(context.sites, -1)
         self.global_version = 0
         self.last_publish_s: dict[str, float] = {}
+        self.sync_bytes: dict[str, list[int]] = {}  # this sync's [sent, received] per site (the link's charge)
         self.last_report_wall: dict[str, float] = {}  # when each site last reported to Ray Train
         self.ray_train_metrics: dict[str, dict[str, Any]] = {}  # each site's Result metrics at its last drain
         self.max_segment_s = min(self.max_segment_s, options.single_publish_interval_s)
@@ -252,6 +253,7 @@ class RayExecutor(Executor):
         replies = self._exchange(dict.fromkeys(sites, Load()), t_s, round_index)
         for site, reply in replies.items():
             self.loaded_version[site] = reply.version
+            self._count_bytes(site, received=reply.num_bytes)
         self.telemetry.loaded(t_s, round_index, self.global_version, replies)
 
     def _outer_step(self, round_index: int, t_s: float) -> None:
@@ -264,8 +266,9 @@ class RayExecutor(Executor):
         commands = {site: Submit(round_index, self.account.undelivered(site))
                     for site in sites if self.account.undelivered(site) > 0}
         delivered = self._exchange(commands, t_s, round_index)
-        for site in delivered:
+        for site, reply in delivered.items():
             self.account.delivered(site, t_s)
+            self._count_bytes(site, sent=reply.num_bytes)
         failed = sorted(set(commands) - set(delivered))
         if failed:  # their ranges went back to the ledger: their updates, if they arrived, must not count
             withdrawn = self.averager.withdraw(round_index, failed)
@@ -278,6 +281,8 @@ class RayExecutor(Executor):
         if not self.account.undelivered(site):
             return
         replies, failures = self._send_all({site: Publish()}, t_s, round_index)
+        if site in replies:
+            self._count_bytes(site, sent=replies[site].num_bytes)
         version = replies[site].version if site in replies else self.averager.published_by(site)
         if version is not None and version > self.global_version:
             self.global_version = version
@@ -351,7 +356,26 @@ class RayExecutor(Executor):
         self._load(list(started.members), t_s, started.index)
         self.telemetry.action(t_s, "round_start", started.index, 0.0)
 
+    def _count_bytes(self, site: str, *, sent: int = 0, received: int = 0) -> None:
+        counted = self.sync_bytes.setdefault(site, [0, 0])
+        counted[0] += sent
+        counted[1] += received
+
+    def sync_pause_s(self, members: list[str]) -> float:
+        """The link model charged on the bytes this sync really moved (sent and received per
+        member; ``sync_s`` plus the slowest member's transfers)."""
+        return self.execution.sync_s + max((self._transfer_s(site) for site in members), default=0.0)
+
+    def join_pause_s(self, site: str) -> float:
+        return self.execution.sync_s + self._transfer_s(site)
+
+    def _transfer_s(self, site: str) -> float:
+        sent, received = self.sync_bytes.get(site, (0, 0))
+        link = self.links.by_site[site]
+        return link.transfer_s(sent / 1e6) + link.transfer_s(received / 1e6)
+
     def on_sync(self, ended: RoundView, members: list[str], t_s: float) -> None:
+        self.sync_bytes = {}
         if ended.kind is RunMode.SINGLE:  # hand-off: the single site's weights become global
             for site in ended.members:
                 self._publish(site, t_s, ended.index)
@@ -362,6 +386,7 @@ class RayExecutor(Executor):
         self._evaluate(t_s)
 
     def on_join(self, site: str, index: int, t_s: float) -> None:
+        self.sync_bytes.pop(site, None)
         self._load([site], t_s, index)
 
     def on_leave(self, site: str, current: RoundView, t_s: float) -> None:

@@ -204,6 +204,7 @@ class SiteWorker:
         self.report_metrics = report_metrics
         self.metrics: dict[str, Any] = {}  # the site's progress as last reported
         self.reference: dict[str, np.ndarray] | None = None  # the global weights the round started from
+        self.held_version = -1  # the global version ``reference`` is (a compressed broadcast builds on it)
         self.steps_done = 0  # optimizer steps over the window
         self.rank_tokens = config.batch_size * config.model.seq_len
         self.tokens_per_step = self.rank_tokens * world
@@ -281,10 +282,19 @@ class SiteWorker:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
         version, num_bytes = -1, 0
         if self.rank == 0:
-            version, state = self.averager.get_global()
-            num_bytes = sum(array.nbytes for array in state.values())
+            kind, version, payload = self.averager.get_view(self.held_version)
+            if kind == "change":  # the packed change from the view held to the new one
+                from curtail.runtime.averager import advance_view
+
+                assert self.reference is not None
+                num_bytes = payload.num_bytes
+                state = advance_view({name: np.array(array) for name, array in self.reference.items()}, payload)
+            else:  # the whole weights (read-only object-store arrays: no copy needed)
+                state = payload
+                num_bytes = sum(array.nbytes for array in state.values())
+            self._emulate_transfer(num_bytes)
             self.trainer.load_global(state)
-            self.reference = state  # read-only object-store arrays: no copy needed
+            self.reference, self.held_version = state, version
         _broadcast_params(self.trainer, self.world)
         digest = self.trainer.weights_fingerprint() if self.rank == 0 else ""
         node_ids = tuple(sorted(set(_gather_object(self.node_id, self.world))))
@@ -301,16 +311,26 @@ class SiteWorker:
             packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire)
             num_bytes = packed.num_bytes
             self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
+            self._emulate_transfer(num_bytes)
         return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)
 
     def publish(self, command: Publish) -> Published:
         """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""
-        version = -1
+        version, num_bytes = -1, 0
         if self.rank == 0:
             params = self.trainer.export_params()
             version = self.averager.publish(self.config.site, params)
-            self.reference = params
-        return Published(wall_s=self._elapsed_s(), version=version)
+            self.reference, self.held_version = params, version
+            num_bytes = sum(array.nbytes for array in params.values())
+            self._emulate_transfer(num_bytes)
+        return Published(wall_s=self._elapsed_s(), version=version, num_bytes=num_bytes)
+
+    def _emulate_transfer(self, num_bytes: int) -> None:
+        """With an emulated link, hold rank 0 for the transfer's time on it (latency + bytes /
+        bandwidth) after the bytes went through the object store; the other ranks wait for it at
+        the next collective, as they would for a real transfer."""
+        if self.config.emulated_link is not None:
+            time.sleep(self.config.emulated_link.transfer_s(num_bytes / 1e6))
 
     def save_optimizer(self, command: SaveOptimizer) -> OptimizerSaved:
         """With a run checkpoint: this rank's inner AdamW into ``path/rank<r>.pt`` (atomically)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from curtail.runtime.protocol import Loaded, Reply, Stopped, Submitted, Trained
+from curtail.runtime.protocol import Loaded, Published, Reply, Stopped, Submitted, Trained
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Timing:
     at_wall_s: float = field(default_factory=time.time)  # when the coordinator recorded it
     power_w: float | None = None  # NVML-measured GPU watts of the site's workers (train commands)
     gpus: int = 0  # how many GPUs power_w covers
-    num_bytes: int = 0  # bytes over the wire: pseudo-gradient sent (submit), global weights received (load)
+    num_bytes: int = 0  # bytes over the wire: sent (submit: pseudo-gradient; publish: weights), received (load)
 
 
 def measured_power_per_gpu_w(timings: list[Timing], warmup_factor: float = 3.0) -> dict[str, float]:
@@ -56,11 +56,12 @@ def measured_power_per_gpu_w(timings: list[Timing], warmup_factor: float = 3.0) 
 
 def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
     """Per site: ``bytes_sent`` (pseudo-gradients) over ``submits`` and ``bytes_received``
-    (global weights) over ``loads``, in all and per command; ``rounds`` it synchronised in (sent
-    or loaded) and ``blocked_s_per_round``, the wall seconds its submit and load commands took
-    per such round (the site does not train meanwhile)."""
+    (global weights) over ``loads``, in all and per command; ``bytes_published`` (single-site
+    hand-offs: the whole weights); ``rounds`` it synchronised in and ``blocked_s_per_round``,
+    the wall seconds its submit, load and publish commands took per such round (the site does
+    not train meanwhile)."""
     result = {}
-    sync = [t for t in timings if t.kind in ("submit", "load") and t.site]
+    sync = [t for t in timings if t.kind in ("submit", "load", "publish") and t.site]
     for site in sorted({t.site for t in sync}):
         rows = [t for t in sync if t.site == site]
         submits = [t for t in rows if t.kind == "submit"]
@@ -71,6 +72,7 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
             "submits": len(submits), "bytes_sent": sent, "bytes_sent_per_submit": sent / max(len(submits), 1),
             "loads": len(loads), "bytes_received": received,
             "bytes_received_per_load": received / max(len(loads), 1),
+            "bytes_published": sum(t.num_bytes for t in rows if t.kind == "publish"),
             "rounds": rounds, "blocked_s_per_round": sum(t.wall_s for t in rows) / rounds,
         }
     return result
@@ -95,7 +97,7 @@ class Telemetry:
                 self.last_loss = reply.loss
             case Stopped():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps))
-            case Submitted() | Loaded():
+            case Submitted() | Loaded() | Published():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, num_bytes=reply.num_bytes))
             case None:
                 self.timings.append(Timing(t_s, site, kind, round_index, 0.0))
