@@ -56,7 +56,7 @@ def pseudo_gradient(global_params: Mapping[str, np.ndarray], site_params: Mappin
         if left.shape != right.shape:
             raise ValueError(f"{name!r}: global shape {left.shape} != site shape {right.shape}")
         out = np.empty(left.shape, dtype=np.float32)
-        torch.sub(_tensor(left), _tensor(right), out=torch.from_numpy(out))
+        torch.sub(tensor_view(left), tensor_view(right), out=torch.from_numpy(out))
         result[name] = out
     return result
 
@@ -92,7 +92,7 @@ def weighted_mean(
         accumulator = np.empty(np.shape(reference[name]), dtype=np.float32)
         total = torch.from_numpy(accumulator)
         for index, site in enumerate(sites):
-            grad = _tensor(pseudo_grads_by_site[site][name])
+            grad = tensor_view(pseudo_grads_by_site[site][name])
             weight = float(np.float32(tokens_by_site[site] / total_tokens))
             if index == 0:
                 torch.mul(grad, weight, out=total)
@@ -153,7 +153,7 @@ class AveragingOuterOptimizer(OuterOptimizer):
 
     def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
         for name, value in global_params.items():
-            torch.from_numpy(value).sub_(_tensor(mean_pseudo_grad[name]))
+            torch.from_numpy(value).sub_(tensor_view(mean_pseudo_grad[name]))
 
 
 class NesterovOuterOptimizer(OuterOptimizer):
@@ -219,7 +219,7 @@ def make_outer_optimizer(name: OuterOptimizerName = "nesterov", **kwargs: float)
     raise ValueError(f"unknown outer optimizer {name!r}; choose 'nesterov' or 'average'")
 
 
-def _tensor(array: Any) -> torch.Tensor:
+def tensor_view(array: Any) -> torch.Tensor:
     """A torch view of a numpy array (float32 unless it is an integer bit pattern); read-only
     arrays (Ray's object store) are only read, so torch's warning about them is silenced."""
     array = np.asarray(array)

@@ -38,7 +38,6 @@ Example::
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,6 +45,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import zstandard
+
+from curtail.training.averaging import tensor_view
 
 Codec = Literal["fp32", "bf16", "int8", "int4"]
 CODECS: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
@@ -170,7 +171,7 @@ def decompress(packed: CompressedState) -> dict[str, np.ndarray]:
             raise ValueError(f"a dense {packed.dtype} state is not a wire format; dense states are fp32 or bf16")
         # bf16 -> float32 is exact (the top half of a float32); torch widens in one threaded pass.
         return {
-            name: _tensor(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float().numpy()
+            name: tensor_view(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float().numpy()
             for name, array in packed.arrays.items()
         }
     decompressor = zstandard.ZstdDecompressor()
@@ -195,7 +196,7 @@ def decompress(packed: CompressedState) -> dict[str, np.ndarray]:
 def compress(state: Mapping[str, np.ndarray], dtype: Codec | WireFormat = "bf16") -> CompressedState:
     """Pack a float32 host state dict for transfer (no error feedback; see :class:`ErrorFeedback`)."""
     wire = dtype if isinstance(dtype, WireFormat) else WireFormat(codec=dtype)
-    tensors = {name: _tensor(np.ascontiguousarray(array, dtype=np.float32)) for name, array in state.items()}
+    tensors = {name: tensor_view(np.ascontiguousarray(array, dtype=np.float32)) for name, array in state.items()}
     return encode(tensors, wire)[0]
 
 
@@ -281,17 +282,6 @@ def _frame(compressor: zstandard.ZstdCompressor, array: np.ndarray) -> np.ndarra
 
 def _unframe(decompressor: zstandard.ZstdDecompressor, frame: np.ndarray, dtype: Any) -> np.ndarray:
     return np.frombuffer(decompressor.decompress(np.asarray(frame).tobytes()), dtype=dtype).copy()
-
-
-def _tensor(array: Any) -> torch.Tensor:
-    """A torch view of a numpy array (float32 unless it is an integer bit pattern); read-only
-    arrays (Ray's object store) are only read, so torch's warning about them is silenced."""
-    array = np.asarray(array)
-    if array.dtype.kind == "f" and array.dtype != np.float32:
-        array = array.astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
 
 
 __all__ = ["CODECS", "Codec", "CompressedState", "ErrorFeedback", "WireFormat", "compress", "decompress", "encode"]
