@@ -116,16 +116,16 @@ def hourly_context(values: list[float], *, past_days: int, run_days: float = 1.0
     return make_context({"a": signal}, start_s=start_s, deadline_s=start_s + run_days * DAY_S, **kwargs)
 
 
+def three_clean_hours_in_seven_days() -> list[float]:
+    """Seven days of hourly 400 g, with hour 10 at 0 g on days 1, 3 and 5."""
+    return [0.0 if hour == 10 and k in (1, 3, 5) else 400.0 for k in range(7) for hour in range(24)]
+
+
 def test_climatology_counts_past_days_as_scenarios_not_their_mean():
     """Hour 10 was a 0 g window on 3 of the last 7 days and 400 g on the others (mean 229 g:
     never below the threshold). Beyond the horizon the plan counts 3/7 of that hour, every later
     day (sigmas = 0: the mean of the scenarios' supply)."""
-    day = [400.0] * 24
-    past = []
-    for k in range(7):
-        hour = list(day)
-        hour[10] = 0.0 if k in (1, 3, 5) else 400.0
-        past += hour
+    day, past = [400.0] * 24, three_clean_hours_in_seven_days()
     context = hourly_context(past + day, past_days=7, token_budget=1e15)
     policy = MpcPolicy(context, MpcPolicyConfig(forecast="none", climatology_sigmas=0))
     supply = policy.supply(context.start_s)
@@ -137,12 +137,7 @@ def test_climatology_counts_past_days_as_scenarios_not_their_mean():
 
 
 def test_over_many_days_the_plan_counts_on_the_mean_less_sigmas_of_a_sum_of_independent_days():
-    day = [400.0] * 24
-    past = []
-    for k in range(7):
-        hour = list(day)
-        hour[10] = 0.0 if k in (1, 3, 5) else 400.0
-        past += hour
+    day, past = [400.0] * 24, three_clean_hours_in_seven_days()
     context = hourly_context(past + day, past_days=7, run_days=100, token_budget=1e15)
     policy = MpcPolicy(context, MpcPolicyConfig(forecast="none", climatology_sigmas=2))
     p = 3 / 7
