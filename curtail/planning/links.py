@@ -58,16 +58,28 @@ class Links:
             for name, cfg in sites.items()
         }
 
-    def upload_s(self, site: str) -> float:
-        return self.by_site[site].transfer_s(self.execution.sync_mb_sent)
+    def upload_s(self, site: str, megabytes: float | None = None) -> float:
+        """``site``'s upload of ``megabytes`` (default: ``execution.sync_mb_sent``)."""
+        return self.by_site[site].transfer_s(self.execution.sync_mb_sent if megabytes is None else megabytes)
 
-    def download_s(self, site: str) -> float:
-        return self.by_site[site].transfer_s(self.execution.sync_mb_received)
+    def download_s(self, site: str, megabytes: float | None = None) -> float:
+        """``site``'s download of ``megabytes`` (default: ``execution.sync_mb_received``)."""
+        return self.by_site[site].transfer_s(self.execution.sync_mb_received if megabytes is None else megabytes)
 
-    def sync_pause_s(self, members: Iterable[str]) -> float:
-        """A federated sync: ``sync_s`` plus the slowest member's upload and download."""
-        return self.execution.sync_s + max((self.upload_s(s) + self.download_s(s) for s in members), default=0.0)
+    def sync_pause_s(self, members: Iterable[str], moved_mb: Mapping[str, tuple[float, float]] | None = None) -> float:
+        """A federated sync: ``sync_s`` plus the slowest member's upload and download (of the
+        configured sizes, or of ``moved_mb[site] = (sent, received)``, what a real sync moved)."""
+        return self.execution.sync_s + max((self._transfers_s(s, moved_mb) for s in members), default=0.0)
 
-    def join_pause_s(self, site: str) -> float:
-        """A site joining mid-round: ``sync_s`` plus its download of the global weights."""
-        return self.execution.sync_s + self.download_s(site)
+    def join_pause_s(self, site: str, moved_mb: Mapping[str, tuple[float, float]] | None = None) -> float:
+        """A site joining mid-round: ``sync_s`` plus its download of the global weights (or, with
+        ``moved_mb``, its transfers)."""
+        if moved_mb is None:
+            return self.execution.sync_s + self.download_s(site)
+        return self.execution.sync_s + self._transfers_s(site, moved_mb)
+
+    def _transfers_s(self, site: str, moved_mb: Mapping[str, tuple[float, float]] | None) -> float:
+        if moved_mb is None:
+            return self.upload_s(site) + self.download_s(site)
+        sent, received = moved_mb.get(site, (0.0, 0.0))
+        return self.upload_s(site, sent) + self.download_s(site, received)

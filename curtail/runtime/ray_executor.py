@@ -362,17 +362,14 @@ class RayExecutor(Executor):
         counted[1] += received
 
     def sync_pause_s(self, members: list[str]) -> float:
-        """The link model charged on the bytes this sync really moved (sent and received per
-        member; ``sync_s`` plus the slowest member's transfers)."""
-        return self.execution.sync_s + max((self._transfer_s(site) for site in members), default=0.0)
+        """The link model charged on the bytes this sync really moved."""
+        return self.links.sync_pause_s(members, self._moved_mb())
 
     def join_pause_s(self, site: str) -> float:
-        return self.execution.sync_s + self._transfer_s(site)
+        return self.links.join_pause_s(site, self._moved_mb())
 
-    def _transfer_s(self, site: str) -> float:
-        sent, received = self.sync_bytes.get(site, (0, 0))
-        link = self.links.by_site[site]
-        return link.transfer_s(sent / 1e6) + link.transfer_s(received / 1e6)
+    def _moved_mb(self) -> dict[str, tuple[float, float]]:
+        return {site: (sent / 1e6, received / 1e6) for site, (sent, received) in self.sync_bytes.items()}
 
     def on_sync(self, ended: RoundView, members: list[str], t_s: float) -> None:
         self.sync_bytes = {}
