@@ -185,6 +185,10 @@ class ExecutionConfig(StrictModel):
         "None: transfers add nothing to sync_s"
     )
     link_latency_ms: float = Field(default=0.0, ge=0, description="one-way latency of that link")
+    overlap_sync: bool = Field(
+        default=False, description="members keep training while their sync is in flight and apply the merged "
+        "weights when they arrive (curtail.runtime.streaming); transfers longer than round_s still pause them"
+    )
 
     @model_validator(mode="after")
     def _restart_fits_round(self) -> ExecutionConfig:

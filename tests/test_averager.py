@@ -49,6 +49,31 @@ def test_a_withdrawn_update_does_not_count(averager):
     np.testing.assert_allclose(params["w"], -1.0)
 
 
+def test_an_overlapped_round_steps_when_the_last_expected_submission_arrives(averager):
+    import ray
+
+    ray.get(averager.expect.remote(3, ["a", "b"]))
+    ray.get(averager.submit.remote("a", 3, _grad(1.0), 300))
+    status = ray.get(averager.round_status.remote(3))
+    assert status == {"outcome": None, "arrived": ["a"], "expected": ["a", "b"]}  # b still in flight
+    ray.get(averager.submit.remote("b", 3, _grad(5.0), 100))
+    outcome = ray.get(averager.round_status.remote(3))["outcome"]
+    assert outcome["sites"] == ["a", "b"] and outcome["version"] == 1
+    np.testing.assert_allclose(ray.get(averager.get_global.remote())[1]["w"], -2.0)
+
+
+def test_withdrawing_a_dead_site_lands_an_overlapped_round_on_the_others(averager):
+    import ray
+
+    ray.get(averager.expect.remote(4, ["a", "b", "c"]))
+    ray.get([averager.submit.remote("a", 4, _grad(1.0), 300), averager.submit.remote("b", 4, _grad(5.0), 100)])
+    assert ray.get(averager.round_status.remote(4))["outcome"] is None
+    assert ray.get(averager.withdraw.remote(4, ["b", "c"])) == ["b"]  # b arrived, died; c never arrived
+    outcome = ray.get(averager.round_status.remote(4))["outcome"]
+    assert outcome["sites"] == ["a"] and outcome["tokens"] == {"a": 300.0}
+    np.testing.assert_allclose(ray.get(averager.get_global.remote())[1]["w"], -1.0)
+
+
 def test_a_compressed_broadcast_keeps_every_site_on_the_same_view_near_the_weights(ray_cluster):
     """int4 broadcast: a site holding the previous view downloads only the packed change, adds it
     and holds the actor's view bit for bit; the view stays within a packing step of the exact

@@ -80,6 +80,24 @@ def test_longer_rounds_win_back_a_slow_link() -> None:
     assert hours(600, 10_000) - hours(1800, 10_000) < 0.1
 
 
+def test_overlap_hides_transfers_shorter_than_the_round() -> None:
+    """With overlap_sync the members train through their transfers: on the d20 link (274 s of
+    transfers) a 600-s round hides them all, a 120-s round only 120 s of them."""
+    def finish_h(round_s: float, overlap: bool) -> float:
+        execution = ExecutionConfig(round_s=round_s, sync_s=5, group_start_s=0, overlap_sync=overlap, **D20_LINK)
+        return (two_sites_always_on(execution).finish_s - T0_S) / 3600
+
+    transfers_s = 0.05 + 89.76 + 0.05 + 179.52
+    links = Links(ExecutionConfig(round_s=600, sync_s=5, overlap_sync=True, **D20_LINK), {"a": site(), "b": site()})
+    assert links.sync_pause_s(["a", "b"]) == 5  # hidden
+    short = Links(ExecutionConfig(round_s=120, sync_s=5, overlap_sync=True, **D20_LINK), {"a": site(), "b": site()})
+    assert short.sync_pause_s(["a", "b"]) == pytest.approx(5 + transfers_s - 120)
+    unlinked = (two_sites_always_on(ExecutionConfig(round_s=600, sync_s=5, group_start_s=0)).finish_s - T0_S) / 3600
+    assert finish_h(600, True) == pytest.approx(unlinked)  # as if the link were free
+    assert finish_h(600, False) > finish_h(600, True) + 1  # the blocking sync pays ~45 % more per round
+    assert finish_h(120, False) > finish_h(120, True) > unlinked
+
+
 def test_a_joining_site_pays_its_download() -> None:
     """b's window opens while a and c are in a federated round: b joins it, pausing for sync_s
     and its download."""

@@ -258,6 +258,107 @@ def test_publish_hands_out_the_current_weights(corpus, averager) -> None:
     assert all(not array.any() for array in decompress(packed).values())
 
 
+# ------------------------------------------------------------------------------- overlapped sync
+
+
+@pytest.fixture
+def merged_weights() -> dict[str, np.ndarray]:
+    """What the round in flight lands as: the initial weights moved a little (version 4)."""
+    return {name: (array + np.float32(0.01)).astype(np.float32) for name, array in global_weights().items()}
+
+
+def overlapped_averager(averager, merged: dict[str, np.ndarray]):
+    """The averager of an overlapped round: the outer step runs once ``stepped`` is set."""
+    import threading
+
+    stepped = threading.Event()
+    averager.round_status.side_effect = lambda index: {"outcome": {"version": 4} if stepped.is_set() else None}
+    initial = averager.get_view.return_value
+    averager.get_view.side_effect = lambda held: ("full", 4, merged) if stepped.is_set() else initial
+    return stepped
+
+
+def wait_for_arrival(worker: SiteWorker) -> None:
+    deadline = time.monotonic() + 10
+    while not worker.in_flight.arrived():
+        assert time.monotonic() < deadline, "the overlapped sync never arrived"
+        time.sleep(0.01)
+
+
+def test_an_overlapped_sync_that_arrives_before_any_step_is_exactly_a_load(corpus, averager, merged_weights) -> None:
+    stepped = overlapped_averager(averager, merged_weights)
+    worker = make_worker(corpus, averager)
+    worker.execute(Load())
+    worker.execute(train_command(0, 2))
+    submitted = worker.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS, overlap=True))
+    assert submitted.num_bytes > 0 and worker.in_flight_round == 1
+    stepped.set()
+    wait_for_arrival(worker)
+    trained = worker.execute(train_command(2, 1))  # merges before its first step
+    assert (trained.merged_version, trained.merge_bytes) == (4, sum(a.nbytes for a in merged_weights.values()))
+    assert worker.in_flight_round is None and worker.held_version == 4
+
+    blocking = make_worker(corpus, create_autospec(AveragerClient, instance=True))  # the same, blocking
+    blocking.averager.get_view.side_effect = [("full", 3, global_weights()), ("full", 4, merged_weights)]
+    blocking.execute(Load())
+    blocking.execute(train_command(0, 2))
+    blocking.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS))
+    blocking.execute(Load())
+    blocking.execute(train_command(2, 1))
+    assert worker.trainer.weights_fingerprint() == blocking.trainer.weights_fingerprint()  # bit for bit
+
+
+def test_steps_taken_in_flight_are_kept_on_top_of_the_merged_weights(corpus, averager, merged_weights) -> None:
+    """θ ← θ_global + (θ − θ_sent); the next pseudo-gradient is exactly the steps since the submit."""
+    stepped = overlapped_averager(averager, merged_weights)
+    worker = make_worker(corpus, averager, "fp32")
+    worker.execute(Load())
+    worker.execute(train_command(0, 2))
+    worker.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS, overlap=True))
+    sent = worker.trainer.export_params()
+    trained = worker.execute(train_command(2, 3))  # in flight all along
+    assert trained.merged_version == -1 and worker.in_flight_round == 1
+    local = worker.trainer.export_params()
+    stepped.set()
+    merged = worker._merge(wait=True)
+    assert merged is not None and merged[0] == 4
+    for name, array in worker.trainer.export_params().items():
+        np.testing.assert_array_equal(array, (local[name] - sent[name]) + merged_weights[name])
+    worker.execute(Submit(round_index=2, tokens=3.0 * STEP_TOKENS))  # blocking: packs θ_global − θ
+    (_, round_index, packed, _), _ = averager.submit.call_args
+    assert round_index == 2
+    for name, array in decompress(packed).items():
+        np.testing.assert_allclose(array, sent[name] - local[name], atol=1e-6)  # the 3 steps in flight
+
+
+def test_any_command_but_training_waits_for_the_sync_in_flight(corpus, averager, merged_weights) -> None:
+    import threading
+
+    stepped = overlapped_averager(averager, merged_weights)
+    worker = make_worker(corpus, averager)
+    worker.execute(Load())
+    worker.execute(train_command(0, 1))
+    worker.execute(Submit(round_index=1, tokens=1.0 * STEP_TOKENS, overlap=True))
+    threading.Timer(0.3, stepped.set).start()
+    started = time.monotonic()
+    published = worker.execute(Publish())
+    assert time.monotonic() - started >= 0.25 and published.wall_s >= 0.25  # the wait is blocked time
+    (_, params), _ = averager.publish.call_args
+    for name, array in params.items():
+        np.testing.assert_array_equal(array, merged_weights[name])  # nothing trained in flight: the merged weights
+
+
+def test_a_failed_transfer_fails_the_next_training_command(corpus, averager) -> None:
+    averager.submit.side_effect = ConnectionError("averager unreachable")
+    worker = make_worker(corpus, averager)
+    worker.execute(Load())
+    worker.execute(train_command(0, 1))
+    worker.execute(Submit(round_index=1, tokens=1.0 * STEP_TOKENS, overlap=True))
+    wait_for_arrival(worker)
+    with pytest.raises(RuntimeError, match="round 1's overlapped sync failed.*averager unreachable"):
+        worker.execute(train_command(1, 1))
+
+
 # ----------------------------------------------------------------------------- inner optimizer
 
 

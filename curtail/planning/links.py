@@ -13,6 +13,11 @@ download (the outer step needs every submission; then every member fetches the r
 joining mid-round pauses for ``sync_s`` plus its own download. Without a link (the default) a
 transfer takes no time and ``sync_s`` is the whole pause, as before links existed.
 
+With ``execution.overlap_sync`` the members train on while the transfers run
+(:mod:`curtail.runtime.streaming`): only the part of the slowest member's transfers longer than
+the next round's local phase (``round_s``) still pauses them, ``sync_s + max(0, transfers −
+round_s)``.
+
 Reference sizes (MB per site per sync) for the d20 model (561M parameters): bf16 pseudo-gradient
 1,122 sent, fp32 global weights 2,244 received; int4 with zstd ~250 sent (``docs/BENCHMARKS.md``).
 Over 100 Mbit/s a bf16 upload takes ~90 s; over 1 Gbit/s ~9 s.
@@ -68,8 +73,12 @@ class Links:
 
     def sync_pause_s(self, members: Iterable[str], moved_mb: Mapping[str, tuple[float, float]] | None = None) -> float:
         """A federated sync: ``sync_s`` plus the slowest member's upload and download (of the
-        configured sizes, or of ``moved_mb[site] = (sent, received)``, what a real sync moved)."""
-        return self.execution.sync_s + max((self._transfers_s(s, moved_mb) for s in members), default=0.0)
+        configured sizes, or of ``moved_mb[site] = (sent, received)``, what a real sync moved);
+        with ``overlap_sync`` only what the next round's local phase does not hide."""
+        transfers_s = max((self._transfers_s(s, moved_mb) for s in members), default=0.0)
+        if self.execution.overlap_sync:
+            transfers_s = max(0.0, transfers_s - self.execution.round_s)
+        return self.execution.sync_s + transfers_s
 
     def join_pause_s(self, site: str, moved_mb: Mapping[str, tuple[float, float]] | None = None) -> float:
         """A site joining mid-round: ``sync_s`` plus its download of the global weights (or, with

@@ -19,6 +19,12 @@ Sites train from the view and send ``view − local`` as their pseudo-gradients;
 applies them to the exact ``θ``, which the evaluator scores and checkpoints keep. A site without
 the previous view (joining, restarted, after a single-site hand-off or a resume) downloads the
 whole view in fp32.
+
+**Overlapped syncs** (``[execution] overlap_sync``): the coordinator announces which sites will
+submit to a round (:meth:`Averager.expect`) and goes on; the sites' submissions arrive from
+their transfer threads while they train, and the last expected one runs the outer step. A site
+that dies is withdrawn from the round, which then steps on the others' submissions.
+:meth:`Averager.round_status` tells the coordinator and the sites' threads when it has.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class Averager:
         kwargs = {"lr": outer_lr, "momentum": outer_momentum} if outer_optimizer == "nesterov" else {}
         self._optimizer = make_outer_optimizer(outer_optimizer, **kwargs)
         self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
+        self._expected: dict[int, set[str]] = {}  # overlapped rounds: the sites still to submit
+        self._outcomes: dict[int, dict[str, Any]] = {}  # overlapped rounds' outer steps, by round
         self.version = 0
         self.num_outer_steps = 0
         self._published_by: tuple[str, int] = ("", -1)  # (site, version) of the newest publish
@@ -53,7 +61,7 @@ class Averager:
         """Restore from a run checkpoint (resume)."""
         self._params = {name: np.array(value, dtype=np.float32) for name, value in params.items()}
         self._optimizer.load_state_dict(optimizer)
-        self._pending = {}
+        self._pending, self._expected, self._outcomes = {}, {}, {}
         self.version, self.num_outer_steps = int(version), int(num_outer_steps)
         self._reset_view()
         return self.version
@@ -88,14 +96,39 @@ class Averager:
     def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
         """Add a site's work to round ``round_index`` (idempotent per site and round)."""
         self._pending.setdefault(round_index, {})[site] = (decompress(pseudo_grad), float(tokens))
-        return len(self._pending[round_index])
+        count = len(self._pending[round_index])
+        self._step_when_complete(round_index)
+        return count
+
+    def expect(self, round_index: int, sites: list[str]) -> None:
+        """An overlapped round: step as soon as every one of ``sites`` has submitted."""
+        self._expected[round_index] = set(sites)
+        self._step_when_complete(round_index)
+
+    def round_status(self, round_index: int) -> dict[str, Any]:
+        """An overlapped round: its outer step's outcome (None until it ran) and which sites'
+        submissions have arrived."""
+        return {"outcome": self._outcomes.get(round_index),
+                "arrived": sorted(self._pending.get(round_index, {})),
+                "expected": sorted(self._expected.get(round_index, ()))}
+
+    def _step_when_complete(self, round_index: int) -> None:
+        expected = self._expected.get(round_index)
+        if expected is not None and expected <= set(self._pending.get(round_index, {})):
+            del self._expected[round_index]
+            self._outcomes[round_index] = self.outer_step(round_index)
 
     def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
         """Drop these sites' submissions to a round (a site that died after its update arrived
         but before the coordinator heard back: its tokens go back to the ledger and are trained
-        again, so its update must not count too). Returns the sites actually dropped."""
+        again, so its update must not count too). Returns the sites actually dropped. An
+        overlapped round no longer waits for them (and steps if the rest have arrived)."""
         pending = self._pending.get(round_index, {})
-        return [site for site in sites if pending.pop(site, None) is not None]
+        dropped = [site for site in sites if pending.pop(site, None) is not None]
+        if round_index in self._expected:
+            self._expected[round_index] -= set(sites)
+            self._step_when_complete(round_index)
+        return dropped
 
     def outer_step(self, round_index: int) -> dict[str, Any]:
         """Average round ``round_index``'s submissions and apply the outer optimizer."""
@@ -182,6 +215,12 @@ class AveragerClient:
 
     def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
         return ray.get(self.handle.withdraw.remote(round_index, sites))
+
+    def expect(self, round_index: int, sites: list[str]) -> None:
+        ray.get(self.handle.expect.remote(round_index, sites))
+
+    def round_status(self, round_index: int) -> dict[str, Any]:
+        return ray.get(self.handle.round_status.remote(round_index))
 
     def state(self) -> dict[str, Any]:
         return ray.get(self.handle.state.remote())

@@ -80,6 +80,9 @@ class Trained(Reply):
     loss: float  # mean training loss over the steps (nan when no step ran)
     power_w: float | None = None  # NVML-measured watts of the site's GPUs over the command
     gpus: int = 0  # how many GPUs power_w covers
+    merged_version: int = -1  # an overlapped sync arrived during the command: the global version merged
+    merge_s: float = 0.0  # seconds the merge held training (the site's blocked time of that sync)
+    merge_bytes: int = 0  # what the overlapped sync downloaded
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class Submit(Command):
     reply_type: ClassVar[type[Reply]] = Submitted
     round_index: int
     tokens: float
+    overlap: bool = False  # pack, then train on while it travels (curtail.runtime.streaming)
 
 
 @dataclass(frozen=True)

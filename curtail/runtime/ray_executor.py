@@ -13,6 +13,15 @@ the global weights. It only orchestrates; each job belongs to one collaborator:
   work, deliveries, the ledger and its journal;
 * the checkpointer (:class:`~curtail.runtime.run_checkpointer.RunCheckpointer`);
 * telemetry (:class:`~curtail.runtime.telemetry.Telemetry`) and the held-out evaluator.
+
+With ``[execution] overlap_sync`` a federated sync only hands each member's packed round to its
+transfer thread (:mod:`curtail.runtime.streaming`) and the next round starts at once; the round
+*lands* when the averaging actor has stepped on it (:meth:`RayExecutor._land`): its work is
+delivered then, the global version moves and the evaluator scores it. Everything that must see
+the landed round first (the next sync, a join, a leave, a hand-off, a drain, a checkpoint) waits
+for it; a site that dies meanwhile is withdrawn from the round, which lands on the others.
+Checkpoints then wait for the round in flight, so they are taken at most every
+``checkpoint_interval_s`` instead of at every sync.
 """
 
 from __future__ import annotations
@@ -61,6 +70,8 @@ class ExecutorOptions:
     single_publish_interval_s: float = 600.0  # a single site delivers (and so checkpoints) this often
     deadline_is_trace_end: bool = False  # the run's deadline is where its carbon signal ends
     report_interval_s: float = 10.0  # a site reports its progress to Ray Train at most this often (wall)
+    overlap_sync: bool = False  # members train on while their sync is in flight (streaming.py)
+    landing_timeout_s: float = 600.0  # an overlapped round's submissions must arrive within this (wall)
 
 
 class RayExecutor(Executor):
@@ -102,6 +113,8 @@ class RayExecutor(Executor):
         self.ray_train_metrics: dict[str, dict[str, Any]] = {}  # each site's Result metrics at its last drain
         self.max_segment_s = min(self.max_segment_s, options.single_publish_interval_s)
         self.pending_evals: list[tuple[float, float, Any]] = []
+        self.in_flight: tuple[int, list[str]] | None = None  # an overlapped round not landed: (index, sites)
+        self.last_checkpoint_s = -math.inf
         self.stop_requested = threading.Event()  # set from another thread: stop at the next safe point
         self.interrupted = False
         self._resume_note: dict[str, Any] = {}
@@ -171,8 +184,12 @@ class RayExecutor(Executor):
             for site in current.members:
                 if self.account.undelivered(site):
                     self._publish(site, t_s, current.index)
-        if self.checkpointer is None or not self.account.settled:
-            return stopping and self.checkpointer is None
+        if self.checkpointer is None:
+            return stopping
+        if self.in_flight is not None and (stopping or t_s - self.last_checkpoint_s >= self.options.single_publish_interval_s):
+            self._land(t_s, wait=True)  # a checkpoint holds no work in flight
+        if not self.account.settled:
+            return False
         if stopping or self.checkpointer.due(self.global_version):
             self._checkpoint(t_s, next_decision_s)
         return stopping
@@ -190,6 +207,7 @@ class RayExecutor(Executor):
                            "executor": self.snapshot(t_s, next_decision_s), "coordinator": self._bookkeeping()},
         )
         self.telemetry.action(t_s, "checkpoint", self.num_rounds, time.perf_counter() - started)
+        self.last_checkpoint_s = t_s
 
     def _save_inner_optimizers(self, folder: str, t_s: float) -> bool:
         """Every running site saves its inner AdamW into ``folder/<site>`` (all ranks; a path or a URI)."""
@@ -216,7 +234,7 @@ class RayExecutor(Executor):
         """Send each site its command, then collect the replies; failed sites drop out."""
         replies, failures = self._send_all(commands, t_s, round_index)
         for site, error in failures.items():
-            self._fail(site, error)
+            self._fail(site, error, t_s)
         if self.capacity is not None:
             for site in replies:  # its worker group answers: measured group-ready time
                 self.capacity.group_ready(site)
@@ -242,9 +260,64 @@ class RayExecutor(Executor):
             self.telemetry.reply(t_s, site, commands[site].kind, round_index, replies[site])
         return replies, failures
 
-    def _fail(self, site: str, error: Exception) -> None:
-        """Hand a site failure to the state machine; its undelivered round work is lost."""
+    def _fail(self, site: str, error: Exception, t_s: float) -> None:
+        """Hand a site failure to the state machine; its undelivered round work is lost (and a
+        submission still in flight is withdrawn: its round lands on the others)."""
+        self._land(t_s, wait=False)  # landed already: that work is delivered, not lost
+        if self.in_flight is not None and site in self.in_flight[1]:
+            self.in_flight[1].remove(site)
+            self.averager.withdraw(self.in_flight[0], [site])
         self.report_failure(site, str(error), lost_tokens=self.account.lose_round(site))
+
+    def _send_overlapped(self, sites: list[str], round_index: int, t_s: float) -> None:
+        """An overlapped sync: every member packs its round and trains on; it lands later (:meth:`_land`)."""
+        commands = {site: Submit(round_index, self.account.undelivered(site), overlap=True) for site in sites}
+        self.averager.expect(round_index, list(commands))
+        replies = self._exchange(commands, t_s, round_index)
+        for site, reply in replies.items():
+            self.account.send(site)
+            self._count_bytes(site, sent=reply.num_bytes)
+        failed = sorted(set(commands) - set(replies))
+        if failed:  # never sent (or sent and then lost): not waited for, not counted
+            self.averager.withdraw(round_index, failed)
+        self.in_flight = (round_index, sorted(replies))
+        self._land(t_s, wait=False)
+
+    def _land(self, t_s: float, *, wait: bool) -> None:
+        """If the round in flight has stepped: deliver its work, move the global version, score
+        it. With ``wait``, wait for that, failing members that died or whose submission does not
+        arrive within ``landing_timeout_s``."""
+        if self.in_flight is None:
+            return
+        round_index, sites = self.in_flight
+        deadline = time.monotonic() + self.options.landing_timeout_s
+        status = self.averager.round_status(round_index)
+        while status["outcome"] is None:
+            if not wait:
+                return
+            missing = sorted(set(status["expected"]) - set(status["arrived"]))
+            late = time.monotonic() > deadline
+            for site in missing:
+                if late or not self.groups[site].alive():
+                    reason = (f"its round {round_index} did not reach the averager within landing_timeout_s = "
+                              f"{self.options.landing_timeout_s:g} s" if late else f"died with round {round_index} in flight")
+                    self.groups[site].abandon()
+                    self._fail(site, SiteFailure(site, reason), t_s)
+            if self.in_flight is None:  # withdrawing the dead let it land (inside _fail)
+                return
+            time.sleep(0.05)
+            status = self.averager.round_status(round_index)
+        self.in_flight = None
+        outcome = status["outcome"]
+        for site in outcome["sites"]:
+            if site in self.account.in_flight:
+                self.account.arrived(site, t_s)
+        self.global_version = outcome["version"]
+        for site in sites:
+            if self.groups[site].running:  # it merges this version before anything but training
+                self.loaded_version[site] = self.global_version
+        self.telemetry.action(t_s, "landed", round_index, 0.0)
+        self._evaluate(t_s)
 
     def _load(self, sites: list[str], t_s: float, round_index: int) -> None:
         sites = [s for s in sites if self.loaded_version[s] != self.global_version]
@@ -278,6 +351,7 @@ class RayExecutor(Executor):
     def _publish(self, site: str, t_s: float, round_index: int) -> None:
         """Single-site delivery: the site's weights become global (nothing to do without new work).
         A site that dies after its weights reached the averager still delivered them."""
+        self._land(t_s, wait=True)
         if not self.account.undelivered(site):
             return
         replies, failures = self._send_all({site: Publish()}, t_s, round_index)
@@ -292,7 +366,7 @@ class RayExecutor(Executor):
             if site in failures:
                 self.recorder.event(t_s, site, "publish_arrived", version=version)
         if site in failures:
-            self._fail(site, failures[site])
+            self._fail(site, failures[site], t_s)
 
     def _evaluate(self, t_s: float) -> None:
         """Score this sync's global weights in the background (no site waits for it)."""
@@ -332,11 +406,14 @@ class RayExecutor(Executor):
         commands = {s: c for s, c in commands.items() if self.groups[s].running}
         tokens: dict[str, float] = {}
         for site, reply in self._exchange(commands, end_s, index).items():
+            if reply.merged_version >= 0:  # an overlapped sync arrived while it trained
+                self.telemetry.merged(end_s, site, index, reply)
             self.account.trained(site, claims[site], reply.tokens, end_s)
             self.clock.observe(site, reply.steps, reply.wall_s)
             tokens[site] = float(reply.tokens)
             self.recorder.loss(LossPoint(end_s, site, self.tokens + sum(tokens.values()), reply.loss))
         self.clock.pass_time(start_s, end_s)  # real time: never ahead of the wall (sites may stop early)
+        self._land(end_s, wait=False)
         if current is not None and current.kind is RunMode.SINGLE:
             for site in set(current.members) & set(tokens):  # single site: deliver periodically
                 if end_s - self.last_publish_s.get(site, start_s) >= self.options.single_publish_interval_s:
@@ -353,7 +430,9 @@ class RayExecutor(Executor):
         self.groups[site].start()
 
     def on_round_start(self, started: RoundView, t_s: float) -> None:
-        self._load(list(started.members), t_s, started.index)
+        if self.in_flight is None or set(started.members) - set(self.in_flight[1]):
+            self._land(t_s, wait=True)  # a member without the round in flight loads the landed weights
+        self._load([s for s in started.members if not self._merging(s)], t_s, started.index)
         self.telemetry.action(t_s, "round_start", started.index, 0.0)
 
     def _count_bytes(self, site: str, *, sent: int = 0, received: int = 0) -> None:
@@ -371,11 +450,20 @@ class RayExecutor(Executor):
     def _moved_mb(self) -> dict[str, tuple[float, float]]:
         return {site: (sent / 1e6, received / 1e6) for site, (sent, received) in self.sync_bytes.items()}
 
+    def _merging(self, site: str) -> bool:
+        """``site`` has a round in flight: it merges the result itself (no load)."""
+        return self.in_flight is not None and site in self.in_flight[1]
+
     def on_sync(self, ended: RoundView, members: list[str], t_s: float) -> None:
+        self._land(t_s, wait=True)  # the previous round in flight first
         self.sync_bytes = {}
+        submitters = [site for site in ended.members if self.account.undelivered(site) > 0]
         if ended.kind is RunMode.SINGLE:  # hand-off: the single site's weights become global
             for site in ended.members:
                 self._publish(site, t_s, ended.index)
+        elif self.options.overlap_sync and members and set(members) <= set(submitters):
+            self._send_overlapped(submitters, ended.index, t_s)  # lands during the next round
+            return
         else:
             self._submit(ended.members, ended.index, t_s)
             self._outer_step(ended.index, t_s)
@@ -383,10 +471,12 @@ class RayExecutor(Executor):
         self._evaluate(t_s)
 
     def on_join(self, site: str, index: int, t_s: float) -> None:
+        self._land(t_s, wait=True)  # a joiner starts from the landed weights
         self.sync_bytes.pop(site, None)
         self._load([site], t_s, index)
 
     def on_leave(self, site: str, current: RoundView, t_s: float) -> None:
+        self._land(t_s, wait=True)
         if current.kind is RunMode.SINGLE:
             self._publish(site, t_s, current.index)
             return
@@ -395,6 +485,7 @@ class RayExecutor(Executor):
             self._outer_step(current.index, t_s)
 
     def on_drain(self, site: str, t_s: float) -> None:
+        self._land(t_s, wait=True)
         if self.capacity is not None:
             self.capacity.release(site)
         try:
@@ -422,6 +513,7 @@ class RayExecutor(Executor):
                                 token_budget=self.context.token_budget,
                                 missing_tokens=round(max(0.0, self.context.token_budget - self.tokens)),
                                 fallback="stop")
+        self._land(t_s, wait=True)
         if open_round is not None and open_round.members:
             if open_round.kind is RunMode.SINGLE:
                 self._publish(open_round.members[0], t_s, open_round.index)
@@ -432,6 +524,7 @@ class RayExecutor(Executor):
 
     def on_interrupt(self, t_s: float) -> None:
         self.interrupted = True
+        self._land(t_s, wait=True)
         self._drain_all(t_s)
 
     def _drain_all(self, t_s: float) -> None:

@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # the worker side imports torch lazily: the coordinator side 
     import torch
 
     from curtail.runtime.averager import AveragerClient
+    from curtail.runtime.streaming import SyncInFlight
     from curtail.training.data import TokenCorpus
     from curtail.training.loop import SiteTrainer
     from curtail.training.power import PowerSampler
@@ -206,6 +207,8 @@ class SiteWorker:
         self.reference: dict[str, np.ndarray] | None = None  # the global weights the round started from
         self.held_version = -1  # the global version ``reference`` is (a compressed broadcast builds on it)
         self.steps_done = 0  # optimizer steps over the window
+        self.in_flight_round: int | None = None  # an overlapped sync not merged yet (every rank knows)
+        self.in_flight: SyncInFlight | None = None  # its transfer thread (rank 0)
         self.rank_tokens = config.batch_size * config.model.seq_len
         self.tokens_per_step = self.rank_tokens * world
         self.handlers: dict[type[Command], Callable[[Any], Reply]] = {
@@ -243,6 +246,8 @@ class SiteWorker:
         handler = self.handlers.get(type(command))
         if handler is None:
             raise ValueError(f"unknown site command {command!r}")
+        if not isinstance(command, Train):  # a sync in flight lands before anything but training
+            self._merge(wait=True)
         return handler(command)
 
     def train(self, command: Train) -> Trained:
@@ -251,12 +256,14 @@ class SiteWorker:
 
         losses = []
         steps = 0
+        merged = None
         if self.power is not None:
             self.power.start()
         for start_token, num_steps in command.chunks:
             for step in range(num_steps):
                 if command.until_wall is not None and not _broadcast_object(time.time() < command.until_wall, self.world):
                     break
+                merged = self._merge(wait=False) or merged
                 # the schedule runs on the whole run's tokens: all active sites train meanwhile
                 progress = command.tokens_before + steps * self.tokens_per_step * command.concurrency
                 losses.append(self._step(start_token + step * self.tokens_per_step, progress))
@@ -275,8 +282,10 @@ class SiteWorker:
                 **({"power_w": power_w} if power_w is not None else {}),
             }
             self.report_metrics(self.metrics)
+        merged_version, merge_bytes, merge_s = merged or (-1, 0, 0.0)
         return Trained(wall_s=self._elapsed_s(), steps=steps, tokens=steps * self.tokens_per_step, loss=mean_loss,
-                       power_w=power_w, gpus=self.world)
+                       power_w=power_w, gpus=self.world, merged_version=merged_version, merge_s=merge_s,
+                       merge_bytes=merge_bytes)
 
     def load(self, command: Load) -> Loaded:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
@@ -302,7 +311,8 @@ class SiteWorker:
                       num_bytes=num_bytes)
 
     def submit(self, command: Submit) -> Submitted:
-        """Send the round's pseudo-gradient (reference − local weights) with its token weight."""
+        """Send the round's pseudo-gradient (reference − local weights) with its token weight;
+        with ``overlap``, hand it to a transfer thread and return (:mod:`curtail.runtime.streaming`)."""
         num_bytes = 0
         if self.rank == 0:
             if self.reference is None:
@@ -310,9 +320,41 @@ class SiteWorker:
             # On the device against the kept start of the round; only the packed result crosses to the host.
             packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire)
             num_bytes = packed.num_bytes
-            self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
-            self._emulate_transfer(num_bytes)
+            if command.overlap:
+                from curtail.runtime.streaming import SyncInFlight
+
+                self.trainer.hold_sent()
+                self.in_flight = SyncInFlight(
+                    self.averager, self.config.site, command.round_index, packed, command.tokens, self.reference,
+                    self.held_version, self.config.emulated_link, self.trainer.stage_global,
+                )
+            else:
+                self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
+                self._emulate_transfer(num_bytes)
+        if command.overlap:
+            self.in_flight_round = command.round_index
         return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)
+
+    def _merge(self, *, wait: bool) -> tuple[int, int, float] | None:
+        """Apply the overlapped sync in flight if it arrived (``wait``: wait for it); its
+        ``(version, bytes downloaded, seconds the merge took)``, None if nothing was merged. A
+        collective: every rank calls it at the same point."""
+        if self.in_flight_round is None:
+            return None
+        if not wait and not _broadcast_object(self.in_flight.arrived() if self.rank == 0 else None, self.world):
+            return None
+        started = time.perf_counter()
+        version, num_bytes = -1, 0
+        if self.rank == 0:
+            assert self.in_flight is not None
+            arrival = self.in_flight.wait()
+            self.trainer.merge_global(arrival.state, arrival.staged)
+            self.reference, self.held_version = arrival.state, arrival.version
+            version, num_bytes = arrival.version, arrival.num_bytes
+            self.in_flight = None
+        _broadcast_params(self.trainer, self.world)
+        self.in_flight_round = None
+        return version, num_bytes, time.perf_counter() - started
 
     def publish(self, command: Publish) -> Published:
         """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""
@@ -492,6 +534,10 @@ class SiteGroup:
     @property
     def running(self) -> bool:
         return self.fit_ref is not None
+
+    def alive(self) -> bool:
+        """Running, and its ``fit()`` has not ended (died) — without sending it anything."""
+        return self.fit_ref is not None and not ray.wait([self.fit_ref], timeout=0)[0]
 
     def start(self) -> None:
         if self.fit_ref is not None:

@@ -56,17 +56,21 @@ def measured_power_per_gpu_w(timings: list[Timing], warmup_factor: float = 3.0) 
 
 def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
     """Per site: ``bytes_sent`` (pseudo-gradients) over ``submits`` and ``bytes_received``
-    (global weights) over ``loads``, in all and per command; ``bytes_published`` (single-site
-    hand-offs: the whole weights); ``rounds`` it synchronised in and ``blocked_s_per_round``,
-    the wall seconds its submit, load and publish commands took per such round (the site does
-    not train meanwhile)."""
+    (global weights) over ``loads`` (an overlapped sync's merge counts as one), in all and per
+    command; ``bytes_published`` (single-site hand-offs: the whole weights); ``rounds`` it
+    synchronised in and ``blocked_s_per_round``, the wall seconds its submit, load, merge and
+    publish commands held it per such round (the site does not train meanwhile), with the
+    worst round's ``max_blocked_s``."""
     result = {}
-    sync = [t for t in timings if t.kind in ("submit", "load", "publish") and t.site]
+    sync = [t for t in timings if t.kind in ("submit", "load", "merge", "publish") and t.site]
     for site in sorted({t.site for t in sync}):
         rows = [t for t in sync if t.site == site]
         submits = [t for t in rows if t.kind == "submit"]
-        loads = [t for t in rows if t.kind == "load"]
-        rounds = len({t.round for t in rows})
+        loads = [t for t in rows if t.kind in ("load", "merge")]
+        by_round: dict[int, float] = {}
+        for t in rows:
+            by_round[t.round] = by_round.get(t.round, 0.0) + t.wall_s
+        rounds = len(by_round)
         sent, received = sum(t.num_bytes for t in submits), sum(t.num_bytes for t in loads)
         result[site] = {
             "submits": len(submits), "bytes_sent": sent, "bytes_sent_per_submit": sent / max(len(submits), 1),
@@ -74,6 +78,7 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
             "bytes_received_per_load": received / max(len(loads), 1),
             "bytes_published": sum(t.num_bytes for t in rows if t.kind == "publish"),
             "rounds": rounds, "blocked_s_per_round": sum(t.wall_s for t in rows) / rounds,
+            "max_blocked_s": max(by_round.values()),
         }
     return result
 
@@ -103,6 +108,11 @@ class Telemetry:
                 self.timings.append(Timing(t_s, site, kind, round_index, 0.0))
             case _:
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s))
+
+    def merged(self, t_s: float, site: str, round_index: int, reply: Trained) -> None:
+        """An overlapped sync arrived at ``site`` during a train command: its download and the
+        seconds the merge held training (a ``merge`` row, counted with the loads)."""
+        self.timings.append(Timing(t_s, site, "merge", round_index, reply.merge_s, num_bytes=reply.merge_bytes))
 
     def action(self, t_s: float, kind: str, round_index: int, wall_s: float) -> None:
         """A run-level action (outer step, checkpoint, round start) took ``wall_s``."""

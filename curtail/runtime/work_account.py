@@ -2,7 +2,9 @@
 
 A site claims ranges from the data ledger before it trains them; what it trained stays
 *pending* until its work enters the global model (a submission averaged, a single-site
-publish), when the ledger records the ranges as trained. A site that dies loses its pending
+publish), when the ledger records the ranges as trained. An overlapped sync's submission is
+*in flight* (:meth:`WorkAccount.send`) until its outer step has run: only then is it delivered,
+while the site's next round accrues beside it. A site that dies loses its pending and in-flight
 work: the ranges go back to the pool and the ledger records them as re-trained. Every trained,
 delivered and released range is also appended to the fsync'd ledger journal, so a resume from
 a checkpoint knows exactly which work the crash discarded (:meth:`WorkAccount.resume`);
@@ -27,13 +29,15 @@ class WorkAccount:
         self.tokens_per_step = tokens_per_step
         self.pending: dict[str, list[tuple[TokenRange, int]]] = {site: [] for site in sites}  # (range, trained)
         self.round_tokens = dict.fromkeys(sites, 0.0)  # trained since the site's last delivery
+        # submitted in an overlapped sync whose outer step has not run yet: (pending, tokens)
+        self.in_flight: dict[str, tuple[list[tuple[TokenRange, int]], float]] = {}
         self.journal = LedgerJournal(journal_dir) if journal_dir is not None else None
         self.on_journal = on_journal  # after every entry (a run on object storage uploads the journal)
 
     @property
     def settled(self) -> bool:
         """No site holds undelivered work or claims: a checkpoint here loses nothing."""
-        return not any(self.round_tokens.values()) and not self.ledger.outstanding_tokens
+        return not any(self.round_tokens.values()) and not self.in_flight and not self.ledger.outstanding_tokens
 
     def _journal(self, kind: str, site: str, ranges: list[list[int]], t_s: float, **details: Any) -> None:
         if self.journal is not None and ranges:
@@ -75,14 +79,34 @@ class WorkAccount:
         self.pending[site] = []
         self.round_tokens[site] = 0.0
 
+    def send(self, site: str) -> None:
+        """``site`` submitted its round in an overlapped sync: in flight until :meth:`arrived`."""
+        if site in self.in_flight:
+            raise RuntimeError(f"site {site!r} sent a round while its previous one is still in flight")
+        self.in_flight[site] = (self.pending[site], self.round_tokens[site])
+        self.pending[site], self.round_tokens[site] = [], 0.0
+
+    def arrived(self, site: str, t_s: float) -> None:
+        """``site``'s in-flight round entered the global model: record its ranges as trained."""
+        pending, _ = self.in_flight.pop(site)
+        for token_range, trained in pending:
+            self.ledger.complete(site, token_range, trained)
+        self._journal("delivered", site, [[r.epoch, r.start, r.start + n] for r, n in pending if n], t_s)
+
     def lose_round(self, site: str) -> float:
-        """``site`` failed: its undelivered tokens no longer count (returns them)."""
+        """``site`` failed: its undelivered tokens (in flight too) no longer count (returns them)."""
         lost, self.round_tokens[site] = self.round_tokens[site], 0.0
+        if site in self.in_flight:
+            pending, tokens = self.in_flight.pop(site)
+            self.pending[site] = pending + self.pending[site]  # released with the rest
+            lost += tokens
         return lost
 
     def release(self, site: str, t_s: float) -> dict[str, Any]:
         """A failed site is out: what it trained and never delivered is recorded as re-trained,
         its claims go back to the pool. Returns the ``ledger_release`` event's details."""
+        if site in self.in_flight:
+            self.lose_round(site)
         lost = [(r.epoch, r.start, r.start + n) for r, n in self.pending[site] if n]
         self.ledger.record_retrained(f"site_failure:{site}", lost)
         released = [r.to_list() for r in self.ledger.release(site)]

@@ -148,6 +148,7 @@ class SiteTrainer:
             self._train_loss = torch.compile(self._loss) if compile_model else self._loss
         self._reference: dict[str, torch.Tensor] | None = None
         self._reference_source: Mapping[str, np.ndarray] | None = None
+        self._sent: dict[str, torch.Tensor] | None = None  # the weights at an overlapped submit
         self.vocab_size = int(self.model.config.vocab_size)
         self.grad_clip_norm = grad_clip_norm
         self.micro_batch_size = micro_batch_size
@@ -201,6 +202,41 @@ class SiteTrainer:
             if self.keep_reference:
                 self._reference = {name: param.detach().clone() for name, param in self._params.items()}
                 self._reference_source = state
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def hold_sent(self) -> None:
+        """Keep a device copy of the weights as just submitted (``θ_sent`` of an overlapped sync)."""
+        with torch.no_grad():
+            self._sent = {name: param.detach().clone() for name, param in self._params.items()}
+
+    def stage_global(self, state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """``state`` copied to the device for :meth:`merge_global`; safe to call from a transfer
+        thread while this one trains (its own CUDA stream; on a CPU the arrays are viewed)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays: only read
+            if self.device.type != "cuda":
+                return {name: torch.as_tensor(np.asarray(state[name])) for name in self._params}
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                staged = {name: torch.as_tensor(np.asarray(state[name])).to(self.device, non_blocking=True)
+                          for name in self._params}
+            stream.synchronize()
+            return staged
+
+    def merge_global(self, state: Mapping[str, np.ndarray], staged: Mapping[str, torch.Tensor]) -> None:
+        """An overlapped sync's arrival: ``θ ← θ_global + (θ − θ_sent)``, the merged weights plus
+        the local steps taken since the submit (:meth:`hold_sent`). With no step since, ``θ −
+        θ_sent`` is exactly 0 and this is :meth:`load_global`. ``state`` becomes the reference."""
+        if self._sent is None:
+            raise RuntimeError("merge_global without hold_sent: no submitted weights to merge against")
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.sub_(self._sent[name]).add_(staged[name])
+            if self.keep_reference:
+                self._reference = {name: tensor.to(torch.float32) for name, tensor in staged.items()}
+                self._reference_source = state
+        self._sent = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

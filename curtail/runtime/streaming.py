@@ -1,0 +1,127 @@
+"""Overlapped syncs: a site trains on while its round's transfers run (``[execution] overlap_sync``).
+
+At a sync the site packs its pseudo-gradient ``g = θ_ref − θ_sent`` as always, keeps
+``θ_sent`` (its weights at that instant) and goes straight back to training. A transfer thread
+on rank 0 (:class:`SyncInFlight`) then
+
+1. uploads ``g`` (through the emulated link, if any) to the averaging actor,
+2. waits until the round's outer step ran (every expected site's submission arrived, or the
+   dead ones were withdrawn),
+3. downloads the new global weights ``θ_global`` (the packed change, or the whole view) and
+   stages them on the device.
+
+Between two steps the site applies the arrival (:meth:`~curtail.training.loop.SiteTrainer.merge_global`)::
+
+    θ ← θ_global + (θ − θ_sent)       reference ← θ_global
+
+so the local steps taken while the sync was in flight are kept on top of the merged weights,
+and the next pseudo-gradient ``θ_global − θ`` covers exactly those steps and the ones after
+(they belong to the next round, and are accounted there). With no step in flight
+``θ − θ_sent = 0`` exactly and the rule is today's blocking load, bit for bit; any command other
+than training (submit, load, publish, save, stop) first waits for the arrival, so a sync never
+overlaps the next one, a hand-off, a checkpoint or a drain. This is Streaming DiLoCo's
+overlapping update (Douillard et al., 2025) with the whole model as one fragment.
+
+What a site is blocked for is the packing before it trains on and the merge (a few device
+passes): ``Trained.merge_s``; the transfers themselves run beside training.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from curtail.planning.links import Link
+    from curtail.runtime.averager import AveragerClient
+    from curtail.training.compression import CompressedState
+
+STATUS_POLL_S = 0.02  # how often the transfer thread asks whether its round has stepped
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """The merged round as it reached the site: the new reference and its staged device copy."""
+
+    round_index: int
+    version: int
+    state: dict[str, np.ndarray]
+    staged: Any  # the device tensors of ``state`` (SiteTrainer.stage_global)
+    num_bytes: int  # downloaded
+
+
+class SyncInFlight:
+    """One round's overlapped sync on a site's rank 0 (see the module doc).
+
+    Example::
+
+        flight = SyncInFlight(averager, "a", 3, packed, 4096.0, reference, 7, link, trainer.stage_global)
+        ...                                # train on
+        if flight.arrived():
+            arrival = flight.wait()        # raises if the transfer failed
+    """
+
+    def __init__(
+        self,
+        averager: AveragerClient,
+        site: str,
+        round_index: int,
+        packed: CompressedState,
+        tokens: float,
+        reference: dict[str, np.ndarray],
+        held_version: int,
+        link: Link | None,
+        stage: Callable[[dict[str, np.ndarray]], Any],
+    ) -> None:
+        self.round_index = round_index
+        self._averager, self._site, self._link, self._stage = averager, site, link, stage
+        self._done = threading.Event()
+        self._arrival: Arrival | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(packed, tokens, reference, held_version), daemon=True,
+            name=f"curtail-sync-{site}-{round_index}",
+        )
+        self._thread.start()
+
+    def arrived(self) -> bool:
+        """Whether the merged weights are staged (or the transfer failed): :meth:`wait` returns at once."""
+        return self._done.is_set()
+
+    def wait(self) -> Arrival:
+        """The arrival (waits for it); the transfer's error if it failed."""
+        self._done.wait()
+        if self._error is not None:
+            raise RuntimeError(f"round {self.round_index}'s overlapped sync failed: {self._error!r}") from self._error
+        assert self._arrival is not None
+        return self._arrival
+
+    def _emulate(self, num_bytes: int) -> None:
+        if self._link is not None:
+            time.sleep(self._link.transfer_s(num_bytes / 1e6))
+
+    def _run(self, packed: CompressedState, tokens: float, reference: dict[str, np.ndarray], held_version: int) -> None:
+        try:
+            self._emulate(packed.num_bytes)
+            self._averager.submit(self._site, self.round_index, packed, tokens)
+            while self._averager.round_status(self.round_index)["outcome"] is None:
+                time.sleep(STATUS_POLL_S)
+            kind, version, payload = self._averager.get_view(held_version)
+            if kind == "change":
+                from curtail.runtime.averager import advance_view
+
+                num_bytes = payload.num_bytes
+                state = advance_view({name: np.array(array) for name, array in reference.items()}, payload)
+            else:
+                state, num_bytes = payload, sum(array.nbytes for array in payload.values())
+            self._emulate(num_bytes)
+            self._arrival = Arrival(self.round_index, version, state, self._stage(state), num_bytes)
+        except BaseException as error:  # noqa: BLE001 -- surfaced to the training thread by wait()
+            self._error = error
+        finally:
+            self._done.set()
