@@ -243,8 +243,10 @@ def test_run_resumes_by_itself_when_the_coordinator_then_the_averager_dies(ray_c
     import curtail
 
     callback, killed = _kill_in_turn([("coordinator", 5000), ("averager", 9000)])
-    result = curtail.run(_mid_round(tiny_experiment(tmp_path)), output_dir=tmp_path / "runs", on_progress=callback,
-                         progress_interval_s=0.3)
+    experiment = _mid_round(tiny_experiment(tmp_path))  # int4 with error feedback, overlapped syncs
+    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4"}
+    experiment["execution"] = {**experiment["execution"], "overlap_sync": True}
+    result = curtail.run(experiment, output_dir=tmp_path / "runs", on_progress=callback, progress_interval_s=0.3)
     assert [k["what"] for k in killed] == ["coordinator", "averager"], f"killed only {killed}"
     assert len(result.summary["restarts"]) == 2
     assert (result.run_dir / "checkpoints" / "LATEST").is_file()

@@ -4,7 +4,8 @@ The run must go on: the round completes with the other site, the dead site's und
 token ranges go back to the ledger, the site re-provisions and rejoins from the newest global
 weights while its window is open, and at the end tokens trained = tokens in the ledger, with
 every range trained once except the ranges the ledger journals as re-trained (b's
-undelivered round). A second case drains b 2 s into a federated sync (its window closes while
+undelivered round). The run compresses its transfers and overlaps its syncs with training.
+A second case drains b 2 s into a federated sync (its window closes while
 its round is being averaged): nothing is lost and the run matches its simulation.
 """
 
@@ -48,7 +49,8 @@ def killed_run(ray_cluster, tmp_path_factory):
     experiment = mid_round(tiny_experiment(tmp))  # compression with error feedback, on an emulated link
     experiment["training"] = {**experiment["training"], "transfer_dtype": "int4", "transfer_topk_fraction": 0.05,
                               "broadcast_dtype": "int4", "emulate_link": True}
-    experiment["execution"] = {**experiment["execution"], "link_mbit_per_s": LINK_MBIT, "link_latency_ms": LINK_MS}
+    experiment["execution"] = {**experiment["execution"], "link_mbit_per_s": LINK_MBIT, "link_latency_ms": LINK_MS,
+                               "overlap_sync": True}  # and the sites train on while their syncs travel
     result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=kill_b_once,
                          progress_interval_s=0.3)
     assert killed, "the run never reached the point where the fault is injected"
@@ -73,9 +75,10 @@ def test_the_run_survives_and_the_site_rejoins(killed_run):
 
 def test_compressed_pseudo_gradients_travel_and_are_counted(killed_run):
     """int4 codes of the top 5 % with error feedback up, int4 view changes down, on an emulated
-    link: every sending site's bytes per submit are under 1/16 of bf16 (2 bytes per parameter),
-    loads mostly changes rather than fp32 weights, the blocked time covers the link's, and the
-    run learned."""
+    link, overlapped: every sending site's bytes per submit are under 1/16 of bf16 (2 bytes per
+    parameter), loads and merges mostly changes rather than fp32 weights, the blocked time covers
+    the link's (on the virtual clock a round's training is shorter than its transfers: the next
+    sync waits for them), and the run learned."""
     result, _ = killed_run
     summary = result.summary
     assert summary["transfer"] == {"dtype": "int4", "topk_fraction": 0.05, "block_size": 128,
@@ -89,10 +92,13 @@ def test_compressed_pseudo_gradients_travel_and_are_counted(killed_run):
         transfer_s = ((row["bytes_sent"] + row["bytes_received"] + row["bytes_published"]) * 8 / (LINK_MBIT * 1e6)
                       + (row["submits"] + row["loads"]) * LINK_MS / 1000)
         assert row["blocked_s_per_round"] * row["rounds"] >= transfer_s
-    assert summary["link"] == {"emulated": True, "sites": {
+    assert summary["link"] == {"emulated": True, "overlap_sync": True, "sites": {
         site: {"mbit_per_s": LINK_MBIT, "latency_ms": LINK_MS} for site in ("a", "b")}}
-    # the virtual clock charged the bytes each sync moved: the largest download's time on the link
+    # the rounds were overlapped: each landed later, and the sites merged them (downloads counted)
     intervals, timings = result.record.intervals, result.record.timings
+    assert (timings.kind == "landed").sum() >= 3 and (timings.kind == "merge").sum() >= 3
+    assert (timings[timings.kind == "merge"].num_bytes > 0).all()
+    # the virtual clock charged the bytes each sync moved: the largest download's time on the link
     syncs = intervals[intervals.state == "syncing"]
     largest_s = timings[timings.kind == "load"].num_bytes.max() * 8 / (LINK_MBIT * 1e6) + LINK_MS / 1000
     assert (syncs.end_s - syncs.start_s).max() >= 5 + largest_s - 1e-6

@@ -295,7 +295,7 @@ def test_an_overlapped_sync_that_arrives_before_any_step_is_exactly_a_load(corpu
     stepped.set()
     wait_for_arrival(worker)
     trained = worker.execute(train_command(2, 1))  # merges before its first step
-    assert (trained.merged_version, trained.merge_bytes) == (4, sum(a.nbytes for a in merged_weights.values()))
+    assert (trained.merged.version, trained.merged.num_bytes) == (4, sum(a.nbytes for a in merged_weights.values()))
     assert worker.in_flight_round is None and worker.held_version == 4
 
     blocking = make_worker(corpus, create_autospec(AveragerClient, instance=True))  # the same, blocking
@@ -317,11 +317,11 @@ def test_steps_taken_in_flight_are_kept_on_top_of_the_merged_weights(corpus, ave
     worker.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS, overlap=True))
     sent = worker.trainer.export_params()
     trained = worker.execute(train_command(2, 3))  # in flight all along
-    assert trained.merged_version == -1 and worker.in_flight_round == 1
+    assert trained.merged is None and worker.in_flight_round == 1
     local = worker.trainer.export_params()
     stepped.set()
-    merged = worker._merge(wait=True)
-    assert merged is not None and merged[0] == 4
+    worker._merge(wait=True)
+    assert worker.merged is not None and worker.merged.version == 4
     for name, array in worker.trainer.export_params().items():
         np.testing.assert_array_equal(array, (local[name] - sent[name]) + merged_weights[name])
     worker.execute(Submit(round_index=2, tokens=3.0 * STEP_TOKENS))  # blocking: packs θ_global − θ
@@ -343,6 +343,7 @@ def test_any_command_but_training_waits_for_the_sync_in_flight(corpus, averager,
     started = time.monotonic()
     published = worker.execute(Publish())
     assert time.monotonic() - started >= 0.25 and published.wall_s >= 0.25  # the wait is blocked time
+    assert published.merged is not None and published.merged.version == 4
     (_, params), _ = averager.publish.call_args
     for name, array in params.items():
         np.testing.assert_array_equal(array, merged_weights[name])  # nothing trained in flight: the merged weights

@@ -16,7 +16,7 @@ answer it received belongs to the question it asked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # annotations only: the coordinator side (cluster.py) imports no torch
@@ -69,8 +69,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class Merge:
+    """An overlapped sync the site merged during a command (:mod:`curtail.runtime.streaming`)."""
+
+    version: int  # the global version merged
+    num_bytes: int  # what its download moved
+    wall_s: float  # seconds the merge itself took (inside the command's wall_s)
+
+
+@dataclass(frozen=True)
 class Reply:
     wall_s: float
+    merged: Merge | None = field(default=None, kw_only=True)  # an overlapped sync landed during the command
 
 
 @dataclass(frozen=True)
@@ -80,9 +90,6 @@ class Trained(Reply):
     loss: float  # mean training loss over the steps (nan when no step ran)
     power_w: float | None = None  # NVML-measured watts of the site's GPUs over the command
     gpus: int = 0  # how many GPUs power_w covers
-    merged_version: int = -1  # an overlapped sync arrived during the command: the global version merged
-    merge_s: float = 0.0  # seconds the merge held training (the site's blocked time of that sync)
-    merge_bytes: int = 0  # what the overlapped sync downloaded
 
 
 @dataclass(frozen=True)

@@ -285,28 +285,19 @@ class RayExecutor(Executor):
 
     def _land(self, t_s: float, *, wait: bool) -> None:
         """If the round in flight has stepped: deliver its work, move the global version, score
-        it. With ``wait``, wait for that, failing members that died or whose submission does not
-        arrive within ``landing_timeout_s``."""
+        it. With ``wait``, wait for that (the members idle meanwhile: recorded as their
+        ``landing_wait``), failing members that died or whose submission does not arrive within
+        ``landing_timeout_s``."""
         if self.in_flight is None:
             return
         round_index, sites = self.in_flight
-        deadline = time.monotonic() + self.options.landing_timeout_s
         status = self.averager.round_status(round_index)
-        while status["outcome"] is None:
+        if status["outcome"] is None:
             if not wait:
                 return
-            missing = sorted(set(status["expected"]) - set(status["arrived"]))
-            late = time.monotonic() > deadline
-            for site in missing:
-                if late or not self.groups[site].alive():
-                    reason = (f"its round {round_index} did not reach the averager within landing_timeout_s = "
-                              f"{self.options.landing_timeout_s:g} s" if late else f"died with round {round_index} in flight")
-                    self.groups[site].abandon()
-                    self._fail(site, SiteFailure(site, reason), t_s)
-            if self.in_flight is None:  # withdrawing the dead let it land (inside _fail)
+            status = self._wait_for_landing(round_index, t_s)
+            if status is None:  # withdrawing the dead let it land (inside _fail)
                 return
-            time.sleep(0.05)
-            status = self.averager.round_status(round_index)
         self.in_flight = None
         outcome = status["outcome"]
         for site in outcome["sites"]:
@@ -318,6 +309,28 @@ class RayExecutor(Executor):
                 self.loaded_version[site] = self.global_version
         self.telemetry.action(t_s, "landed", round_index, 0.0)
         self._evaluate(t_s)
+
+    def _wait_for_landing(self, round_index: int, t_s: float) -> dict[str, Any] | None:
+        """The in-flight round's status once it stepped (None: it landed meanwhile, see :meth:`_land`)."""
+        assert self.in_flight is not None
+        started = time.monotonic()
+        waiting = [site for site in self.in_flight[1] if self.groups[site].running]
+        status = self.averager.round_status(round_index)
+        while status["outcome"] is None:
+            late = time.monotonic() - started > self.options.landing_timeout_s
+            for site in sorted(set(status["expected"]) - set(status["arrived"])):
+                if late or not self.groups[site].alive():
+                    reason = (f"its round {round_index} did not reach the averager within landing_timeout_s = "
+                              f"{self.options.landing_timeout_s:g} s" if late else f"died with round {round_index} in flight")
+                    self.groups[site].abandon()
+                    self._fail(site, SiteFailure(site, reason), t_s)
+            if self.in_flight is None:
+                return None
+            time.sleep(0.05)
+            status = self.averager.round_status(round_index)
+        for site in waiting:
+            self.telemetry.action(t_s, "landing_wait", round_index, time.monotonic() - started, site=site)
+        return status
 
     def _load(self, sites: list[str], t_s: float, round_index: int) -> None:
         sites = [s for s in sites if self.loaded_version[s] != self.global_version]
@@ -406,8 +419,6 @@ class RayExecutor(Executor):
         commands = {s: c for s, c in commands.items() if self.groups[s].running}
         tokens: dict[str, float] = {}
         for site, reply in self._exchange(commands, end_s, index).items():
-            if reply.merged_version >= 0:  # an overlapped sync arrived while it trained
-                self.telemetry.merged(end_s, site, index, reply)
             self.account.trained(site, claims[site], reply.tokens, end_s)
             self.clock.observe(site, reply.steps, reply.wall_s)
             tokens[site] = float(reply.tokens)

@@ -22,6 +22,7 @@ back (Ray Train V2's auto-resume).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import os
 import tempfile
@@ -42,6 +43,7 @@ from curtail.runtime.protocol import (
     Load,
     Loaded,
     LoadOptimizer,
+    Merge,
     OptimizerLoaded,
     OptimizerSaved,
     Publish,
@@ -209,6 +211,7 @@ class SiteWorker:
         self.steps_done = 0  # optimizer steps over the window
         self.in_flight_round: int | None = None  # an overlapped sync not merged yet (every rank knows)
         self.in_flight: SyncInFlight | None = None  # its transfer thread (rank 0)
+        self.merged: Merge | None = None  # merged during the current command (its reply says so)
         self.rank_tokens = config.batch_size * config.model.seq_len
         self.tokens_per_step = self.rank_tokens * world
         self.handlers: dict[type[Command], Callable[[Any], Reply]] = {
@@ -246,9 +249,11 @@ class SiteWorker:
         handler = self.handlers.get(type(command))
         if handler is None:
             raise ValueError(f"unknown site command {command!r}")
+        self.merged = None
         if not isinstance(command, Train):  # a sync in flight lands before anything but training
             self._merge(wait=True)
-        return handler(command)
+        reply = handler(command)
+        return dataclasses.replace(reply, merged=self.merged) if self.merged is not None else reply
 
     def train(self, command: Train) -> Trained:
         """Train the chunks in order (until ``until_wall``, if set), with the run's LR schedule."""
@@ -256,14 +261,13 @@ class SiteWorker:
 
         losses = []
         steps = 0
-        merged = None
         if self.power is not None:
             self.power.start()
         for start_token, num_steps in command.chunks:
             for step in range(num_steps):
                 if command.until_wall is not None and not _broadcast_object(time.time() < command.until_wall, self.world):
                     break
-                merged = self._merge(wait=False) or merged
+                self._merge(wait=False)
                 # the schedule runs on the whole run's tokens: all active sites train meanwhile
                 progress = command.tokens_before + steps * self.tokens_per_step * command.concurrency
                 losses.append(self._step(start_token + step * self.tokens_per_step, progress))
@@ -282,10 +286,8 @@ class SiteWorker:
                 **({"power_w": power_w} if power_w is not None else {}),
             }
             self.report_metrics(self.metrics)
-        merged_version, merge_bytes, merge_s = merged or (-1, 0, 0.0)
         return Trained(wall_s=self._elapsed_s(), steps=steps, tokens=steps * self.tokens_per_step, loss=mean_loss,
-                       power_w=power_w, gpus=self.world, merged_version=merged_version, merge_s=merge_s,
-                       merge_bytes=merge_bytes)
+                       power_w=power_w, gpus=self.world)
 
     def load(self, command: Load) -> Loaded:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
@@ -335,14 +337,13 @@ class SiteWorker:
             self.in_flight_round = command.round_index
         return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)
 
-    def _merge(self, *, wait: bool) -> tuple[int, int, float] | None:
-        """Apply the overlapped sync in flight if it arrived (``wait``: wait for it); its
-        ``(version, bytes downloaded, seconds the merge took)``, None if nothing was merged. A
-        collective: every rank calls it at the same point."""
+    def _merge(self, *, wait: bool) -> None:
+        """Apply the overlapped sync in flight if it arrived (``wait``: wait for it) and note it
+        in :attr:`merged` for the command's reply. A collective: every rank calls it at the same point."""
         if self.in_flight_round is None:
-            return None
+            return
         if not wait and not _broadcast_object(self.in_flight.arrived() if self.rank == 0 else None, self.world):
-            return None
+            return
         started = time.perf_counter()
         version, num_bytes = -1, 0
         if self.rank == 0:
@@ -354,7 +355,7 @@ class SiteWorker:
             self.in_flight = None
         _broadcast_params(self.trainer, self.world)
         self.in_flight_round = None
-        return version, num_bytes, time.perf_counter() - started
+        self.merged = Merge(version=version, num_bytes=num_bytes, wall_s=time.perf_counter() - started)
 
     def publish(self, command: Publish) -> Published:
         """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""

@@ -59,10 +59,10 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
     (global weights) over ``loads`` (an overlapped sync's merge counts as one), in all and per
     command; ``bytes_published`` (single-site hand-offs: the whole weights); ``rounds`` it
     synchronised in and ``blocked_s_per_round``, the wall seconds its submit, load, merge and
-    publish commands held it per such round (the site does not train meanwhile), with the
-    worst round's ``max_blocked_s``."""
+    publish commands and its waits for an overlapped round to land held it per such round (it
+    does not train meanwhile), with the worst round's ``max_blocked_s``."""
     result = {}
-    sync = [t for t in timings if t.kind in ("submit", "load", "merge", "publish") and t.site]
+    sync = [t for t in timings if t.kind in ("submit", "load", "merge", "landing_wait", "publish") and t.site]
     for site in sorted({t.site for t in sync}):
         rows = [t for t in sync if t.site == site]
         submits = [t for t in rows if t.kind == "submit"]
@@ -94,7 +94,13 @@ class Telemetry:
         self.last_loss = math.nan
 
     def reply(self, t_s: float, site: str, kind: str, round_index: int, reply: Reply | None) -> None:
-        """A site answered ``kind`` (None: it had nothing to answer, e.g. already stopped)."""
+        """A site answered ``kind`` (None: it had nothing to answer, e.g. already stopped). An
+        overlapped sync merged during the command adds a ``merge`` row (counted with the loads):
+        its download, and inside training the seconds the merge held it (any other command's
+        wall seconds already include its wait and merge)."""
+        if reply is not None and reply.merged is not None:
+            merge_s = reply.merged.wall_s if isinstance(reply, Trained) else 0.0
+            self.timings.append(Timing(t_s, site, "merge", round_index, merge_s, num_bytes=reply.merged.num_bytes))
         match reply:
             case Trained():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps,
@@ -109,14 +115,10 @@ class Telemetry:
             case _:
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s))
 
-    def merged(self, t_s: float, site: str, round_index: int, reply: Trained) -> None:
-        """An overlapped sync arrived at ``site`` during a train command: its download and the
-        seconds the merge held training (a ``merge`` row, counted with the loads)."""
-        self.timings.append(Timing(t_s, site, "merge", round_index, reply.merge_s, num_bytes=reply.merge_bytes))
-
-    def action(self, t_s: float, kind: str, round_index: int, wall_s: float) -> None:
-        """A run-level action (outer step, checkpoint, round start) took ``wall_s``."""
-        self.timings.append(Timing(t_s, "", kind, round_index, wall_s))
+    def action(self, t_s: float, kind: str, round_index: int, wall_s: float, site: str = "") -> None:
+        """A run-level action (outer step, checkpoint, round start) took ``wall_s`` (``site``: it
+        held that site, e.g. its wait for an overlapped round to land)."""
+        self.timings.append(Timing(t_s, site, kind, round_index, wall_s))
 
     def loaded(self, t_s: float, round_index: int, version: int, replies: dict[str, Loaded]) -> None:
         """Sites loaded global weights ``version``: their fingerprints must all agree."""
