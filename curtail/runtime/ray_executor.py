@@ -20,8 +20,11 @@ transfer thread (:mod:`curtail.runtime.streaming`) and the next round starts at 
 delivered then, the global version moves and the evaluator scores it. Everything that must see
 the landed round first (the next sync, a join, a leave, a hand-off, a drain, a checkpoint) waits
 for it; a site that dies meanwhile is withdrawn from the round, which lands on the others.
-Checkpoints then wait for the round in flight, so they are taken at most every
-``checkpoint_interval_s`` instead of at every sync.
+A checkpoint due at an overlapped sync is *deferred* (:class:`DeferredCheckpoint`): its state
+is captured at the sync (the state machine, the ledger, the journal mark) and written when the
+round lands, with that round's work recorded as delivered and the averaging actor's weights
+after its step, so a resume loses no more than without overlap and no site waits for it. A
+member lost before the landing drops that checkpoint (the next sync takes one).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from curtail.runtime.run_checkpointer import RunCheckpointer
 from curtail.runtime.sites import SiteFailure, SiteGroup
 from curtail.runtime.telemetry import Telemetry
 from curtail.runtime.work_account import WorkAccount
+from curtail.training.ledger import DataLedger, TokenRange
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,17 @@ class ExecutorOptions:
     report_interval_s: float = 10.0  # a site reports its progress to Ray Train at most this often (wall)
     overlap_sync: bool = False  # members train on while their sync is in flight (streaming.py)
     landing_timeout_s: float = 600.0  # an overlapped round's submissions must arrive within this (wall)
+
+
+@dataclass
+class DeferredCheckpoint:
+    """A checkpoint of the instant of an overlapped sync, written when its round lands."""
+
+    round_index: int
+    executor: dict[str, Any]  # the state machine at the sync
+    ledger: DataLedger  # a copy at the sync: the round's ranges still claimed
+    in_flight: dict[str, list[tuple[TokenRange, int]]]  # each member's round: completed at the landing
+    bookkeeping: dict[str, Any]  # the coordinator's, with the journal mark of the sync
 
 
 class RayExecutor(Executor):
@@ -114,7 +129,7 @@ class RayExecutor(Executor):
         self.max_segment_s = min(self.max_segment_s, options.single_publish_interval_s)
         self.pending_evals: list[tuple[float, float, Any]] = []
         self.in_flight: tuple[int, list[str]] | None = None  # an overlapped round not landed: (index, sites)
-        self.last_checkpoint_s = -math.inf
+        self.deferred: DeferredCheckpoint | None = None
         self.stop_requested = threading.Event()  # set from another thread: stop at the next safe point
         self.interrupted = False
         self._resume_note: dict[str, Any] = {}
@@ -186,8 +201,17 @@ class RayExecutor(Executor):
                     self._publish(site, t_s, current.index)
         if self.checkpointer is None:
             return stopping
-        if self.in_flight is not None and (stopping or t_s - self.last_checkpoint_s >= self.options.single_publish_interval_s):
+        if self.in_flight is not None and stopping:
             self._land(t_s, wait=True)  # a checkpoint holds no work in flight
+        if self.in_flight is not None:
+            if self.deferred is None and self.account.settled_but_in_flight:
+                self.deferred = DeferredCheckpoint(
+                    self.in_flight[0], self.snapshot(t_s, next_decision_s),
+                    DataLedger.from_dict(self.account.ledger.to_dict()),
+                    {site: list(pending) for site, (pending, _) in self.account.in_flight.items()},
+                    self._bookkeeping(),
+                )
+            return False
         if not self.account.settled:
             return False
         if stopping or self.checkpointer.due(self.global_version):
@@ -207,7 +231,24 @@ class RayExecutor(Executor):
                            "executor": self.snapshot(t_s, next_decision_s), "coordinator": self._bookkeeping()},
         )
         self.telemetry.action(t_s, "checkpoint", self.num_rounds, time.perf_counter() - started)
-        self.last_checkpoint_s = t_s
+
+    def _checkpoint_landed(self, outcome: dict[str, Any], t_s: float) -> None:
+        """Write the checkpoint deferred at the sync of the round that just landed (see the module doc)."""
+        assert self.checkpointer is not None and self.deferred is not None
+        deferred, self.deferred = self.deferred, None
+        if set(deferred.in_flight) - set(outcome["sites"]):  # a member was lost: its ranges are not in
+            return
+        for site, pending in deferred.in_flight.items():
+            for token_range, trained in pending:
+                deferred.ledger.complete(site, token_range, trained)
+        started = time.perf_counter()
+        self.checkpointer.save(
+            self.global_version, averager_state=self.averager.state(),
+            save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
+            state=lambda: {"ledger": deferred.ledger.to_dict(), "executor": deferred.executor,
+                           "coordinator": {**deferred.bookkeeping, "global_version": self.global_version}},
+        )
+        self.telemetry.action(t_s, "checkpoint", deferred.round_index, time.perf_counter() - started)
 
     def _save_inner_optimizers(self, folder: str, t_s: float) -> bool:
         """Every running site saves its inner AdamW into ``folder/<site>`` (all ranks; a path or a URI)."""
@@ -309,6 +350,8 @@ class RayExecutor(Executor):
                 self.loaded_version[site] = self.global_version
         self.telemetry.action(t_s, "landed", round_index, 0.0)
         self._evaluate(t_s)
+        if self.deferred is not None and self.deferred.round_index == round_index:
+            self._checkpoint_landed(outcome, t_s)
 
     def _wait_for_landing(self, round_index: int, t_s: float) -> dict[str, Any] | None:
         """The in-flight round's status once it stepped (None: it landed meanwhile, see :meth:`_land`)."""

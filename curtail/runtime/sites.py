@@ -250,7 +250,7 @@ class SiteWorker:
         if handler is None:
             raise ValueError(f"unknown site command {command!r}")
         self.merged = None
-        if not isinstance(command, Train):  # a sync in flight lands before anything but training
+        if not isinstance(command, (Train, SaveOptimizer)):  # a sync in flight lands before all but these
             self._merge(wait=True)
         reply = handler(command)
         return dataclasses.replace(reply, merged=self.merged) if self.merged is not None else reply

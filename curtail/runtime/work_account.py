@@ -39,6 +39,13 @@ class WorkAccount:
         """No site holds undelivered work or claims: a checkpoint here loses nothing."""
         return not any(self.round_tokens.values()) and not self.in_flight and not self.ledger.outstanding_tokens
 
+    @property
+    def settled_but_in_flight(self) -> bool:
+        """No undelivered work but the round in flight, and no claim but its ranges: a checkpoint
+        of this instant, written once that round landed, loses nothing."""
+        in_flight_tokens = sum(r.num_tokens for pending, _ in self.in_flight.values() for r, _ in pending)
+        return not any(self.round_tokens.values()) and self.ledger.outstanding_tokens == in_flight_tokens
+
     def _journal(self, kind: str, site: str, ranges: list[list[int]], t_s: float, **details: Any) -> None:
         if self.journal is not None and ranges:
             self.journal.append(kind, site, ranges, t_s=t_s, wall=time.time(), **details)
