@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="one-way latency of the emulated link")
     parser.add_argument("--overlap", action="store_true", help="overlap each sync with the next round's training")
     parser.add_argument("--speedup", type=float, help="the real-time clock at this speed (default: virtual clock)")
+    parser.add_argument("--timings-csv", type=Path, help="also copy the run's timings.csv here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     import curtail
@@ -130,6 +131,8 @@ def main() -> None:
         result = curtail.run(experiment(args.preset, args.rounds, args.steps_per_round, args.batch_size,
                                         transfer, link, args.overlap, args.speedup), output_dir=tmp)
         numbers = analyse(pd.read_csv(result.run_dir / "timings.csv"))
+        if args.timings_csv is not None:
+            args.timings_csv.write_bytes((result.run_dir / "timings.csv").read_bytes())
     traffic = result.summary["sync_traffic"].values()
     numbers.update({
         "preset": args.preset, "num_parameters": result.summary["num_parameters"],
