@@ -15,6 +15,7 @@ the averager, checkpoint and resume, tokens in = tokens accounted. The slow end-
 from __future__ import annotations
 
 import collections
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,7 @@ def autospec_averager(averager: FakeAverager) -> AveragerClient:
     client = create_autospec(AveragerClient, instance=True, spec_set=True)
     for method in ("outer_step", "withdraw", "state", "global_snapshot", "published_by"):
         getattr(client, method).side_effect = getattr(averager, method)
+    client.state_later.side_effect = lambda: functools.partial(dict, averager.state())  # the state of now
     return client
 
 

@@ -30,6 +30,7 @@ that dies is withdrawn from the round, which then steps on the others' submissio
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -224,6 +225,12 @@ class AveragerClient:
 
     def state(self) -> dict[str, Any]:
         return ray.get(self.handle.state.remote())
+
+    def state_later(self) -> Callable[[], dict[str, Any]]:
+        """The state of now, fetched when the returned function is called (the request is sent
+        here and the actor serves it before any later change; the caller goes on meanwhile)."""
+        ref = self.handle.state.remote()
+        return lambda: ray.get(ref)
 
     def global_snapshot(self) -> Any:
         """A reference to the current ``(version, params)``, for the evaluator (no wait)."""

@@ -223,9 +223,7 @@ class RayExecutor(Executor):
         started = time.perf_counter()
         self.checkpointer.save(
             self.global_version,
-            # fetched now (zero-copy arrays from the object store), not in the writer: once this safe
-            # point is passed, the checkpoint no longer depends on the averaging actor staying alive
-            averager_state=self.averager.state(),
+            averager_state=self.averager.state_later(),
             save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
             state=lambda: {"ledger": self.account.ledger.to_dict(),
                            "executor": self.snapshot(t_s, next_decision_s), "coordinator": self._bookkeeping()},
@@ -243,7 +241,7 @@ class RayExecutor(Executor):
                 deferred.ledger.complete(site, token_range, trained)
         started = time.perf_counter()
         self.checkpointer.save(
-            self.global_version, averager_state=self.averager.state(),
+            self.global_version, averager_state=self.averager.state_later(),
             save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
             state=lambda: {"ledger": deferred.ledger.to_dict(), "executor": deferred.executor,
                            "coordinator": {**deferred.bookkeeping, "global_version": self.global_version}},

@@ -41,13 +41,15 @@ class RunCheckpointer:
         self,
         global_version: int,
         *,
-        averager_state: dict[str, Any],
+        averager_state: Callable[[], dict[str, Any]],
         save_inner: Callable[[str], bool],
         state: Callable[[], dict[str, Any]],
     ) -> None:
         """Take checkpoint ``sequence + 1``. ``save_inner(location)`` asks the running sites to save
         their inner optimizers there, a folder or a URI (True if any did); ``state()`` returns the JSON parts
-        (``ledger``, ``executor``, ``coordinator``), gathered after the sites' saves."""
+        (``ledger``, ``executor``, ``coordinator``), gathered after the sites' saves; the writer
+        calls ``averager_state()`` (the averaging actor's state, requested before: the sites train
+        on while gigabytes of weights and momentum come out of the actor)."""
         self.wait()  # at most one write in flight
         self.sequence += 1
         sequence = self.sequence
@@ -64,7 +66,9 @@ class RunCheckpointer:
         self.checkpointed_version = global_version
         self.last_written = f"{sequence:06d}"
 
-    def _write_and_upload(self, sequence: int, *, inner_dir: Path | None, **parts: dict[str, Any]) -> None:
+    def _write_and_upload(self, sequence: int, *, inner_dir: Path | None,
+                          averager_state: Callable[[], dict[str, Any]], **parts: dict[str, Any]) -> None:
+        parts["averager_state"] = averager_state()
         if inner_dir is not None and self.store.remote is not None:  # the sites saved them to the URI
             staged = inner_dir.relative_to(self.run_dir).as_posix()
             self.store.fetch(staged)
