@@ -12,7 +12,14 @@ import torch
 from pydantic import ValidationError
 
 from curtail.config import TrainingConfig
-from curtail.training.compression import ErrorFeedback, WireFormat, compress, decompress, encode
+from curtail.training.compression import (
+    ErrorFeedback,
+    WireFormat,
+    compress,
+    decompress,
+    encode,
+    entropy_code,
+)
 from curtail.training.loop import SiteTrainer
 
 torch.set_num_threads(1)
@@ -131,6 +138,20 @@ def test_the_residual_is_saved_and_restored_with_the_inner_optimizer() -> None:
     assert all(np.array_equal(a[name], b[name]) for name in a)
     fresh = SiteTrainer("tiny", vocab_size=64, seed=0, device="cpu")  # a killed site's replacement
     assert fresh.error_feedback.norm == 0.0
+
+
+@pytest.mark.parametrize("wire", [WireFormat("int4"), WireFormat("int8", topk_fraction=0.1)])
+def test_raw_codes_framed_later_decode_the_same(delta, wire) -> None:
+    """encode(frame=False) leaves the Zstandard framing to a transfer thread (entropy_code):
+    the bytes are the framed encoding's and every form decodes to the same values."""
+    tensors = {name: torch.from_numpy(array) for name, array in delta.items()}
+    framed, _ = encode(tensors, wire)
+    raw, _ = encode(tensors, wire, frame=False)
+    coded = entropy_code(raw)
+    assert not raw.coded and coded.coded and coded.num_bytes == framed.num_bytes < raw.num_bytes
+    for name, array in decompress(framed).items():
+        np.testing.assert_array_equal(decompress(raw)[name], array)
+        np.testing.assert_array_equal(decompress(coded)[name], array)
 
 
 def test_wire_format_errors_name_the_key() -> None:

@@ -291,11 +291,13 @@ def test_an_overlapped_sync_that_arrives_before_any_step_is_exactly_a_load(corpu
     worker.execute(Load())
     worker.execute(train_command(0, 2))
     submitted = worker.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS, overlap=True))
-    assert submitted.num_bytes > 0 and worker.in_flight_round == 1
+    assert submitted.num_bytes == 0 and worker.in_flight_round == 1  # counted when it lands (Merge.sent_bytes)
     stepped.set()
     wait_for_arrival(worker)
     trained = worker.execute(train_command(2, 1))  # merges before its first step
     assert (trained.merged.version, trained.merged.num_bytes) == (4, sum(a.nbytes for a in merged_weights.values()))
+    (_, _, packed, _), _ = averager.submit.call_args
+    assert trained.merged.sent_bytes == packed.num_bytes > 0
     assert worker.in_flight_round is None and worker.held_version == 4
 
     blocking = make_worker(corpus, create_autospec(AveragerClient, instance=True))  # the same, blocking

@@ -74,6 +74,7 @@ class Merge:
 
     version: int  # the global version merged
     num_bytes: int  # what its download moved
+    sent_bytes: int  # what its upload moved (the coded pseudo-gradient; the submit reported none)
     wall_s: float  # seconds the merge itself took (inside the command's wall_s)
 
 
@@ -103,7 +104,7 @@ class Loaded(Reply):
 
 @dataclass(frozen=True)
 class Submitted(Reply):
-    num_bytes: int  # pseudo-gradient bytes sent to the averager
+    num_bytes: int  # pseudo-gradient bytes sent to the averager (overlapped: 0, counted at the merge)
 
 
 @dataclass(frozen=True)

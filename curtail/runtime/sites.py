@@ -319,9 +319,10 @@ class SiteWorker:
         if self.rank == 0:
             if self.reference is None:
                 raise RuntimeError("submit before load: the site has no global reference weights")
-            # On the device against the kept start of the round; only the packed result crosses to the host.
-            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire)
-            num_bytes = packed.num_bytes
+            # On the device against the kept start of the round; only the packed result crosses to the
+            # host. Overlapped: the transfer thread entropy-codes it (and reports the bytes at the merge).
+            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire, frame=not command.overlap)
+            num_bytes = 0 if command.overlap else packed.num_bytes
             if command.overlap:
                 from curtail.runtime.streaming import SyncInFlight
 
@@ -345,17 +346,18 @@ class SiteWorker:
         if not wait and not _broadcast_object(self.in_flight.arrived() if self.rank == 0 else None, self.world):
             return
         started = time.perf_counter()
-        version, num_bytes = -1, 0
+        version, num_bytes, sent_bytes = -1, 0, 0
         if self.rank == 0:
             assert self.in_flight is not None
             arrival = self.in_flight.wait()
             self.trainer.merge_global(arrival.state, arrival.staged)
             self.reference, self.held_version = arrival.state, arrival.version
-            version, num_bytes = arrival.version, arrival.num_bytes
+            version, num_bytes, sent_bytes = arrival.version, arrival.num_bytes, arrival.sent_bytes
             self.in_flight = None
         _broadcast_params(self.trainer, self.world)
         self.in_flight_round = None
-        self.merged = Merge(version=version, num_bytes=num_bytes, wall_s=time.perf_counter() - started)
+        self.merged = Merge(version=version, num_bytes=num_bytes, sent_bytes=sent_bytes,
+                            wall_s=time.perf_counter() - started)
 
     def publish(self, command: Publish) -> Published:
         """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""

@@ -4,7 +4,8 @@ At a sync the site packs its pseudo-gradient ``g = θ_ref − θ_sent`` as alway
 ``θ_sent`` (its weights at that instant) and goes straight back to training. A transfer thread
 on rank 0 (:class:`SyncInFlight`) then
 
-1. uploads ``g`` (through the emulated link, if any) to the averaging actor,
+1. entropy-codes ``g`` (int8/int4, top-k) and uploads it (through the emulated link, if any)
+   to the averaging actor,
 2. waits until the round's outer step ran (every expected site's submission arrived, or the
    dead ones were withdrawn),
 3. downloads the new global weights ``θ_global`` (the packed change, or the whole view) and
@@ -22,8 +23,9 @@ than training (submit, load, publish, save, stop) first waits for the arrival, s
 overlaps the next one, a hand-off, a checkpoint or a drain. This is Streaming DiLoCo's
 overlapping update (Douillard et al., 2025) with the whole model as one fragment.
 
-What a site is blocked for is the packing before it trains on and the merge (a few device
-passes): ``Trained.merge_s``; the transfers themselves run beside training.
+What a site is blocked for is the quantisation before it trains on (device passes and the
+codes' copy to the host) and the merge (a few device passes): the submit's and the merge's
+wall seconds; the coding and the transfers run beside training.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Arrival:
     state: dict[str, np.ndarray]
     staged: Any  # the device tensors of ``state`` (SiteTrainer.stage_global)
     num_bytes: int  # downloaded
+    sent_bytes: int  # uploaded (the coded pseudo-gradient)
 
 
 class SyncInFlight:
@@ -107,6 +110,9 @@ class SyncInFlight:
 
     def _run(self, packed: CompressedState, tokens: float, reference: dict[str, np.ndarray], held_version: int) -> None:
         try:
+            from curtail.training.compression import entropy_code
+
+            packed = entropy_code(packed)
             self._emulate(packed.num_bytes)
             self._averager.submit(self._site, self.round_index, packed, tokens)
             while self._averager.round_status(self.round_index)["outcome"] is None:
@@ -120,7 +126,7 @@ class SyncInFlight:
             else:
                 state, num_bytes = payload, sum(array.nbytes for array in payload.values())
             self._emulate(num_bytes)
-            self._arrival = Arrival(self.round_index, version, state, self._stage(state), num_bytes)
+            self._arrival = Arrival(self.round_index, version, state, self._stage(state), num_bytes, packed.num_bytes)
         except BaseException as error:  # noqa: BLE001 -- surfaced to the training thread by wait()
             self._error = error
         finally:

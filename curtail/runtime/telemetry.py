@@ -62,7 +62,7 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
     publish commands and its waits for an overlapped round to land held it per such round (it
     does not train meanwhile), with the worst round's ``max_blocked_s``."""
     result = {}
-    sync = [t for t in timings if t.kind in ("submit", "load", "merge", "landing_wait", "publish") and t.site]
+    sync = [t for t in timings if t.kind in ("submit", "upload", "load", "merge", "landing_wait", "publish") and t.site]
     for site in sorted({t.site for t in sync}):
         rows = [t for t in sync if t.site == site]
         submits = [t for t in rows if t.kind == "submit"]
@@ -71,7 +71,8 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
         for t in rows:
             by_round[t.round] = by_round.get(t.round, 0.0) + t.wall_s
         rounds = len(by_round)
-        sent, received = sum(t.num_bytes for t in submits), sum(t.num_bytes for t in loads)
+        sent = sum(t.num_bytes for t in rows if t.kind in ("submit", "upload"))
+        received = sum(t.num_bytes for t in loads)
         result[site] = {
             "submits": len(submits), "bytes_sent": sent, "bytes_sent_per_submit": sent / max(len(submits), 1),
             "loads": len(loads), "bytes_received": received,
@@ -97,10 +98,12 @@ class Telemetry:
         """A site answered ``kind`` (None: it had nothing to answer, e.g. already stopped). An
         overlapped sync merged during the command adds a ``merge`` row (counted with the loads):
         its download, and inside training the seconds the merge held it (any other command's
-        wall seconds already include its wait and merge)."""
+        wall seconds already include its wait and merge); and an ``upload`` row, its
+        pseudo-gradient's bytes (counted with the submits)."""
         if reply is not None and reply.merged is not None:
             merge_s = reply.merged.wall_s if isinstance(reply, Trained) else 0.0
             self.timings.append(Timing(t_s, site, "merge", round_index, merge_s, num_bytes=reply.merged.num_bytes))
+            self.timings.append(Timing(t_s, site, "upload", round_index, 0.0, num_bytes=reply.merged.sent_bytes))
         match reply:
             case Trained():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps,

@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,7 +96,9 @@ class CompressedState:
     ``uint16`` bit patterns), or, for entropy-coded formats, a ``uint8`` Zstandard frame of the
     flat codes. ``shapes``: the tensors' shapes where ``arrays`` are not dense. ``scales``:
     int8/int4 block scales (float32). ``indices``: top-k index deltas (a Zstandard frame of
-    ``uint32``). ``counts``: values encoded per tensor (top-k: kept values).
+    ``uint32``). ``counts``: values encoded per tensor (top-k: kept values). ``coded``: False
+    while the codes and indices are still raw (``encode(..., frame=False)``; frame them
+    with :func:`entropy_code`, e.g. on a transfer thread).
     """
 
     dtype: Codec
@@ -105,6 +108,7 @@ class CompressedState:
     indices: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     block_size: int = 0
+    coded: bool = True
 
     @property
     def num_bytes(self) -> int:
@@ -121,10 +125,12 @@ class CompressedState:
 # Encoding (torch, on the tensors' device) and decoding (host)
 
 
-def encode(deltas: Mapping[str, torch.Tensor], wire: WireFormat) -> tuple[CompressedState, dict[str, torch.Tensor]]:
+def encode(
+    deltas: Mapping[str, torch.Tensor], wire: WireFormat, *, frame: bool = True
+) -> tuple[CompressedState, dict[str, torch.Tensor]]:
     """Pack float tensors for transfer; also what the receiver will decode, on their device
     (float32, the tensors' shapes), for the error-feedback residual. Only the packed codes cross
-    to the host."""
+    to the host; with ``frame=False`` they stay raw (see :func:`entropy_code`)."""
     if not wire.entropy_coded:
         wire_dtype = torch.bfloat16 if wire.codec == "bf16" else torch.float32
         arrays, decoded = {}, {}
@@ -134,8 +140,7 @@ def encode(deltas: Mapping[str, torch.Tensor], wire: WireFormat) -> tuple[Compre
             host = cast.cpu()
             arrays[name] = host.view(torch.int16).numpy().view(np.uint16) if wire.codec == "bf16" else host.numpy()
         return CompressedState(wire.codec, arrays), decoded
-    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
-    packed = CompressedState(wire.codec, {}, block_size=wire.block_size)
+    packed = CompressedState(wire.codec, {}, block_size=wire.block_size, coded=False)
     decoded = {}
     for name, tensor in deltas.items():
         flat = tensor.detach().reshape(-1).float()
@@ -151,13 +156,24 @@ def encode(deltas: Mapping[str, torch.Tensor], wire: WireFormat) -> tuple[Compre
         decoded[name] = out.reshape(tensor.shape)
         packed.shapes[name] = tuple(tensor.shape)
         packed.counts[name] = int(values.numel())
-        packed.arrays[name] = _frame(compressor, codes.cpu().numpy())
+        packed.arrays[name] = codes.cpu().numpy()
         if scales is not None:
             packed.scales[name] = scales.cpu().numpy()
         if index is not None:
             steps = torch.diff(index, prepend=index.new_zeros(1)).to(torch.int64).cpu().numpy().astype(np.uint32)
-            packed.indices[name] = _frame(compressor, steps)
-    return packed, decoded
+            packed.indices[name] = steps
+    return (entropy_code(packed) if frame else packed), decoded
+
+
+def entropy_code(packed: CompressedState) -> CompressedState:
+    """``packed`` with its raw codes and top-k indices framed by Zstandard (as is, if they are)."""
+    if packed.coded:
+        return packed
+    compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return dataclasses.replace(
+        packed, coded=True, arrays={name: _frame(compressor, codes) for name, codes in packed.arrays.items()},
+        indices={name: _frame(compressor, steps) for name, steps in packed.indices.items()},
+    )
 
 
 def decompress(packed: CompressedState) -> dict[str, np.ndarray]:
@@ -178,13 +194,15 @@ def decompress(packed: CompressedState) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in packed.shapes.items():
         count = packed.counts[name]
-        codes = _unframe(decompressor, packed.arrays[name], _code_dtype(packed.dtype))
+        codes = (_unframe(decompressor, packed.arrays[name], _code_dtype(packed.dtype)) if packed.coded
+                 else packed.arrays[name])
         scales = packed.scales.get(name)
         values = _dequantise(codes, None if scales is None else torch.from_numpy(np.array(scales)), packed.dtype,
                              count, packed.block_size)
         numel = math.prod(shape)
         if name in packed.indices:
-            steps = _unframe(decompressor, packed.indices[name], np.uint32).astype(np.int64)
+            steps = (_unframe(decompressor, packed.indices[name], np.uint32) if packed.coded
+                     else packed.indices[name]).astype(np.int64)
             dense = np.zeros(numel, dtype=np.float32)
             dense[np.cumsum(steps)] = values.numpy()
             out[name] = dense.reshape(shape)
@@ -207,16 +225,16 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residual: dict[str, torch.Tensor] = {}
 
-    def pack(self, deltas: Mapping[str, torch.Tensor], wire: WireFormat) -> CompressedState:
+    def pack(self, deltas: Mapping[str, torch.Tensor], wire: WireFormat, *, frame: bool = True) -> CompressedState:
         """``C(g + e)``, keeping ``e ← g + e − D(C(g + e))`` (plain :func:`encode` when the
         format keeps no residual). ``deltas`` may be updated in place."""
         if not wire.keeps_residual:
-            return encode(deltas, wire)[0]
+            return encode(deltas, wire, frame=frame)[0]
         corrected = {}
         for name, delta in deltas.items():
             residual = self.residual.get(name)
             corrected[name] = delta.float() if residual is None else delta.float().add_(residual)
-        packed, decoded = encode(corrected, wire)
+        packed, decoded = encode(corrected, wire, frame=frame)
         self.residual = {name: corrected[name].sub_(decoded[name]) for name in corrected}
         return packed
 
@@ -284,4 +302,5 @@ def _unframe(decompressor: zstandard.ZstdDecompressor, frame: np.ndarray, dtype:
     return np.frombuffer(decompressor.decompress(np.asarray(frame).tobytes()), dtype=dtype).copy()
 
 
-__all__ = ["CODECS", "Codec", "CompressedState", "ErrorFeedback", "WireFormat", "compress", "decompress", "encode"]
+__all__ = ["CODECS", "Codec", "CompressedState", "ErrorFeedback", "WireFormat", "compress", "decompress", "encode",
+           "entropy_code"]

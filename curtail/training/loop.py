@@ -264,7 +264,7 @@ class SiteTrainer:
             return _to_host_flat({name: param.detach() for name, param in self._params.items()}, torch.float32)
 
     def compressed_pseudo_gradient(
-        self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16"
+        self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16", *, frame: bool = True
     ) -> CompressedState:
         """``reference − current weights``, packed for transfer in the ``wire`` format (a
         :class:`~curtail.training.compression.WireFormat` or a codec name), computed on the
@@ -273,7 +273,9 @@ class SiteTrainer:
 
         When ``reference`` is the mapping last passed to :meth:`load_global` (and
         ``keep_reference``), the device copy kept then is used and only the packed result
-        crosses to the host; otherwise the reference is uploaded tensor by tensor.
+        crosses to the host; otherwise the reference is uploaded tensor by tensor. With
+        ``frame=False`` an entropy-coded format's codes come back raw (a transfer thread frames
+        them: :func:`~curtail.training.compression.entropy_code`).
         """
         wire = wire if isinstance(wire, WireFormat) else WireFormat(codec=wire)  # type: ignore[arg-type]
         if set(reference) != set(self._params):
@@ -294,7 +296,7 @@ class SiteTrainer:
                 if wire.codec == "bf16":
                     arrays = {name: array.view(np.uint16) for name, array in arrays.items()}
                 return CompressedState(wire.codec, arrays)
-            return self.error_feedback.pack(deltas, wire)
+            return self.error_feedback.pack(deltas, wire, frame=frame)
 
     # ---------------------------------------------------------------------------------------
     # Steps
