@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/bench_compression.py                      # small preset, 3 seeds (~15 min, 2 cores)
     .venv/bin/python experiments/bench_compression.py --preset tiny --seeds 1 --rounds 4   # a quick look
+    .venv/bin/python experiments/bench_compression.py --formats bf16 int4 --overlap-steps 5  # overlapped syncs
 
 Two sites train the same model DiLoCo-style in one process with curtail's own parts — the site
 trainer (inner AdamW), its on-device packing with error feedback
@@ -11,6 +12,9 @@ decoding and the Nesterov outer step — on disjoint halves of real text (Tiny S
 same order from the same initial weights; only the transfer differs. Reported per format (mean
 over ``--seeds``): pseudo-gradient bytes per site per round as a share of bf16, and the held-out
 loss of the global model after the last round, relative to bf16 (the runtime's default).
+With ``--overlap-steps N`` every sync is overlapped (``[execution] overlap_sync``): a site trains
+the first N steps of its next round before the round's merged weights arrive, then merges them
+(``θ ← θ_global + (θ − θ_sent)``, :meth:`~curtail.training.loop.SiteTrainer.merge_global`).
 The table is in ``docs/BENCHMARKS.md``.
 """
 
@@ -50,7 +54,7 @@ SITES = ("a", "b")
 
 def run(preset: str, wire: WireFormat, seed: int, rounds: int, inner_steps: int, batch_size: int, seq_len: int,
         corpora, vocab_size: int, outer_optimizer: str = "nesterov", broadcast: WireFormat | None = None,
-        ) -> dict[str, float]:
+        overlap_steps: int = 0) -> dict[str, float]:
     """One two-site DiLoCo run; held-out loss and mean bytes per site per round. With
     ``broadcast`` the sites train from the averager's compressed view of the weights
     (:mod:`curtail.runtime.averager`), as a real run with ``broadcast_dtype`` does."""
@@ -68,14 +72,21 @@ def run(preset: str, wire: WireFormat, seed: int, rounds: int, inner_steps: int,
     for round_index in range(rounds):
         grads, tokens = {}, {}
         for index, (site, trainer) in enumerate(sites.items()):
-            trainer.load_global(view if broadcast else global_params)
+            merge_at = overlap_steps if overlap_steps and round_index > 0 else 0  # the last round's lands then
+            if not merge_at:
+                trainer.load_global(view if broadcast else global_params)
             start = index * half + (round_index * inner_steps * step_tokens + seed * 7919 * seq_len) % (
                 half - inner_steps * step_tokens)
             batches = train.iter_batches(start, start + inner_steps * step_tokens, batch_size, seq_len)
             for step, (_, input_ids, labels) in enumerate(batches):
+                if merge_at and step == merge_at:
+                    state = view if broadcast else global_params
+                    trainer.merge_global(state, trainer.stage_global(state))
                 progress = trained + len(SITES) * (step + 1) * step_tokens
                 trainer.train_step(input_ids, labels, lr=schedule.lr_at(progress))
             packed = trainer.compressed_pseudo_gradient(view if broadcast else global_params, wire)
+            if overlap_steps:
+                trainer.hold_sent()
             sent.append(packed.num_bytes)
             grads[site], tokens[site] = decompress(packed), inner_steps * step_tokens
         trained += len(SITES) * inner_steps * step_tokens
@@ -98,6 +109,8 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=list(FORMATS), help=f"of {list(FORMATS)}")
     parser.add_argument("--outer", default="nesterov", choices=["nesterov", "average"], help="outer optimizer")
     parser.add_argument("--broadcast", choices=["bf16", "int8", "int4"], help="compressed view down (default: exact)")
+    parser.add_argument("--overlap-steps", type=int, default=0,
+                        help="overlapped syncs: the merge lands this many steps into the next round")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -112,14 +125,15 @@ def main() -> None:
             started = time.perf_counter()
             outcome = run(args.preset, FORMATS[name], seed, args.rounds, args.inner_steps, args.batch_size, seq_len,
                           corpora, len(tokenizer), args.outer,
-                          WireFormat(args.broadcast) if args.broadcast else None)
+                          WireFormat(args.broadcast) if args.broadcast else None, args.overlap_steps)
             results.setdefault(name, []).append(outcome)
             print(f"{name} seed {seed}: loss {outcome['heldout_loss']:.4f}, "
                   f"{outcome['bytes_per_site_round']:,.0f} B/site/round ({time.perf_counter() - started:.0f} s)",
                   flush=True)
     base = results.get("bf16")
     print(f"\n{args.preset}, 2 sites, {args.rounds} rounds × {args.inner_steps} steps, {args.seeds} seeds, "
-          f"outer {args.outer}, broadcast {args.broadcast or 'fp32 (exact)'}\n")
+          f"outer {args.outer}, broadcast {args.broadcast or 'fp32 (exact)'}, "
+          f"{f'overlapped by {args.overlap_steps} steps' if args.overlap_steps else 'blocking syncs'}\n")
     print("| wire format | bytes / site / round | of bf16 | held-out loss (mean ± sd) | vs bf16 |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
