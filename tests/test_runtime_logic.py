@@ -83,6 +83,11 @@ class FakeAverager:
         self.stale: list[tuple[str, str, int | None, int]] = []  # (kind, site, its version, global)
         self.log: list[tuple[Any, ...]] = []
         self.newest_publish: tuple[str, int] = ("", -1)
+        # overlapped rounds: the sites still to submit, the steps taken, and the submissions
+        # still travelling (they arrive the next time anyone asks about a round, if the site lives)
+        self.expected: dict[int, set[str]] = {}
+        self.outcomes: dict[int, dict[str, Any]] = {}
+        self.travelling: list[tuple[FakeSite, int, float, int | None]] = []
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any) -> FakeAverager:
@@ -95,6 +100,25 @@ class FakeAverager:
         self._check_base("submit", site, base_version)
         self.pending.setdefault(round_index, {})[site] = tokens
         self.log.append(("submit", round_index, site, tokens))
+        self._step_when_complete(round_index)
+
+    def expect(self, round_index: int, sites: list[str]) -> None:
+        self.expected[round_index] = set(sites)
+        self._step_when_complete(round_index)
+
+    def round_status(self, round_index: int) -> dict[str, Any]:
+        for site, index, tokens, base_version in self.travelling:
+            if site.running:  # a dead site's submission never arrives
+                self.submit(site.name, index, tokens, base_version)
+        self.travelling = []
+        return {"outcome": self.outcomes.get(round_index), "arrived": sorted(self.pending.get(round_index, {})),
+                "expected": sorted(self.expected.get(round_index, ()))}
+
+    def _step_when_complete(self, round_index: int) -> None:
+        expected = self.expected.get(round_index)
+        if expected is not None and expected <= set(self.pending.get(round_index, {})):
+            del self.expected[round_index]
+            self.outcomes[round_index] = self.outer_step(round_index)
 
     def publish(self, site: str, tokens: float, base_version: int | None) -> int:
         self._check_base("publish", site, base_version)
@@ -118,6 +142,9 @@ class FakeAverager:
         pending = self.pending.get(round_index, {})
         withdrawn = [site for site in sites if pending.pop(site, None) is not None]
         self.log.append(("withdraw", round_index, list(sites), withdrawn))
+        if round_index in self.expected:
+            self.expected[round_index] -= set(sites)
+            self._step_when_complete(round_index)
         return withdrawn
 
     def state(self) -> dict[str, Any]:
@@ -179,6 +206,7 @@ class FakeSite:
     running: bool = False
     version: int | None = None  # the global version its weights descend from
     unsent: float = 0.0  # tokens trained since its last load, submit or publish
+    in_flight: int | None = None  # an overlapped round it submitted and has not merged yet
     discarded: float = 0.0  # tokens trained and then overwritten by a load (never delivered)
     log: list[Entry] = field(default_factory=list)
     _sent: collections.Counter = field(default_factory=collections.Counter)
@@ -187,7 +215,7 @@ class FakeSite:
     # the SiteGroup surface
     def start(self) -> None:
         if not self.running:
-            self.running, self.version, self.unsent = True, None, 0.0
+            self.running, self.version, self.unsent, self.in_flight = True, None, 0.0, None
             self._record("start")
 
     def send(self, command: Command) -> None:
@@ -222,8 +250,20 @@ class FakeSite:
         self.running = False
         self._record("abandon")
 
+    def _merge(self, wait: bool) -> None:
+        """Merge its round in flight once it stepped (the steps since are kept: nothing discarded);
+        ``wait``: it must have (a real site would wait here, and the executor lands it first)."""
+        if self.in_flight is None:
+            return
+        outcome = self.averager.round_status(self.in_flight)["outcome"]
+        if outcome is None:
+            assert not wait, f"{self.name} would wait forever for round {self.in_flight} to land"
+            return
+        self.version, self.in_flight = outcome["version"], None
+
     # what each command does
     def _execute(self, command: Command) -> Reply:
+        self._merge(wait=not isinstance(command, (Train, SaveOptimizer)))
         match command:
             case Train(chunks=chunks):
                 steps = sum(num_steps for _, num_steps in chunks)
@@ -233,11 +273,15 @@ class FakeSite:
                 self.discarded += self.unsent
                 self.version, self.unsent = self.averager.version, 0.0
                 return Loaded(0.0, self.version, f"v{self.version}", ("n",), pid=1000)
-            case Submit(round_index=round_index, tokens=tokens):
+            case Submit(round_index=round_index, tokens=tokens, overlap=overlap):
                 assert tokens == self.unsent, f"{self.name} submits {tokens} tokens, trained {self.unsent}"
-                self.averager.submit(self.name, round_index, tokens, self.version)
+                if overlap:  # it travels; the site trains on
+                    self.averager.travelling.append((self, round_index, tokens, self.version))
+                    self.in_flight = round_index
+                else:
+                    self.averager.submit(self.name, round_index, tokens, self.version)
                 self.unsent = 0.0
-                return Submitted(0.0, num_bytes=12)
+                return Submitted(0.0, num_bytes=0 if overlap else 12)
             case Publish():
                 self.version = self.averager.publish(self.name, self.unsent, self.version)
                 self.unsent = 0.0
@@ -286,13 +330,14 @@ def autospec_group(site: FakeSite) -> SiteGroup:
     group.ray_train_metrics = None  # no Ray Train run behind a fake group
     for method in ("start", "send", "receive", "stop", "abandon"):
         getattr(group, method).side_effect = getattr(site, method)
+    group.alive.side_effect = lambda: site.running
     type(group).running = PropertyMock(side_effect=lambda: site.running)
     return group
 
 
 def autospec_averager(averager: FakeAverager) -> AveragerClient:
     client = create_autospec(AveragerClient, instance=True, spec_set=True)
-    for method in ("outer_step", "withdraw", "state", "global_snapshot", "published_by"):
+    for method in ("outer_step", "withdraw", "state", "global_snapshot", "published_by", "expect", "round_status"):
         getattr(client, method).side_effect = getattr(averager, method)
     client.state_later.side_effect = lambda: functools.partial(dict, averager.state())  # the state of now
     return client
@@ -364,6 +409,7 @@ def fake_run(
     checkpoints: bool = True,
     on_progress: Any = None,
     publish_interval_s: float = 600.0,
+    overlap: bool = False,
 ) -> FakeRun:
     """A RayExecutor over fake sites and a fake averager; with ``run_dir``, the real ledger
     journal and (with ``checkpoints``) the real run checkpointer write there."""
@@ -378,7 +424,7 @@ def fake_run(
     executor = RayExecutor(
         plan.context, plan.policy,
         ExecutorOptions(tokens_per_step=STEP_TOKENS, clock="virtual", single_publish_interval_s=publish_interval_s,
-                        deadline_is_trace_end=True),
+                        deadline_is_trace_end=True, overlap_sync=overlap),
         groups={name: autospec_group(site) for name, site in sites.items()},
         averager=autospec_averager(averager), account=account,
         checkpointer=RunCheckpointer(RunStore.at(run_dir), inner_optimizer=True) if run_dir and checkpoints else None,
@@ -665,13 +711,13 @@ def newest_checkpoint(run_dir: Path) -> RunCheckpoint:
     return read_checkpoint(path)
 
 
-def resume(tmp_path: Path, run_dir: Path, checkpoint: RunCheckpoint) -> tuple[FakeRun, Trajectory]:
+def resume(tmp_path: Path, run_dir: Path, checkpoint: RunCheckpoint, overlap: bool = False) -> tuple[FakeRun, Trajectory]:
     """As a restarted coordinator does: the averager restored from the checkpoint, its ledger
     with every claim back in the pool, fresh sites and executor."""
     ledger = DataLedger.from_dict(checkpoint.ledger)
     ledger.release_all()
     run = fake_run(make_plan(tmp_path), averager=FakeAverager.from_checkpoint(checkpoint), ledger=ledger,
-                   run_dir=run_dir, publish_interval_s=PROGRESS_S)
+                   run_dir=run_dir, publish_interval_s=PROGRESS_S, overlap=overlap)
     trajectory = run.executor.run(resume_from=checkpoint)
     run.executor.account.close()
     (run_dir / "ledger.json").write_text(json.dumps(run.ledger.to_dict()))
@@ -767,3 +813,84 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tmp_pat
     (restored,) = run.events(resumed, "inner_optimizer_restored")
     assert restored.details == {"sites": up}
     assert checkpoint.params["w"].tolist() == [checkpoint.averager["version"]] * 3
+
+
+# ------------------------------------------------------------------------------ overlapped syncs
+
+
+def overlapped(site: FakeSite) -> list[Entry]:
+    return [e for e in site.entries("submit") if e.command.overlap]
+
+
+def test_overlapped_syncs_deliver_every_round_once_and_keep_the_steps_in_flight(tmp_path):
+    """The same run with overlap_sync: members submit and train on (no load after the sync: they
+    merge the landed round, keeping their steps since), every round lands once, nothing is
+    discarded or built on stale weights, and the run trains what the blocking run trains."""
+    _, blocking_trajectory = single_run(tmp_path)
+    run, trajectory = single_run(tmp_path, run_dir=tmp_path / "run", overlap=True)
+    assert trajectory.tokens_by_site == blocking_trajectory.tokens_by_site
+    assert comparable(trajectory) == comparable(blocking_trajectory)
+    for site in run.sites.values():
+        assert len(overlapped(site)) >= 3
+        for entry in overlapped(site):  # trains on at once (after saving its inner optimizer for a checkpoint)
+            following = [e.kind for e in site.log[site.log.index(entry) + 1:] if e.kind != "save_optimizer"]
+            assert following[0] == "train"
+    landed = [t.round for t in run.executor.telemetry.timings if t.kind == "landed"]
+    sent = sorted({e.command.round_index for site in run.sites.values() for e in overlapped(site)})
+    assert landed == sent  # every overlapped round landed, once
+    assert run.averager.expected == {} and run.averager.travelling == []
+    assert_consistent(run, trajectory)
+    # a checkpoint per landing, each of its sync's instant with the landed round delivered
+    assert run.executor.checkpointer.sequence >= len(landed)
+    run.executor.checkpointer.wait()
+    run.executor.account.close()
+    (tmp_path / "run" / "ledger.json").write_text(json.dumps(run.ledger.to_dict()))
+    assert audit_journal(tmp_path / "run")["mismatched_tokens"] == 0
+
+
+def test_a_site_dying_with_its_round_in_flight_is_withdrawn_and_the_round_lands_on_the_others(tmp_path):
+    """b dies right after its first overlapped submit was handed to its transfer thread, before
+    the submission arrived: the round lands on a alone, b's round goes back to the ledger, and
+    every token is accounted once."""
+    plan = make_plan(tmp_path)
+    probe, _ = single_run(tmp_path, overlap=True)
+    nth = next(i for i, e in enumerate(probe.sites["b"].entries("submit"), 1) if e.command.overlap)
+    run = fake_run(plan, overlap=True, faults={"b": (Fault(Submit, nth, took_effect=True),)})
+    trajectory = run.executor.run()
+    (failure,) = run.events(trajectory, "failure", "b")
+    failed = run.sites["b"].entries("submit")[nth - 1]
+    round_index = failed.command.round_index
+    assert failed.command.overlap and failed.reply is None  # handed to its thread, then it died
+    assert [c[:3] for c in run.averager.log if c[1] == round_index] == [
+        ("withdraw", round_index, ["b"]), ("submit", round_index, "a"), ("outer_step", round_index, ["a"])]
+    assert failure.details["lost_tokens"] == failed.command.tokens > 0
+    assert run.ledger.retrained_tokens == failed.command.tokens
+    assert_consistent(run, trajectory)
+
+
+def test_a_crashed_overlapped_run_resumes_from_a_landed_checkpoint(tmp_path):
+    """A crash mid-round of an overlapped run: the newest checkpoint is of a sync whose round had
+    landed; the resume trains exactly the work after it again and ends as the uninterrupted run."""
+    baseline_run, baseline = single_run(tmp_path, publish_interval_s=PROGRESS_S, overlap=True)
+    start_s = baseline_run.plan.context.start_s
+    fault: dict[str, Any] = {}
+
+    def crash(executor: RayExecutor, t_s: float, tokens: float) -> None:
+        if not fault and t_s - start_s >= 3500 and executor.in_flight is None and not executor.account.settled:
+            fault.update(t_s=t_s, tokens=tokens)
+            raise SimulatedCrash
+
+    run_dir = tmp_path / "interrupted"
+    first = fake_run(make_plan(tmp_path), run_dir=run_dir, on_progress=crash, publish_interval_s=PROGRESS_S,
+                     overlap=True)
+    with pytest.raises(SimulatedCrash):
+        first.executor.run()
+    first.executor.checkpointer.wait()
+    first.executor.account.close()
+    checkpoint = newest_checkpoint(run_dir)
+    run, resumed = resume(tmp_path, run_dir, checkpoint, overlap=True)
+    assert resumed.tokens_by_site == baseline.tokens_by_site
+    assert_consistent(run, resumed, before=DataLedger.from_dict(checkpoint.ledger).trained_tokens)
+    (note,) = run.events(resumed, "retrained")
+    assert note.details["tokens"] == fault["tokens"] - checkpoint.executor["tokens"] > 0
+    assert audit_journal(run_dir)["mismatched_tokens"] == 0
