@@ -229,12 +229,18 @@ class TrainingConfig(StrictModel):
         default=None, gt=0, le=1, description="send only this share of each tensor's largest-magnitude values"
     )
     transfer_block_size: int = Field(default=128, ge=2, multiple_of=2, description="values per int8/int4 scale")
+    transfer_topk_chunk: int | None = Field(
+        default=None, ge=1, description="top-k per chunk of this many values (SparseLoCo's chunk-wise top-k)"
+    )
     broadcast_dtype: Literal["fp32", "bf16", "int8", "int4"] = Field(
         default="fp32",
         description="the global weights' changes down to the sites (fp32: the exact weights; else the packed change)",
     )
     error_feedback: bool = Field(
         default=True, description="carry what a lossy transfer did not send into the site's next round"
+    )
+    error_feedback_decay: float = Field(
+        default=1.0, gt=0, le=1, description="damp the carried residual by this factor each round (SparseLoCo's β)"
     )
     emulate_link: bool = Field(
         default=False,
@@ -289,6 +295,12 @@ class TrainingConfig(StrictModel):
         description="save every running site's inner AdamW state with each run checkpoint, so a resume "
         "continues it (costs 8 bytes per parameter per rank on disk at each sync: off for large models)",
     )
+
+    @model_validator(mode="after")
+    def _topk_chunk_needs_topk(self) -> TrainingConfig:
+        if self.transfer_topk_chunk is not None and self.transfer_topk_fraction is None:
+            raise ValueError("transfer_topk_chunk needs transfer_topk_fraction (the share of each chunk to send)")
+        return self
 
     @model_validator(mode="after")
     def _phases_fit(self) -> TrainingConfig:

@@ -48,6 +48,11 @@ FORMATS = {
     "int4 + top-3 %": WireFormat("int4", topk_fraction=0.03),
     "int4 + top-5 %": WireFormat("int4", topk_fraction=0.05),
     "int8 + top-1 %": WireFormat("int8", topk_fraction=0.01),
+    # SparseLoCo's recipe (chunk-wise top-k, a damped error-feedback accumulator): run with --outer average
+    "int4 + top-3 % of 4096-chunks, β 0.95": WireFormat("int4", topk_fraction=0.03, topk_chunk=4096,
+                                                        error_feedback_decay=0.95),
+    "int4 + top-5 % of 4096-chunks, β 0.95": WireFormat("int4", topk_fraction=0.05, topk_chunk=4096,
+                                                        error_feedback_decay=0.95),
 }
 SITES = ("a", "b")
 

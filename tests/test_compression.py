@@ -98,6 +98,36 @@ def test_error_feedback_delivers_every_part_of_the_updates_eventually() -> None:
     assert fed_gap < 0.5 * plain_gap, (fed_gap, plain_gap)  # measured: 96 vs 256
 
 
+def test_chunked_top_k_keeps_the_largest_values_of_every_chunk() -> None:
+    flat = np.random.default_rng(2).standard_normal(10_000).astype(np.float32)
+    flat[:4096] *= 100  # one loud chunk: whole-tensor top-k would take all its values from it
+    wire = WireFormat("fp32", topk_fraction=0.03, topk_chunk=4096)
+    restored = decompress(compress({"w": flat}, wire))["w"]
+    for start in (0, 4096, 8192):
+        chunk, kept = flat[start:start + 4096], np.flatnonzero(restored[start:start + 4096])
+        assert len(kept) == math.ceil(0.03 * 4096)  # 123 from each chunk, the short last one too
+        assert np.abs(chunk[kept]).min() >= np.sort(np.abs(chunk))[-len(kept)]
+        np.testing.assert_array_equal(restored[start:start + 4096][kept], chunk[kept])
+    whole = decompress(compress({"w": flat}, WireFormat("fp32", topk_fraction=0.03)))["w"]
+    assert np.flatnonzero(whole).max() < 4096
+
+
+def test_a_decayed_residual_carries_beta_times_what_was_not_sent() -> None:
+    """C(g + β·e): with β = 0.5 the second round packs g₂ + e₁/2."""
+    rng = np.random.default_rng(3)
+    g1, g2 = (rng.standard_normal(4096).astype(np.float32) for _ in range(2))
+    wire = WireFormat("fp32", topk_fraction=0.1, error_feedback_decay=0.5)
+    feedback = ErrorFeedback()
+    sent1 = decompress(feedback.pack({"w": torch.from_numpy(g1.copy())}, wire))["w"]
+    np.testing.assert_allclose(feedback.residual["w"].numpy(), g1 - sent1)
+    sent2 = decompress(feedback.pack({"w": torch.from_numpy(g2.copy())}, wire))["w"]
+    np.testing.assert_allclose(sent2 + feedback.residual["w"].numpy(), g2 + 0.5 * (g1 - sent1), rtol=1e-6)
+    with pytest.raises(ValueError, match="error_feedback_decay"):
+        WireFormat("int4", error_feedback_decay=0.0)
+    with pytest.raises(ValueError, match="transfer_topk_chunk"):
+        WireFormat("int4", topk_chunk=4096)  # no top-k to chunk
+
+
 def test_lossless_and_plain_bf16_keep_no_residual() -> None:
     for wire in (WireFormat("fp32"), WireFormat("bf16")):
         feedback = ErrorFeedback()
@@ -152,6 +182,13 @@ def test_raw_codes_framed_later_decode_the_same(delta, wire) -> None:
     for name, array in decompress(framed).items():
         np.testing.assert_array_equal(decompress(raw)[name], array)
         np.testing.assert_array_equal(decompress(coded)[name], array)
+
+
+def test_a_chunk_without_top_k_is_a_config_error() -> None:
+    with pytest.raises(ValidationError, match="transfer_topk_chunk needs transfer_topk_fraction"):
+        TrainingConfig(transfer_dtype="int4", transfer_topk_chunk=4096)
+    with pytest.raises(ValidationError, match="error_feedback_decay"):
+        TrainingConfig(error_feedback_decay=1.5)
 
 
 def test_wire_format_errors_name_the_key() -> None:

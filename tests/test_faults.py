@@ -81,7 +81,8 @@ def test_compressed_pseudo_gradients_travel_and_are_counted(killed_run):
     result, _ = killed_run
     summary = result.summary
     assert summary["transfer"] == {"dtype": "int4", "topk_fraction": 0.05, "block_size": 128,
-                                   "broadcast_dtype": "int4", "error_feedback": True}
+                                   "broadcast_dtype": "int4", "error_feedback": True, "topk_chunk": None,
+                                   "error_feedback_decay": 1.0}
     sent = summary["sync_traffic"]
     assert set(sent) == {"a", "b"}
     timings = result.record.timings

@@ -241,7 +241,8 @@ class Coordinator:
                 site=site, model=setup.model, mailbox=setup.mailbox, averager=setup.averager,
                 train_tokens=setup.train_tokens, batch_size=training.batch_size, schedule=schedule,
                 wire=WireFormat(training.transfer_dtype, training.transfer_topk_fraction,  # type: ignore[arg-type]
-                                training.transfer_block_size, training.error_feedback), use_gpu=use_gpu, compile_model=training.compile_model,
+                                training.transfer_block_size, training.error_feedback, training.transfer_topk_chunk,
+                                training.error_feedback_decay), use_gpu=use_gpu, compile_model=training.compile_model,
                 micro_batch_size=training.micro_batch_size,
                 emulated_link=links.by_site[site] if training.emulate_link else None,
             )
@@ -327,5 +328,7 @@ class Coordinator:
                          "topk_fraction": self.config.training.transfer_topk_fraction,
                          "block_size": self.config.training.transfer_block_size,
                          "broadcast_dtype": self.config.training.broadcast_dtype,
-                         "error_feedback": self.config.training.error_feedback},
+                         "error_feedback": self.config.training.error_feedback,
+                         "topk_chunk": self.config.training.transfer_topk_chunk,
+                         "error_feedback_decay": self.config.training.error_feedback_decay},
         }

@@ -13,7 +13,9 @@ A :class:`WireFormat` says how a site's pseudo-gradient travels to the averaging
   byte (the first value in the high nibble). Error per value ≤ ``scale / 2``.
 * **top-k** (``topk_fraction`` f): only the ``⌈f·n⌉`` largest-magnitude values of each tensor
   are sent, with their flat indices (ascending, delta-coded as ``uint32``); the kept values go
-  through the codec above. The rest decode as 0.
+  through the codec above. The rest decode as 0. With ``topk_chunk`` c the choice is made per
+  chunk of c consecutive values (``⌈f·c⌉`` each, SparseLoCo's chunk-wise top-k), so every part
+  of a tensor sends some of its values each round.
 * **entropy coding** (lossy formats): the codes and index deltas are compressed with Zstandard
   (lossless; int4 codes of a pseudo-gradient hold ~3 bits of information, so ~0.74 of their
   packed size).
@@ -21,7 +23,8 @@ A :class:`WireFormat` says how a site's pseudo-gradient travels to the averaging
 **Error feedback** (lossy formats; the error-feedback rule of EF-SGD and SparseLoCo): a site
 keeps the residual ``e`` of what it did not send. Each round it sends ``C(g + e)`` for its
 pseudo-gradient ``g`` and keeps ``e ← g + e − D(C(g + e))``, so every part of an update arrives
-eventually instead of being lost each round. The residual is the site's state like its inner
+eventually instead of being lost each round. With ``error_feedback_decay`` β < 1 the residual is
+damped first, ``C(g + β·e)`` (SparseLoCo's accumulator, which stands in for the outer momentum). The residual is the site's state like its inner
 optimizer: saved and restored with it (window drains, run checkpoints, resume); a site that dies
 takes its residual with it — the tokens it had not delivered go back to the ledger and are
 trained again, so the residual of that work must not arrive too.
@@ -63,6 +66,8 @@ class WireFormat:
     topk_fraction: float | None = None
     block_size: int = 128
     error_feedback: bool = True
+    topk_chunk: int | None = None
+    error_feedback_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -71,6 +76,10 @@ class WireFormat:
             raise ValueError(f"transfer_topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if self.block_size < 2 or self.block_size % 2:
             raise ValueError(f"transfer_block_size must be an even number >= 2, got {self.block_size}")
+        if self.topk_chunk is not None and (self.topk_chunk < 1 or self.topk_fraction is None):
+            raise ValueError(f"transfer_topk_chunk must be >= 1 and needs transfer_topk_fraction, got {self.topk_chunk}")
+        if not 0 < self.error_feedback_decay <= 1:
+            raise ValueError(f"error_feedback_decay must be in (0, 1], got {self.error_feedback_decay}")
 
     @property
     def lossy(self) -> bool:
@@ -146,8 +155,7 @@ def encode(
         flat = tensor.detach().reshape(-1).float()
         values, index = flat, None
         if wire.topk_fraction is not None:
-            keep = min(flat.numel(), max(1, math.ceil(wire.topk_fraction * flat.numel())))
-            index = torch.topk(flat.abs(), keep, sorted=False).indices.sort().values
+            index = _topk_index(flat, wire.topk_fraction, wire.topk_chunk)
             values = flat[index]
         codes, scales, restored = _quantise(values, wire)
         out = torch.zeros_like(flat) if index is not None else restored
@@ -233,7 +241,8 @@ class ErrorFeedback:
         corrected = {}
         for name, delta in deltas.items():
             residual = self.residual.get(name)
-            corrected[name] = delta.float() if residual is None else delta.float().add_(residual)
+            corrected[name] = (delta.float() if residual is None
+                               else delta.float().add_(residual, alpha=wire.error_feedback_decay))
         packed, decoded = encode(corrected, wire, frame=frame)
         self.residual = {name: corrected[name].sub_(decoded[name]) for name in corrected}
         return packed
@@ -252,6 +261,22 @@ class ErrorFeedback:
 
 
 # -------------------------------------------------------------------------------------------
+
+
+def _topk_index(flat: torch.Tensor, fraction: float, chunk: int | None) -> torch.Tensor:
+    """Ascending flat indices of the largest-magnitude values: ``⌈f·n⌉`` of the tensor, or with
+    ``chunk`` ``⌈f·chunk⌉`` of every chunk of ``chunk`` values (the last one padded with zeros)."""
+    numel = flat.numel()
+    if chunk is None or chunk >= numel:
+        keep = min(numel, max(1, math.ceil(fraction * numel)))
+        return torch.topk(flat.abs(), keep, sorted=False).indices.sort().values
+    rows = math.ceil(numel / chunk)
+    padded = torch.zeros(rows * chunk, dtype=flat.dtype, device=flat.device)
+    padded[:numel] = flat.abs()
+    keep = min(chunk, max(1, math.ceil(fraction * chunk)))
+    local = torch.topk(padded.view(rows, chunk), keep, dim=1, sorted=False).indices
+    index = (local + torch.arange(rows, device=flat.device).unsqueeze(1) * chunk).reshape(-1)
+    return index[index < numel].sort().values
 
 
 def _quantise(values: torch.Tensor, wire: WireFormat) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
