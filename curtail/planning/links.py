@@ -71,12 +71,13 @@ class Links:
         """``site``'s download of ``megabytes`` (default: ``execution.sync_mb_received``)."""
         return self.by_site[site].transfer_s(self.execution.sync_mb_received if megabytes is None else megabytes)
 
-    def sync_pause_s(self, members: Iterable[str], moved_mb: Mapping[str, tuple[float, float]] | None = None) -> float:
+    def sync_pause_s(self, members: Iterable[str], moved_mb: Mapping[str, tuple[float, float]] | None = None,
+                     overlapped: bool | None = None) -> float:
         """A federated sync: ``sync_s`` plus the slowest member's upload and download (of the
         configured sizes, or of ``moved_mb[site] = (sent, received)``, what a real sync moved);
-        with ``overlap_sync`` only what the next round's local phase does not hide."""
+        overlapped (default: ``overlap_sync``) only what the next round's local phase does not hide."""
         transfers_s = max((self._transfers_s(s, moved_mb) for s in members), default=0.0)
-        if self.execution.overlap_sync:
+        if self.execution.overlap_sync if overlapped is None else overlapped:
             transfers_s = max(0.0, transfers_s - self.execution.round_s)
         return self.execution.sync_s + transfers_s
 

@@ -493,8 +493,9 @@ class RayExecutor(Executor):
         counted[1] += received
 
     def sync_pause_s(self, members: list[str]) -> float:
-        """The link model charged on the bytes this sync really moved."""
-        return self.links.sync_pause_s(members, self._moved_mb())
+        """The link model charged on the bytes this sync really moved (overlapped only if it was:
+        a sync with a joiner, or with a member that trained nothing, blocks)."""
+        return self.links.sync_pause_s(members, self._moved_mb(), overlapped=self.in_flight is not None)
 
     def join_pause_s(self, site: str) -> float:
         return self.links.join_pause_s(site, self._moved_mb())
