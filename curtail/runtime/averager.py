@@ -185,6 +185,19 @@ def advance_view(view: dict[str, np.ndarray], packed: CompressedState) -> dict[s
     return view
 
 
+def download_view(averager: AveragerClient, held_version: int,
+                  reference: dict[str, np.ndarray] | None) -> tuple[int, dict[str, np.ndarray], int]:
+    """A site's download of the broadcast weights: ``(version, weights, bytes moved)``. Holding
+    the previous view (``reference``, of ``held_version``) it gets the packed change and adds it
+    to a copy; otherwise the whole weights (read-only object-store arrays: no copy needed)."""
+    kind, version, payload = averager.get_view(held_version)
+    if kind == "change":
+        assert reference is not None
+        return version, advance_view({name: np.array(array) for name, array in reference.items()}, payload), \
+            payload.num_bytes
+    return version, payload, sum(array.nbytes for array in payload.values())
+
+
 class AveragerClient:
     """Blocking calls to the averaging actor: the coordinator's (outer steps, withdrawals, state)
     and a site's rank 0 (global weights in, pseudo-gradients and publishes out). Tests give the

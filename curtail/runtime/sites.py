@@ -293,16 +293,9 @@ class SiteWorker:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
         version, num_bytes = -1, 0
         if self.rank == 0:
-            kind, version, payload = self.averager.get_view(self.held_version)
-            if kind == "change":  # the packed change from the view held to the new one
-                from curtail.runtime.averager import advance_view
+            from curtail.runtime.averager import download_view
 
-                assert self.reference is not None
-                num_bytes = payload.num_bytes
-                state = advance_view({name: np.array(array) for name, array in self.reference.items()}, payload)
-            else:  # the whole weights (read-only object-store arrays: no copy needed)
-                state = payload
-                num_bytes = sum(array.nbytes for array in state.values())
+            version, state, num_bytes = download_view(self.averager, self.held_version, self.reference)
             self._emulate_transfer(num_bytes)
             self.trainer.load_global(state)
             self.reference, self.held_version = state, version
@@ -374,8 +367,9 @@ class SiteWorker:
         """With an emulated link, hold rank 0 for the transfer's time on it (latency + bytes /
         bandwidth) after the bytes went through the object store; the other ranks wait for it at
         the next collective, as they would for a real transfer."""
-        if self.config.emulated_link is not None:
-            time.sleep(self.config.emulated_link.transfer_s(num_bytes / 1e6))
+        from curtail.runtime.streaming import hold_for_link
+
+        hold_for_link(self.config.emulated_link, num_bytes)
 
     def save_optimizer(self, command: SaveOptimizer) -> OptimizerSaved:
         """With a run checkpoint: this rank's inner AdamW into ``path/rank<r>.pt`` (atomically)."""

@@ -58,6 +58,13 @@ class Arrival:
     sent_bytes: int  # uploaded (the coded pseudo-gradient)
 
 
+def hold_for_link(link: Link | None, num_bytes: int) -> None:
+    """With an emulated link, wait for a transfer's time on it (latency + bytes / bandwidth)
+    after the bytes went through the object store."""
+    if link is not None:
+        time.sleep(link.transfer_s(num_bytes / 1e6))
+
+
 class SyncInFlight:
     """One round's overlapped sync on a site's rank 0 (see the module doc).
 
@@ -104,28 +111,19 @@ class SyncInFlight:
         assert self._arrival is not None
         return self._arrival
 
-    def _emulate(self, num_bytes: int) -> None:
-        if self._link is not None:
-            time.sleep(self._link.transfer_s(num_bytes / 1e6))
-
     def _run(self, packed: CompressedState, tokens: float, reference: dict[str, np.ndarray], held_version: int) -> None:
         try:
             from curtail.training.compression import entropy_code
 
             packed = entropy_code(packed)
-            self._emulate(packed.num_bytes)
+            from curtail.runtime.averager import download_view
+
+            hold_for_link(self._link, packed.num_bytes)
             self._averager.submit(self._site, self.round_index, packed, tokens)
             while self._averager.round_status(self.round_index)["outcome"] is None:
                 time.sleep(STATUS_POLL_S)
-            kind, version, payload = self._averager.get_view(held_version)
-            if kind == "change":
-                from curtail.runtime.averager import advance_view
-
-                num_bytes = payload.num_bytes
-                state = advance_view({name: np.array(array) for name, array in reference.items()}, payload)
-            else:
-                state, num_bytes = payload, sum(array.nbytes for array in payload.values())
-            self._emulate(num_bytes)
+            version, state, num_bytes = download_view(self._averager, held_version, reference)
+            hold_for_link(self._link, num_bytes)
             self._arrival = Arrival(self.round_index, version, state, self._stage(state), num_bytes, packed.num_bytes)
         except BaseException as error:  # noqa: BLE001 -- surfaced to the training thread by wait()
             self._error = error
