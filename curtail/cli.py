@@ -9,6 +9,7 @@
     curtail shadow CONFIG [--run NAME] [--interval-s S] [--reports N]
     curtail replay RUN_DIR [--json]
     curtail evaluate-policies [--datasets NAME ...] [--seeds N] [--periods N] [--json]
+    curtail prepare-data FILE|DIR ... --output DIR|URI [--vocab-size N] [--num-proc N] [--json] [...]
 
 Errors a user can cause (a config, a trace, a path, a resume that is refused, a cluster
 without the resources asked for) print one ``curtail: error: ...`` line and exit 2; an
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -309,6 +311,31 @@ def cmd_evaluate_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from curtail.run_store import redact
+    from curtail.training.prepare import prepare_shards
+
+    started = time.perf_counter()
+    manifest = prepare_shards(
+        args.files, args.output, vocab_size=args.vocab_size, tokenizer=args.tokenizer, heldout=args.heldout,
+        heldout_fraction=args.heldout_fraction, shard_tokens=args.shard_tokens, text_field=args.text_field,
+        num_proc=args.num_proc, batch_rows=args.batch_rows, tokenizer_sample_bytes=int(args.tokenizer_sample_mb * 2**20),
+        cache_dir=args.cache_dir, overwrite=args.overwrite,
+    )
+    record = {"output": redact(args.output), "identity": manifest.identity, "num_tokens": manifest.num_tokens,
+              "train_tokens": manifest.heldout_start, "heldout_tokens": manifest.num_tokens - manifest.heldout_start,
+              "shards": len(manifest.shards), "sources": len(manifest.sources), "vocab_size": manifest.vocab_size,
+              "dtype": manifest.dtype, "wall_s": round(time.perf_counter() - started, 2)}
+    if args.json:
+        print(json.dumps(record, indent=2), file=args.stdout)
+        return 0
+    print(f"{record['output']}: {_count(manifest.num_tokens)} tokens ({_count(record['train_tokens'])} train, "
+          f"{_count(record['heldout_tokens'])} held out) in {record['shards']} shards from {record['sources']} "
+          f"file(s), vocabulary {manifest.vocab_size}, {record['wall_s']:.1f} s; train on it with "
+          f"[training] corpus_shards = \"{args.output}\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -366,6 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
                             help="each period's budget: this share of what its windows hold")
     evaluation.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluation.set_defaults(handler=cmd_evaluate_policies)
+
+    prepare = commands.add_parser(
+        "prepare-data", help="tokenize text / JSONL / Parquet files into token shards ([training] corpus_shards)")
+    prepare.add_argument("files", nargs="+", help="corpus files or folders of them (.txt, .md, .jsonl, .parquet)")
+    prepare.add_argument("--output", required=True, help="the shard folder to write (a path or a pyarrow.fs URI)")
+    prepare.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary to train (default: 2048)")
+    prepare.add_argument("--tokenizer", help="encode with this saved tokenizer folder instead of training one")
+    prepare.add_argument("--heldout", nargs="+", help="separate held-out files (default: the last --heldout-fraction)")
+    prepare.add_argument("--heldout-fraction", type=float, default=0.05, help="default: 0.05")
+    prepare.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default: 16 Mi)")
+    prepare.add_argument("--text-field", default="text", help="the text column of JSONL / Parquet (default: text)")
+    prepare.add_argument("--num-proc", type=int, default=1, help="encoding processes, one file each at a time")
+    prepare.add_argument("--batch-rows", type=int, default=1024, help="rows encoded at once per process")
+    prepare.add_argument("--tokenizer-sample-mb", type=float, default=64.0,
+                         help="text the tokenizer is trained on (default: 64 MiB)")
+    prepare.add_argument("--cache-dir", default=".cache", help="where trained tokenizers are cached")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    prepare.add_argument("--json", action="store_true", help="print what was written as JSON")
+    prepare.set_defaults(handler=cmd_prepare_data)
 
     from curtail.sources.trace_server import add_arguments as add_serve_trace_arguments
 

@@ -213,6 +213,11 @@ class TrainingConfig(StrictModel):
     heldout: list[Path] | None = Field(default=None, description="default: the last heldout_fraction of corpus")
     heldout_fraction: float = Field(default=0.05, gt=0, lt=1)
     vocab_size: int = Field(default=2048, ge=257)
+    corpus_shards: str | None = Field(
+        default=None,
+        description="a token shard folder (a path or a pyarrow.fs URI) written by `curtail prepare-data`: read "
+        "lazily by the sites, with its own tokenizer and held-out part, instead of tokenizing corpus at the start",
+    )
     batch_size: int = Field(default=8, ge=1, description="sequences per worker per optimizer step")
     seq_len: int | None = Field(default=None, ge=8, description="default: the preset's")
     peak_lr: float = Field(default=3e-3, gt=0)
@@ -295,6 +300,14 @@ class TrainingConfig(StrictModel):
         description="save every running site's inner AdamW state with each run checkpoint, so a resume "
         "continues it (costs 8 bytes per parameter per rank on disk at each sync: off for large models)",
     )
+
+    @model_validator(mode="after")
+    def _one_corpus(self) -> TrainingConfig:
+        given = sorted({"corpus", "heldout", "heldout_fraction", "vocab_size"} & self.model_fields_set)
+        if self.corpus_shards is not None and given:
+            raise ValueError(f"corpus_shards brings its own tokens, tokenizer and held-out part: leave out "
+                             f"{', '.join(given)} (set them for `curtail prepare-data` instead)")
+        return self
 
     @model_validator(mode="after")
     def _topk_chunk_needs_topk(self) -> TrainingConfig:
@@ -979,6 +992,11 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
                 training[key] = [
                     str(base_dir / p) if isinstance(p, str) and not Path(p).is_absolute() else p for p in training[key]
                 ]
+        from curtail.run_store import is_uri  # (pyarrow: only when a config names paths)
+
+        shards = training.get("corpus_shards")
+        if isinstance(shards, str) and not is_uri(shards) and not Path(shards).is_absolute():
+            training["corpus_shards"] = str(base_dir / shards)
         data["training"] = training
     return data
 

@@ -13,6 +13,8 @@ keeps its traceback.
   run's, no intact checkpoint while the run's journal records trained work.
 * :class:`StorageError` — a run directory on a URI cannot be opened, read or written (names the
   location, without credentials).
+* :class:`CorpusError` — a token shard folder is missing, incomplete or corrupt, or its inputs
+  cannot be read (names the file).
 """
 
 from __future__ import annotations
@@ -36,3 +38,7 @@ class ResumeError(CurtailError):
 
 class StorageError(CurtailError):
     """A run directory's storage location cannot be opened, read or written."""
+
+
+class CorpusError(CurtailError):
+    """A corpus or token shard folder cannot be written or read as the run needs."""

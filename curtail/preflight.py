@@ -27,6 +27,13 @@ def resolve_data_path(path: Path) -> Path:
     return (project_root() / path).resolve()
 
 
+def shard_location(location: str) -> str:
+    """A shard folder's location as the run reads it: a URI as given, a path resolved."""
+    from curtail.run_store import is_uri
+
+    return location if is_uri(location) else str(resolve_data_path(Path(location)))
+
+
 def unreadable_file(path: Path) -> str | None:
     """Why ``path`` cannot be read as a file (None if it can)."""
     path = Path(path)
@@ -60,10 +67,19 @@ def check_run_files(experiment: ExperimentConfig) -> None:
     """Every file ``[training]`` reads exists and is readable, and its cache can be written."""
     training = experiment.training
     problems = []
-    for key, paths in (("training.corpus", training.corpus), ("training.heldout", training.heldout or [])):
-        for index, path in enumerate(paths):
-            if problem := unreadable_file(resolve_data_path(path)):
-                problems.append(f"{key}[{index}]: {problem}")
+    if training.corpus_shards is not None:
+        from curtail.errors import CorpusError
+        from curtail.training.shards import load_manifest
+
+        try:
+            load_manifest(shard_location(training.corpus_shards))
+        except CorpusError as error:
+            problems.append(f"training.corpus_shards: {error}")
+    else:
+        for key, paths in (("training.corpus", training.corpus), ("training.heldout", training.heldout or [])):
+            for index, path in enumerate(paths):
+                if problem := unreadable_file(resolve_data_path(path)):
+                    problems.append(f"{key}[{index}]: {problem}")
     cache = training.cache_dir if training.cache_dir.is_absolute() else resolve_data_path(training.cache_dir)
     if problem := unwritable_dir(cache):
         problems.append(f"training.cache_dir: {problem}")

@@ -53,6 +53,8 @@ FORMATS = {
                                                         error_feedback_decay=0.95),
     "int4 + top-5 % of 4096-chunks, β 0.95": WireFormat("int4", topk_fraction=0.05, topk_chunk=4096,
                                                         error_feedback_decay=0.95),
+    "int4 + top-8 % of 4096-chunks, β 0.95": WireFormat("int4", topk_fraction=0.08, topk_chunk=4096,
+                                                        error_feedback_decay=0.95),
 }
 SITES = ("a", "b")
 
@@ -111,7 +113,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--formats", nargs="*", default=list(FORMATS), help=f"of {list(FORMATS)}")
+    parser.add_argument("--formats", nargs="*", default=list(FORMATS), help="of " + ", ".join(FORMATS).replace("%", "%%"))
     parser.add_argument("--outer", default="nesterov", choices=["nesterov", "average"], help="outer optimizer")
     parser.add_argument("--broadcast", choices=["bf16", "int8", "int4"], help="compressed view down (default: exact)")
     parser.add_argument("--overlap-steps", type=int, default=0,

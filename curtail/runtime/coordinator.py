@@ -28,7 +28,7 @@ from curtail.planning.links import Links
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_live_run, plan_run
 from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
-from curtail.preflight import resolve_data_path
+from curtail.preflight import resolve_data_path, shard_location
 from curtail.run_store import BackgroundUpload, RunStore
 from curtail.runtime.averager import Averager, AveragerClient
 from curtail.runtime.capacity import SiteCapacity, site_bundles
@@ -36,7 +36,13 @@ from curtail.runtime.checkpoint import JOURNAL, RunCheckpoint, read_checkpoint, 
 from curtail.runtime.evaluator import Evaluator
 from curtail.runtime.mailbox import Mailbox
 from curtail.runtime.placement import SitePinning, control_plane
-from curtail.runtime.protocol import EvalConfig, ModelSetup, SiteLoopConfig
+from curtail.runtime.protocol import (
+    EvalConfig,
+    ModelSetup,
+    SiteLoopConfig,
+    TokenArray,
+    share_tokens,
+)
 from curtail.runtime.ray_executor import ExecutorOptions, RayExecutor
 from curtail.runtime.run_checkpointer import RunCheckpointer
 from curtail.runtime.sites import SiteFailure, SiteGroup
@@ -48,11 +54,17 @@ from curtail.training.data import load_corpus
 from curtail.training.ledger import DataLedger
 from curtail.training.model import build_model, get_spec
 from curtail.training.schedule import LRSchedule
-from curtail.training.tokenizer import train_tokenizer
+from curtail.training.shards import ShardedTokens, tokenizer_folder
+from curtail.training.tokenizer import load_tokenizer, train_tokenizer
 
 
-def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, np.ndarray, np.ndarray]:
-    """Tokenizer (trained once per corpus and vocabulary, cached) and the token arrays."""
+def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, TokenArray, TokenArray]:
+    """Tokenizer and the training and held-out tokens: a shard folder's, read lazily where they are
+    used, or the corpus files' (tokenizer trained once per corpus and vocabulary, cached)."""
+    if training.corpus_shards is not None:
+        location = shard_location(training.corpus_shards)
+        tokens = ShardedTokens.open(location)
+        return load_tokenizer(tokenizer_folder(location)), tokens.train(), tokens.heldout()
     corpus = [resolve_data_path(p) for p in training.corpus]
     heldout = [resolve_data_path(p) for p in training.heldout] if training.heldout else None
     tokenizer = train_tokenizer(corpus, training.vocab_size, cache_dir)
@@ -83,7 +95,7 @@ class RunSetup:
     averager: Any
     mailbox: Any
     evaluator: Any
-    train_tokens: Any  # ObjectRef
+    train_tokens: Any  # token source (share_tokens)
 
     @property
     def actors(self) -> tuple[Any, ...]:
@@ -214,14 +226,14 @@ class Coordinator:
         )
         self._averager_pid = ray.get(averager.pid.remote())
         evaluator = Evaluator.options(**control_plane()).remote(
-            EvalConfig(model, ray.put(heldout_tokens), training.eval_batches, training.eval_batch_size)
+            EvalConfig(model, share_tokens(heldout_tokens), training.eval_batches, training.eval_batch_size)
         )
         return RunSetup(
             tokenizer=tokenizer, model=model, num_train_tokens=len(train_tokens),
             tokens_per_step=training.batch_size * model.seq_len * training.workers_per_site,
             num_parameters=int(sum(v.size for v in initial.values())), averager=averager,
             mailbox=Mailbox.options(**control_plane()).remote(), evaluator=evaluator,
-            train_tokens=ray.put(train_tokens),
+            train_tokens=share_tokens(train_tokens),
         )
 
     def _site_groups(self, plan: RunPlan, setup: RunSetup) -> dict[str, SiteGroup]:

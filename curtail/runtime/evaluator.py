@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from curtail.runtime.protocol import EvalConfig
+from curtail.runtime.protocol import EvalConfig, open_tokens
 
 
 @ray.remote(num_cpus=0)
@@ -37,8 +37,7 @@ class Evaluator:
         torch.set_num_threads(config.model.torch_threads)
         self._config = config
         self._trainer = SiteTrainer(config.model.spec, config.model.vocab_size, config.model.seed, device="cpu")
-        # a ref nested in the config is not resolved by Ray: fetch the held-out tokens here
-        self._heldout = TokenCorpus(np.asarray(ray.get(config.heldout_tokens)), "heldout")
+        self._heldout = TokenCorpus(open_tokens(config.heldout_tokens), "heldout")
 
     def evaluate(self, snapshot: tuple[int, dict[str, np.ndarray]]) -> dict[str, Any]:
         """Held-out loss (nats/token) of one global-weights snapshot ``(version, params)``."""

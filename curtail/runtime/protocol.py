@@ -19,11 +19,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
+from curtail.training.shards import ShardedTokens
+
 if TYPE_CHECKING:  # annotations only: the coordinator side (cluster.py) imports no torch
     from curtail.planning.links import Link
     from curtail.training.compression import WireFormat
     from curtail.training.model import ModelSpec
     from curtail.training.schedule import LRSchedule
+
+
+TokenArray = np.ndarray | ShardedTokens
+"""A corpus part in memory, or a shard folder's range read lazily where it is used."""
+
+def share_tokens(tokens: TokenArray) -> Any:
+    """How ``tokens`` reach a rank (a *token source*): an array through the object store
+    (zero-copy), a shard folder's range as itself (its location; read shard by shard there)."""
+    import ray
+
+    return tokens if isinstance(tokens, ShardedTokens) else ray.put(np.asarray(tokens))
+
+
+def open_tokens(source: Any) -> TokenArray:
+    """The tokens a token source names (a ref nested in a config is not resolved by Ray)."""
+    import ray
+
+    return source if isinstance(source, ShardedTokens) else ray.get(source)
 
 
 @dataclass(frozen=True)
@@ -45,7 +67,7 @@ class SiteLoopConfig:
     model: ModelSetup
     mailbox: Any  # Mailbox actor handle: commands in, replies out
     averager: Any  # Averager actor handle: global weights, submissions, publishes
-    train_tokens: Any  # ObjectRef of the training token array (shared, zero-copy)
+    train_tokens: Any  # token source (share_tokens): the training tokens
     batch_size: int  # sequences per rank per step
     schedule: LRSchedule
     wire: WireFormat  # how the pseudo-gradient travels (codec, top-k, error feedback)
@@ -60,7 +82,7 @@ class EvalConfig:
     """The evaluator's config: the model, the held-out tokens and how much of them to score."""
 
     model: ModelSetup
-    heldout_tokens: Any  # ObjectRef of the held-out token array
+    heldout_tokens: Any  # token source (share_tokens): the held-out tokens
     num_batches: int
     batch_size: int
 

@@ -57,6 +57,7 @@ from curtail.runtime.protocol import (
     Submitted,
     Train,
     Trained,
+    open_tokens,
 )
 
 if TYPE_CHECKING:  # the worker side imports torch lazily: the coordinator side needs none of it
@@ -443,7 +444,7 @@ def _ray_train_worker(config: SiteLoopConfig) -> SiteWorker:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.model.torch_threads)
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
-    train = TokenCorpus(ray.get(config.train_tokens), "train")  # a ref nested in the config: not auto-resolved
+    train = TokenCorpus(open_tokens(config.train_tokens), "train")
     trainer = site_trainer(config, device)
     # Measured GPU power (NVML) for the train replies; None on CPUs or without nvidia-ml-py.
     power = PowerSampler.create(device.index) if config.use_gpu else None

@@ -5,6 +5,8 @@ One module per concept:
 - ``model``      — Llama model presets (``tiny``, ``small``, ``d20``) and ``build_model``.
 - ``tokenizer``  — byte-level BPE trained on a corpus, cached, saved as a HF fast tokenizer.
 - ``data``       — a corpus tokenized once into a flat token array; train / held-out parts.
+- ``shards``     — a tokenized corpus as token shard files with a manifest, read lazily.
+- ``prepare``    — ``curtail prepare-data``: text / JSONL / Parquet streamed into token shards.
 - ``ledger``     — which token ranges each site was handed and actually trained, per epoch.
 - ``intervals``  — sorted disjoint ``[start, end)`` token intervals (the ledger's pool, the journal).
 - ``schedule``   — the one global learning-rate schedule, indexed by tokens trained.
@@ -13,5 +15,5 @@ One module per concept:
 - ``power``      — ``PowerSampler``: a GPU's measured watts (NVML), for measured-power accounting.
 
 Importing this package imports nothing heavy; import the submodules you need.
-``ledger``, ``intervals`` and ``schedule`` are pure Python (no torch) so anything may use them.
+``ledger``, ``intervals``, ``schedule`` and ``shards`` are pure Python (no torch) so anything may use them.
 """
