@@ -303,7 +303,9 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_corpus(self) -> TrainingConfig:
-        given = sorted({"corpus", "heldout", "heldout_fraction", "vocab_size"} & self.model_fields_set)
+        fields = type(self).model_fields  # values, not model_fields_set: a dumped config is validated again
+        given = [key for key in ("corpus", "heldout", "heldout_fraction", "vocab_size")
+                 if getattr(self, key) != fields[key].get_default(call_default_factory=True)]
         if self.corpus_shards is not None and given:
             raise ValueError(f"corpus_shards brings its own tokens, tokenizer and held-out part: leave out "
                              f"{', '.join(given)} (set them for `curtail prepare-data` instead)")

@@ -4,7 +4,8 @@ The run must go on: the round completes with the other site, the dead site's und
 token ranges go back to the ledger, the site re-provisions and rejoins from the newest global
 weights while its window is open, and at the end tokens trained = tokens in the ledger, with
 every range trained once except the ranges the ledger journals as re-trained (b's
-undelivered round). The run compresses its transfers and overlaps its syncs with training.
+undelivered round). The run reads its corpus from token shards, compresses its transfers and
+overlaps its syncs with training.
 A second case drains b 2 s into a federated sync (its window closes while
 its round is being averaged): nothing is lost and the run matches its simulation.
 """
@@ -36,6 +37,7 @@ LINK_MBIT, LINK_MS = 10.0, 20.0  # the fp32 global weights of tiny (0.64 MB) tak
 @pytest.fixture(scope="module")
 def killed_run(ray_cluster, tmp_path_factory):
     import curtail
+    from curtail.training.prepare import prepare_shards
 
     tmp = tmp_path_factory.mktemp("faults")
     killed: dict[str, object] = {}
@@ -47,8 +49,11 @@ def killed_run(ray_cluster, tmp_path_factory):
             killed.update(pid=pid, clock=progress["clock"], tokens=progress["tokens"])
 
     experiment = mid_round(tiny_experiment(tmp))  # compression with error feedback, on an emulated link
-    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4", "transfer_topk_fraction": 0.05,
-                              "broadcast_dtype": "int4", "emulate_link": True}
+    training = dict(experiment["training"])  # the corpus as token shards, read lazily by the sites
+    prepare_shards(training.pop("corpus"), tmp / "shards", vocab_size=training.pop("vocab_size"),
+                   shard_tokens=3001, cache_dir=tmp / "cache")
+    experiment["training"] = {**training, "transfer_dtype": "int4", "transfer_topk_fraction": 0.05,
+                              "broadcast_dtype": "int4", "emulate_link": True, "corpus_shards": str(tmp / "shards")}
     experiment["execution"] = {**experiment["execution"], "link_mbit_per_s": LINK_MBIT, "link_latency_ms": LINK_MS,
                                "overlap_sync": True}  # and the sites train on while their syncs travel
     result = curtail.run(experiment, output_dir=tmp / "runs", on_progress=kill_b_once,

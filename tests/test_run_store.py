@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from runtime_fixtures import tiny_experiment
+from runtime_fixtures import STEP_TOKENS, tiny_experiment
 
 from curtail.errors import StorageError
 from curtail.run_store import (
@@ -145,20 +145,30 @@ def test_storage_that_cannot_be_reached_or_holds_no_run_is_one_clear_error(in_tm
         RunStore.at(s3_server.format(path="runs/exp/nothing-here")).pull()
 
 
+BUDGET_TOKENS = 100 * STEP_TOKENS  # two thirds of what the trace's windows hold: the budget ends the run
+
+
 @pytest.mark.slow
 def test_a_run_on_object_storage_resumes_on_a_fresh_machine_after_its_coordinator_is_killed(
         ray_cluster, in_tmp, s3_server):
-    """A real run with its run directory on the local S3 server; its coordinator is SIGKILLed
-    after two checkpoints (no restarts); the working copy is deleted (another machine); the
-    resume from the URI alone completes with every token accounted."""
+    """A real run with its run directory and its corpus (token shards) on the local S3 server;
+    its coordinator is SIGKILLed after two checkpoints (no restarts); the working copy is deleted
+    (another machine); the resume from the URI alone trains to the budget with every token
+    accounted, each once."""
     import ray
 
     import curtail
     from curtail.runtime.checkpoint import audit_journal
+    from curtail.training.prepare import prepare_shards
 
     root = s3_server.format(path="runs")
     experiment = tiny_experiment(in_tmp)
-    experiment["training"] = {**experiment["training"], "checkpoint_inner_optimizer": True}
+    training = dict(experiment["training"])
+    shards = s3_server.format(path="shards/tiny")  # small shards: every site reads several, across edges
+    prepare_shards(training.pop("corpus"), shards, vocab_size=training.pop("vocab_size"), shard_tokens=3001,
+                   cache_dir=in_tmp / "cache")
+    experiment["training"] = {**training, "checkpoint_inner_optimizer": True, "corpus_shards": shards}
+    experiment["token_budget"] = BUDGET_TOKENS
     run_uri = join(root, experiment["name"], experiment["runs"][0]["name"])
     killed: dict = {}
 
@@ -183,6 +193,7 @@ def test_a_run_on_object_storage_resumes_on_a_fresh_machine_after_its_coordinato
     result = curtail.run(resume=run_uri)
     summary = result.summary
     assert summary["resumed"] is True and summary["resume_checkpoint"] == latest
+    assert summary["stop_reason"] == "budget_reached" and summary["tokens"] == BUDGET_TOKENS
     assert summary["run_store"] == run_uri.replace("testing:testing@", "")
     assert summary["tokens"] == summary["ledger_trained_tokens"] == pytest.approx(
         sum(summary["ledger_trained_by_site"].values()))
