@@ -227,6 +227,11 @@ class TrainingConfig(StrictModel):
     outer_optimizer: Literal["nesterov", "average"] = "nesterov"
     outer_lr: float = Field(default=0.7, gt=0)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    averager_shards: int = Field(
+        default=1, ge=1,
+        description="split the global weights, their broadcast view and the outer-optimizer state across this "
+        "many averaging actors (equal shares of the parameters; the same result as one, bit for bit)",
+    )
     transfer_dtype: Literal["bf16", "fp32", "int8", "int4"] = Field(
         default="bf16", description="pseudo-gradient codec on the wire (int8/int4: blockwise quantised, zstd-coded)"
     )

@@ -220,3 +220,15 @@ def test_prepare_data_from_the_command_line(text_file, tmp_path):
     assert record["vocab_size"] == 300 and record["identity"] == manifest.identity
     again = subprocess.run(command[:-1], check=False, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a shard folder; pass --overwrite" in again.stderr
+
+
+def test_preflight_names_a_missing_shard_folder(tmp_path):
+    from curtail.errors import PreflightError
+    from curtail.preflight import check_run_files
+
+    base = {"name": "x", "token_budget": 1000, "traces": [{"path": "t.csv"}],
+            "sites": {"a": {"region": "A", "training_power_w": 1, "idle_power_w": 1, "tokens_per_s": 1}},
+            "runs": [{"name": "r", "policy": {"kind": "threshold"}, "sites": ["a"]}],
+            "training": {"corpus_shards": str(tmp_path / "nowhere"), "cache_dir": str(tmp_path / "cache")}}
+    with pytest.raises(PreflightError, match=r"training.corpus_shards: .*nowhere holds no manifest.json"):
+        check_run_files(parse_experiment(base))

@@ -29,8 +29,10 @@ that dies is withdrawn from the round, which then steps on the others' submissio
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -198,53 +200,172 @@ def download_view(averager: AveragerClient, held_version: int,
     return version, payload, sum(array.nbytes for array in payload.values())
 
 
+def shard_names(sizes: Mapping[str, int], num_shards: int) -> tuple[tuple[str, ...], ...]:
+    """Parameter names split into ``num_shards`` groups of about equal size (largest tensor to the
+    lightest group first; deterministic), each group in the parameters' own order."""
+    if not 1 <= num_shards <= len(sizes):
+        raise ValueError(f"averager_shards must be between 1 and the model's {len(sizes)} parameter tensors, "
+                         f"got {num_shards}")
+    loads, owner = [0] * num_shards, {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        lightest = loads.index(min(loads))
+        owner[name] = lightest
+        loads[lightest] += sizes[name]
+    return tuple(tuple(name for name in sizes if owner[name] == shard) for shard in range(num_shards))
+
+
+@dataclass(frozen=True)
+class AveragerShards:
+    """The averaging actors of a run whose global state is split across several: each holds the
+    weights, the broadcast view and the outer-optimizer state of its parameter names only."""
+
+    handles: tuple[Any, ...]
+    names: tuple[tuple[str, ...], ...]  # per actor, the parameters it owns
+
+    def split(self, state: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """A state keyed by parameter name, one part per actor."""
+        return [{name: state[name] for name in names} for names in self.names]
+
+    def split_packed(self, packed: CompressedState) -> list[CompressedState]:
+        """A packed state, one part per actor (every field is per tensor: nothing is re-encoded)."""
+        return [dataclasses.replace(packed, **{field: {n: part[n] for n in names if n in part}
+                                               for field, part in _per_tensor(packed).items()})
+                for names in self.names]
+
+
+def _per_tensor(packed: CompressedState) -> dict[str, dict[str, Any]]:
+    return {"arrays": packed.arrays, "shapes": packed.shapes, "scales": packed.scales,
+            "indices": packed.indices, "counts": packed.counts}
+
+
+def _join_packed(parts: list[CompressedState]) -> CompressedState:
+    fields = {field: {name: value for part in parts for name, value in _per_tensor(part)[field].items()}
+              for field in _per_tensor(parts[0])}
+    return dataclasses.replace(parts[0], **fields)
+
+
+def _merged_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The actors' :meth:`Averager.state` as one (what a single actor would return)."""
+    first = states[0]
+    _same("version", [s["version"] for s in states])
+    optimizer = dict(first["optimizer"])
+    if "momentum_buffers" in optimizer:
+        optimizer["momentum_buffers"] = {n: b for s in states for n, b in s["optimizer"]["momentum_buffers"].items()}
+    return {"version": first["version"], "num_outer_steps": first["num_outer_steps"],
+            "params": {n: v for s in states for n, v in s["params"].items()}, "optimizer": optimizer}
+
+
+def _same(what: str, values: list[Any]) -> Any:
+    if any(value != values[0] for value in values[1:]):
+        raise RuntimeError(f"the averaging actors disagree on {what}: {values} (an internal error)")
+    return values[0]
+
+
+@ray.remote(num_cpus=0)
+def _joined_global(*snapshots: tuple[int, dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
+    version = _same("version", [version for version, _ in snapshots])
+    return version, {name: value for _, params in snapshots for name, value in params.items()}
+
+
 class AveragerClient:
-    """Blocking calls to the averaging actor: the coordinator's (outer steps, withdrawals, state)
-    and a site's rank 0 (global weights in, pseudo-gradients and publishes out). Tests give the
-    executor and the site worker autospecced fakes of it."""
+    """Blocking calls to the averaging actor — or to the actors of a sharded global state
+    (:class:`AveragerShards`), which then look like one: the coordinator's (outer steps,
+    withdrawals, state) and a site's rank 0 (global weights in, pseudo-gradients and publishes
+    out). Every actor steps its own parameters on the same submissions, so the result is the
+    single actor's bit for bit (every part of the outer step and of the codecs is per tensor).
+    Tests give the executor and the site worker autospecced fakes of it."""
 
     def __init__(self, handle: Any):
-        self.handle = handle
+        self.shards = handle if isinstance(handle, AveragerShards) else None
+        self.handles = self.shards.handles if self.shards else (handle,)
+        self.handle = self.handles[0]
+
+    def _all(self, method: str, *args: Any, parts: list[Any] | None = None) -> list[Any]:
+        """``method`` on every actor (with its part of the first argument if ``parts``), at once."""
+        if parts is None:
+            return ray.get([getattr(h, method).remote(*args) for h in self.handles])
+        return ray.get([getattr(h, method).remote(part, *args) for h, part in zip(self.handles, parts, strict=True)])
 
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         """``(version, params)``: the newest global weights (read-only object-store arrays)."""
-        return ray.get(self.handle.get_global.remote())
+        snapshots = self._all("get_global")
+        version = _same("version", [version for version, _ in snapshots])
+        return version, {name: value for _, params in snapshots for name, value in params.items()}
 
     def get_view(self, held_version: int) -> tuple[str, int, Any]:
         """The broadcast weights for a site holding ``held_version`` (:meth:`Averager.get_view`)."""
-        return ray.get(self.handle.get_view.remote(held_version))
+        views = self._all("get_view", held_version)
+        kind = _same("the kind of view", [kind for kind, _, _ in views])
+        version = _same("version", [version for _, version, _ in views])
+        if kind == "change":
+            return kind, version, _join_packed([payload for _, _, payload in views])
+        return kind, version, {name: value for _, _, payload in views for name, value in payload.items()}
 
     def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
-        return ray.get(self.handle.submit.remote(site, round_index, pseudo_grad, tokens))
+        if self.shards is None:
+            return ray.get(self.handle.submit.remote(site, round_index, pseudo_grad, tokens))
+        counts = ray.get([h.submit.remote(site, round_index, part, tokens)
+                          for h, part in zip(self.handles, self.shards.split_packed(pseudo_grad), strict=True)])
+        return min(counts)
 
     def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
         """The global version the site's weights became."""
-        return ray.get(self.handle.publish.remote(site, params))
+        if self.shards is None:
+            return ray.get(self.handle.publish.remote(site, params))
+        return _same("version", ray.get([h.publish.remote(site, part)
+                                         for h, part in zip(self.handles, self.shards.split(params), strict=True)]))
 
     def published_by(self, site: str) -> int | None:
-        return ray.get(self.handle.published_by.remote(site))
+        versions = self._all("published_by", site)
+        return versions[0] if all(v == versions[0] for v in versions) else None
 
     def outer_step(self, round_index: int) -> dict[str, Any]:
-        return ray.get(self.handle.outer_step.remote(round_index))
+        outcomes = self._all("outer_step", round_index)
+        return _same("the outer step", outcomes)
 
     def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
-        return ray.get(self.handle.withdraw.remote(round_index, sites))
+        return sorted({site for dropped in self._all("withdraw", round_index, sites) for site in dropped})
 
     def expect(self, round_index: int, sites: list[str]) -> None:
-        ray.get(self.handle.expect.remote(round_index, sites))
+        self._all("expect", round_index, sites)
 
     def round_status(self, round_index: int) -> dict[str, Any]:
-        return ray.get(self.handle.round_status.remote(round_index))
+        """The round's outcome once every actor stepped it; the sites whose submissions every actor has."""
+        statuses = self._all("round_status", round_index)
+        outcomes = [status["outcome"] for status in statuses]
+        return {"outcome": None if any(o is None for o in outcomes) else _same("the outer step", outcomes),
+                "arrived": sorted(set.intersection(*(set(s["arrived"]) for s in statuses))),
+                "expected": sorted(set.union(*(set(s["expected"]) for s in statuses)))}
+
+    def load_state(self, params: dict[str, np.ndarray], optimizer: dict[str, Any], version: int,
+                   num_outer_steps: int) -> int:
+        """Restore every actor's part from a run checkpoint (resume)."""
+        if self.shards is None:
+            return ray.get(self.handle.load_state.remote(params, optimizer, version, num_outer_steps))
+        parts = []
+        for names in self.shards.names:
+            part = dict(optimizer)
+            if "momentum_buffers" in optimizer:
+                part["momentum_buffers"] = {n: b for n, b in optimizer["momentum_buffers"].items() if n in names}
+            parts.append(part)
+        return _same("version", ray.get([
+            h.load_state.remote(p, o, version, num_outer_steps)
+            for h, p, o in zip(self.handles, self.shards.split(params), parts, strict=True)]))
 
     def state(self) -> dict[str, Any]:
-        return ray.get(self.handle.state.remote())
+        return self.state_later()()
 
     def state_later(self) -> Callable[[], dict[str, Any]]:
         """The state of now, fetched when the returned function is called (the request is sent
         here and the actor serves it before any later change; the caller goes on meanwhile)."""
-        ref = self.handle.state.remote()
-        return lambda: ray.get(ref)
+        refs = [h.state.remote() for h in self.handles]
+        return lambda: _merged_state(ray.get(refs)) if len(refs) > 1 else ray.get(refs[0])
 
     def global_snapshot(self) -> Any:
         """A reference to the current ``(version, params)``, for the evaluator (no wait)."""
-        return self.handle.get_global.remote()
+        if self.shards is None:
+            return self.handle.get_global.remote()
+        return _joined_global.options(num_cpus=0).remote(*[h.get_global.remote() for h in self.handles])
+
+    def pids(self) -> list[int]:
+        return self._all("pid")

@@ -30,7 +30,7 @@ from curtail.planning.signals import iso
 from curtail.planning.trajectory import Trajectory
 from curtail.preflight import resolve_data_path, shard_location
 from curtail.run_store import BackgroundUpload, RunStore
-from curtail.runtime.averager import Averager, AveragerClient
+from curtail.runtime.averager import Averager, AveragerClient, AveragerShards, shard_names
 from curtail.runtime.capacity import SiteCapacity, site_bundles
 from curtail.runtime.checkpoint import JOURNAL, RunCheckpoint, read_checkpoint, read_journal
 from curtail.runtime.evaluator import Evaluator
@@ -72,6 +72,19 @@ def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, TokenA
     return tokenizer, np.array(train.tokens), np.array(held.tokens)
 
 
+def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, broadcast: WireFormat | None) -> Any:
+    """The averaging actor beside the driver, or ``training.averager_shards`` of them, each
+    holding an equal share of the parameters (:class:`~curtail.runtime.averager.AveragerShards`)."""
+    def actor(params: dict[str, np.ndarray]) -> Any:
+        return Averager.options(**control_plane()).remote(
+            params, training.outer_optimizer, training.outer_lr, training.outer_momentum, broadcast)
+
+    if training.averager_shards == 1:
+        return actor(initial)
+    names = shard_names({name: value.size for name, value in initial.items()}, training.averager_shards)
+    return AveragerShards(tuple(actor({name: initial[name] for name in group}) for group in names), names)
+
+
 @dataclass
 class RunArtifacts:
     """What the coordinator hands back to the driver."""
@@ -92,14 +105,14 @@ class RunSetup:
     num_train_tokens: int
     tokens_per_step: int
     num_parameters: int
-    averager: Any
+    averager: Any  # the Averager actor's handle, or AveragerShards (training.averager_shards > 1)
     mailbox: Any
     evaluator: Any
     train_tokens: Any  # token source (share_tokens)
 
     @property
     def actors(self) -> tuple[Any, ...]:
-        return self.mailbox, self.averager, self.evaluator
+        return self.mailbox, *AveragerClient(self.averager).handles, self.evaluator
 
 
 @ray.remote(num_cpus=0, max_concurrency=2)
@@ -112,7 +125,7 @@ class Coordinator:
         self.store = store  # the run directory: its working copy here, and a URI the sites write to
         self.run_dir = store.local
         self.checkpoint = None if checkpoint is None else Path(checkpoint)  # chosen and verified by the driver
-        self._averager_pid: int | None = None
+        self._averager_pids: list[int] = []
         self._executor: RayExecutor | None = None
         self._stop_requested = False
         self._progress: dict[str, Any] = {"phase": "starting"}
@@ -133,7 +146,8 @@ class Coordinator:
             "active_sites": sorted(running), "tokens": tokens, "token_budget": executor.context.token_budget,
             "loss": executor.telemetry.last_loss,
             "site_pids": {s: pid for s, pid in executor.telemetry.site_pids.items() if s in running},
-            "coordinator_pid": os.getpid(), "averager_pid": self._averager_pid,
+            "coordinator_pid": os.getpid(), "averager_pid": self._averager_pids[0] if self._averager_pids else None,
+            "averager_pids": self._averager_pids,
         }
 
     def _signal_event(self, t_s: float, site: str, event: str, details: dict[str, Any]) -> None:
@@ -221,10 +235,8 @@ class Coordinator:
         initial = {n: p.detach().numpy().copy() for n, p in build_model(spec, model.vocab_size, config.seed).named_parameters()}
         broadcast = (None if training.broadcast_dtype == "fp32"
                      else WireFormat(training.broadcast_dtype, block_size=training.transfer_block_size))  # type: ignore[arg-type]
-        averager = Averager.options(**control_plane()).remote(
-            initial, training.outer_optimizer, training.outer_lr, training.outer_momentum, broadcast
-        )
-        self._averager_pid = ray.get(averager.pid.remote())
+        averager = start_averager(initial, training, broadcast)
+        self._averager_pids = AveragerClient(averager).pids()
         evaluator = Evaluator.options(**control_plane()).remote(
             EvalConfig(model, share_tokens(heldout_tokens), training.eval_batches, training.eval_batch_size)
         )
@@ -272,10 +284,10 @@ class Coordinator:
         """A fresh ledger, or the checkpoint's with every claim back in the pool."""
         if checkpoint is None:
             return DataLedger(setup.num_train_tokens - 1, block_tokens=setup.tokens_per_step)
-        ray.get(setup.averager.load_state.remote(
+        AveragerClient(setup.averager).load_state(
             checkpoint.params, checkpoint.optimizer, checkpoint.averager["version"],
             checkpoint.averager["num_outer_steps"],
-        ))
+        )
         ledger = DataLedger.from_dict(checkpoint.ledger)
         ledger.release_all()
         return ledger
@@ -299,7 +311,7 @@ class Coordinator:
     def _finish(self, setup: RunSetup, executor: RayExecutor, trajectory: Trajectory, wall_s: float) -> dict[str, Any]:
         """Evaluate and save the final global model; the summary's runtime figures."""
         self._progress = {"phase": "evaluating the final global model"}
-        final = setup.averager.get_global.remote()
+        final = AveragerClient(setup.averager).global_snapshot()
         final_eval_loss = ray.get(setup.evaluator.evaluate.remote(final))["loss"]
         model_dir = Path(ray.get(setup.evaluator.save.remote(final, str(self.run_dir / "model"), None)))
         setup.tokenizer.save_pretrained(model_dir)

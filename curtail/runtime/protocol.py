@@ -66,7 +66,7 @@ class SiteLoopConfig:
     site: str
     model: ModelSetup
     mailbox: Any  # Mailbox actor handle: commands in, replies out
-    averager: Any  # Averager actor handle: global weights, submissions, publishes
+    averager: Any  # Averager actor handle, or AveragerShards: global weights, submissions, publishes
     train_tokens: Any  # token source (share_tokens): the training tokens
     batch_size: int  # sequences per rank per step
     schedule: LRSchedule
