@@ -355,4 +355,6 @@ class Coordinator:
                          "error_feedback": self.config.training.error_feedback,
                          "topk_chunk": self.config.training.transfer_topk_chunk,
                          "error_feedback_decay": self.config.training.error_feedback_decay},
+            "averager_shards": [list(names) for names in setup.averager.names]
+            if isinstance(setup.averager, AveragerShards) else None,
         }
