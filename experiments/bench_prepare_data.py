@@ -138,8 +138,8 @@ def main() -> None:
         read = json.loads(subprocess.run([sys.executable, "-c", READ_BACK, str(shards)], capture_output=True,
                                          text=True, check=True).stdout)
         cap = args.memory_cap_gb * GIB
-        print(f"\n| text | processes | peak RSS (all processes) | cap | wall | text MB/s | tokens | shards | "
-              f"read back (peak RSS, Mtokens/s) |")
+        print("\n| text | processes | peak RSS (all processes) | cap | wall | text MB/s | tokens | shards | "
+              "read back (peak RSS, Mtokens/s) |")
         print("|---|---|---|---|---|---|---|---|---|")
         print(f"| {size / GIB:.2f} GiB | {args.num_proc} | {peak / GIB:.2f} GiB | {args.memory_cap_gb:.1f} GiB | "
               f"{wall_s:.0f} s | {size / 1e6 / wall_s:.1f} | {record['num_tokens'] / 1e6:.0f} M | {record['shards']} | "
