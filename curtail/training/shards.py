@@ -241,7 +241,7 @@ class ShardedTokens:
         return state
 
     def __del__(self) -> None:
-        for shard in list(self._fetched):
+        for shard in list(getattr(self, "_fetched", ())):  # (an __init__ that raised set none)
             self._release(shard)
 
     def verify(self) -> None:
