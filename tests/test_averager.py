@@ -125,6 +125,25 @@ def test_parameters_split_into_shards_of_about_equal_size():
         shard_names(sizes, 7)
 
 
+def test_more_averager_shards_than_tensors_is_found_before_ray(tmp_path):
+    from curtail.config import parse_experiment
+    from curtail.errors import PreflightError
+    from curtail.preflight import check_run_files
+    from curtail.training.model import build_model, get_spec
+
+    for preset in ("tiny", "small"):
+        spec = get_spec(preset)
+        assert spec.num_parameter_tensors == len(list(build_model(spec, 512, 0).named_parameters()))
+    experiment = parse_experiment({
+        "name": "x", "token_budget": 1000, "traces": [{"path": "t.csv"}],
+        "sites": {"a": {"region": "A", "training_power_w": 1, "idle_power_w": 1, "tokens_per_s": 1}},
+        "runs": [{"name": "r", "policy": {"kind": "threshold"}, "sites": ["a"]}],
+        "training": {"preset": "tiny", "averager_shards": 99, "cache_dir": str(tmp_path)}})
+    with pytest.raises(PreflightError, match=r"training.averager_shards = 99: the tiny model has 21 parameter "
+                                             r"tensors to share out; use at most 21"):
+        check_run_files(experiment)
+
+
 def test_a_sharded_averager_equals_the_single_actor_bit_for_bit(ray_cluster):
     """Three actors holding a third of tiny's parameters each, against one actor: blocking and
     overlapped rounds of int4 top-k pseudo-gradients, a withdrawal, a hand-off, a compressed

@@ -59,6 +59,12 @@ class ModelSpec(BaseModel):
             )
         return self
 
+    @property
+    def num_parameter_tensors(self) -> int:
+        """Named parameter tensors of the model: the embedding, 9 per decoder layer (4 attention
+        projections, 3 MLP projections, 2 norms), the final norm, and the LM head unless tied."""
+        return 1 + 9 * self.num_layers + 1 + (0 if self.tie_embeddings else 1)
+
     def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         """The ``transformers`` config for this spec (``vocab_size`` overrides the spec's)."""
         return LlamaConfig(
