@@ -7,6 +7,7 @@ Python API (imports are lazy so ``import curtail`` stays light and side-effect f
     result.table()
     trained = curtail.run()                               # real training on a local Ray cluster
     swept = curtail.sweep("experiments/sweep_policies.toml")  # Ray Tune over policies
+    curtail.prepare_shards(["corpus/"], "data/shards/mine")  # token shards: [training] corpus_shards
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _API = {
     "read_run_dir": "curtail.runlog",
     "sweep": "curtail.policy_sweep",
     "SweepResult": "curtail.policy_sweep",
+    "prepare_shards": "curtail.training.prepare",
 }
 
 __all__ = sorted(_API)  # noqa: PLE0605 -- the names of the lazily imported API
