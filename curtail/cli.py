@@ -338,6 +338,9 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curtail", description=__doc__.splitlines()[0])
+    from curtail import __version__
+
+    parser.add_argument("--version", action="version", version=f"curtail {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train for real on Ray, following the curtailment calendar")

@@ -21,7 +21,7 @@ import tomllib
 from datetime import datetime
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,6 +33,19 @@ class ConfigError(ValueError):
 class StrictModel(BaseModel):
     # inf or NaN in a duration, power, budget or throughput is always a typo (TOML reads `inf`)
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, validated like a config file (``model_copy`` is not: it would
+        take a negative budget or a misspelt key). Raises :class:`ConfigError` naming the key.
+
+        Example::
+
+            faster = config.replace(token_budget=6e9, training=config.training.replace(preset="tiny"))
+        """
+        try:
+            return type(self).model_validate({**self.model_dump(exclude_unset=True), **changes})  # keeps what was set
+        except ValidationError as error:
+            raise ConfigError(_format_validation_error(error, f"{type(self).__name__}.replace()", type(self))) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -923,9 +936,9 @@ class ExperimentConfig(StrictModel):
         raise ConfigError(f"no run named {name!r}; runs: {[r.name for r in self.runs]}")
 
 
-def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+def _keys_at(loc: tuple[int | str, ...], root: type[BaseModel] | None = None) -> list[str]:
     """The keys the config accepts at ``loc`` (where pydantic found an unknown key), best effort."""
-    annotation: Any = ExperimentConfig
+    annotation: Any = root or ExperimentConfig
     parts = list(loc)
     while True:
         origin, args = get_origin(annotation), get_args(annotation)
@@ -958,7 +971,7 @@ def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
     return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def _format_validation_error(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     lines = [f"{source}: invalid config"]
     errors = error.errors()
     top_level = {(tuple(item["loc"]), item["type"]) for item in errors}
@@ -969,7 +982,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(item["loc"][-1]), _keys_at(item["loc"][:-1]), n=1)
+            close = difflib.get_close_matches(str(item["loc"][-1]), _keys_at(item["loc"][:-1], root), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             message = f"unknown key (typo or renamed field?); {hint}remove it or fix its name"
         lines.append(f"  {where}: {message}")

@@ -30,9 +30,9 @@ def main() -> None:
 
     experiment = load_experiment(args.config)
     centralized = RunSpec(name="centralized-nem_sa", policy={"kind": "always_on"}, sites=["nem_sa"],
-                          rules=experiment.rules.model_copy(update={"provisioning_s": 0}),
-                          execution=experiment.execution.model_copy(update={"group_start_s": 0}))
-    experiment = experiment.model_copy(update={"runs": [*experiment.runs, centralized]})
+                          rules=experiment.rules.replace(provisioning_s=0),
+                          execution=experiment.execution.replace(group_start_s=0))
+    experiment = experiment.replace(runs=[*experiment.runs, centralized])
     rows = []
     for spec in experiment.runs:
         result = curtail.run(experiment, run=spec.name, output_dir=args.output_dir)

@@ -365,3 +365,28 @@ def test_a_live_sites_region_missing_from_the_served_trace_is_refused_before_any
     data["sites"]["nem_sa"]["region"] = "NOWHERE"
     with pytest.raises(PreflightError, match=r"live.source: .* has no column for regions \['NOWHERE'\]"):
         check_live_files(parse_experiment(data, base_dir=REPO / "experiments"))
+
+
+def test_replace_validates_what_it_changes():
+    """``config.replace(...)`` is the validated way to derive a config: a negative budget or a
+    misspelt key is a ConfigError naming the key (``model_copy`` would take both)."""
+    import curtail
+
+    config = curtail.load_experiment(PAPER_TOML)
+    faster = config.replace(token_budget=6e9, training=config.training.replace(preset="tiny"))
+    assert faster.token_budget == 6e9 and faster.training.preset == "tiny" and faster.sites == config.sites
+    with pytest.raises(ConfigError, match=r"token_budget: Input should be greater than 0"):
+        config.replace(token_budget=-5)
+    with pytest.raises(ConfigError, match=r"token_budgte: unknown key .* did you mean 'token_budget'"):
+        config.replace(token_budgte=5)
+    with pytest.raises(ConfigError, match=r"TrainingConfig.replace\(\): invalid config\n  presett: .* did you mean 'preset'"):
+        config.training.replace(presett="tiny")
+
+
+def test_the_cli_says_its_version(capsys):
+    from curtail import __version__
+    from curtail.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"curtail {__version__}"
