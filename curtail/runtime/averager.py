@@ -232,27 +232,39 @@ class AveragerShards:
                                                for field, part in _per_tensor(packed).items()})
                 for names in self.names]
 
+    def split_optimizer(self, state: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """An outer optimizer's state, one part per actor (its per-parameter buffers split)."""
+        if "momentum_buffers" not in state:  # (plain averaging keeps none)
+            return [dict(state) for _ in self.names]
+        return [{**state, "momentum_buffers": part} for part in self.split(state["momentum_buffers"])]
+
 
 def _per_tensor(packed: CompressedState) -> dict[str, dict[str, Any]]:
     return {"arrays": packed.arrays, "shapes": packed.shapes, "scales": packed.scales,
             "indices": packed.indices, "counts": packed.counts}
 
 
+def _joined(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {name: value for part in parts for name, value in part.items()}
+
+
 def _join_packed(parts: list[CompressedState]) -> CompressedState:
-    fields = {field: {name: value for part in parts for name, value in _per_tensor(part)[field].items()}
-              for field in _per_tensor(parts[0])}
+    fields = {field: _joined([_per_tensor(part)[field] for part in parts]) for field in _per_tensor(parts[0])}
     return dataclasses.replace(parts[0], **fields)
 
 
-def _merged_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+def _join_snapshots(snapshots: list[tuple[int, dict[str, np.ndarray]]]) -> tuple[int, dict[str, np.ndarray]]:
+    return _same("version", [version for version, _ in snapshots]), _joined([params for _, params in snapshots])
+
+
+def _join_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """The actors' :meth:`Averager.state` as one (what a single actor would return)."""
-    first = states[0]
-    _same("version", [s["version"] for s in states])
-    optimizer = dict(first["optimizer"])
+    optimizer = dict(states[0]["optimizer"])
     if "momentum_buffers" in optimizer:
-        optimizer["momentum_buffers"] = {n: b for s in states for n, b in s["optimizer"]["momentum_buffers"].items()}
-    return {"version": first["version"], "num_outer_steps": first["num_outer_steps"],
-            "params": {n: v for s in states for n, v in s["params"].items()}, "optimizer": optimizer}
+        optimizer["momentum_buffers"] = _joined([s["optimizer"]["momentum_buffers"] for s in states])
+    return {"version": _same("version", [s["version"] for s in states]),
+            "num_outer_steps": states[0]["num_outer_steps"],
+            "params": _joined([s["params"] for s in states]), "optimizer": optimizer}
 
 
 def _same(what: str, values: list[Any]) -> Any:
@@ -263,8 +275,7 @@ def _same(what: str, values: list[Any]) -> Any:
 
 @ray.remote(num_cpus=0)
 def _joined_global(*snapshots: tuple[int, dict[str, np.ndarray]]) -> tuple[int, dict[str, np.ndarray]]:
-    version = _same("version", [version for version, _ in snapshots])
-    return version, {name: value for _, params in snapshots for name, value in params.items()}
+    return _join_snapshots(list(snapshots))
 
 
 class AveragerClient:
@@ -273,58 +284,58 @@ class AveragerClient:
     withdrawals, state) and a site's rank 0 (global weights in, pseudo-gradients and publishes
     out). Every actor steps its own parameters on the same submissions, so the result is the
     single actor's bit for bit (every part of the outer step and of the codecs is per tensor).
-    Tests give the executor and the site worker autospecced fakes of it."""
+    One actor is the case of one part: nothing is split or joined. Tests give the executor and
+    the site worker autospecced fakes of it."""
 
     def __init__(self, handle: Any):
         self.shards = handle if isinstance(handle, AveragerShards) else None
         self.handles = self.shards.handles if self.shards else (handle,)
         self.handle = self.handles[0]
 
-    def _all(self, method: str, *args: Any, parts: list[Any] | None = None) -> list[Any]:
-        """``method`` on every actor (with its part of the first argument if ``parts``), at once."""
-        if parts is None:
-            return ray.get([getattr(h, method).remote(*args) for h in self.handles])
-        return ray.get([getattr(h, method).remote(part, *args) for h, part in zip(self.handles, parts, strict=True)])
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """``method`` on every actor, at once."""
+        return ray.get([getattr(h, method).remote(*args) for h in self.handles])
+
+    def _each(self, method: str, parts: list[tuple[Any, ...]], *args: Any) -> list[Any]:
+        """``method`` on every actor with its own leading arguments ``parts[i]``, at once."""
+        return ray.get([getattr(h, method).remote(*part, *args) for h, part in zip(self.handles, parts, strict=True)])
+
+    def _split(self, state: Mapping[str, Any]) -> list[Any]:
+        return self.shards.split(state) if self.shards else [state]
 
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         """``(version, params)``: the newest global weights (read-only object-store arrays)."""
         snapshots = self._all("get_global")
-        version = _same("version", [version for version, _ in snapshots])
-        return version, {name: value for _, params in snapshots for name, value in params.items()}
+        return snapshots[0] if len(snapshots) == 1 else _join_snapshots(snapshots)
 
     def get_view(self, held_version: int) -> tuple[str, int, Any]:
         """The broadcast weights for a site holding ``held_version`` (:meth:`Averager.get_view`)."""
         views = self._all("get_view", held_version)
+        if len(views) == 1:
+            return views[0]
         kind = _same("the kind of view", [kind for kind, _, _ in views])
         version = _same("version", [version for _, version, _ in views])
-        if kind == "change":
-            return kind, version, _join_packed([payload for _, _, payload in views])
-        return kind, version, {name: value for _, _, payload in views for name, value in payload.items()}
+        payloads = [payload for _, _, payload in views]
+        return kind, version, _join_packed(payloads) if kind == "change" else _joined(payloads)
 
     def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
-        if self.shards is None:
-            return ray.get(self.handle.submit.remote(site, round_index, pseudo_grad, tokens))
-        counts = ray.get([h.submit.remote(site, round_index, part, tokens)
-                          for h, part in zip(self.handles, self.shards.split_packed(pseudo_grad), strict=True)])
-        return min(counts)
+        parts = self.shards.split_packed(pseudo_grad) if self.shards else [pseudo_grad]
+        return min(self._each("submit", [(site, round_index, part) for part in parts], tokens))
 
     def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
         """The global version the site's weights became."""
-        if self.shards is None:
-            return ray.get(self.handle.publish.remote(site, params))
-        return _same("version", ray.get([h.publish.remote(site, part)
-                                         for h, part in zip(self.handles, self.shards.split(params), strict=True)]))
+        return _same("version", self._each("publish", [(site, part) for part in self._split(params)]))
 
     def published_by(self, site: str) -> int | None:
         versions = self._all("published_by", site)
         return versions[0] if all(v == versions[0] for v in versions) else None
 
     def outer_step(self, round_index: int) -> dict[str, Any]:
-        outcomes = self._all("outer_step", round_index)
-        return _same("the outer step", outcomes)
+        return _same("the outer step", self._all("outer_step", round_index))
 
     def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
-        return sorted({site for dropped in self._all("withdraw", round_index, sites) for site in dropped})
+        dropped = self._all("withdraw", round_index, sites)
+        return dropped[0] if len(dropped) == 1 else sorted({site for part in dropped for site in part})
 
     def expect(self, round_index: int, sites: list[str]) -> None:
         self._all("expect", round_index, sites)
@@ -332,6 +343,8 @@ class AveragerClient:
     def round_status(self, round_index: int) -> dict[str, Any]:
         """The round's outcome once every actor stepped it; the sites whose submissions every actor has."""
         statuses = self._all("round_status", round_index)
+        if len(statuses) == 1:
+            return statuses[0]
         outcomes = [status["outcome"] for status in statuses]
         return {"outcome": None if any(o is None for o in outcomes) else _same("the outer step", outcomes),
                 "arrived": sorted(set.intersection(*(set(s["arrived"]) for s in statuses))),
@@ -340,17 +353,9 @@ class AveragerClient:
     def load_state(self, params: dict[str, np.ndarray], optimizer: dict[str, Any], version: int,
                    num_outer_steps: int) -> int:
         """Restore every actor's part from a run checkpoint (resume)."""
-        if self.shards is None:
-            return ray.get(self.handle.load_state.remote(params, optimizer, version, num_outer_steps))
-        parts = []
-        for names in self.shards.names:
-            part = dict(optimizer)
-            if "momentum_buffers" in optimizer:
-                part["momentum_buffers"] = {n: b for n, b in optimizer["momentum_buffers"].items() if n in names}
-            parts.append(part)
-        return _same("version", ray.get([
-            h.load_state.remote(p, o, version, num_outer_steps)
-            for h, p, o in zip(self.handles, self.shards.split(params), parts, strict=True)]))
+        optimizers = self.shards.split_optimizer(optimizer) if self.shards else [optimizer]
+        return _same("version", self._each("load_state", list(zip(self._split(params), optimizers, strict=True)),
+                                           version, num_outer_steps))
 
     def state(self) -> dict[str, Any]:
         return self.state_later()()
@@ -359,13 +364,12 @@ class AveragerClient:
         """The state of now, fetched when the returned function is called (the request is sent
         here and the actor serves it before any later change; the caller goes on meanwhile)."""
         refs = [h.state.remote() for h in self.handles]
-        return lambda: _merged_state(ray.get(refs)) if len(refs) > 1 else ray.get(refs[0])
+        return lambda: ray.get(refs[0]) if len(refs) == 1 else _join_states(ray.get(refs))
 
     def global_snapshot(self) -> Any:
         """A reference to the current ``(version, params)``, for the evaluator (no wait)."""
-        if self.shards is None:
-            return self.handle.get_global.remote()
-        return _joined_global.options(num_cpus=0).remote(*[h.get_global.remote() for h in self.handles])
+        refs = [h.get_global.remote() for h in self.handles]
+        return refs[0] if len(refs) == 1 else _joined_global.options(num_cpus=0).remote(*refs)
 
     def pids(self) -> list[int]:
         return self._all("pid")

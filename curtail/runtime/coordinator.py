@@ -64,7 +64,7 @@ def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, TokenA
     if training.corpus_shards is not None:
         location = shard_location(training.corpus_shards)
         tokens = ShardedTokens.open(location)
-        return load_tokenizer(tokenizer_folder(location)), tokens.train(), tokens.heldout()
+        return load_tokenizer(tokenizer_folder(location, manifest=tokens.manifest)), tokens.train(), tokens.heldout()
     corpus = [resolve_data_path(p) for p in training.corpus]
     heldout = [resolve_data_path(p) for p in training.heldout] if training.heldout else None
     tokenizer = train_tokenizer(corpus, training.vocab_size, cache_dir)

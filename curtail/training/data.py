@@ -122,7 +122,7 @@ def tokenize_files(
             raise FileNotFoundError(f"corpus file {path} does not exist; pass a local text file")
     cached: Path | None = None
     if cache_dir is not None:
-        key = f"{file_sha256(paths)[:16]}-{_tokenizer_sha256(tokenizer)[:16]}"
+        key = f"{file_sha256(paths)[:16]}-{tokenizer_sha256(tokenizer)[:16]}"
         cached = Path(cache_dir) / f"tokens-{key}.npy"
         if cached.is_file():
             return np.load(cached, mmap_mode="r")
@@ -198,8 +198,9 @@ def _tokenize_with_datasets(
     return np.concatenate(pieces)
 
 
-def _tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of a fast tokenizer's serialised form: equal hashes encode text equally."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise TypeError("tokenize_files needs a fast (tokenizers-backed) tokenizer")
+        raise TypeError("curtail needs a fast (tokenizers-backed) tokenizer")
     return hashlib.sha256(backend.to_str().encode()).hexdigest()

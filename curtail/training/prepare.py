@@ -155,7 +155,10 @@ def prepare_shards(
                 pool.submit(_train_tokenizer, train_files, vocab_size, text_field, tokenizer_sample_bytes,
                             Path(cache_dir), staging / TOKENIZER_DIR).result()
         bpe = load_tokenizer(staging / TOKENIZER_DIR)
-        from curtail.training.data import token_dtype
+        from curtail.training.data import (  # (not at import: encoders stay light)
+            token_dtype,
+            tokenizer_sha256,
+        )
 
         dtype = np.dtype(token_dtype(len(bpe))).name
         eos_id = bpe.convert_tokens_to_ids(END_OF_TEXT)
@@ -176,7 +179,7 @@ def prepare_shards(
             raise CorpusError(f"corpus of {total} tokens is too small to hold out "
                               f"{'the held-out files' if heldout_files else f'{heldout_fraction:.0%}'}; use more text")
         manifest = ShardManifest(
-            dtype=dtype, vocab_size=len(bpe), tokenizer_sha256=_tokenizer_sha256(bpe), shard_tokens=shard_tokens,
+            dtype=dtype, vocab_size=len(bpe), tokenizer_sha256=tokenizer_sha256(bpe), shard_tokens=shard_tokens,
             eos_between_documents=any(task.eos_id is not None for task in tasks),
             sources=[SourceEntry(path=str(path), format=source_format(path), num_bytes=path.stat().st_size,
                                  heldout=index >= len(train_files)) for index, path in enumerate(files)],
@@ -220,10 +223,6 @@ def _train_or_load(files: list[Path], vocab_size: int, text_field: str, sample_b
         return train_tokenizer(sample.name, vocab_size, cache_dir)
     finally:
         os.unlink(sample.name)
-
-
-def _tokenizer_sha256(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------- encoding

@@ -141,13 +141,15 @@ def load_manifest(location: str | Path) -> ShardManifest:
                           "rewrite the folder with `curtail prepare-data`") from None
 
 
-def tokenizer_folder(location: str | Path, cache_dir: Path | None = None) -> Path:
-    """The shard folder's ``tokenizer/`` as a local folder (fetched into the cache from a URI)."""
+def tokenizer_folder(location: str | Path, cache_dir: Path | None = None,
+                     manifest: ShardManifest | None = None) -> Path:
+    """The shard folder's ``tokenizer/`` as a local folder (fetched into the cache from a URI;
+    pass the folder's ``manifest`` if it is already read)."""
     if not is_uri(location):
         return Path(location) / TOKENIZER_DIR
     import pyarrow.fs as pafs
 
-    manifest = load_manifest(location)
+    manifest = manifest or load_manifest(location)
     target = (cache_dir or DEFAULT_CACHE) / manifest.identity / TOKENIZER_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     if not (target / "tokenizer.json").is_file():
@@ -226,10 +228,6 @@ class ShardedTokens:
             pieces.append(np.array(self._map(shard)[offset : offset + take]))
             position += take
         return np.concatenate(pieces) if pieces else np.empty(0, dtype=self.dtype)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        tokens = self[:]
-        return tokens if dtype is None else tokens.astype(dtype)
 
     def __repr__(self) -> str:
         return (f"ShardedTokens({redact(self.location)!r}, [{self.start}, {self.end}) of "
