@@ -201,8 +201,9 @@ def _mid_round(experiment: dict) -> dict:
 
 def _assert_retrained_is_journaled(result) -> None:
     """The work after the last checkpoint, lost with each crash, is recorded exactly (ledger,
-    event, summary), is at most one round, and was trained again: every position the journal
-    says was trained is in the final ledger once, plus once per recorded re-training."""
+    event, summary), is at most two rounds (with overlapped syncs a crash while a round is in
+    flight loses that round and what was trained since its sync), and was trained again: every position
+    the journal says was trained is in the final ledger once, plus once per recorded re-training."""
     from curtail.runtime.checkpoint import audit_journal
 
     summary = result.summary
@@ -210,8 +211,8 @@ def _assert_retrained_is_journaled(result) -> None:
     assert len(events) == len(summary["resumes"]) >= 1
     for resume, event in zip(summary["resumes"], events):
         crash = [r for r in summary["ledger_retrained"] if r[0] == f"resume:{resume['checkpoint']}"]
-        assert sum(end - start for _, _, start, end in crash) == resume["tokens"] <= ROUND_TOKENS
-        assert resume["virtual_s_lost"] <= 600 + 5 and resume["wall_s_lost"] > 0
+        assert sum(end - start for _, _, start, end in crash) == resume["tokens"] <= 2 * ROUND_TOKENS, resume
+        assert resume["virtual_s_lost"] <= 2 * (600 + 5) and resume["wall_s_lost"] > 0, resume
         assert event["ranges"] == [[epoch, start, end] for _, epoch, start, end in crash]
     assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
 

@@ -23,8 +23,9 @@ for it; a site that dies meanwhile is withdrawn from the round, which lands on t
 A checkpoint due at an overlapped sync is *deferred* (:class:`DeferredCheckpoint`): its state
 is captured at the sync (the state machine, the ledger, the journal mark) and written when the
 round lands, with that round's work recorded as delivered and the averaging actor's weights
-after its step, so a resume loses no more than without overlap and no site waits for it. A
-member lost before the landing drops that checkpoint (the next sync takes one).
+after its step, so no site waits for it. A member lost before the landing drops that
+checkpoint (the next sync takes one). The price of overlap: a crash while a round is in flight
+loses that round and what was trained since its sync (at most two rounds; one without overlap).
 """
 
 from __future__ import annotations
