@@ -245,6 +245,12 @@ class TrainingConfig(StrictModel):
         description="split the global weights, their broadcast view and the outer-optimizer state across this "
         "many averaging actors (equal shares of the parameters; the same result as one, bit for bit)",
     )
+    sync_fragments: int = Field(
+        default=1, ge=1,
+        description="sync the model in this many fragments at staggered points of the round (Streaming DiLoCo; "
+        "needs [execution] overlap_sync): fragment p leaves p/N of a round after the sync, each fragment has its "
+        "own averaging actor (averager_shards, if set, must equal it)",
+    )
     transfer_dtype: Literal["bf16", "fp32", "int8", "int4"] = Field(
         default="bf16", description="pseudo-gradient codec on the wire (int8/int4: blockwise quantised, zstd-coded)"
     )
@@ -319,6 +325,20 @@ class TrainingConfig(StrictModel):
         "continues it (costs 8 bytes per parameter per rank on disk at each sync: off for large models)",
     )
 
+
+    @model_validator(mode="after")
+    def _fragments_are_the_averager_shards(self) -> TrainingConfig:
+        if self.sync_fragments > 1 and self.averager_shards not in (1, self.sync_fragments):
+            raise ValueError(
+                f"sync_fragments = {self.sync_fragments} gives each fragment its own averaging actor, so "
+                f"averager_shards = {self.averager_shards} must be 1 or {self.sync_fragments}"
+            )
+        return self
+
+    @property
+    def averager_actors(self) -> int:
+        """How many averaging actors hold the global state (a fragment each when fragments are staggered)."""
+        return max(self.averager_shards, self.sync_fragments)
     @model_validator(mode="after")
     def _one_corpus(self) -> TrainingConfig:
         fields = type(self).model_fields  # values, not model_fields_set: a dumped config is validated again
@@ -918,6 +938,17 @@ class ExperimentConfig(StrictModel):
             unknown = [r for r in [self.sweep.tune_run, *self.sweep.eval_runs] if r not in names]
             if unknown:
                 raise ValueError(f"sweep names runs {unknown} that are not defined; runs: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _fragments_overlap(self) -> ExperimentConfig:
+        if self.training.sync_fragments > 1:
+            blocking = [run.name for run in self.runs if not self.execution_for(run).overlap_sync]
+            if blocking:
+                raise ValueError(
+                    f"training.sync_fragments = {self.training.sync_fragments} staggers the fragments' syncs into "
+                    f"the next round, which needs execution.overlap_sync = true (runs {blocking} have it off)"
+                )
         return self
 
     def rules_for(self, run: RunSpec) -> CurtailmentRules:

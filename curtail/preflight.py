@@ -80,12 +80,13 @@ def check_run_files(experiment: ExperimentConfig) -> None:
             for index, path in enumerate(paths):
                 if problem := unreadable_file(resolve_data_path(path)):
                     problems.append(f"{key}[{index}]: {problem}")
-    if training.averager_shards > 1:
+    if training.averager_actors > 1:
         from curtail.training.model import get_spec
 
         tensors = get_spec(training.preset).num_parameter_tensors
-        if training.averager_shards > tensors:
-            problems.append(f"training.averager_shards = {training.averager_shards}: the {training.preset} model has "
+        key = "sync_fragments" if training.sync_fragments > 1 else "averager_shards"
+        if training.averager_actors > tensors:
+            problems.append(f"training.{key} = {training.averager_actors}: the {training.preset} model has "
                             f"{tensors} parameter tensors to share out; use at most {tensors}")
     cache = training.cache_dir if training.cache_dir.is_absolute() else resolve_data_path(training.cache_dir)
     if problem := unwritable_dir(cache):

@@ -88,7 +88,7 @@ def run(preset: str, wire: WireFormat, seed: int, rounds: int, inner_steps: int,
             for step, (_, input_ids, labels) in enumerate(batches):
                 if merge_at and step == merge_at:
                     state = view if broadcast else global_params
-                    trainer.merge_global(state, trainer.stage_global(state))
+                    trainer.merge_global(trainer.stage_global(state), state)
                 progress = trained + len(SITES) * (step + 1) * step_tokens
                 trainer.train_step(input_ids, labels, lr=schedule.lr_at(progress))
             packed = trainer.compressed_pseudo_gradient(view if broadcast else global_params, wire)

@@ -5,6 +5,8 @@
     .venv/bin/python experiments/bench_sync.py --transfer-dtype int4 --link-mbit 100 --latency-ms 50
     .venv/bin/python experiments/bench_sync.py --transfer-dtype int4 --broadcast-dtype int4 --link-mbit 100 \
         --latency-ms 50 --overlap                   # sites train on while their syncs travel
+    .venv/bin/python experiments/bench_sync.py --transfer-dtype int4 --broadcast-dtype int4 --link-mbit 100 \
+        --latency-ms 50 --overlap --fragments 4     # in 4 fragments staggered over the round
     python experiments/bench_sync.py --preset d20 --rounds 5 --transfer-dtype int4 --broadcast-dtype int4 \
         --overlap --speedup 10 --link-mbit 1000 --latency-ms 5   # one GPU (docs/BENCHMARKS.md)
 
@@ -17,7 +19,8 @@ The fixed per-sync cost is also reported and projected onto the prior system's 6
 With ``--link-mbit`` every transfer is held for its time on an emulated link of that bandwidth
 and ``--latency-ms`` (``[training] emulate_link``); ``--transfer-dtype`` / ``--topk-fraction``
 pick the wire format; ``--overlap`` overlaps each sync with the next round's training
-(``[execution] overlap_sync``). Bytes sent and received per sync and each site's blocked
+(``[execution] overlap_sync``), ``--fragments`` in staggered fragments (``[training]
+sync_fragments``). Bytes sent and received per sync and each site's blocked
 seconds per round (submit, load, merge, publish, waits for a round to land) come from the run's
 summary.
 
@@ -118,6 +121,8 @@ def main() -> None:
     parser.add_argument("--link-mbit", type=float, help="emulate every site's link at this bandwidth (Mbit/s)")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="one-way latency of the emulated link")
     parser.add_argument("--overlap", action="store_true", help="overlap each sync with the next round's training")
+    parser.add_argument("--fragments", type=int, default=1,
+                        help="with --overlap: sync the model in this many fragments staggered over the round")
     parser.add_argument("--speedup", type=float, help="the real-time clock at this speed (default: virtual clock)")
     parser.add_argument("--timings-csv", type=Path, help="also copy the run's timings.csv here")
     parser.add_argument("--json", action="store_true")
@@ -125,7 +130,7 @@ def main() -> None:
     import curtail
 
     transfer = {"transfer_dtype": args.transfer_dtype, "transfer_topk_fraction": args.topk_fraction,
-                "broadcast_dtype": args.broadcast_dtype}
+                "broadcast_dtype": args.broadcast_dtype, "sync_fragments": args.fragments}
     link = {"link_mbit_per_s": args.link_mbit, "link_latency_ms": args.latency_ms} if args.link_mbit else None
     with tempfile.TemporaryDirectory() as tmp:
         result = curtail.run(experiment(args.preset, args.rounds, args.steps_per_round, args.batch_size,
@@ -141,7 +146,7 @@ def main() -> None:
         "link": f"emulated {args.link_mbit:g} Mbit/s, {args.latency_ms:g} ms" if link else "none (local object store)",
         "mb_sent_per_submit": max(row["bytes_sent_per_submit"] for row in traffic) / 1e6,
         "mb_received_per_load": max(row["bytes_received_per_load"] for row in traffic) / 1e6,
-        "overlap_sync": args.overlap, "clock": f"realtime x{args.speedup:g}" if args.speedup else "virtual",
+        "overlap_sync": args.overlap, "sync_fragments": args.fragments, "clock": f"realtime x{args.speedup:g}" if args.speedup else "virtual",
         "blocked_s_per_round": max(row["blocked_s_per_round"] for row in traffic),
         "max_blocked_s": max(row["max_blocked_s"] for row in traffic),
     })

@@ -208,3 +208,33 @@ def test_a_sharded_averager_equals_the_single_actor_bit_for_bit(ray_cluster):
     for client in (single, sharded, fresh):
         for handle in client.handles:
             ray.kill(handle)
+
+
+def test_staggered_fragments_land_when_every_actor_stepped_and_deliver_only_the_members_in_all(ray_cluster):
+    """Fragments of one round submitted at different times, each to its own actor (``parts()``):
+    the round has no outcome until the last fragment's actor stepped; a member that died after
+    its first fragment stepped is withdrawn from the rest and its work is not delivered."""
+    import ray
+
+    from curtail.runtime.averager import Averager, AveragerClient, AveragerShards
+
+    names = (("w",), ("v",))
+    actors = tuple(Averager.remote({name: np.zeros(4, dtype=np.float32)}, "average", 0.7, 0.9) for (name,) in names)
+    client = AveragerClient(AveragerShards(actors, names))
+    (first_names, first), (second_names, second) = client.parts()
+    assert (first_names, second_names) == names and first.handles == actors[:1]
+    try:
+        client.expect(1, ["a", "b"])
+        for site, value in (("a", 1.0), ("b", 3.0)):  # fragment 0 leaves at the sync
+            first.submit(site, 1, compress({"w": np.full(4, value, dtype=np.float32)}, "fp32"), 100)
+        status = client.round_status(1)
+        assert status["outcome"] is None and status["expected"] == ["a", "b"] and status["arrived"] == []
+        second.submit("a", 1, compress({"v": np.full(4, 2.0, dtype=np.float32)}, "fp32"), 100)
+        assert client.withdraw(1, ["b"]) == []  # b died before its fragment 1 left
+        outcome = client.round_status(1)["outcome"]
+        assert outcome == {"version": 1, "sites": ["a"], "tokens": {"a": 100.0}}
+        version, params = client.get_global()
+        assert version == 1 and np.all(params["w"] == -2.0) and np.all(params["v"] == -2.0)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

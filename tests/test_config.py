@@ -176,6 +176,16 @@ def test_restart_longer_than_round_is_rejected(paper):
     assert "round_restart_s (600.0) must be shorter than round_s (600.0)" in rejection(paper)
 
 
+def test_staggered_fragments_need_overlapped_syncs_and_own_the_averager_actors(paper):
+    paper["training"] = {"sync_fragments": 3}
+    assert "training.sync_fragments = 3 staggers the fragments' syncs into the next round, which needs " \
+           "execution.overlap_sync = true" in rejection(paper)
+    paper["execution"] = {**paper.get("execution", {}), "overlap_sync": True}
+    assert parse_experiment(paper, source="ok.toml", base_dir=PAPER_TOML.parent).training.averager_actors == 3
+    paper["training"]["averager_shards"] = 2
+    assert "averager_shards = 2 must be 1 or 3" in rejection(paper)
+
+
 def test_not_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_experiment(write_toml(tmp_path, "name = \n"))

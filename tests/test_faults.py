@@ -99,7 +99,7 @@ def test_compressed_pseudo_gradients_travel_and_are_counted(killed_run):
         blocking = timings[(timings.site == site) & timings.kind.isin(["load", "publish"])]
         blocking_s = blocking.num_bytes.sum() * 8 / (LINK_MBIT * 1e6) + len(blocking) * LINK_MS / 1000
         assert row["max_blocked_s"] * row["rounds"] >= row["blocked_s_per_round"] * row["rounds"] >= blocking_s > 0
-    assert summary["link"] == {"emulated": True, "overlap_sync": True, "sites": {
+    assert summary["link"] == {"emulated": True, "overlap_sync": True, "sync_fragments": 1, "sites": {
         site: {"mbit_per_s": LINK_MBIT, "latency_ms": LINK_MS} for site in ("a", "b")}}
     # the rounds were overlapped: each landed later, and the sites merged them (downloads counted)
     intervals = result.record.intervals

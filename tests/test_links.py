@@ -92,6 +92,8 @@ def test_overlap_hides_transfers_shorter_than_the_round() -> None:
     assert links.sync_pause_s(["a", "b"]) == 5  # hidden
     short = Links(ExecutionConfig(round_s=120, sync_s=5, overlap_sync=True, **D20_LINK), {"a": site(), "b": site()})
     assert short.sync_pause_s(["a", "b"]) == pytest.approx(5 + transfers_s - 120)
+    # in 4 staggered fragments the last leaves 3/4 into the round with 1/4 of the bytes
+    assert short.sync_pause_s(["a", "b"], fragments=4) == pytest.approx(5 + (transfers_s - 120) / 4)
     unlinked = (two_sites_always_on(ExecutionConfig(round_s=600, sync_s=5, group_start_s=0)).finish_s - T0_S) / 3600
     assert finish_h(600, True) == pytest.approx(unlinked)  # as if the link were free
     assert finish_h(600, False) > finish_h(600, True) + 1  # the blocking sync pays ~45 % more per round

@@ -42,6 +42,8 @@ from curtail.runtime.checkpoint import (
 )
 from curtail.runtime.protocol import (
     Command,
+    Flush,
+    Flushed,
     Load,
     Loaded,
     LoadOptimizer,
@@ -207,6 +209,8 @@ class FakeSite:
     version: int | None = None  # the global version its weights descend from
     unsent: float = 0.0  # tokens trained since its last load, submit or publish
     in_flight: int | None = None  # an overlapped round it submitted and has not merged yet
+    staggered: bool = False  # its overlapped submission's last fragment goes only on a Flush
+    held: list[tuple[FakeSite, int, float, int | None]] = field(default_factory=list)  # not sent yet
     discarded: float = 0.0  # tokens trained and then overwritten by a load (never delivered)
     log: list[Entry] = field(default_factory=list)
     _sent: collections.Counter = field(default_factory=collections.Counter)
@@ -263,7 +267,7 @@ class FakeSite:
 
     # what each command does
     def _execute(self, command: Command) -> Reply:
-        self._merge(wait=not isinstance(command, (Train, SaveOptimizer)))
+        self._merge(wait=not isinstance(command, (Train, SaveOptimizer, Flush)))
         match command:
             case Train(chunks=chunks):
                 steps = sum(num_steps for _, num_steps in chunks)
@@ -275,13 +279,18 @@ class FakeSite:
                 return Loaded(0.0, self.version, f"v{self.version}", ("n",), pid=1000)
             case Submit(round_index=round_index, tokens=tokens, overlap=overlap):
                 assert tokens == self.unsent, f"{self.name} submits {tokens} tokens, trained {self.unsent}"
-                if overlap:  # it travels; the site trains on
-                    self.averager.travelling.append((self, round_index, tokens, self.version))
+                if overlap:  # it travels (or waits for a flush); the site trains on
+                    queue = self.held if self.staggered else self.averager.travelling
+                    queue.append((self, round_index, tokens, self.version))
                     self.in_flight = round_index
                 else:
                     self.averager.submit(self.name, round_index, tokens, self.version)
                 self.unsent = 0.0
                 return Submitted(0.0, num_bytes=0 if overlap else 12)
+            case Flush():
+                self.averager.travelling.extend(self.held)
+                self.held = []
+                return Flushed(0.0)
             case Publish():
                 self.version = self.averager.publish(self.name, self.unsent, self.version)
                 self.unsent = 0.0
@@ -410,6 +419,7 @@ def fake_run(
     on_progress: Any = None,
     publish_interval_s: float = 600.0,
     overlap: bool = False,
+    fragments: int = 1,
 ) -> FakeRun:
     """A RayExecutor over fake sites and a fake averager; with ``run_dir``, the real ledger
     journal and (with ``checkpoints``) the real run checkpointer write there."""
@@ -417,14 +427,16 @@ def fake_run(
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     log: list[Entry] = []
-    sites = {name: FakeSite(name, averager, STEP_TOKENS, (faults or {}).get(name, ()), world_log=log)
+    sites = {name: FakeSite(name, averager, STEP_TOKENS, (faults or {}).get(name, ()), world_log=log,
+                            staggered=fragments > 1)
              for name in plan.context.sites}
     account = WorkAccount(ledger or DataLedger(CORPUS_TOKENS, block_tokens=STEP_TOKENS), STEP_TOKENS,
                           list(plan.context.sites), run_dir)
     executor = RayExecutor(
         plan.context, plan.policy,
         ExecutorOptions(tokens_per_step=STEP_TOKENS, clock="virtual", single_publish_interval_s=publish_interval_s,
-                        deadline_is_trace_end=True, overlap_sync=overlap),
+                        deadline_is_trace_end=True, overlap_sync=overlap, sync_fragments=fragments,
+                        landing_timeout_s=5.0),
         groups={name: autospec_group(site) for name, site in sites.items()},
         averager=autospec_averager(averager), account=account,
         checkpointer=RunCheckpointer(RunStore.at(run_dir), inner_optimizer=True) if run_dir and checkpoints else None,
@@ -846,6 +858,25 @@ def test_overlapped_syncs_deliver_every_round_once_and_keep_the_steps_in_flight(
     run.executor.account.close()
     (tmp_path / "run" / "ledger.json").write_text(json.dumps(run.ledger.to_dict()))
     assert audit_journal(tmp_path / "run")["mismatched_tokens"] == 0
+
+
+def test_staggered_fragments_a_short_round_left_unsent_are_flushed_before_the_landing(tmp_path):
+    """With staggered fragments a member may not have sent its last fragment when the coordinator
+    needs the round landed (the fakes send it only when told): the coordinator flushes the
+    members first, so every round lands, once, and the run trains what the overlapped run does
+    (without the flush the landing would time out and fail both sites)."""
+    _, overlapped_trajectory = single_run(tmp_path, overlap=True)
+    run, trajectory = single_run(tmp_path, overlap=True, fragments=2)
+    assert trajectory.tokens_by_site == overlapped_trajectory.tokens_by_site
+    assert not run.events(trajectory, "failure")
+    for site in run.sites.values():
+        assert site.held == [] and len(overlapped(site)) >= 3
+        for entry in overlapped(site):  # its round's fragments were flushed before anything else but training
+            following = [e.kind for e in site.log[site.log.index(entry) + 1:] if e.kind not in ("train", "save_optimizer")]
+            assert following[0] == "flush", following[:3]
+    landed = [t.round for t in run.executor.telemetry.timings if t.kind == "landed"]
+    assert landed == sorted({e.command.round_index for site in run.sites.values() for e in overlapped(site)})
+    assert_consistent(run, trajectory)
 
 
 def test_a_site_dying_with_its_round_in_flight_is_withdrawn_and_the_round_lands_on_the_others(tmp_path):

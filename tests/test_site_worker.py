@@ -4,6 +4,7 @@ mailbox channel and the drain-checkpoint reporter at the process edges."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -15,10 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from curtail.runtime.averager import AveragerClient
+from curtail.runtime.averager import AveragerClient, shard_names
 from curtail.runtime.protocol import (
     Command,
     CommandFailed,
+    Flush,
+    Flushed,
     Load,
     Loaded,
     LoadOptimizer,
@@ -278,9 +281,14 @@ def overlapped_averager(averager, merged: dict[str, np.ndarray]):
     return stepped
 
 
+def in_flight(worker: SiteWorker) -> int | None:
+    """The overlapped round the worker has not merged yet."""
+    return worker.round.round_index if worker.round is not None else None
+
+
 def wait_for_arrival(worker: SiteWorker) -> None:
     deadline = time.monotonic() + 10
-    while not worker.in_flight.arrived():
+    while not worker.round.flights[0].arrived():
         assert time.monotonic() < deadline, "the overlapped sync never arrived"
         time.sleep(0.01)
 
@@ -291,14 +299,14 @@ def test_an_overlapped_sync_that_arrives_before_any_step_is_exactly_a_load(corpu
     worker.execute(Load())
     worker.execute(train_command(0, 2))
     submitted = worker.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS, overlap=True))
-    assert submitted.num_bytes == 0 and worker.in_flight_round == 1  # counted when it lands (Merge.sent_bytes)
+    assert submitted.num_bytes == 0 and in_flight(worker) == 1  # counted when it lands (Merge.sent_bytes)
     stepped.set()
     wait_for_arrival(worker)
     trained = worker.execute(train_command(2, 1))  # merges before its first step
     assert (trained.merged.version, trained.merged.num_bytes) == (4, sum(a.nbytes for a in merged_weights.values()))
     (_, _, packed, _), _ = averager.submit.call_args
     assert trained.merged.sent_bytes == packed.num_bytes > 0
-    assert worker.in_flight_round is None and worker.held_version == 4
+    assert in_flight(worker) is None and worker.held_version == 4
 
     blocking = make_worker(corpus, create_autospec(AveragerClient, instance=True))  # the same, blocking
     blocking.averager.get_view.side_effect = [("full", 3, global_weights()), ("full", 4, merged_weights)]
@@ -319,7 +327,7 @@ def test_steps_taken_in_flight_are_kept_on_top_of_the_merged_weights(corpus, ave
     worker.execute(Submit(round_index=1, tokens=2.0 * STEP_TOKENS, overlap=True))
     sent = worker.trainer.export_params()
     trained = worker.execute(train_command(2, 3))  # in flight all along
-    assert trained.merged is None and worker.in_flight_round == 1
+    assert trained.merged is None and in_flight(worker) == 1
     local = worker.trainer.export_params()
     stepped.set()
     worker._merge(wait=True)
@@ -363,6 +371,99 @@ def test_a_failed_transfer_fails_the_next_training_command(corpus, averager) -> 
 
 
 # ----------------------------------------------------------------------------- inner optimizer
+
+
+# ----------------------------------------------------------------------------- staggered fragments
+
+
+def staggered_worker(corpus: TokenCorpus, merged: dict[str, np.ndarray]):
+    """A site whose overlapped syncs go as two fragments, each to its own (fake) averaging actor,
+    whose round steps once its event is set."""
+    import threading
+
+    initial = global_weights()
+    groups = shard_names({name: array.size for name, array in initial.items()}, 2)
+    main = create_autospec(AveragerClient, instance=True)
+    main.get_view.return_value = ("full", 3, initial)
+    stepped, clients = [threading.Event(), threading.Event()], []
+    for group, event in zip(groups, stepped, strict=True):
+        client = create_autospec(AveragerClient, instance=True)
+        client.round_status.side_effect = lambda _, event=event: {"outcome": {"version": 4} if event.is_set() else None}
+        client.get_view.return_value = ("full", 4, {name: merged[name] for name in group})
+        clients.append(client)
+    main.parts.return_value = list(zip(groups, clients, strict=True))
+    config = dataclasses.replace(make_config("fp32"), staggered=True)
+    worker = SiteWorker(config, site_trainer(config, torch.device("cpu")), corpus, main, node_id="node-a")
+    return worker, groups, clients, stepped
+
+
+def submitted(client, timeout_s: float = 10.0):
+    """What the fragment's transfer thread submitted: ``(pseudo-gradient, tokens)``."""
+    deadline = time.monotonic() + timeout_s
+    while not client.submit.called:
+        assert time.monotonic() < deadline, "the fragment was never submitted"
+        time.sleep(0.01)
+    (_, _, packed, tokens), _ = client.submit.call_args
+    return decompress(packed), tokens
+
+
+def test_staggered_fragments_leave_spread_over_the_round_and_merge_each_against_its_own_send(
+        corpus, merged_weights) -> None:
+    """Fragment 0 leaves at the sync, fragment 1 half the last round's steps later; each carries
+    θ_ref − θ of its own parameters at its own send, with the round's tokens, and each merge keeps
+    the steps since that fragment left: θ[p] ← θ_global[p] + (θ[p] − θ_sent[p])."""
+    worker, groups, clients, stepped = staggered_worker(corpus, merged_weights)
+    initial = global_weights()
+    worker.execute(Load())
+    worker.execute(train_command(0, 4))
+    at_sync = worker.trainer.export_params()
+    worker.execute(Submit(round_index=1, tokens=4.0 * STEP_TOKENS, overlap=True))
+    assert worker.round.num_sent == 1  # fragment 1 is due 4 // 2 = 2 steps on
+    worker.execute(train_command(4, 1))
+    assert worker.round.num_sent == 1 and not clients[1].submit.called
+    worker.execute(train_command(5, 1))
+    assert worker.round.num_sent == 2
+    at_send = worker.trainer.export_params()
+    for client, group, sent in zip(clients, groups, (at_sync, at_send), strict=True):
+        grads, tokens = submitted(client)
+        assert sorted(grads) == sorted(group) and tokens == 4.0 * STEP_TOKENS
+        for name in group:
+            np.testing.assert_array_equal(grads[name], initial[name] - sent[name])
+    worker.execute(train_command(6, 1))  # nothing landed yet
+    local = worker.trainer.export_params()
+    assert worker.merged is None and in_flight(worker) == 1
+    for event in stepped:
+        event.set()
+    worker._merge(wait=True)
+    assert in_flight(worker) is None and worker.held_version == 4 and worker.merged.version == 4
+    for group, sent in zip(groups, (at_sync, at_send), strict=True):
+        for name in group:
+            np.testing.assert_array_equal(worker.trainer.export_params()[name],
+                                          (local[name] - sent[name]) + merged_weights[name])
+    # the next pseudo-gradient of each fragment is its steps since its own send (3 and 1)
+    worker.averager.submit.return_value = 1
+    worker.execute(Submit(round_index=2, tokens=3.0 * STEP_TOKENS))
+    (_, _, packed, _), _ = worker.averager.submit.call_args
+    grads = decompress(packed)
+    for group, sent in zip(groups, (at_sync, at_send), strict=True):
+        for name in group:
+            np.testing.assert_allclose(grads[name], sent[name] - local[name], atol=1e-6)
+
+
+def test_a_flush_sends_the_fragments_not_yet_due_without_waiting(corpus, merged_weights) -> None:
+    worker, _, clients, stepped = staggered_worker(corpus, merged_weights)
+    worker.execute(Load())
+    worker.execute(train_command(0, 8))
+    worker.execute(Submit(round_index=1, tokens=8.0 * STEP_TOKENS, overlap=True))
+    assert worker.round.num_sent == 1
+    flushed = worker.execute(Flush())
+    assert isinstance(flushed, Flushed) and flushed.merged is None
+    assert worker.round.num_sent == 2 and in_flight(worker) == 1  # sent; the round has not landed
+    submitted(clients[1])
+    for event in stepped:
+        event.set()
+    loaded = worker.execute(Load())  # anything but training merges first
+    assert loaded.merged.version == 4 and in_flight(worker) is None
 
 
 def test_save_and_load_optimizer_round_trip_adamw_state(corpus, averager, tmp_path) -> None:

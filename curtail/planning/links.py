@@ -72,13 +72,15 @@ class Links:
         return self.by_site[site].transfer_s(self.execution.sync_mb_received if megabytes is None else megabytes)
 
     def sync_pause_s(self, members: Iterable[str], moved_mb: Mapping[str, tuple[float, float]] | None = None,
-                     overlapped: bool | None = None) -> float:
+                     overlapped: bool | None = None, fragments: int = 1) -> float:
         """A federated sync: ``sync_s`` plus the slowest member's upload and download (of the
         configured sizes, or of ``moved_mb[site] = (sent, received)``, what a real sync moved);
-        overlapped (default: ``overlap_sync``) only what the next round's local phase does not hide."""
+        overlapped (default: ``overlap_sync``) only what the next round's local phase does not hide.
+        In ``fragments`` staggered over the round, the last leaves ``(N−1)/N`` of a round in with
+        ``1/N`` of the bytes: ``(transfers − round_s) / N`` is left unhidden."""
         transfers_s = max((self._transfers_s(s, moved_mb) for s in members), default=0.0)
         if self.execution.overlap_sync if overlapped is None else overlapped:
-            transfers_s = max(0.0, transfers_s - self.execution.round_s)
+            transfers_s = max(0.0, transfers_s - self.execution.round_s) / fragments
         return self.execution.sync_s + transfers_s
 
     def join_pause_s(self, site: str, moved_mb: Mapping[str, tuple[float, float]] | None = None) -> float:

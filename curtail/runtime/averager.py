@@ -267,6 +267,15 @@ def _join_states(states: list[dict[str, Any]]) -> dict[str, Any]:
             "params": _joined([s["params"] for s in states]), "optimizer": optimizer}
 
 
+def _join_outcomes(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The actors' outer steps of one round as one. Unstaggered they are equal; with staggered
+    fragments a member that died between two fragments' sends is in the earlier actors' steps
+    only: the round delivers the work of the members every actor stepped on."""
+    sites = sorted(set.intersection(*(set(outcome["sites"]) for outcome in outcomes)))
+    return {"version": _same("version", [outcome["version"] for outcome in outcomes]), "sites": sites,
+            "tokens": {site: outcomes[0]["tokens"][site] for site in sites}}
+
+
 def _same(what: str, values: list[Any]) -> Any:
     if any(value != values[0] for value in values[1:]):
         raise RuntimeError(f"the averaging actors disagree on {what}: {values} (an internal error)")
@@ -303,6 +312,12 @@ class AveragerClient:
     def _split(self, state: Mapping[str, Any]) -> list[Any]:
         return self.shards.split(state) if self.shards else [state]
 
+    def parts(self) -> list[tuple[tuple[str, ...] | None, AveragerClient]]:
+        """Each actor's parameter names and a client of that actor alone (one actor: all names, None)."""
+        if self.shards is None:
+            return [(None, self)]
+        return [(names, AveragerClient(handle)) for handle, names in zip(self.handles, self.shards.names, strict=True)]
+
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         """``(version, params)``: the newest global weights (read-only object-store arrays)."""
         snapshots = self._all("get_global")
@@ -331,7 +346,7 @@ class AveragerClient:
         return versions[0] if all(v == versions[0] for v in versions) else None
 
     def outer_step(self, round_index: int) -> dict[str, Any]:
-        return _same("the outer step", self._all("outer_step", round_index))
+        return _join_outcomes(self._all("outer_step", round_index))
 
     def withdraw(self, round_index: int, sites: list[str]) -> list[str]:
         dropped = self._all("withdraw", round_index, sites)
@@ -346,9 +361,10 @@ class AveragerClient:
         if len(statuses) == 1:
             return statuses[0]
         outcomes = [status["outcome"] for status in statuses]
-        return {"outcome": None if any(o is None for o in outcomes) else _same("the outer step", outcomes),
-                "arrived": sorted(set.intersection(*(set(s["arrived"]) for s in statuses))),
-                "expected": sorted(set.union(*(set(s["expected"]) for s in statuses)))}
+        waiting = [status for status in statuses if status["outcome"] is None]
+        return {"outcome": None if waiting else _join_outcomes(outcomes),
+                "arrived": sorted(set.intersection(*(set(s["arrived"]) for s in waiting))) if waiting else [],
+                "expected": sorted(set.union(*(set(s["expected"]) for s in waiting))) if waiting else []}
 
     def load_state(self, params: dict[str, np.ndarray], optimizer: dict[str, Any], version: int,
                    num_outer_steps: int) -> int:

@@ -73,15 +73,16 @@ def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, TokenA
 
 
 def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, broadcast: WireFormat | None) -> Any:
-    """The averaging actor beside the driver, or ``training.averager_shards`` of them, each
-    holding an equal share of the parameters (:class:`~curtail.runtime.averager.AveragerShards`)."""
+    """The averaging actor beside the driver, or ``training.averager_actors`` of them, each
+    holding an equal share of the parameters (:class:`~curtail.runtime.averager.AveragerShards`;
+    with staggered fragments, one fragment each)."""
     def actor(params: dict[str, np.ndarray]) -> Any:
         return Averager.options(**control_plane()).remote(
             params, training.outer_optimizer, training.outer_lr, training.outer_momentum, broadcast)
 
-    if training.averager_shards == 1:
+    if training.averager_actors == 1:
         return actor(initial)
-    names = shard_names({name: value.size for name, value in initial.items()}, training.averager_shards)
+    names = shard_names({name: value.size for name, value in initial.items()}, training.averager_actors)
     return AveragerShards(tuple(actor({name: initial[name] for name in group}) for group in names), names)
 
 
@@ -182,6 +183,7 @@ class Coordinator:
                 deadline_is_trace_end=self.run_spec.deadline is None,
                 report_interval_s=training.report_interval_s,
                 overlap_sync=plan.context.execution.overlap_sync, landing_timeout_s=training.command_timeout_s,
+                sync_fragments=training.sync_fragments,
             ),
             groups=self._site_groups(plan, setup), averager=AveragerClient(setup.averager),
             account=WorkAccount(self._ledger(setup, checkpoint), setup.tokens_per_step, list(plan.context.sites),
@@ -269,6 +271,7 @@ class Coordinator:
                                 training.error_feedback_decay), use_gpu=use_gpu, compile_model=training.compile_model,
                 micro_batch_size=training.micro_batch_size,
                 emulated_link=links.by_site[site] if training.emulate_link else None,
+                staggered=training.sync_fragments > 1,
             )
             groups[site] = SiteGroup(
                 site=site, mailbox=setup.mailbox, loop_config=loop_config,
@@ -347,6 +350,7 @@ class Coordinator:
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
             "sync_traffic": sync_traffic(executor.telemetry.timings),
             "link": {"emulated": self.config.training.emulate_link, "overlap_sync": self.config.execution.overlap_sync,
+                     "sync_fragments": self.config.training.sync_fragments,
                      "sites": {site: vars(link) for site, link in executor.links.by_site.items()}},
             "transfer": {"dtype": self.config.training.transfer_dtype,
                          "topk_fraction": self.config.training.transfer_topk_fraction,

@@ -75,6 +75,7 @@ class SiteLoopConfig:
     compile_model: bool = False
     micro_batch_size: int | None = None
     emulated_link: Link | None = None  # hold each transfer for its time on this link (emulation)
+    staggered: bool = False  # the averager's shards are fragments synced at staggered points (sync_fragments)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,11 @@ class Submitted(Reply):
 class Published(Reply):
     version: int  # the global version the site's weights became
     num_bytes: int = 0  # the weights sent to the averager
+
+
+@dataclass(frozen=True)
+class Flushed(Reply):
+    pass
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,14 @@ class Submit(Command):
     round_index: int
     tokens: float
     overlap: bool = False  # pack, then train on while it travels (curtail.runtime.streaming)
+
+
+@dataclass(frozen=True)
+class Flush(Command):
+    """Send the staggered fragments of the round in flight not sent yet; do not wait for them."""
+
+    kind: ClassVar[str] = "flush"
+    reply_type: ClassVar[type[Reply]] = Flushed
 
 
 @dataclass(frozen=True)

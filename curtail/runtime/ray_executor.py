@@ -50,6 +50,7 @@ from curtail.runtime.checkpoint import RunCheckpoint
 from curtail.runtime.clock import RunClock
 from curtail.runtime.protocol import (
     Command,
+    Flush,
     Load,
     LoadOptimizer,
     Publish,
@@ -76,6 +77,7 @@ class ExecutorOptions:
     deadline_is_trace_end: bool = False  # the run's deadline is where its carbon signal ends
     report_interval_s: float = 10.0  # a site reports its progress to Ray Train at most this often (wall)
     overlap_sync: bool = False  # members train on while their sync is in flight (streaming.py)
+    sync_fragments: int = 1  # >1: in fragments sent at staggered points of the next round (streaming.py)
     landing_timeout_s: float = 600.0  # an overlapped round's submissions must arrive within this (wall)
 
 
@@ -357,6 +359,10 @@ class RayExecutor(Executor):
         assert self.in_flight is not None
         started = time.monotonic()
         waiting = [site for site in self.in_flight[1] if self.groups[site].running]
+        if self.options.sync_fragments > 1:  # fragments a short round left unsent go now
+            self._exchange(dict.fromkeys(waiting, Flush()), t_s, round_index)
+            if self.in_flight is None:  # a member failed, and withdrawing it let the round land
+                return None
         status = self.averager.round_status(round_index)
         while status["outcome"] is None:
             late = time.monotonic() - started > self.options.landing_timeout_s
@@ -496,7 +502,8 @@ class RayExecutor(Executor):
     def sync_pause_s(self, members: list[str]) -> float:
         """The link model charged on the bytes this sync really moved (overlapped only if it was:
         a sync with a joiner, or with a member that trained nothing, blocks)."""
-        return self.links.sync_pause_s(members, self._moved_mb(), overlapped=self.in_flight is not None)
+        return self.links.sync_pause_s(members, self._moved_mb(), overlapped=self.in_flight is not None,
+                                       fragments=self.options.sync_fragments)
 
     def join_pause_s(self, site: str) -> float:
         return self.links.join_pause_s(site, self._moved_mb())

@@ -40,6 +40,8 @@ from curtail.run_store import is_uri, join, open_location, read_bytes, write_byt
 from curtail.runtime.protocol import (
     Command,
     CommandFailed,
+    Flush,
+    Flushed,
     Load,
     Loaded,
     LoadOptimizer,
@@ -59,12 +61,12 @@ from curtail.runtime.protocol import (
     Trained,
     open_tokens,
 )
+from curtail.runtime.streaming import RoundInFlight, SyncInFlight, fragments_of
 
 if TYPE_CHECKING:  # the worker side imports torch lazily: the coordinator side needs none of it
     import torch
 
     from curtail.runtime.averager import AveragerClient
-    from curtail.runtime.streaming import SyncInFlight
     from curtail.training.data import TokenCorpus
     from curtail.training.loop import SiteTrainer
     from curtail.training.power import PowerSampler
@@ -210,8 +212,9 @@ class SiteWorker:
         self.reference: dict[str, np.ndarray] | None = None  # the global weights the round started from
         self.held_version = -1  # the global version ``reference`` is (a compressed broadcast builds on it)
         self.steps_done = 0  # optimizer steps over the window
-        self.in_flight_round: int | None = None  # an overlapped sync not merged yet (every rank knows)
-        self.in_flight: SyncInFlight | None = None  # its transfer thread (rank 0)
+        self.fragments = fragments_of(averager, config.staggered)  # what an overlapped sync sends, and when
+        self.round: RoundInFlight | None = None  # an overlapped sync not merged yet (streaming.py)
+        self.steps_since_sync = 0  # local steps since the last load or submit (spaces the fragments' sends)
         self.merged: Merge | None = None  # merged during the current command (its reply says so)
         self.rank_tokens = config.batch_size * config.model.seq_len
         self.tokens_per_step = self.rank_tokens * world
@@ -223,6 +226,7 @@ class SiteWorker:
             SaveOptimizer: self.save_optimizer,
             LoadOptimizer: self.load_optimizer,
             Stop: self.stop,
+            Flush: self.flush,
         }
         self._started = time.perf_counter()
 
@@ -251,7 +255,7 @@ class SiteWorker:
         if handler is None:
             raise ValueError(f"unknown site command {command!r}")
         self.merged = None
-        if not isinstance(command, (Train, SaveOptimizer)):  # a sync in flight lands before all but these
+        if not isinstance(command, (Train, SaveOptimizer, Flush)):  # a sync in flight lands before all but these
             self._merge(wait=True)
         reply = handler(command)
         return dataclasses.replace(reply, merged=self.merged) if self.merged is not None else reply
@@ -273,6 +277,10 @@ class SiteWorker:
                 progress = command.tokens_before + steps * self.tokens_per_step * command.concurrency
                 losses.append(self._step(start_token + step * self.tokens_per_step, progress))
                 steps += 1
+                self.steps_since_sync += 1
+                if self.round is not None:
+                    self.round.steps += 1
+                    self._send_due()
         self.steps_done += steps
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         power_w = None
@@ -300,6 +308,7 @@ class SiteWorker:
             self._emulate_transfer(num_bytes)
             self.trainer.load_global(state)
             self.reference, self.held_version = state, version
+        self.steps_since_sync = 0
         _broadcast_params(self.trainer, self.world)
         digest = self.trainer.weights_fingerprint() if self.rank == 0 else ""
         node_ids = tuple(sorted(set(_gather_object(self.node_id, self.world))))
@@ -308,50 +317,89 @@ class SiteWorker:
 
     def submit(self, command: Submit) -> Submitted:
         """Send the round's pseudo-gradient (reference − local weights) with its token weight;
-        with ``overlap``, hand it to a transfer thread and return (:mod:`curtail.runtime.streaming`)."""
+        with ``overlap``, hand it (its first fragment, when staggered) to a transfer thread and
+        return (:mod:`curtail.runtime.streaming`)."""
+        if self.rank == 0 and self.reference is None:
+            raise RuntimeError("submit before load: the site has no global reference weights")
+        if command.overlap:
+            interval = self.steps_since_sync // len(self.fragments)
+            self.round = RoundInFlight(command.round_index, command.tokens, len(self.fragments), interval)
+            self.steps_since_sync = 0
+            self._send_due()
+            return Submitted(wall_s=self._elapsed_s(), num_bytes=0)  # the bytes are counted at the merge
         num_bytes = 0
         if self.rank == 0:
-            if self.reference is None:
-                raise RuntimeError("submit before load: the site has no global reference weights")
-            # On the device against the kept start of the round; only the packed result crosses to the
-            # host. Overlapped: the transfer thread entropy-codes it (and reports the bytes at the merge).
-            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire, frame=not command.overlap)
-            num_bytes = 0 if command.overlap else packed.num_bytes
-            if command.overlap:
-                from curtail.runtime.streaming import SyncInFlight
-
-                self.trainer.hold_sent()
-                self.in_flight = SyncInFlight(
-                    self.averager, self.config.site, command.round_index, packed, command.tokens, self.reference,
-                    self.held_version, self.config.emulated_link, self.trainer.stage_global,
-                )
-            else:
-                self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
-                self._emulate_transfer(num_bytes)
-        if command.overlap:
-            self.in_flight_round = command.round_index
+            # On the device against the kept start of the round; only the packed result crosses to the host.
+            packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire)
+            num_bytes = packed.num_bytes
+            self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
+            self._emulate_transfer(num_bytes)
+        self.steps_since_sync = 0
         return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)
 
+    def flush(self, command: Flush) -> Flushed:
+        """Send the fragments of the round in flight that are not due yet (the coordinator waits for its landing)."""
+        if self.round is not None:
+            self.round.flush()
+            self._send_due()
+        return Flushed(wall_s=self._elapsed_s())
+
+    def _send_due(self) -> None:
+        """Pack the round's due fragments (rank 0) and hand each to a transfer thread; the
+        coding, upload, outer step and download run beside training."""
+        round_ = self.round
+        assert round_ is not None
+        while round_.due():
+            fragment = self.fragments[round_.num_sent]
+            if self.rank == 0:
+                assert self.reference is not None
+                # the transfer thread entropy-codes it (and reports the bytes at the merge)
+                packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire, frame=False,
+                                                                 names=fragment.names)
+                self.trainer.hold_sent(fragment.names)
+                reference = self.reference if fragment.names is None else {n: self.reference[n] for n in fragment.names}
+                round_.flights[fragment.index] = SyncInFlight(
+                    fragment.averager, self.config.site, round_.round_index, packed, round_.tokens, reference,
+                    self.held_version, self.config.emulated_link, self.trainer.stage_global,
+                )
+            round_.num_sent += 1
+
     def _merge(self, *, wait: bool) -> None:
-        """Apply the overlapped sync in flight if it arrived (``wait``: wait for it) and note it
-        in :attr:`merged` for the command's reply. A collective: every rank calls it at the same point."""
-        if self.in_flight_round is None:
+        """Apply the overlapped sync in flight where it arrived (``wait``: send what is left and
+        wait for all of it) and note it in :attr:`merged` for the command's reply. A collective:
+        every rank calls it at the same point."""
+        round_ = self.round
+        if round_ is None:
             return
-        if not wait and not _broadcast_object(self.in_flight.arrived() if self.rank == 0 else None, self.world):
+        if wait:
+            round_.flush()
+            self._send_due()
+            arrived = round_.unmerged()
+        else:
+            arrived = _broadcast_object(
+                [index for index, flight in round_.flights.items() if flight.arrived()] if self.rank == 0 else None,
+                self.world)
+        if not arrived:
             return
         started = time.perf_counter()
-        version, num_bytes, sent_bytes = -1, 0, 0
-        if self.rank == 0:
-            assert self.in_flight is not None
-            arrival = self.in_flight.wait()
-            self.trainer.merge_global(arrival.state, arrival.staged)
-            self.reference, self.held_version = arrival.state, arrival.version
-            version, num_bytes, sent_bytes = arrival.version, arrival.num_bytes, arrival.sent_bytes
-            self.in_flight = None
+        num_bytes = sent_bytes = 0
+        for index in arrived:
+            if self.rank == 0:
+                arrival = round_.flights.pop(index).wait()
+                assert self.reference is not None
+                self.reference = {**self.reference, **arrival.state}
+                self.trainer.merge_global(arrival.staged, self.reference)
+                round_.version = arrival.version
+                num_bytes, sent_bytes = num_bytes + arrival.num_bytes, sent_bytes + arrival.sent_bytes
+            round_.merged.add(index)
         _broadcast_params(self.trainer, self.world)
-        self.in_flight_round = None
-        self.merged = Merge(version=version, num_bytes=num_bytes, sent_bytes=sent_bytes,
-                            wall_s=time.perf_counter() - started)
+        if round_.landed:
+            self.held_version, self.round = round_.version, None
+        merge = Merge(version=round_.version, num_bytes=num_bytes, sent_bytes=sent_bytes,
+                      wall_s=time.perf_counter() - started)
+        self.merged = merge if self.merged is None else Merge(
+            version=max(self.merged.version, merge.version), num_bytes=self.merged.num_bytes + num_bytes,
+            sent_bytes=self.merged.sent_bytes + sent_bytes, wall_s=self.merged.wall_s + merge.wall_s)
 
     def publish(self, command: Publish) -> Published:
         """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""

@@ -21,7 +21,25 @@ and the next pseudo-gradient ``θ_global − θ`` covers exactly those steps and
 ``θ − θ_sent = 0`` exactly and the rule is today's blocking load, bit for bit; any command other
 than training (submit, load, publish, save, stop) first waits for the arrival, so a sync never
 overlaps the next one, a hand-off, a checkpoint or a drain. This is Streaming DiLoCo's
-overlapping update (Douillard et al., 2025) with the whole model as one fragment.
+overlapping update (Douillard et al., 2025).
+
+**Staggered fragments** (``[training] sync_fragments = N``, Streaming DiLoCo's fragments): the
+parameters are split into N fragments, the averaging actors' shares
+(:func:`~curtail.runtime.averager.shard_names`: equal sizes), and fragment ``p`` of a round is
+packed and sent ``p · S / N`` local steps after the sync (``S``: the steps the site trained in
+the round that just ended), so the sends are spread over the next round instead of leaving
+together. Fragment ``p``'s pseudo-gradient is ``θ_ref[p] − θ[p]`` at its own send, weighted by
+the member's tokens of the round (the same weight for every fragment); its actor steps it when
+every member's fragment ``p`` arrived, and the site merges it on arrival with the rule above,
+restricted to the fragment (``θ_sent[p]`` is kept per fragment). So fragment ``p``'s inner
+window is the round shifted by ``p/N`` of a round. With one fragment this is the overlap above;
+with one fragment and no step in flight, the blocking sync. A round has landed when every
+fragment's actor stepped it. Anything but training first sends the fragments still due (a
+*flush*) and waits for all of them, as for one fragment, and the coordinator flushes the members
+before it waits for a landing (a round shorter than the last one would otherwise leave fragments
+unsent). Because fragment ``p`` carries the first ``p/N`` of the next round's steps, a crash
+resumed from the round's checkpoint re-trains work of which that share is already in the
+checkpoint's weights of the later fragments; the ledger still counts every position once.
 
 What a site is blocked for is the quantisation before it trains on (device passes and the
 codes' copy to the host) and the merge (a few device passes): the submit's and the merge's
@@ -47,12 +65,58 @@ STATUS_POLL_S = 0.02  # how often the transfer thread asks whether its round has
 
 
 @dataclass(frozen=True)
+class Fragment:
+    """A part of the model synced on its own: its parameter names (None: all) and its averaging actor."""
+
+    index: int
+    names: tuple[str, ...] | None
+    averager: AveragerClient
+
+
+def fragments_of(averager: AveragerClient, staggered: bool) -> tuple[Fragment, ...]:
+    """The fragments a site syncs: one per averaging actor when staggered, else the whole model."""
+    parts = averager.parts() if staggered else [(None, averager)]
+    return tuple(Fragment(index, names, client) for index, (names, client) in enumerate(parts))
+
+
+class RoundInFlight:
+    """An overlapped round on a site (see the module doc). Every rank keeps the schedule (which
+    fragments were sent, the steps since the sync); rank 0 also keeps the transfers."""
+
+    def __init__(self, round_index: int, tokens: float, num_fragments: int, interval_steps: int) -> None:
+        self.round_index, self.tokens = round_index, tokens
+        self.num_fragments = num_fragments
+        self.interval_steps = interval_steps  # steps between two fragments' sends
+        self.steps = 0  # local steps since the sync
+        self.num_sent = 0  # fragments 0 .. num_sent - 1 were sent
+        self.flights: dict[int, SyncInFlight] = {}  # rank 0: the sent fragments not merged yet
+        self.merged: set[int] = set()
+        self.version = -1  # the version the landed fragments carry
+
+    def due(self) -> bool:
+        """Whether the next fragment's time has come."""
+        return self.num_sent < self.num_fragments and self.steps >= self.num_sent * self.interval_steps
+
+    def flush(self) -> None:
+        """Every fragment not sent yet is due now."""
+        self.interval_steps = 0
+
+    def unmerged(self) -> list[int]:
+        """The sent fragments not merged yet (every rank knows them)."""
+        return [index for index in range(self.num_sent) if index not in self.merged]
+
+    @property
+    def landed(self) -> bool:
+        return len(self.merged) == self.num_fragments
+
+
+@dataclass(frozen=True)
 class Arrival:
     """The merged round as it reached the site: the new reference and its staged device copy."""
 
     round_index: int
     version: int
-    state: dict[str, np.ndarray]
+    state: dict[str, np.ndarray]  # the whole model's or the fragment's weights
     staged: Any  # the device tensors of ``state`` (SiteTrainer.stage_global)
     num_bytes: int  # downloaded
     sent_bytes: int  # uploaded (the coded pseudo-gradient)

@@ -58,11 +58,12 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
     """Per site: ``bytes_sent`` (pseudo-gradients) over ``submits`` and ``bytes_received``
     (global weights) over ``loads`` (an overlapped sync's merge counts as one), in all and per
     command; ``bytes_published`` (single-site hand-offs: the whole weights); ``rounds`` it
-    synchronised in and ``blocked_s_per_round``, the wall seconds its submit, load, merge and
-    publish commands and its waits for an overlapped round to land held it per such round (it
+    synchronised in and ``blocked_s_per_round``, the wall seconds its submit, load, merge, flush
+    and publish commands and its waits for an overlapped round to land held it per such round (it
     does not train meanwhile), with the worst round's ``max_blocked_s``."""
     result = {}
-    sync = [t for t in timings if t.kind in ("submit", "upload", "load", "merge", "landing_wait", "publish") and t.site]
+    sync = [t for t in timings
+            if t.kind in ("submit", "upload", "load", "merge", "flush", "landing_wait", "publish") and t.site]
     for site in sorted({t.site for t in sync}):
         rows = [t for t in sync if t.site == site]
         submits = [t for t in rows if t.kind == "submit"]

@@ -244,7 +244,7 @@ class ErrorFeedback:
             corrected[name] = (delta.float() if residual is None
                                else delta.float().add_(residual, alpha=wire.error_feedback_decay))
         packed, decoded = encode(corrected, wire, frame=frame)
-        self.residual = {name: corrected[name].sub_(decoded[name]) for name in corrected}
+        self.residual.update({name: corrected[name].sub_(decoded[name]) for name in corrected})  # (a fragment: its names)
         return packed
 
     @property

@@ -47,7 +47,7 @@ import math
 import os
 import types
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,38 +205,46 @@ class SiteTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def hold_sent(self) -> None:
-        """Keep a device copy of the weights as just submitted (``θ_sent`` of an overlapped sync)."""
+    def hold_sent(self, names: Iterable[str] | None = None) -> None:
+        """Keep a device copy of the weights as just submitted (``θ_sent`` of an overlapped sync),
+        of ``names`` only when a fragment of the model was submitted."""
         with torch.no_grad():
-            self._sent = {name: param.detach().clone() for name, param in self._params.items()}
+            sent = {name: self._params[name].detach().clone() for name in (names or self._params)}
+        self._sent = {**(self._sent or {}), **sent}
 
     def stage_global(self, state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        """``state`` copied to the device for :meth:`merge_global`; safe to call from a transfer
-        thread while this one trains (its own CUDA stream; on a CPU the arrays are viewed)."""
+        """``state`` (the whole model or a fragment) copied to the device for :meth:`merge_global`;
+        safe to call from a transfer thread while this one trains (its own CUDA stream; on a CPU
+        the arrays are viewed)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays: only read
             if self.device.type != "cuda":
-                return {name: torch.as_tensor(np.asarray(state[name])) for name in self._params}
+                return {name: torch.as_tensor(np.asarray(array)) for name, array in state.items()}
             stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(stream):
-                staged = {name: torch.as_tensor(np.asarray(state[name])).to(self.device, non_blocking=True)
-                          for name in self._params}
+                staged = {name: torch.as_tensor(np.asarray(array)).to(self.device, non_blocking=True)
+                          for name, array in state.items()}
             stream.synchronize()
             return staged
 
-    def merge_global(self, state: Mapping[str, np.ndarray], staged: Mapping[str, torch.Tensor]) -> None:
-        """An overlapped sync's arrival: ``θ ← θ_global + (θ − θ_sent)``, the merged weights plus
-        the local steps taken since the submit (:meth:`hold_sent`). With no step since, ``θ −
-        θ_sent`` is exactly 0 and this is :meth:`load_global`. ``state`` becomes the reference."""
-        if self._sent is None:
-            raise RuntimeError("merge_global without hold_sent: no submitted weights to merge against")
+    def merge_global(self, staged: Mapping[str, torch.Tensor], reference: Mapping[str, np.ndarray]) -> None:
+        """An overlapped sync's arrival (the whole model or a fragment): ``θ ← θ_global + (θ −
+        θ_sent)``, the merged weights plus the local steps taken since the submit
+        (:meth:`hold_sent`). With no step since, ``θ − θ_sent`` is exactly 0 and this is
+        :meth:`load_global`. ``reference`` is the site's whole reference after the merge (the
+        mapping later passed to :meth:`compressed_pseudo_gradient`)."""
+        missing = sorted(set(staged) - set(self._sent or {}))
+        if missing:
+            raise RuntimeError(f"merge_global without hold_sent for {missing[:3]}: no submitted weights to merge against")
         with torch.no_grad():
-            for name, param in self._params.items():
-                param.sub_(self._sent[name]).add_(staged[name])
+            for name, tensor in staged.items():
+                self._params[name].sub_(self._sent.pop(name)).add_(tensor)
             if self.keep_reference:
-                self._reference = {name: tensor.to(torch.float32) for name, tensor in staged.items()}
-                self._reference_source = state
-        self._sent = None
+                merged = {name: tensor.to(torch.float32) for name, tensor in staged.items()}
+                self._reference = {**(self._reference or {}), **merged}
+                self._reference_source = reference
+        if not self._sent:
+            self._sent = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -264,7 +272,8 @@ class SiteTrainer:
             return _to_host_flat({name: param.detach() for name, param in self._params.items()}, torch.float32)
 
     def compressed_pseudo_gradient(
-        self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16", *, frame: bool = True
+        self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16", *, frame: bool = True,
+        names: Iterable[str] | None = None,
     ) -> CompressedState:
         """``reference − current weights``, packed for transfer in the ``wire`` format (a
         :class:`~curtail.training.compression.WireFormat` or a codec name), computed on the
@@ -275,7 +284,8 @@ class SiteTrainer:
         ``keep_reference``), the device copy kept then is used and only the packed result
         crosses to the host; otherwise the reference is uploaded tensor by tensor. With
         ``frame=False`` an entropy-coded format's codes come back raw (a transfer thread frames
-        them: :func:`~curtail.training.compression.entropy_code`).
+        them: :func:`~curtail.training.compression.entropy_code`). ``names``: only these
+        parameters (a fragment of the model; their residuals only are updated).
         """
         wire = wire if isinstance(wire, WireFormat) else WireFormat(codec=wire)  # type: ignore[arg-type]
         if set(reference) != set(self._params):
@@ -284,7 +294,8 @@ class SiteTrainer:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays
             deltas = {}
-            for name, param in self._params.items():
+            for name in names or self._params:
+                param = self._params[name]
                 if cached is not None:
                     start = cached[name]
                 else:
