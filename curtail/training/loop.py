@@ -60,6 +60,13 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from curtail.training.averaging import pseudo_gradient
 from curtail.training.compression import CompressedState, ErrorFeedback, WireFormat
 from curtail.training.data import TokenCorpus
+from curtail.training.fsdp import (
+    local,
+    optimizer_state_from_local,
+    optimizer_state_to_local,
+    shard_model,
+    shard_rows,
+)
 from curtail.training.model import ModelSpec, build_model, get_spec, use_causal_sdpa
 
 #: Gradient elements per all-reduce (64M float32 = 256 MiB of extra memory at most).
@@ -91,6 +98,13 @@ class SiteTrainer:
         pad_mlp_multiple: pad the MLP width to a multiple of this inside the forward pass
             (exact: the extra units are zeros and receive no gradient); default 64 on CUDA,
             off elsewhere; 0 disables.
+        parallelism: ``"ddp"``: every rank holds the whole model (gradients all-reduced);
+            ``"fsdp"``: each rank holds a dim-0 shard of every parameter, its gradients and its
+            AdamW moments (:mod:`curtail.training.fsdp`; needs ``torch.distributed``). Weights in
+            and out (:meth:`load_global`, :meth:`compressed_pseudo_gradient`, the merges) then
+            touch this rank's rows only.
+        activation_checkpointing: recompute each layer's activations in the backward pass
+            instead of keeping them (less memory, about a third more compute).
         keep_reference: keep a device copy of the weights last loaded by :meth:`load_global`
             so :meth:`compressed_pseudo_gradient` needs no host round trip (one more copy of
             the parameters in device memory). Default: on CUDA only (on a CPU the reference
@@ -116,6 +130,8 @@ class SiteTrainer:
         loss_chunk_tokens: int = 8192,
         keep_reference: bool | None = None,
         pad_mlp_multiple: int | None = None,
+        parallelism: str = "ddp",
+        activation_checkpointing: bool = False,
     ) -> None:
         if grad_clip_norm is not None and grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm}")
@@ -123,6 +139,8 @@ class SiteTrainer:
             raise ValueError(f"micro_batch_size must be > 0 or None, got {micro_batch_size}")
         if loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be > 0, got {loss_chunk_tokens}")
+        if parallelism not in ("ddp", "fsdp"):
+            raise ValueError(f'parallelism must be "ddp" or "fsdp", got {parallelism!r}')
         self.spec = get_spec(preset)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LlamaForCausalLM = build_model(self.spec, vocab_size, seed, self.device)
@@ -133,6 +151,11 @@ class SiteTrainer:
         self.pad_mlp_multiple = pad_mlp_multiple
         if pad_mlp_multiple:
             pad_mlp_width(self.model, pad_mlp_multiple)
+        if activation_checkpointing:  # recompute each layer's activations in the backward pass
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.sharded = parallelism == "fsdp"
+        if self.sharded:  # before the compiled wrappers and the optimizer: both see the sharded parameters
+            shard_model(self.model, process_group, self.device, autocast_dtype)
         self.compile_model = compile_model
         self.fused_cross_entropy = fused_cross_entropy
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -169,13 +192,15 @@ class SiteTrainer:
             eps=eps,
             fused=self.device.type == "cuda",
         )
-        self._params = dict(self.model.named_parameters())
+        self._params = dict(self.model.named_parameters())  # DTensors under FSDP
+        self._rows = {name: shard_rows(param) for name, param in self._params.items()}  # this rank's rows of each
 
     # ---------------------------------------------------------------------------------------
     # Weights in and out
 
     def load_global(self, state: Mapping[str, np.ndarray]) -> None:
-        """Copy global weights (float32 numpy, names as :meth:`export_params`) into the model.
+        """Copy global weights (float32 numpy, names as :meth:`export_params`) into the model
+        (under FSDP this rank's rows of each).
 
         The inner optimizer's state is kept: DiLoCo's inner AdamW continues across rounds.
         """
@@ -197,10 +222,10 @@ class SiteTrainer:
                 with warnings.catch_warnings():
                     # Arrays from Ray's object store are read-only; we only read them.
                     warnings.simplefilter("ignore", UserWarning)
-                    source = torch.as_tensor(np.asarray(array))
-                param.copy_(source, non_blocking=True)
+                    source = torch.as_tensor(np.asarray(array)[self._rows[name]])
+                local(param).copy_(source, non_blocking=True)
             if self.keep_reference:
-                self._reference = {name: param.detach().clone() for name, param in self._params.items()}
+                self._reference = {name: local(param).detach().clone() for name, param in self._params.items()}
                 self._reference_source = state
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -209,7 +234,7 @@ class SiteTrainer:
         """Keep a device copy of the weights as just submitted (``θ_sent`` of an overlapped sync),
         of ``names`` only when a fragment of the model was submitted."""
         with torch.no_grad():
-            sent = {name: self._params[name].detach().clone() for name in (names or self._params)}
+            sent = {name: local(self._params[name]).detach().clone() for name in (names or self._params)}
         self._sent = {**(self._sent or {}), **sent}
 
     def stage_global(self, state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -218,12 +243,12 @@ class SiteTrainer:
         the arrays are viewed)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays: only read
+            rows = {name: np.asarray(array)[self._rows[name]] for name, array in state.items()}  # (FSDP: this rank's)
             if self.device.type != "cuda":
-                return {name: torch.as_tensor(np.asarray(array)) for name, array in state.items()}
+                return {name: torch.as_tensor(array) for name, array in rows.items()}
             stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(stream):
-                staged = {name: torch.as_tensor(np.asarray(array)).to(self.device, non_blocking=True)
-                          for name, array in state.items()}
+                staged = {name: torch.as_tensor(array).to(self.device, non_blocking=True) for name, array in rows.items()}
             stream.synchronize()
             return staged
 
@@ -238,7 +263,7 @@ class SiteTrainer:
             raise RuntimeError(f"merge_global without hold_sent for {missing[:3]}: no submitted weights to merge against")
         with torch.no_grad():
             for name, tensor in staged.items():
-                self._params[name].sub_(self._sent.pop(name)).add_(tensor)
+                local(self._params[name]).sub_(self._sent.pop(name)).add_(tensor)
             if self.keep_reference:
                 merged = {name: tensor.to(torch.float32) for name, tensor in staged.items()}
                 self._reference = {**(self._reference or {}), **merged}
@@ -253,23 +278,29 @@ class SiteTrainer:
         parameter the int64 sum of its float32 bit patterns (integer sums are exact, so the
         order of the reduction does not matter). Equal weights give equal fingerprints on any
         device; it replaces hashing an exported copy (seconds for d20) when sites compare
-        their weights after a sync."""
+        their weights after a sync. Under FSDP the ranks' sums are added: a collective, every
+        rank calls it."""
         with torch.no_grad():
             sums = torch.stack([
-                torch.sum(param.detach().to(torch.float32).view(torch.int32), dtype=torch.int64)
+                torch.sum(local(param).detach().to(torch.float32).view(torch.int32), dtype=torch.int64)
                 for param in self._params.values()
-            ]).tolist()
+            ])
+            if self.sharded:
+                dist.all_reduce(sums, group=self.process_group)
+            sums = sums.tolist()
         hasher = hashlib.sha256()
         for name, value in zip(self._params, sums, strict=True):
             hasher.update(f"{name}={value};".encode())
         return hasher.hexdigest()[:16]
 
     def export_params(self) -> dict[str, np.ndarray]:
-        """The current weights as float32 numpy arrays (copies, safe to keep and send)."""
+        """The current weights as float32 numpy arrays (copies, safe to keep and send). Under
+        FSDP the whole weights, gathered: a collective, every rank calls it."""
         with torch.no_grad():
+            params = {name: param.full_tensor() if self.sharded else param for name, param in self._params.items()}
             if self.device.type == "cpu":
-                return {name: param.detach().to(torch.float32, copy=True).numpy() for name, param in self._params.items()}
-            return _to_host_flat({name: param.detach() for name, param in self._params.items()}, torch.float32)
+                return {name: param.detach().to(torch.float32, copy=True).numpy() for name, param in params.items()}
+            return _to_host_flat({name: param.detach() for name, param in params.items()}, torch.float32)
 
     def compressed_pseudo_gradient(
         self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16", *, frame: bool = True,
@@ -295,11 +326,12 @@ class SiteTrainer:
             warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays
             deltas = {}
             for name in names or self._params:
-                param = self._params[name]
+                param = local(self._params[name])
                 if cached is not None:
                     start = cached[name]
                 else:
-                    start = torch.as_tensor(np.asarray(reference[name], dtype=np.float32)).to(self.device)
+                    rows = np.asarray(reference[name], dtype=np.float32)[self._rows[name]]
+                    start = torch.as_tensor(rows).to(self.device)
                 deltas[name] = torch.sub(start, param.detach())
             if not wire.entropy_coded:  # the dense casts: a few large device-to-host copies
                 wire_dtype = torch.bfloat16 if wire.codec == "bf16" else torch.float32
@@ -345,7 +377,8 @@ class SiteTrainer:
         mean_loss = loss_sum / batch_size
         world = self._world_size()
         if world > 1:
-            self._all_reduce_gradients(world)
+            if not self.sharded:  # FSDP reduce-scattered them in the backward pass
+                self._all_reduce_gradients(world)
             dist.all_reduce(mean_loss, group=self.process_group)
             mean_loss /= world
         if self.grad_clip_norm is not None:
@@ -417,8 +450,9 @@ class SiteTrainer:
         Copies, so training on does not change a snapshot being written (costs host memory of
         twice the parameters: AdamW's two moments).
         """
+        state = self.optimizer.state_dict()
         return {
-            "optimizer": _to_cpu_copy(self.optimizer.state_dict()),
+            "optimizer": _to_cpu_copy(optimizer_state_to_local(state) if self.sharded else state),
             "num_steps": self.num_steps,
             "tokens_trained": self.tokens_trained,
             "error_feedback": self.error_feedback.state_dict(),
@@ -431,7 +465,11 @@ class SiteTrainer:
         """
         # torch's load_state_dict keeps same-device tensors as they are: copy, so two trainers
         # loaded from one snapshot do not share (and doubly update) their moments.
-        self.optimizer.load_state_dict(_to_cpu_copy(state["optimizer"]))
+        optimizer = _to_cpu_copy(state["optimizer"])
+        if self.sharded:  # this rank's shard of each moment, laid out like its parameter again
+            params = [param for group in self.optimizer.param_groups for param in group["params"]]
+            optimizer = optimizer_state_from_local(optimizer, params)
+        self.optimizer.load_state_dict(optimizer)
         self.num_steps = int(state.get("num_steps", 0))
         self.tokens_trained = int(state.get("tokens_trained", 0))
         self.error_feedback.load_state_dict(state.get("error_feedback", {}), self.device)
