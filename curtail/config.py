@@ -240,6 +240,14 @@ class TrainingConfig(StrictModel):
     outer_optimizer: Literal["nesterov", "average"] = "nesterov"
     outer_lr: float = Field(default=0.7, gt=0)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="inside a site: ddp (every worker holds the whole model) or fsdp (each worker holds a dim-0 shard "
+        "of every parameter, its gradients and AdamW moments, and talks to the averager for its rows only)",
+    )
+    activation_checkpointing: bool = Field(
+        default=False, description="recompute each layer's activations in the backward pass (less memory, more compute)"
+    )
     averager_shards: int = Field(
         default=1, ge=1,
         description="split the global weights, their broadcast view and the outer-optimizer state across this "

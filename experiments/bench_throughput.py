@@ -10,7 +10,9 @@ and times ``--steps`` optimizer steps of ``--batch-size`` sequences after ``--wa
 in one graph, ``model`` = the model alone with an eager loss, as before), ``fused`` (chunked
 LM head + cross-entropy), ``micro`` (micro-batch rows), ``chunk`` (tokens per loss chunk),
 ``pad`` (MLP width padded to a multiple of this; 0 = off; default 64 on GPUs), ``sdpa``
-(attention backend: ``flash``, ``cudnn``, ``efficient`` or ``math``; default: torch's choice).
+(attention backend: ``flash``, ``cudnn``, ``efficient`` or ``math``; default: torch's choice),
+``fsdp`` (1: FSDP2, ``parallelism = "fsdp"``; on one device a process group of one) and ``ac``
+(1: activation checkpointing).
 ``--world-size N`` runs each variant data parallel over N GPUs (NCCL; gloo on CPUs), one
 process per GPU, the way a site of N GPUs trains (gradient all-reduce inside the step), and
 reports tokens/s per GPU beside the one-GPU figure: the scaling efficiency inside a site.
@@ -64,9 +66,10 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, options = text.partition(":")
     pairs = dict(item.split("=", 1) for item in options.split(",") if item)
-    unknown = set(pairs) - {"compile", "fused", "micro", "chunk", "pad", "sdpa"}
+    unknown = set(pairs) - {"compile", "fused", "micro", "chunk", "pad", "sdpa", "fsdp", "ac"}
     if unknown:
-        raise SystemExit(f"variant {name!r}: unknown keys {sorted(unknown)}; use compile, fused, micro, chunk, pad, sdpa")
+        raise SystemExit(f"variant {name!r}: unknown keys {sorted(unknown)}; "
+                         "use compile, fused, micro, chunk, pad, sdpa, fsdp, ac")
     if pairs.get("sdpa", "flash") not in SDPA_BACKENDS:
         raise SystemExit(f"variant {name!r}: sdpa={pairs['sdpa']!r}; use one of {sorted(SDPA_BACKENDS)}")
     return name, pairs
@@ -91,7 +94,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> SiteTrainer:
+    import torch.distributed as dist
+
     compile_option = options.get("compile", "0")
+    parallelism = "fsdp" if options.get("fsdp", "0") == "1" else "ddp"
+    if parallelism == "fsdp" and not dist.is_initialized():  # FSDP over a group of one (this process)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     trainer = SiteTrainer(
         preset, seed=0, device=device,
         micro_batch_size=int(options["micro"]) if "micro" in options else None,
@@ -100,6 +109,7 @@ def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> 
         fused_cross_entropy=options.get("fused", "0") == "1",
         loss_chunk_tokens=int(options.get("chunk", 8192)),
         pad_mlp_multiple=int(options["pad"]) if "pad" in options else None,
+        parallelism=parallelism, activation_checkpointing=options.get("ac", "0") == "1",
     )
     if compile_option == "model":  # the previous layout: compiled model, eager loss outside it
         compiled = torch.compile(trainer.model)

@@ -124,10 +124,13 @@ def test_sites_pinned_by_labels_train_on_their_labelled_raylets(cluster, tmp_pat
     """``training.site_pinning = "labels"``: each site's two workers ask for CPUs and the label
     ``site=NAME`` only. The nodes declare ``site_NAME: 1``, so the same run pinned by resources
     is refused (two workers, one site resource: tests/test_reliability.py); by labels both
-    workers of each site train on its own raylet, the control plane on the head."""
+    workers of each site train on its own raylet, the control plane on the head. The two
+    workers shard the model (``parallelism = "fsdp"``, gloo): each loads, sends and publishes
+    its rows, and every sync leaves the sites with the same weights."""
     config = write_tiny_experiment(tmp_path, name="labelled")
     config.write_text(config.read_text().replace(
-        "cpus_per_worker = 0.5\n", 'cpus_per_worker = 0.5\nworkers_per_site = 2\nsite_pinning = "labels"\n'))
+        "cpus_per_worker = 0.5\n",
+        'cpus_per_worker = 0.5\nworkers_per_site = 2\nsite_pinning = "labels"\nparallelism = "fsdp"\n'))
     done = subprocess.run([sys.executable, "-m", "curtail", "run", str(config), "--json"],
                           check=False, cwd=REPO, env=cluster.env(), capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -136,3 +139,4 @@ def test_sites_pinned_by_labels_train_on_their_labelled_raylets(cluster, tmp_pat
     assert summary["site_nodes"] == {"a": [by_site["a"]], "b": [by_site["b"]]}
     assert summary["ledger_trained_tokens"] == summary["tokens"] > 0
     assert summary["num_syncs"] >= 1 and min(summary["tokens_by_site"].values()) > 0
+    assert summary["weight_digests"] and all(len(entry["digests"]) == 1 for entry in summary["weight_digests"])

@@ -55,6 +55,7 @@ class Averager:
         self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
         self._expected: dict[int, set[str]] = {}  # overlapped rounds: the sites still to submit
         self._outcomes: dict[int, dict[str, Any]] = {}  # overlapped rounds' outer steps, by round
+        self._parts: dict[tuple[Any, ...], dict[int, dict[str, np.ndarray]]] = {}  # FSDP sites' rows, by rank
         self.version = 0
         self.num_outer_steps = 0
         self._published_by: tuple[str, int] = ("", -1)  # (site, version) of the newest publish
@@ -64,7 +65,7 @@ class Averager:
         """Restore from a run checkpoint (resume)."""
         self._params = {name: np.array(value, dtype=np.float32) for name, value in params.items()}
         self._optimizer.load_state_dict(optimizer)
-        self._pending, self._expected, self._outcomes = {}, {}, {}
+        self._pending, self._expected, self._outcomes, self._parts = {}, {}, {}, {}
         self.version, self.num_outer_steps = int(version), int(num_outer_steps)
         self._reset_view()
         return self.version
@@ -96,12 +97,29 @@ class Averager:
         advance_view(self._view, packed)
         self._change = (previous_version, packed)
 
-    def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
-        """Add a site's work to round ``round_index`` (idempotent per site and round)."""
-        self._pending.setdefault(round_index, {})[site] = (decompress(pseudo_grad), float(tokens))
-        count = len(self._pending[round_index])
-        self._step_when_complete(round_index)
-        return count
+    def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float,
+               part: tuple[int, int] = (0, 1)) -> int:
+        """Add a site's work to round ``round_index`` (idempotent per site and round). ``part =
+        (rank, world)``: an FSDP site's ranks each send their rows of every tensor, and the
+        site's pseudo-gradient is complete once all ``world`` have arrived (:meth:`_joined_rows`)."""
+        grads = self._joined_rows(("submit", round_index, site), decompress(pseudo_grad), part)
+        if grads is not None:
+            self._pending.setdefault(round_index, {})[site] = (grads, float(tokens))
+            self._step_when_complete(round_index)
+        return len(self._pending.get(round_index, {}))
+
+    def _joined_rows(self, key: tuple[Any, ...], arrays: dict[str, np.ndarray],
+                     part: tuple[int, int]) -> dict[str, np.ndarray] | None:
+        """The whole tensors once every rank's rows of ``key`` arrived (rank order), else None."""
+        rank, world = part
+        if world == 1:
+            return arrays
+        parts = self._parts.setdefault(key, {})
+        parts[rank] = arrays
+        if len(parts) < world:
+            return None
+        del self._parts[key]
+        return {name: np.concatenate([parts[r][name] for r in range(world)]) for name in arrays}
 
     def expect(self, round_index: int, sites: list[str]) -> None:
         """An overlapped round: step as soon as every one of ``sites`` has submitted."""
@@ -127,6 +145,8 @@ class Averager:
         again, so its update must not count too). Returns the sites actually dropped. An
         overlapped round no longer waits for them (and steps if the rest have arrived)."""
         pending = self._pending.get(round_index, {})
+        for site in sites:  # an FSDP site's rows that arrived before it died
+            self._parts.pop(("submit", round_index, site), None)
         dropped = [site for site in sites if pending.pop(site, None) is not None]
         if round_index in self._expected:
             self._expected[round_index] -= set(sites)
@@ -152,9 +172,13 @@ class Averager:
             "tokens": {site: tokens for site, (_, tokens) in contributing.items()},
         }
 
-    def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
-        """Single-site hand-off: the site's weights become the global state."""
-        for name, value in params.items():
+    def publish(self, site: str, params: dict[str, np.ndarray], part: tuple[int, int] = (0, 1)) -> int:
+        """Single-site hand-off: the site's weights become the global state (an FSDP site's
+        ranks each send their rows, ``part = (rank, world)``). Returns the version they make."""
+        joined = self._joined_rows(("publish", site), params, part)
+        if joined is None:
+            return self.version + 1  # (the last part's publish makes it: nothing else moves the version meanwhile)
+        for name, value in joined.items():
             self._params[name][...] = value
         self.version += 1
         self._published_by = (site, self.version)
@@ -333,13 +357,15 @@ class AveragerClient:
         payloads = [payload for _, _, payload in views]
         return kind, version, _join_packed(payloads) if kind == "change" else _joined(payloads)
 
-    def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float) -> int:
-        parts = self.shards.split_packed(pseudo_grad) if self.shards else [pseudo_grad]
-        return min(self._each("submit", [(site, round_index, part) for part in parts], tokens))
+    def submit(self, site: str, round_index: int, pseudo_grad: CompressedState, tokens: float,
+               part: tuple[int, int] = (0, 1)) -> int:
+        """``part = (rank, world)``: this FSDP rank's rows (:meth:`Averager.submit`)."""
+        packs = self.shards.split_packed(pseudo_grad) if self.shards else [pseudo_grad]
+        return min(self._each("submit", [(site, round_index, pack) for pack in packs], tokens, part))
 
-    def publish(self, site: str, params: dict[str, np.ndarray]) -> int:
-        """The global version the site's weights became."""
-        return _same("version", self._each("publish", [(site, part) for part in self._split(params)]))
+    def publish(self, site: str, params: dict[str, np.ndarray], part: tuple[int, int] = (0, 1)) -> int:
+        """The global version the site's weights became (``part``: this FSDP rank's rows)."""
+        return _same("version", self._each("publish", [(site, rows) for rows in self._split(params)], part))
 
     def published_by(self, site: str) -> int | None:
         versions = self._all("published_by", site)

@@ -272,6 +272,7 @@ class Coordinator:
                 micro_batch_size=training.micro_batch_size,
                 emulated_link=links.by_site[site] if training.emulate_link else None,
                 staggered=training.sync_fragments > 1,
+                parallelism=training.parallelism, activation_checkpointing=training.activation_checkpointing,
             )
             groups[site] = SiteGroup(
                 site=site, mailbox=setup.mailbox, loop_config=loop_config,

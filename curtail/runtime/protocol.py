@@ -76,6 +76,8 @@ class SiteLoopConfig:
     micro_batch_size: int | None = None
     emulated_link: Link | None = None  # hold each transfer for its time on this link (emulation)
     staggered: bool = False  # the averager's shards are fragments synced at staggered points (sync_fragments)
+    parallelism: str = "ddp"  # or "fsdp": each rank holds, and exchanges, its rows of every parameter
+    activation_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,10 @@ class SiteWorker:
         self.reference: dict[str, np.ndarray] | None = None  # the global weights the round started from
         self.held_version = -1  # the global version ``reference`` is (a compressed broadcast builds on it)
         self.steps_done = 0  # optimizer steps over the window
+        # FSDP: every rank exchanges its own rows with the averager; else rank 0 does, and broadcasts
+        self.sharded = config.parallelism == "fsdp"
+        self.talks = self.sharded or rank == 0
+        self.part = (rank, world) if self.sharded else (0, 1)
         self.fragments = fragments_of(averager, config.staggered)  # what an overlapped sync sends, and when
         self.round: RoundInFlight | None = None  # an overlapped sync not merged yet (streaming.py)
         self.steps_since_sync = 0  # local steps since the last load or submit (spaces the fragments' sends)
@@ -301,16 +305,17 @@ class SiteWorker:
     def load(self, command: Load) -> Loaded:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
         version, num_bytes = -1, 0
-        if self.rank == 0:
+        if self.talks:
             from curtail.runtime.averager import download_view
 
             version, state, num_bytes = download_view(self.averager, self.held_version, self.reference)
             self._emulate_transfer(num_bytes)
-            self.trainer.load_global(state)
+            self.trainer.load_global(state)  # (FSDP: this rank's rows)
             self.reference, self.held_version = state, version
         self.steps_since_sync = 0
-        _broadcast_params(self.trainer, self.world)
-        digest = self.trainer.weights_fingerprint() if self.rank == 0 else ""
+        if not self.sharded:
+            _broadcast_params(self.trainer, self.world)
+        digest = self.trainer.weights_fingerprint() if self.talks else ""  # (FSDP: a collective)
         node_ids = tuple(sorted(set(_gather_object(self.node_id, self.world))))
         return Loaded(wall_s=self._elapsed_s(), version=version, digest=digest, node_ids=node_ids, pid=os.getpid(),
                       num_bytes=num_bytes)
@@ -319,7 +324,7 @@ class SiteWorker:
         """Send the round's pseudo-gradient (reference − local weights) with its token weight;
         with ``overlap``, hand it (its first fragment, when staggered) to a transfer thread and
         return (:mod:`curtail.runtime.streaming`)."""
-        if self.rank == 0 and self.reference is None:
+        if self.talks and self.reference is None:
             raise RuntimeError("submit before load: the site has no global reference weights")
         if command.overlap:
             interval = self.steps_since_sync // len(self.fragments)
@@ -328,11 +333,11 @@ class SiteWorker:
             self._send_due()
             return Submitted(wall_s=self._elapsed_s(), num_bytes=0)  # the bytes are counted at the merge
         num_bytes = 0
-        if self.rank == 0:
+        if self.talks:
             # On the device against the kept start of the round; only the packed result crosses to the host.
             packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire)
             num_bytes = packed.num_bytes
-            self.averager.submit(self.config.site, command.round_index, packed, command.tokens)
+            self.averager.submit(self.config.site, command.round_index, packed, command.tokens, part=self.part)
             self._emulate_transfer(num_bytes)
         self.steps_since_sync = 0
         return Submitted(wall_s=self._elapsed_s(), num_bytes=num_bytes)
@@ -351,7 +356,7 @@ class SiteWorker:
         assert round_ is not None
         while round_.due():
             fragment = self.fragments[round_.num_sent]
-            if self.rank == 0:
+            if self.talks:
                 assert self.reference is not None
                 # the transfer thread entropy-codes it (and reports the bytes at the merge)
                 packed = self.trainer.compressed_pseudo_gradient(self.reference, self.config.wire, frame=False,
@@ -360,7 +365,7 @@ class SiteWorker:
                 reference = self.reference if fragment.names is None else {n: self.reference[n] for n in fragment.names}
                 round_.flights[fragment.index] = SyncInFlight(
                     fragment.averager, self.config.site, round_.round_index, packed, round_.tokens, reference,
-                    self.held_version, self.config.emulated_link, self.trainer.stage_global,
+                    self.held_version, self.config.emulated_link, self.trainer.stage_global, self.part,
                 )
             round_.num_sent += 1
 
@@ -375,6 +380,9 @@ class SiteWorker:
             round_.flush()
             self._send_due()
             arrived = round_.unmerged()
+        elif self.sharded:  # merged where every rank's rows arrived
+            mine = [index for index, flight in round_.flights.items() if flight.arrived()]
+            arrived = sorted(set.intersection(*(set(ranks) for ranks in _gather_object(mine, self.world))))
         else:
             arrived = _broadcast_object(
                 [index for index, flight in round_.flights.items() if flight.arrived()] if self.rank == 0 else None,
@@ -384,7 +392,7 @@ class SiteWorker:
         started = time.perf_counter()
         num_bytes = sent_bytes = 0
         for index in arrived:
-            if self.rank == 0:
+            if self.talks:
                 arrival = round_.flights.pop(index).wait()
                 assert self.reference is not None
                 self.reference = {**self.reference, **arrival.state}
@@ -392,7 +400,8 @@ class SiteWorker:
                 round_.version = arrival.version
                 num_bytes, sent_bytes = num_bytes + arrival.num_bytes, sent_bytes + arrival.sent_bytes
             round_.merged.add(index)
-        _broadcast_params(self.trainer, self.world)
+        if not self.sharded:
+            _broadcast_params(self.trainer, self.world)
         if round_.landed:
             self.held_version, self.round = round_.version, None
         merge = Merge(version=round_.version, num_bytes=num_bytes, sent_bytes=sent_bytes,
@@ -402,9 +411,17 @@ class SiteWorker:
             sent_bytes=self.merged.sent_bytes + sent_bytes, wall_s=self.merged.wall_s + merge.wall_s)
 
     def publish(self, command: Publish) -> Published:
-        """Single-site hand-off: rank 0's weights become the global weights (and the new reference)."""
+        """Single-site hand-off: rank 0's weights become the global weights (and the new reference);
+        under FSDP every rank sends its rows, and the joined weights become the reference."""
         version, num_bytes = -1, 0
-        if self.rank == 0:
+        if self.sharded:
+            rows = self.trainer.export_rows()
+            self.averager.publish(self.config.site, rows, part=self.part)
+            _gather_object(None, self.world)  # every rank's rows are in
+            self.held_version, self.reference = self.averager.get_global()
+            version, num_bytes = self.held_version, sum(array.nbytes for array in rows.values())
+            self._emulate_transfer(num_bytes)
+        elif self.rank == 0:
             params = self.trainer.export_params()
             version = self.averager.publish(self.config.site, params)
             self.reference, self.held_version = params, version
@@ -476,6 +493,8 @@ def site_trainer(config: SiteLoopConfig, device: torch.device) -> SiteTrainer:
         autocast_dtype=torch.bfloat16 if config.use_gpu else None,
         compile_model=config.compile_model,
         micro_batch_size=config.micro_batch_size,
+        parallelism=config.parallelism,
+        activation_checkpointing=config.activation_checkpointing,
     )
 
 

@@ -151,9 +151,10 @@ class SyncInFlight:
         held_version: int,
         link: Link | None,
         stage: Callable[[dict[str, np.ndarray]], Any],
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         self.round_index = round_index
-        self._averager, self._site, self._link, self._stage = averager, site, link, stage
+        self._averager, self._site, self._link, self._stage, self._part = averager, site, link, stage, part
         self._done = threading.Event()
         self._arrival: Arrival | None = None
         self._error: BaseException | None = None
@@ -183,7 +184,7 @@ class SyncInFlight:
             from curtail.runtime.averager import download_view
 
             hold_for_link(self._link, packed.num_bytes)
-            self._averager.submit(self._site, self.round_index, packed, tokens)
+            self._averager.submit(self._site, self.round_index, packed, tokens, part=self._part)
             while self._averager.round_status(self.round_index)["outcome"] is None:
                 time.sleep(STATUS_POLL_S)
             version, state, num_bytes = download_view(self._averager, held_version, reference)

@@ -302,6 +302,16 @@ class SiteTrainer:
                 return {name: param.detach().to(torch.float32, copy=True).numpy() for name, param in params.items()}
             return _to_host_flat({name: param.detach() for name, param in params.items()}, torch.float32)
 
+    def export_rows(self) -> dict[str, np.ndarray]:
+        """This rank's rows of the weights (under FSDP; the whole weights otherwise) as float32 numpy copies."""
+        if not self.sharded:
+            return self.export_params()
+        with torch.no_grad():
+            rows = {name: local(param).detach() for name, param in self._params.items()}
+            if self.device.type == "cpu":
+                return {name: tensor.to(torch.float32, copy=True).numpy() for name, tensor in rows.items()}
+            return _to_host_flat(rows, torch.float32)
+
     def compressed_pseudo_gradient(
         self, reference: Mapping[str, np.ndarray], wire: WireFormat | str = "bf16", *, frame: bool = True,
         names: Iterable[str] | None = None,
