@@ -419,10 +419,10 @@ def test_staggered_fragments_leave_spread_over_the_round_and_merge_each_against_
     at_sync = worker.trainer.export_params()
     worker.execute(Submit(round_index=1, tokens=4.0 * STEP_TOKENS, overlap=True))
     assert worker.round.num_sent == 1  # fragment 1 is due 4 // 2 = 2 steps on
-    worker.execute(train_command(4, 1))
+    assert worker.execute(train_command(4, 1)).pack_s == 0
     assert worker.round.num_sent == 1 and not clients[1].submit.called
-    worker.execute(train_command(5, 1))
-    assert worker.round.num_sent == 2
+    trained = worker.execute(train_command(5, 1))
+    assert worker.round.num_sent == 2 and trained.pack_s > 0  # the packing between steps is reported (not training)
     at_send = worker.trainer.export_params()
     for client, group, sent in zip(clients, groups, (at_sync, at_send), strict=True):
         grads, tokens = submitted(client)

@@ -116,6 +116,7 @@ class Trained(Reply):
     loss: float  # mean training loss over the steps (nan when no step ran)
     power_w: float | None = None  # NVML-measured watts of the site's GPUs over the command
     gpus: int = 0  # how many GPUs power_w covers
+    pack_s: float = 0.0  # seconds spent packing staggered fragments between the steps (not training)
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,7 @@ class SiteWorker:
         self.fragments = fragments_of(averager, config.staggered)  # what an overlapped sync sends, and when
         self.round: RoundInFlight | None = None  # an overlapped sync not merged yet (streaming.py)
         self.steps_since_sync = 0  # local steps since the last load or submit (spaces the fragments' sends)
+        self.pack_s = 0.0  # seconds the current command spent packing fragments
         self.merged: Merge | None = None  # merged during the current command (its reply says so)
         self.rank_tokens = config.batch_size * config.model.seq_len
         self.tokens_per_step = self.rank_tokens * world
@@ -270,6 +271,7 @@ class SiteWorker:
 
         losses = []
         steps = 0
+        self.pack_s = 0.0
         if self.power is not None:
             self.power.start()
         for start_token, num_steps in command.chunks:
@@ -300,7 +302,7 @@ class SiteWorker:
             }
             self.report_metrics(self.metrics)
         return Trained(wall_s=self._elapsed_s(), steps=steps, tokens=steps * self.tokens_per_step, loss=mean_loss,
-                       power_w=power_w, gpus=self.world)
+                       power_w=power_w, gpus=self.world, pack_s=self.pack_s)
 
     def load(self, command: Load) -> Loaded:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
@@ -356,6 +358,7 @@ class SiteWorker:
         assert round_ is not None
         while round_.due():
             fragment = self.fragments[round_.num_sent]
+            started = time.perf_counter()
             if self.talks:
                 assert self.reference is not None
                 # the transfer thread entropy-codes it (and reports the bytes at the merge)
@@ -368,6 +371,7 @@ class SiteWorker:
                     self.held_version, self.config.emulated_link, self.trainer.stage_global, self.part,
                 )
             round_.num_sent += 1
+            self.pack_s += time.perf_counter() - started
 
     def _merge(self, *, wait: bool) -> None:
         """Apply the overlapped sync in flight where it arrived (``wait``: send what is left and

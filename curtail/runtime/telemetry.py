@@ -59,11 +59,11 @@ def sync_traffic(timings: list[Timing]) -> dict[str, dict[str, float]]:
     (global weights) over ``loads`` (an overlapped sync's merge counts as one), in all and per
     command; ``bytes_published`` (single-site hand-offs: the whole weights); ``rounds`` it
     synchronised in and ``blocked_s_per_round``, the wall seconds its submit, load, merge, flush
-    and publish commands and its waits for an overlapped round to land held it per such round (it
+    and publish commands, the staggered fragments it packed between steps (``pack``) and its waits for an overlapped round to land held it per such round (it
     does not train meanwhile), with the worst round's ``max_blocked_s``."""
     result = {}
     sync = [t for t in timings
-            if t.kind in ("submit", "upload", "load", "merge", "flush", "landing_wait", "publish") and t.site]
+            if t.kind in ("submit", "upload", "load", "merge", "pack", "flush", "landing_wait", "publish") and t.site]
     for site in sorted({t.site for t in sync}):
         rows = [t for t in sync if t.site == site]
         submits = [t for t in rows if t.kind == "submit"]
@@ -109,6 +109,8 @@ class Telemetry:
             case Trained():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps,
                                            power_w=reply.power_w, gpus=reply.gpus))
+                if reply.pack_s:  # staggered fragments packed between its steps
+                    self.timings.append(Timing(t_s, site, "pack", round_index, reply.pack_s))
                 self.last_loss = reply.loss
             case Stopped():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps))

@@ -141,6 +141,9 @@ class SiteTrainer:
             raise ValueError(f"loss_chunk_tokens must be > 0, got {loss_chunk_tokens}")
         if parallelism not in ("ddp", "fsdp"):
             raise ValueError(f'parallelism must be "ddp" or "fsdp", got {parallelism!r}')
+        if parallelism == "fsdp" and fused_cross_entropy:  # it reads lm_head.weight outside the model's forward
+            raise ValueError('fused_cross_entropy does not work with parallelism = "fsdp" yet (the LM head would be '
+                             "read while sharded); use the compiled loss (compile_model) instead")
         self.spec = get_spec(preset)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LlamaForCausalLM = build_model(self.spec, vocab_size, seed, self.device)
