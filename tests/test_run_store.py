@@ -39,8 +39,11 @@ def _remote_files(uri: str) -> dict[str, bytes]:
     result = {}
     for info in found:
         if info.type == pafs.FileType.File:
-            with filesystem.open_input_stream(info.path) as source:
-                result[info.path[len(root) + 1:]] = source.read()
+            try:
+                with filesystem.open_input_stream(info.path) as source:
+                    result[info.path[len(root) + 1:]] = source.read()
+            except FileNotFoundError:  # a live run removed it since the listing (a fetched staging folder)
+                continue
     return result
 
 
