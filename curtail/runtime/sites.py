@@ -346,10 +346,14 @@ class SiteWorker:
 
     def flush(self, command: Flush) -> Flushed:
         """Send the fragments of the round in flight that are not due yet (the coordinator waits for its landing)."""
+        self._send_rest()
+        return Flushed(wall_s=self._elapsed_s())
+
+    def _send_rest(self) -> None:
+        """Every fragment of the round in flight not sent yet goes now."""
         if self.round is not None:
             self.round.flush()
             self._send_due()
-        return Flushed(wall_s=self._elapsed_s())
 
     def _send_due(self) -> None:
         """Pack the round's due fragments (rank 0) and hand each to a transfer thread; the
@@ -381,8 +385,7 @@ class SiteWorker:
         if round_ is None:
             return
         if wait:
-            round_.flush()
-            self._send_due()
+            self._send_rest()
             arrived = round_.unmerged()
         elif self.sharded:  # merged where every rank's rows arrived
             mine = [index for index, flight in round_.flights.items() if flight.arrived()]
