@@ -221,7 +221,7 @@ class TrainingConfig(StrictModel):
     ``realtime_speedup`` times faster than the trace.
     """
 
-    preset: Literal["tiny", "small", "d20"] = "small"
+    preset: Literal["tiny", "small", "d20", "d48"] = "small"
     corpus: list[Path] = Field(default_factory=lambda: [Path("data/text/tinyshakespeare.txt")], min_length=1)
     heldout: list[Path] | None = Field(default=None, description="default: the last heldout_fraction of corpus")
     heldout_fraction: float = Field(default=0.05, gt=0, lt=1)

@@ -49,3 +49,55 @@ def test_the_fingerprint_is_the_whole_models_and_an_optimizer_round_trip_is_exac
         trained, restored = rank["fsdp"]["round_trip"]
         assert trained == restored  # the same step from the saved AdamW shard
     assert ranks[0]["fsdp"]["fingerprint"] == ranks[1]["fsdp"]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_sharded_sites_drain_die_and_resume_with_an_exact_ledger(ray_cluster, tmp_path) -> None:
+    """Two sites of two gloo ranks each under FSDP on the tiny trace: the windows close (drains:
+    each rank saves its own shard of AdamW), site b's rank 0 is killed mid-round (its group is
+    lost, it re-provisions), then the coordinator is killed (the run resumes itself from its
+    checkpoint: the sharded inner optimizers come back rank by rank). Every token is in the ledger
+    once, the work lost at each fault is journaled and trained again, and every sync leaves the
+    sites with one set of weights."""
+    import json
+    import os
+    import signal
+
+    from runtime_fixtures import tiny_experiment
+
+    import curtail
+    from curtail.runtime.checkpoint import audit_journal
+
+    killed: list[dict] = []
+
+    def kill_b_then_the_coordinator(progress: dict) -> None:
+        if progress.get("mode") != "FEDERATED" or len(killed) == 2:
+            return
+        pid = progress["site_pids"].get("b") if not killed else progress.get("coordinator_pid")
+        if pid and progress.get("tokens", 0) > (4000 if not killed else killed[0]["tokens"] + 3000):
+            os.kill(pid, signal.SIGKILL)
+            killed.append({"pid": pid, "tokens": progress["tokens"]})
+
+    experiment = tiny_experiment(tmp_path)
+    experiment["training"] = {**experiment["training"], "parallelism": "fsdp", "workers_per_site": 2,
+                              "checkpoint_interval_s": 240}
+    result = curtail.run(experiment, output_dir=tmp_path / "runs", on_progress=kill_b_then_the_coordinator,
+                         progress_interval_s=0.3)
+    summary, events = result.summary, result.record.events
+    assert len(killed) == 2, f"the faults were not injected: {killed}"
+    assert summary["site_failures"] == 1 and len(summary["resumes"]) == 1
+    assert set(events.query("event == 'drain'").site) == {"a", "b"}  # both windows closed
+    # the ledger: every trained token once, the lost work journaled and trained again
+    assert summary["tokens"] == summary["ledger_trained_tokens"] > 0
+    assert summary["ledger_trained_by_site"] == {k: int(v) for k, v in summary["tokens_by_site"].items()}
+    causes = {cause.split(":")[0] for cause, *_ in summary["ledger_retrained"]}
+    assert causes <= {"site_failure", "resume"} and "resume" in causes
+    assert summary["ledger_retrained_tokens"] == sum(end - start for _, _, start, end in summary["ledger_retrained"])
+    assert audit_journal(result.run_dir)["mismatched_tokens"] == 0
+    # the resumed sites took their sharded AdamW back, every rank its own shard
+    restored = list(events.query("event == 'inner_optimizer_restored'").details.map(json.loads))
+    assert len(restored) == 1 and restored[0]["sites"]
+    timings = result.record.timings
+    assert (timings.kind == "load_optimizer").sum() >= len(restored[0]["sites"])
+    assert summary["weight_digests"] and all(len(entry["digests"]) == 1 for entry in summary["weight_digests"])
+    assert np.isfinite(summary["final_eval_loss"])

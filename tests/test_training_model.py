@@ -23,6 +23,14 @@ def test_d20_has_about_561m_parameters() -> None:
     assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
+def test_d48_does_not_fit_one_80_gb_gpu_unsharded() -> None:
+    model = build_model("d48", device="meta")
+    num_params = count_parameters(model)
+    assert 5.83e9 <= num_params <= 5.84e9, num_params
+    assert num_params * 16 > 80e9  # fp32 weights, gradients and two AdamW moments
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size) == (48, 3072, 8192)
+
+
 def test_presets_are_frozen_specs() -> None:
     for name, preset in PRESETS.items():
         spec = preset()

@@ -11,6 +11,8 @@ Presets (functions, plus the :data:`PRESETS` registry):
 - ``small`` — 4 layers, width 192: the CPU demo; the loss falls visibly within minutes.
 - ``d20``   — 20 layers, width 1280, 10 heads, vocab 65,536, sequence 2,048, untied
   embeddings: ≈561M parameters, the model of the prior system's report.
+- ``d48``   — 48 layers, width 3072, 24 heads, the same vocabulary and sequence: ≈5.8B
+  parameters, for FSDP sites (``parallelism = "fsdp"``); too large for one 80-GB GPU.
 
 Example::
 
@@ -109,11 +111,21 @@ def d20() -> ModelSpec:
     )
 
 
-PRESETS: dict[str, Callable[[], ModelSpec]] = {"tiny": tiny, "small": small, "d20": d20}
+def d48() -> ModelSpec:
+    """A model for sharded sites: 48 layers, width 3072, 24 heads, ≈5.8B parameters. Its weights,
+    gradients and AdamW moments (16 bytes per parameter, 93 GB) do not fit one 80-GB GPU, so it
+    trains with ``parallelism = "fsdp"`` over two or more of them (or on one 141-GB H200)."""
+    return ModelSpec(
+        name="d48", num_layers=48, hidden_size=3072, num_heads=24, intermediate_size=8192,
+        vocab_size=65_536, seq_len=2048,
+    )
+
+
+PRESETS: dict[str, Callable[[], ModelSpec]] = {"tiny": tiny, "small": small, "d20": d20, "d48": d48}
 
 
 def get_spec(preset: str | ModelSpec) -> ModelSpec:
-    """A preset by name (``"tiny"``, ``"small"``, ``"d20"``), or the spec itself."""
+    """A preset by name (``"tiny"``, ``"small"``, ``"d20"``, ``"d48"``), or the spec itself."""
     if isinstance(preset, ModelSpec):
         return preset
     if preset not in PRESETS:
