@@ -83,6 +83,18 @@ def test_micro_batches_accumulate_to_the_full_batch(tokenizer, corpora) -> None:
     assert all(np.allclose(a[name], b[name], atol=1e-7) for name in a)
 
 
+def test_activation_checkpointing_recomputes_the_same_step(tokenizer, corpora) -> None:
+    train, _ = corpora
+    plain, recomputed = make_trainer(tokenizer, eps=1e-3), make_trainer(tokenizer, activation_checkpointing=True, eps=1e-3)
+    assert recomputed.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    losses = [[trainer.train_step(input_ids, labels, lr=1e-3)
+               for _, input_ids, labels in train.iter_batches(0, 2 * BATCH_TOKENS, BATCH_SIZE, SEQ_LEN)]
+              for trainer in (plain, recomputed)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    a, b = plain.export_params(), recomputed.export_params()
+    assert all(np.allclose(a[name], b[name], atol=1e-6) for name in a)
+
+
 def test_weights_and_optimizer_state_move_between_trainers(tokenizer, corpora) -> None:
     train, _ = corpora
     batches = [train.batch(i * BATCH_TOKENS, BATCH_SIZE, SEQ_LEN) for i in range(3)]

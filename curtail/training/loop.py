@@ -155,7 +155,10 @@ class SiteTrainer:
         if pad_mlp_multiple:
             pad_mlp_width(self.model, pad_mlp_multiple)
         if activation_checkpointing:  # recompute each layer's activations in the backward pass
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.sharded = parallelism == "fsdp"
         if self.sharded:  # before the compiled wrappers and the optimizer: both see the sharded parameters
             shard_model(self.model, process_group, self.device, autocast_dtype)
