@@ -111,13 +111,13 @@ def as_experiment(config: ExperimentConfig | str | Path | dict[str, Any]) -> Exp
 
 def _with_measured_power(plan: RunPlan, config: ExperimentConfig, per_gpu_w: dict[str, float]) -> tuple[RunPlan, dict[str, Any]]:
     """With ``training.power = "measured"``, account each site's training at its measured watts
-    per GPU times its ``num_gpus``; sites without readings (no NVML) keep the modelled power."""
+    per GPU times its ``num_gpus`` and ``pue``; sites without readings (no NVML) keep the modelled power."""
     if config.training.power == "model":
         return plan, {"power_source": "model"}
     power = dict(plan.power)
     measured = {}
     for site, watts in per_gpu_w.items():
-        measured[site] = watts * config.sites[site].num_gpus
+        measured[site] = watts * config.sites[site].num_gpus * config.sites[site].pue
         power[site] = PowerModel(training_w=measured[site], idle_w=plan.power[site].idle_w)
     missing = sorted(set(plan.power) - set(measured))
     note: dict[str, Any] = {"power_source": "measured" if not missing else "measured where available",

@@ -121,7 +121,10 @@ class SiteConfig(StrictModel):
     """A site: a GPU cluster in one grid region, its power draw and training throughput.
 
     Power is given per site (``training_power_w``/``idle_power_w``) or per GPU
-    (``training_power_per_gpu_w``/``idle_power_per_gpu_w`` times ``num_gpus``), not both.
+    (``training_power_per_gpu_w``/``idle_power_per_gpu_w`` times ``num_gpus``), not both: the
+    IT equipment's draw. ``pue`` (power usage effectiveness: the facility's draw over its IT
+    equipment's) scales it to what the grid supplies; every energy and emissions figure, and
+    every policy that weighs them, uses the scaled power (:attr:`site_training_power_w`).
     """
 
     region: str
@@ -131,6 +134,8 @@ class SiteConfig(StrictModel):
     training_power_per_gpu_w: float | None = Field(default=None, gt=0)
     idle_power_per_gpu_w: float | None = Field(default=None, ge=0)
     tokens_per_s: float = Field(gt=0, description="site training throughput, all its GPUs")
+    pue: float = Field(default=1.0, ge=1.0, le=3.0,
+                       description="power usage effectiveness: facility watts per IT watt (1.0: IT power only)")
     link_mbit_per_s: float | None = Field(
         default=None, gt=0, description="this site's link to the averager (default: execution.link_mbit_per_s)"
     )
@@ -160,17 +165,19 @@ class SiteConfig(StrictModel):
 
     @property
     def site_training_power_w(self) -> float:
+        """The grid's watts while the site trains: IT power times ``pue``."""
         if self.training_power_w is not None:
-            return self.training_power_w
+            return self.training_power_w * self.pue
         assert self.training_power_per_gpu_w is not None
-        return self.training_power_per_gpu_w * self.num_gpus
+        return self.training_power_per_gpu_w * self.num_gpus * self.pue
 
     @property
     def site_idle_power_w(self) -> float:
+        """The grid's watts while the site is provisioned but not training: IT power times ``pue``."""
         if self.idle_power_w is not None:
-            return self.idle_power_w
+            return self.idle_power_w * self.pue
         assert self.idle_power_per_gpu_w is not None
-        return self.idle_power_per_gpu_w * self.num_gpus
+        return self.idle_power_per_gpu_w * self.num_gpus * self.pue
 
 
 class ExecutionConfig(StrictModel):

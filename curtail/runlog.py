@@ -12,6 +12,7 @@
                        emissions, tokens, loss (Parquet: a simulated year is 300k rows)
       losses.csv       (real runs) t_s, site, tokens, loss, kind (train per site, eval of the global model)
       timings.csv      (real runs) measured wall seconds of every train / submit / load / eval command
+      emissions.csv    CodeCarbon's columns and units, a row per site (curtail.planning.codecarbon)
       model/           (real runs) the final global model and tokenizer (save_pretrained)
 
 Both executors turn their plan and trajectory into a :class:`RunRecord` with
@@ -35,7 +36,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from curtail.config import ExperimentConfig
+from curtail.config import ExperimentConfig, SiteConfig
+from curtail.planning.codecarbon import FILE as EMISSIONS_FILE
+from curtail.planning.codecarbon import emissions_frame
 from curtail.planning.oracle import EmissionBounds, emission_bounds
 from curtail.planning.plan import RunPlan
 from curtail.planning.signals import iso, iso_array
@@ -201,6 +204,8 @@ def write_run_dir(record: RunRecord, path: Path, *, replace_simulated: bool = Tr
         record.losses.to_csv(path / "losses.csv", index=False)
     if record.timings is not None:
         record.timings.to_csv(path / "timings.csv", index=False)
+    sites = {name: SiteConfig.model_validate(site) for name, site in record.manifest["config"]["sites"].items()}
+    emissions_frame(record.summary, sites, record.manifest["experiment"]).to_csv(path / EMISSIONS_FILE, index=False)
     # summary last: its presence marks a complete run directory
     _atomic_write_text(path / "summary.json", json.dumps(record.summary, indent=2, default=str))
     record.path = path

@@ -230,7 +230,7 @@ def run_scalars(record: RunRecord) -> list[Scalar]:
 
 
 def _artifacts(run_dir: Path) -> list[Path]:
-    files = [run_dir / name for name in ("summary.json", "manifest.json") if (run_dir / name).is_file()]
+    files = [run_dir / name for name in ("summary.json", "manifest.json", "emissions.csv") if (run_dir / name).is_file()]
     for folder in (run_dir, run_dir / "report", run_dir / "reports"):
         if folder.is_dir():
             files += sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in FIGURE_SUFFIXES)

@@ -154,7 +154,7 @@ def test_simulated_run_in_mlflow_matches_summary_json(tracked):
     assert [m.timestamp for m in mode_history][:-1] == [round(1000 * s) for s in modes["start_s"]]
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"summary.json", "manifest.json"} <= artifacts
+    assert {"summary.json", "manifest.json", "emissions.csv"} <= artifacts
     saved = Path(client.download_artifacts(run.info.run_id, "summary.json", str(record.path.parent / "dl")))
     assert json.loads(saved.read_text()) == summary
 
