@@ -4,7 +4,8 @@
     curtail run --resume RUN_DIR [--checkpoint N] [--json] [--address ADDR]
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
     curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
-    curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--output-dir DIR] [--json]
+    curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--search random|optuna]
+                  [--output-dir DIR] [--resume] [--json]
     curtail serve-trace TRACE [--speedup N] [--port P] [--forecast F] [--naive-timezone Z] [...]
     curtail shadow CONFIG [--run NAME] [--interval-s S] [--reports N]
     curtail replay RUN_DIR [--json]
@@ -232,6 +233,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         trainable=args.trainable,
         output_dir=args.output_dir,
+        search=args.search,
+        resume=args.resume,
     )
     if args.json:
         print(json.dumps({"best": result.best, "wall_s": result.wall_s, "num_trials": result.num_trials,
@@ -385,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-samples", type=int, help="samples per policy kind (default: the config's)")
     sweep.add_argument("--trainable", choices=["simulator", "runtime"], help="default: the config's")
     sweep.add_argument("--output-dir", help="results folder (default: <output_dir>/<experiment>/sweep)")
+    sweep.add_argument("--search", choices=["random", "optuna"], help="search algorithm (default: the config's)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the sweep Tune left in the output folder (after a crash or Ctrl-C)")
     sweep.add_argument("--json", action="store_true", help="print the chosen trial and generalisation as JSON")
     sweep.set_defaults(handler=cmd_sweep)
     evaluation = commands.add_parser(

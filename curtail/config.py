@@ -590,6 +590,12 @@ class SweepConfig(StrictModel):
         default=None, gt=0, description="trials finishing later rank after those in time (a point on the front)"
     )
     trainable: Literal["simulator", "runtime"] = "simulator"
+    search: Literal["random", "optuna"] = Field(
+        default="random",
+        description="random: grid over the policy variants × random samples (Tune's BasicVariantGenerator); "
+        "optuna: Optuna's TPE through Tune, variants as a choice, num_samples × variants trials in all "
+        "(pip install 'curtail[sweep]')",
+    )
     cpus_per_trial: float = Field(default=0.5, gt=0, description="Tune resources per trial (never 0)")
     max_concurrent_trials: int = Field(
         default=2, ge=1, description="2 × 0.5 CPU with reused actors beat 4-8 smaller trials on 2 cores"

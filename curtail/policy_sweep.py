@@ -69,6 +69,19 @@ METRICS = (
 """What every trial reports (plus ``policy``, ``policy_params`` and, for real runs, loss)."""
 
 _SECTIONS = {"rules": CurtailmentRules, "execution": ExecutionConfig, "training": TrainingConfig}
+OBJECTIVE = "objective"
+"""The value Tune minimises (``TuneConfig(metric=OBJECTIVE, mode="min")``): see :func:`objective`."""
+MISSED_PENALTY = 1e12
+"""Added to the objective of a trial that missed its budget or ``max_hours``: it ranks after every
+trial that did not, whatever the metric's unit (kg, hours, kWh)."""
+
+
+def objective(result: Mapping[str, Any], sweep: SweepConfig) -> float:
+    """``sweep.metric`` of a trial's result, plus :data:`MISSED_PENALTY` if it missed the budget
+    (with ``require_completed``) or finished after ``max_hours``. Lower is better."""
+    missed = (sweep.require_completed and not bool(result["completed"])) or (
+        sweep.max_hours is not None and result["hours"] > sweep.max_hours)
+    return float(result[sweep.metric]) + (MISSED_PENALTY if missed else 0.0)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -103,12 +116,14 @@ def _tune_domain(domain: SearchDomain) -> Any:
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
-    """Tune's search space: ``variant`` (grid over :func:`policy_variants`), sampled policy
-    parameters as ``<kind>.<name>``, and ``rules.<field>`` / ``execution.<field>`` /
-    ``training.<field>`` overrides."""
+    """Tune's search space: ``variant`` (a grid over :func:`policy_variants`; a choice for
+    Optuna, which takes no grids), sampled policy parameters as ``<kind>.<name>``, and
+    ``rules.<field>`` / ``execution.<field>`` / ``training.<field>`` overrides."""
     from ray import tune
 
-    space: dict[str, Any] = {"variant": tune.grid_search(policy_variants(sweep))}
+    variants = policy_variants(sweep)
+    space: dict[str, Any] = {
+        "variant": tune.choice(variants) if sweep.search == "optuna" else tune.grid_search(variants)}
     for policy in sweep.policies:
         for name, spec in policy.params.items():
             if isinstance(spec, SearchDomain) and spec.grid is None:
@@ -174,10 +189,11 @@ def simulate_one(
     )
 
 
-def _report_metrics(summary: Mapping[str, Any], trial: Mapping[str, Any]) -> dict[str, Any]:
+def _report_metrics(summary: Mapping[str, Any], trial: Mapping[str, Any], sweep: SweepConfig) -> dict[str, Any]:
     policy = trial_policy(trial)
     metrics = {key: summary[key] for key in METRICS}
     metrics["completed"] = bool(metrics["completed"])
+    metrics[OBJECTIVE] = objective(metrics, sweep)
     metrics["policy"] = policy["kind"]
     metrics["policy_params"] = json.dumps(
         {k: v for k, v in policy.items() if k != "kind"}, sort_keys=True
@@ -189,15 +205,16 @@ def _simulator_trainable(
     trial: dict[str, Any],
     *,
     experiment_data: dict[str, Any],
-    run_name: str,
+    sweep_data: dict[str, Any],
     traces: TraceSet,
     forecasts: dict[str, Forecast],
 ) -> None:
     from ray import tune
 
-    experiment = trial_experiment(ExperimentConfig.model_validate(experiment_data), run_name, trial)
+    spec = SweepConfig.model_validate(sweep_data)
+    experiment = trial_experiment(ExperimentConfig.model_validate(experiment_data), spec.tune_run, trial)
     summary = simulate_one(experiment, traces, forecasts)
-    tune.report(_report_metrics(summary, trial))
+    tune.report(_report_metrics(summary, trial, spec))
 
 
 def _train_for_real(
@@ -213,11 +230,13 @@ def _train_for_real(
 
 
 def _runtime_trainable(
-    trial: dict[str, Any], *, experiment_data: dict[str, Any], run_name: str
+    trial: dict[str, Any], *, experiment_data: dict[str, Any], sweep_data: dict[str, Any]
 ) -> None:
     import ray
     from ray import tune
 
+    spec = SweepConfig.model_validate(sweep_data)
+    run_name = spec.tune_run
     experiment = trial_experiment(ExperimentConfig.model_validate(experiment_data), run_name, trial)
     trial_dir = Path(tune.get_context().get_trial_dir())
     # Tune captures a trial's children in its placement group (a sliver of a CPU): the run's
@@ -226,7 +245,7 @@ def _runtime_trainable(
     outcome = ray.get(
         task.remote(experiment.model_dump(mode="json"), run_name, str(trial_dir / "runs"))
     )
-    metrics = _report_metrics(outcome["summary"], trial)
+    metrics = _report_metrics(outcome["summary"], trial, spec)
     metrics["final_eval_loss"] = outcome["summary"].get("final_eval_loss")
     metrics["run_dir"] = outcome["run_dir"]
     tune.report(metrics)
@@ -246,18 +265,13 @@ def pareto_front(trials: pd.DataFrame, x: str = "hours", y: str = "emissions_kg"
     return done.loc[keep]
 
 
-def rank_trials(
-    trials: pd.DataFrame, metric: str, require_completed: bool, max_hours: float | None = None
-) -> pd.DataFrame:
-    """Trials best first: those that completed (if required) within ``max_hours`` (if given),
-    then by ``metric``, then by hours."""
-    missed = pd.Series(False, index=trials.index)
-    if require_completed:
-        missed |= ~trials["completed"].astype(bool)
-    if max_hours is not None:
-        missed |= trials["hours"] > max_hours
-    ranked = trials.assign(_missed=missed).sort_values(["_missed", metric, "hours"], kind="stable")
-    return ranked.drop(columns="_missed")
+def rank_trials(trials: pd.DataFrame, sweep: SweepConfig) -> pd.DataFrame:
+    """Trials best first: by :func:`objective` (those that completed, if required, within
+    ``max_hours``, if given, before the others; then by ``metric``), then by hours, then (equal
+    trials: the same policy sampled twice) by Tune's trial id, so a restored sweep picks the same."""
+    ranked = trials.assign(_objective=[objective(row, sweep) for _, row in trials.iterrows()])
+    keys = ["_objective", "hours", *(["trial_id"] if "trial_id" in ranked.columns else [])]
+    return ranked.sort_values(keys, kind="stable").drop(columns="_objective")
 
 
 def plot_pareto(
@@ -329,6 +343,7 @@ class SweepResult:
     output_dir: Path
     wall_s: float
     files: dict[str, Path] = field(default_factory=dict)
+    grid: Any = None  # Tune's ResultGrid: get_best_result(), each trial's Result and its path
 
     @property
     def num_trials(self) -> int:
@@ -395,15 +410,23 @@ def sweep(
     output_dir: str | Path | None = None,
     max_concurrent_trials: int | None = None,
     cpus_per_trial: float | None = None,
+    search: str | None = None,
+    resume: bool = False,
     verbose: int = 0,
 ) -> SweepResult:
     """Run the experiment's ``[sweep]`` with Ray Tune; write and return the results.
 
+    Tune minimises :data:`OBJECTIVE` (see :func:`objective`); the result keeps Tune's
+    ``ResultGrid`` (``result.grid.get_best_result()`` is the chosen trial).
+
     Args:
         config: an experiment with a ``sweep`` section (TOML path, dict or object).
-        num_samples, trainable, max_concurrent_trials, cpus_per_trial: override the
+        num_samples, trainable, max_concurrent_trials, cpus_per_trial, search: override the
             ``[sweep]`` values.
         output_dir: where the results go (default ``<output_dir>/<experiment>/sweep``).
+        resume: continue the sweep Tune left in ``output_dir`` (after a crash or Ctrl-C:
+            finished trials are kept, unfinished and errored ones run again); a fresh sweep if
+            there is none.
         verbose: Tune's verbosity (0 quiet).
     """
     import ray
@@ -421,6 +444,7 @@ def sweep(
             "trainable": trainable,
             "max_concurrent_trials": max_concurrent_trials,
             "cpus_per_trial": cpus_per_trial,
+            "search": search,
         }.items()
         if value is not None
     }
@@ -438,6 +462,7 @@ def sweep(
     # fail before any trial if the space does not make valid runs
     first = {"variant": policy_variants(spec)[0]}
     trial_experiment(experiment, spec.tune_run, first)
+    search_alg = _search_algorithm(spec)  # and before Ray starts if its package is missing
 
     # a trial is one small result: of Tune's per-trial CSV, JSON and TensorBoard files only
     # the JSON one is needed (ResultGrid.get_dataframe reads it); the others cost more than
@@ -463,40 +488,45 @@ def sweep(
             started_ray = True
     started = time.perf_counter()
     try:
+        sweep_data = spec.model_dump(mode="json")
         if spec.trainable == "simulator":
             function = tune.with_parameters(
                 _simulator_trainable,
                 experiment_data=experiment_data,
-                run_name=spec.tune_run,
+                sweep_data=sweep_data,
                 traces=traces,
                 forecasts=forecasts,
             )
         else:
-            function = tune.with_parameters(
-                _runtime_trainable, experiment_data=experiment_data, run_name=spec.tune_run
-            )
+            function = tune.with_parameters(_runtime_trainable, experiment_data=experiment_data, sweep_data=sweep_data)
+        trainable_fn = tune.with_resources(function, {"CPU": spec.cpus_per_trial})
+        name = f"{experiment.name}-sweep"
         from ray.tune.logger import JsonLoggerCallback
-        from ray.tune.search import BasicVariantGenerator
 
         # [tracking]: Tune's TensorBoard and MLflow logger callbacks, one MLflow run per trial
-        with tune_callbacks(experiment.tracking, out, f"{experiment.name}-sweep") as trackers:
-            tuner = tune.Tuner(
-                tune.with_resources(function, {"CPU": spec.cpus_per_trial}),
-                param_space=param_space(spec),
-                tune_config=tune.TuneConfig(
-                    num_samples=spec.num_samples,
-                    search_alg=BasicVariantGenerator(
-                        random_state=spec.seed, max_concurrent=spec.max_concurrent_trials
+        with tune_callbacks(experiment.tracking, out, name) as trackers:
+            previous = out / "tune" / name
+            if resume and tune.Tuner.can_restore(previous):
+                tuner = tune.Tuner.restore(str(previous), trainable=trainable_fn, resume_errored=True,
+                                           restart_errored=False)
+            else:
+                tuner = tune.Tuner(
+                    trainable_fn,
+                    param_space=param_space(spec),
+                    tune_config=tune.TuneConfig(
+                        metric=OBJECTIVE,
+                        mode="min",
+                        num_samples=_num_samples(spec),
+                        search_alg=search_alg,
+                        reuse_actors=True,
                     ),
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=f"{experiment.name}-sweep",
-                    storage_path=str(out / "tune"),
-                    verbose=verbose,
-                    callbacks=[JsonLoggerCallback(), *trackers],
-                ),
-            )
+                    run_config=tune.RunConfig(
+                        name=name,
+                        storage_path=str(out / "tune"),
+                        verbose=verbose,
+                        callbacks=[JsonLoggerCallback(), *trackers],
+                    ),
+                )
             grid = tuner.fit()
         wall_s = time.perf_counter() - started
         trials = grid.get_dataframe()
@@ -507,9 +537,7 @@ def sweep(
         raise RuntimeError(
             f"{grid.num_errors} of {len(grid)} trials failed; first error: {grid.errors[0]}"
         )
-    trials = rank_trials(trials, spec.metric, spec.require_completed, spec.max_hours).reset_index(
-        drop=True
-    )
+    trials = rank_trials(trials, spec).reset_index(drop=True)
     best_row = trials.iloc[0]
     best_trial = _trial_config(best_row)
     best = {
@@ -551,4 +579,27 @@ def sweep(
             default=str,
         )
     )
-    return SweepResult(experiment, spec, trials, best, generalisation, out, wall_s, files)
+    return SweepResult(experiment, spec, trials, best, generalisation, out, wall_s, files, grid)
+
+
+def _num_samples(sweep: SweepConfig) -> int:
+    """Tune's ``num_samples``: per grid point for the random search (the variants are a grid),
+    the same number of trials in all for Optuna (the variants are one of its choices)."""
+    return sweep.num_samples * (len(policy_variants(sweep)) if sweep.search == "optuna" else 1)
+
+
+def _search_algorithm(sweep: SweepConfig) -> Any:
+    """Tune's search algorithm for ``sweep.search``, at most ``max_concurrent_trials`` at once."""
+    if sweep.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
+    try:
+        import optuna  # noqa: F401  (Tune's OptunaSearch imports it only when built)
+    except ImportError:
+        raise ConfigError("sweep.search = \"optuna\" needs Optuna: pip install 'curtail[sweep]'") from None
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(metric=OBJECTIVE, mode="min", seed=sweep.seed),
+                              max_concurrent=sweep.max_concurrent_trials)

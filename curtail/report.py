@@ -25,7 +25,8 @@ importing this module (or running it on a headless machine) touches no global ba
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,17 @@ SITE_COLOURS = (
     "#17becf",
     "#7f7f7f",
 )
+# The shipped traces' regions keep one colour in every figure of every report; other regions
+# (and sites without one) take a colour from SITE_COLOURS by a stable hash of their name.
+REGION_COLOURS = {
+    "CAISO_NORTH": "#1f77b4",
+    "SPP_TX": "#d62728",
+    "NEM_SA": "#ff7f0e",
+    "DE": "#9467bd",
+    "GB": "#8c564b",
+    "CAISO_PGE": "#17becf",
+    "CAISO_SCE": "#e377c2",
+}
 POLICY_COLOURS = ("#7f8c8d", "#3a9d5d", "#1f6fae", "#f08a24", "#9467bd", "#d62728")
 METRIC_COLOURS = {"share_energy_in_windows": "#3a9d5d", "window_utilisation": "#1f6fae"}
 
@@ -113,7 +125,7 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
 
     Returns:
         The PNG and PDF paths, in order: ``timeline_<run>`` for each run with at least
-        one site, ``emissions``, ``windows_share``, then ``loss_<run>`` for each run with
+        one site, ``emissions``, ``windows_share``, ``cumulative_emissions``, then ``loss_<run>`` for each run with
         logged losses and ``sync_<run>`` for each real run that synchronised.
 
     Raises:
@@ -143,15 +155,16 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     summaries = [run.summary for run in runs]
     written += _save(emissions_figure(names, summaries), out / "emissions")
     written += _save(windows_share_figure(names, summaries), out / "windows_share")
+    written += _save(cumulative_emissions_figure([run.record for run in runs], names), out / "cumulative_emissions")
     for run in runs:
         losses = loss_points(run.record)
         if losses is not None:
-            figure = loss_figure(losses, title=run.name, sites=run.summary["sites"])
+            figure = loss_figure(losses, title=run.name, sites=run.summary["sites"], regions=run.summary.get("regions"))
             written += _save(figure, out / f"loss_{_slug(run.name)}")
     for run in runs:
         traffic = sync_rounds(run.record)
         if traffic is not None:
-            figure = sync_figure(traffic, title=run.name, sites=run.summary["sites"])
+            figure = sync_figure(traffic, title=run.name, sites=run.summary["sites"], regions=run.summary.get("regions"))
             written += _save(figure, out / f"sync_{_slug(run.name)}")
     return written
 
@@ -194,6 +207,21 @@ def load_run(path: str | Path) -> RunRecord:
     return record
 
 
+def site_colour(site: str, region: str | None = None) -> str:
+    """A site's colour, the same in every figure: its region's (:data:`REGION_COLOURS`), else
+    one of :data:`SITE_COLOURS` chosen by a stable hash of the region (or site) name."""
+    key = (region or site).upper().replace("-", "_")
+    if key in REGION_COLOURS:
+        return REGION_COLOURS[key]
+    return SITE_COLOURS[zlib.crc32(key.encode()) % len(SITE_COLOURS)]
+
+
+def site_colours_of(summary: Mapping[str, Any], sites: Sequence[str] = ()) -> dict[str, str]:
+    """:func:`site_colour` of every site of a run (``summary["regions"]`` names their regions)."""
+    regions = summary.get("regions") or {}
+    return {site: site_colour(site, regions.get(site)) for site in [*summary.get("sites", []), *sites]}
+
+
 def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
     """Carbon intensity per region, each site's state, and the run mode, on one UTC axis."""
     from matplotlib import dates as mdates
@@ -202,7 +230,7 @@ def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
     summary = record.summary
     sites: list[str] = list(summary["sites"])
     regions: dict[str, str] = summary.get("regions") or {}
-    site_colours = {site: SITE_COLOURS[i % len(SITE_COLOURS)] for i, site in enumerate(sites)}
+    site_colours = site_colours_of(summary)
     start, finish = _utc(summary["start"]), _utc(summary["finish"])
     x0, x1 = mdates.date2num(start), mdates.date2num(finish)
     if x1 <= x0:
@@ -262,12 +290,18 @@ def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
     top = ax_ci.get_ylim()[1]
     ax_ci.set_ylim(-0.03 * top, top)
     ax_ci.set_ylabel("carbon intensity\n(gCO₂/kWh)")
-    handles, _ = ax_ci.get_legend_handles_labels()
-    if training_spans:
-        handles.append(Patch(facecolor="#999999", alpha=0.3, label="bold, shaded: site training"))
-    ax_ci.legend(
-        handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9
-    )
+    handles, labels = ax_ci.get_legend_handles_labels()
+    handler_map = {}
+    if training_spans:  # what a trained span looks like: a bold line over a light shade (here grey)
+        from matplotlib.legend_handler import HandlerTuple
+        from matplotlib.lines import Line2D
+
+        trained = (Patch(facecolor="#555555", alpha=0.12, lw=0), Line2D([], [], color="#555555", lw=2.4))
+        handles.append(trained)
+        labels.append("site trained (its colour)")
+        handler_map[tuple] = HandlerTuple(ndivide=1)
+    ax_ci.legend(handles, labels, handler_map=handler_map, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                 frameon=False, fontsize=9)
     ax_ci.grid(axis="y", color="#e0e0e0", lw=0.8)
     ax_ci.set_axisbelow(True)
 
@@ -378,7 +412,9 @@ def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
 
 
 def emissions_figure(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> Figure:
-    """Horizontal bars of ``emissions_kg`` per run, coloured by policy, values annotated."""
+    """Horizontal bars of ``emissions_kg`` per run, coloured by policy, values annotated; a
+    black diamond where the run's config carries a published value (``summary["reference"]``)."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     values = np.array([_number(s.get("emissions_kg")) for s in summaries])
@@ -391,19 +427,29 @@ def emissions_figure(names: Sequence[str], summaries: Sequence[dict[str, Any]]) 
     ax = fig.add_subplot()
     rows = np.arange(len(names))
     ax.barh(rows, np.nan_to_num(values), height=0.62, color=[policy_colours[p] for p in policies])
-    top = np.nanmax(values) if np.isfinite(values).any() else 1.0
-    for row, value in zip(rows, values):
+    published = np.array([_number((s.get("reference") or {}).get("emissions_kg")) for s in summaries])
+    top = np.nanmax(np.concatenate([values, published])) if np.isfinite(values).any() else 1.0
+    for row, value, value_published in zip(rows, values, published):
         text = "n/a" if not np.isfinite(value) else f"{value:.2f} kg"
-        ax.text(np.nan_to_num(value) + 0.01 * top, row, text, va="center", ha="left", fontsize=9)
+        if np.isfinite(value_published):
+            text += f"  (published {value_published:g})"
+        ax.text(max(np.nan_to_num(value), np.nan_to_num(value_published)) + 0.015 * top, row, text,
+                va="center", ha="left", fontsize=9)
+    has_published = np.isfinite(published).any()
+    if has_published:
+        ax.scatter(published, rows, marker="D", s=28, color="black", zorder=3)
     ax.set_yticks(rows)
     ax.set_yticklabels(names)
     ax.set_ylim(len(names) - 0.5, -0.5)
-    ax.set_xlim(0, (top or 1.0) * 1.15)
+    ax.set_xlim(0, (top or 1.0) * (1.45 if has_published else 1.15))
     ax.set_xlabel("emissions (kg CO₂)")
     fig.suptitle("Emissions per run", x=0.02, ha="left", fontsize=12, fontweight="bold")
     if any(policy_colours):
+        handles = [Patch(facecolor=c, label=p or "unknown") for p, c in policy_colours.items()]
+        if has_published:
+            handles.append(Line2D([], [], marker="D", ls="", color="black", label="published"))
         ax.legend(
-            handles=[Patch(facecolor=c, label=p or "unknown") for p, c in policy_colours.items()],
+            handles=handles,
             title="policy",
             loc="lower right",
             frameon=False,
@@ -412,6 +458,42 @@ def emissions_figure(names: Sequence[str], summaries: Sequence[dict[str, Any]]) 
         )
     _tidy_bar_axes(ax)
     return fig
+
+
+def cumulative_emissions_figure(records: Sequence[RunRecord], names: Sequence[str]) -> Figure:
+    """Emissions so far against hours since the run's start: one line per run (its sites
+    summed, from ``timeseries.parquet``), its total at the end; the runs share the axes."""
+    from matplotlib import colormaps
+
+    run_colours = colormaps["tab10"].colors
+    fig = _figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    for index, (record, name) in enumerate(zip(records, names)):
+        ts = record.timeseries
+        if ts.empty or "emissions_kg" not in ts.columns:
+            continue
+        per_step = ts.groupby("time", sort=True)["emissions_kg"].sum()
+        start = _utc(record.summary["start"])
+        hours = np.concatenate([[0.0], (per_step.index - start).total_seconds().to_numpy() / 3600
+                                + _step_hours(per_step.index)])
+        total = np.concatenate([[0.0], per_step.cumsum().to_numpy()])
+        colour = run_colours[index % len(run_colours)]
+        ax.plot(hours, total, color=colour, lw=1.6, label=name)
+        ax.annotate(f"{total[-1]:.2f} kg", (hours[-1], total[-1]), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=8, color=colour)
+    ax.set_xlabel("hours since the run's start")
+    ax.set_ylabel("emissions so far (kg CO₂)")
+    fig.suptitle("Cumulative emissions", x=0.02, ha="left", fontsize=12, fontweight="bold")
+    ax.grid(color="#e0e0e0", lw=0.8)
+    ax.legend(frameon=False, fontsize=9, loc="upper left")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig
+
+
+def _step_hours(times: pd.DatetimeIndex) -> float:
+    """The timeseries' resolution in hours (a row's emissions are those of its step)."""
+    return float(np.median(np.diff(times.asi8)) / 3.6e12) if len(times) > 1 else 0.0
 
 
 def windows_share_figure(names: Sequence[str], summaries: Sequence[dict[str, Any]]) -> Figure:
@@ -493,13 +575,13 @@ def loss_points(record: RunRecord) -> pd.DataFrame | None:
     return None
 
 
-def loss_figure(losses: pd.DataFrame, *, title: str, sites: Sequence[str] = ()) -> Figure:
-    """Loss against tokens: one line per site and kind, sites in their timeline colours,
-    the global model in black; evaluations dashed with markers."""
+def loss_figure(losses: pd.DataFrame, *, title: str, sites: Sequence[str] = (),
+                regions: Mapping[str, str] | None = None) -> Figure:
+    """Loss against tokens: one line per site and kind, sites in their colours
+    (:func:`site_colour`), the global model in black; evaluations dashed with markers."""
     from matplotlib.ticker import FuncFormatter
 
-    known = list(sites) + sorted(set(losses["site"]) - set(sites) - {""})
-    colours = {site: SITE_COLOURS[i % len(SITE_COLOURS)] for i, site in enumerate(known)}
+    colours = site_colours_of({"sites": list(sites), "regions": regions}, sorted(set(losses["site"]) - {""}))
     colours[""] = "black"
     fig = _figure(figsize=(9, 5))
     ax = fig.add_subplot()
@@ -547,11 +629,11 @@ def sync_rounds(record: RunRecord) -> pd.DataFrame | None:
     return rows.groupby(["site", "round"], as_index=False)[["mb_sent", "mb_received", "blocked_s"]].sum()
 
 
-def sync_figure(traffic: pd.DataFrame, *, title: str, sites: Sequence[str] = ()) -> Figure:
+def sync_figure(traffic: pd.DataFrame, *, title: str, sites: Sequence[str] = (),
+                regions: Mapping[str, str] | None = None) -> Figure:
     """Per round and site: megabytes sent (pseudo-gradients) and received (global weights), and
     the seconds the site spent in them instead of training."""
-    known = list(sites) + sorted(set(traffic["site"]) - set(sites))
-    colours = {site: SITE_COLOURS[i % len(SITE_COLOURS)] for i, site in enumerate(known)}
+    colours = site_colours_of({"sites": list(sites), "regions": regions}, sorted(set(traffic["site"])))
     fig = _figure(figsize=(9, 5.5))
     volume, blocked = fig.subplots(2, 1, sharex=True)
     for site, group in traffic.groupby("site", sort=False):

@@ -68,7 +68,7 @@ def test_report_writes_every_figure(
 ) -> None:
     out, paths = paper_report
     assert {path.name for path in paper_runs} == set(RUNS)
-    stems = [f"timeline_{run}" for run in sorted(RUNS)] + ["emissions", "windows_share"]
+    stems = [f"timeline_{run}" for run in sorted(RUNS)] + ["emissions", "windows_share", "cumulative_emissions"]
     expected = {out / f"{stem}.{fmt}" for stem in stems for fmt in ("png", "pdf")}
     assert set(paths) == expected
     assert len(paths) == len(expected)  # no figure written twice
@@ -80,6 +80,43 @@ def test_report_writes_every_figure(
             assert_real_pdf(path)
     # simulated runs log no losses: no loss figure
     assert not list(out.glob("loss_*"))
+
+
+def test_a_site_keeps_its_colour_in_every_figure_of_every_run() -> None:
+    from curtail.report import REGION_COLOURS, site_colour, site_colours_of
+
+    # the paper's regions in any order, any run: one colour each, all different
+    one = site_colours_of({"sites": ["nem_sa", "spp_tx"], "regions": {"nem_sa": "NEM_SA", "spp_tx": "SPP_TX"}})
+    two = site_colours_of({"sites": ["spp_tx", "caiso_north", "nem_sa"],
+                           "regions": {"nem_sa": "NEM_SA", "spp_tx": "SPP_TX", "caiso_north": "CAISO_NORTH"}})
+    assert one["nem_sa"] == two["nem_sa"] == REGION_COLOURS["NEM_SA"] and one["spp_tx"] == two["spp_tx"]
+    assert len(set(two.values())) == 3
+    assert site_colour("x", "Some_Region") == site_colour("y", "SOME-REGION")  # by region, stable
+
+
+def test_cumulative_emissions_end_at_each_runs_total(paper_runs: list[Path]) -> None:
+    from curtail.report import cumulative_emissions_figure, load_run
+
+    records = [load_run(path) for path in paper_runs]
+    figure = cumulative_emissions_figure(records, [path.name for path in paper_runs])
+    lines = figure.axes[0].get_lines()
+    assert len(lines) == len(records)
+    for line, record in zip(lines, records):
+        hours, kg = line.get_data()
+        assert kg[0] == 0 and np.all(np.diff(kg) >= 0)  # emissions only accumulate
+        assert kg[-1] == pytest.approx(record.summary["emissions_kg"], rel=1e-9)
+        assert hours[-1] == pytest.approx(record.summary["hours"], abs=5 / 60)  # to the last 5-min step
+
+
+def test_the_emissions_chart_marks_the_published_values(paper_runs: list[Path]) -> None:
+    from curtail.report import emissions_figure, load_run
+
+    summaries = [load_run(path).summary for path in paper_runs]
+    figure = emissions_figure([path.name for path in paper_runs], summaries)
+    (markers,) = figure.axes[0].collections
+    published = [s["reference"]["emissions_kg"] for s in summaries if (s.get("reference") or {}).get("emissions_kg")]
+    assert published and sorted(markers.get_offsets()[:, 0].compressed()) == sorted(published)
+    assert "published" in [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
 
 
 def test_timeline_is_wide_and_layered(paper_report: tuple[Path, list[Path]]) -> None:

@@ -15,6 +15,9 @@ from planning_fixtures import REPO
 from curtail.config import ConfigError, SweepConfig, load_experiment, parse_experiment
 from curtail.policy_sweep import (
     METRICS,
+    MISSED_PENALTY,
+    objective,
+    param_space,
     pareto_front,
     plot_pareto,
     policy_variants,
@@ -168,10 +171,34 @@ def test_pareto_front_of_completed_trials():
     assert list(pareto_front(TRIALS.assign(emissions_kg=[5, 3, 6, 1, 4]))["policy"]) == ["a", "b"]
 
 
+def _spec(**changes) -> SweepConfig:
+    return SweepConfig.model_validate({**SMALL_SWEEP, **changes})
+
+
 def test_ranking_puts_missed_budgets_and_late_finishes_last():
-    assert list(rank_trials(TRIALS, "emissions_kg", True)["policy"]) == ["e", "b", "c", "a", "d"]
-    assert rank_trials(TRIALS, "emissions_kg", False)["policy"].iloc[0] == "d"
-    assert list(rank_trials(TRIALS, "emissions_kg", True, max_hours=15)["policy"])[:2] == ["b", "c"]
+    assert list(rank_trials(TRIALS, _spec())["policy"]) == ["e", "b", "c", "a", "d"]
+    assert rank_trials(TRIALS, _spec(require_completed=False))["policy"].iloc[0] == "d"
+    assert list(rank_trials(TRIALS, _spec(max_hours=15))["policy"])[:2] == ["b", "c"]
+
+
+def test_the_objective_tune_minimises_ranks_as_the_sweep_does():
+    """What Tune (and Optuna) minimise orders the trials exactly as the ranking does."""
+    spec = _spec(max_hours=15)
+    values = [objective(row, spec) for _, row in TRIALS.iterrows()]
+    assert values[1] == 3.0 and values[4] == 2.0 + MISSED_PENALTY and values[3] == 1.0 + MISSED_PENALTY
+    by_objective = [TRIALS.policy[i] for i in sorted(range(len(values)), key=lambda i: (values[i], TRIALS.hours[i]))]
+    assert by_objective == list(rank_trials(TRIALS, spec)["policy"])
+    assert objective({"completed": True, "hours": 1.0, "energy_kwh": 7.5}, _spec(metric="energy_kwh")) == 7.5
+
+
+def test_optuna_takes_the_variants_as_a_choice_and_the_same_number_of_trials():
+    from ray.tune.search.sample import Categorical
+
+    from curtail.policy_sweep import _num_samples
+
+    assert isinstance(param_space(_spec(search="optuna"))["variant"], Categorical)
+    assert isinstance(param_space(_spec())["variant"], dict)  # grid_search
+    assert _num_samples(_spec(search="optuna", num_samples=2)) == 2 * 3 == 2 * len(policy_variants(_spec()))
 
 
 def test_pareto_plot_is_written(tmp_path):
@@ -199,6 +226,8 @@ def test_simulator_sweep_end_to_end(ray_cluster, tmp_path):
     assert {"trials", "best", "pareto", "generalisation"} <= set(result.files)
     assert all(path.is_file() for path in result.files.values())
     assert json.loads(result.files["best"].read_text())["num_trials"] == 3
+    # Tune was told what to minimise: its ResultGrid picks the same trial
+    assert result.grid.get_best_result().metrics["objective"] == result.best["emissions_kg"]
     saved = pd.read_csv(result.files["trials"])
     assert len(saved) == 3 and "config/variant/kind" in saved.columns
     table = result.generalisation
@@ -209,6 +238,22 @@ def test_simulator_sweep_end_to_end(ray_cluster, tmp_path):
         assert (
             by_role.loc["oracle (bound)", "emissions_kg"] <= by_role.loc["chosen", "emissions_kg"]
         )
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_is_restored_with_its_finished_trials(ray_cluster, tmp_path):
+    import curtail
+
+    experiment = paper_with_sweep(**{**SMALL_SWEEP, "search": "optuna", "num_samples": 2})
+    result = curtail.sweep(experiment, output_dir=tmp_path)
+    trials = result.trials
+    assert result.num_trials == 6 and set(trials["policy"]) <= {"threshold", "budget"}
+    assert result.grid.get_best_result().metrics["objective"] == trials["objective"].iloc[0] == trials["objective"].min()
+    assert list((tmp_path / "tune").rglob("searcher-state-*.pkl")), "Optuna's searcher state was not saved"
+    # the sweep is restored from its folder: the finished trials are kept, none runs again
+    again = curtail.sweep(experiment, output_dir=tmp_path, resume=True)
+    assert sorted(again.trials["trial_id"]) == sorted(trials["trial_id"])
+    assert again.best["trial_id"] == result.best["trial_id"]
 
 
 @pytest.mark.slow
