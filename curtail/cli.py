@@ -3,7 +3,7 @@
     curtail run [CONFIG] [--run NAME] [--json] [--output-dir DIR] [--address ADDR]
     curtail run --resume RUN_DIR [--checkpoint N] [--json] [--address ADDR]
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
-    curtail report RUN_DIR [RUN_DIR ...] [--out DIR]
+    curtail report RUN_DIR [RUN_DIR ...] [--out DIR] [--formats png pdf]
     curtail sweep CONFIG [--num-samples N] [--trainable simulator|runtime] [--search random|optuna]
                   [--output-dir DIR] [--resume] [--json]
     curtail serve-trace TRACE [--speedup N] [--port P] [--forecast F] [--naive-timezone Z] [...]
@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from curtail.report import report
 
-    paths = report(args.run_dirs, args.out)
+    paths = report(args.run_dirs, args.out, formats=args.formats)
     for path in paths:
         print(path)
     return 0
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="plot run directories (PNG and PDF)")
     report.add_argument("run_dirs", nargs="+", help="run directories written by simulate or run")
     report.add_argument("--out", default="reports", help="folder for the figures (default: reports)")
+    report.add_argument("--formats", nargs="+", default=["png", "pdf"], choices=["png", "pdf"],
+                        help="file types (default: png pdf)")
     report.set_defaults(handler=cmd_report)
     sweep = commands.add_parser("sweep", help="Ray Tune search over policies (the experiment's [sweep])")
     sweep.add_argument("config", help="experiment TOML with a [sweep] section, e.g. experiments/sweep_policies.toml")

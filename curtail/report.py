@@ -115,13 +115,14 @@ class _Run:
         return self.record.summary
 
 
-def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+def report(run_dirs: Sequence[str | Path], out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write the report's figures for the given run directories; return the files written.
 
     Args:
         run_dirs: run directories (``<output_dir>/<experiment>/<run>``), simulated or real.
             All of them are checked before anything is drawn.
         out_dir: folder for the figures (created if needed); existing figures are replaced.
+        formats: file types, of ``"png"`` and ``"pdf"``.
 
     Returns:
         The PNG and PDF paths, in order: ``timeline_<run>`` for each run with at least
@@ -141,31 +142,38 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ValueError("report() needs at least one run directory; got an empty list")
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"figure formats {list(formats)}: choose from {list(FORMATS)}")
     runs = _name_runs([load_run(path) for path in run_dirs])
+
+    def save(fig: Figure, stem: Path) -> list[Path]:
+        return _save(fig, stem, formats)
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     written: list[Path] = []
     for run in runs:
         if run.summary["sites"]:
-            written += _save(
+            written += save(
                 timeline_figure(run.record, title=run.name), out / f"timeline_{_slug(run.name)}"
             )
     names = [run.name for run in runs]
     summaries = [run.summary for run in runs]
-    written += _save(emissions_figure(names, summaries), out / "emissions")
-    written += _save(windows_share_figure(names, summaries), out / "windows_share")
-    written += _save(cumulative_emissions_figure([run.record for run in runs], names), out / "cumulative_emissions")
+    written += save(emissions_figure(names, summaries), out / "emissions")
+    written += save(windows_share_figure(names, summaries), out / "windows_share")
+    written += save(cumulative_emissions_figure([run.record for run in runs], names), out / "cumulative_emissions")
     for run in runs:
         losses = loss_points(run.record)
         if losses is not None:
             figure = loss_figure(losses, title=run.name, sites=run.summary["sites"], regions=run.summary.get("regions"))
-            written += _save(figure, out / f"loss_{_slug(run.name)}")
+            written += save(figure, out / f"loss_{_slug(run.name)}")
     for run in runs:
         traffic = sync_rounds(run.record)
         if traffic is not None:
             figure = sync_figure(traffic, title=run.name, sites=run.summary["sites"], regions=run.summary.get("regions"))
-            written += _save(figure, out / f"sync_{_slug(run.name)}")
+            written += save(figure, out / f"sync_{_slug(run.name)}")
     return written
 
 
@@ -668,12 +676,12 @@ def _figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
-def _save(fig: Figure, stem: Path) -> list[Path]:
-    """Save ``stem.png`` and ``stem.pdf``. (The PDF keeps matplotlib's Type 3 fonts:
+def _save(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Save ``stem.png`` and ``stem.pdf`` (those of ``formats``). (The PDF keeps matplotlib's Type 3 fonts:
     embedding TrueType subsets triples the time per PDF; pass ``pdf.fonttype=42`` through
     ``matplotlib.rc_context`` around :func:`report` for venues that require it.)"""
     paths = []
-    for fmt in FORMATS:
+    for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
         fig.savefig(path, dpi=PNG_DPI, facecolor="white")
         # the layout is in figure fractions and points, the same in every format: solve it once
