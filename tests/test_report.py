@@ -193,3 +193,10 @@ def test_import_has_no_side_effects() -> None:
         "import sys, curtail.report; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_formats_choose_the_file_types(paper_runs: list[Path], tmp_path: Path) -> None:
+    paths = report(paper_runs[:1], tmp_path / "png", formats=["png"])
+    assert paths and all(path.suffix == ".png" for path in paths)
+    with pytest.raises(ValueError, match="choose from"):
+        report(paper_runs[:1], tmp_path / "svg", formats=["svg"])
