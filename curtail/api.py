@@ -30,9 +30,9 @@ from curtail.config import (
     RunSpec,
     load_experiment,
     parse_experiment,
-    project_root,
 )
 from curtail.errors import CurtailError, PreflightError, ResumeError
+from curtail.examples import example_config
 from curtail.planning.energy import PowerModel
 from curtail.planning.live_calendar import AppliedReading, signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
@@ -425,8 +425,7 @@ def run(
         start_from, skipped = select_checkpoint(run_dir, checkpoint)
     else:
         if config is None:
-            local = Path(DEFAULT_RUN_CONFIG)
-            config = local if local.is_file() else project_root() / DEFAULT_RUN_CONFIG
+            config = example_config(DEFAULT_RUN_CONFIG)
         experiment = as_experiment(config)
         spec = experiment.run(run) if run is not None else experiment.runs[0]
         root = output_dir if output_dir is not None else experiment.output_dir

@@ -1,5 +1,6 @@
 """Command line: a thin layer over the Python API.
 
+    curtail init [DIR] [--force]
     curtail run [CONFIG] [--run NAME] [--json] [--output-dir DIR] [--address ADDR]
     curtail run --resume RUN_DIR [--checkpoint N] [--json] [--address ADDR]
     curtail simulate [CONFIG] [--json] [--run NAME ...] [--output-dir DIR]
@@ -31,8 +32,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from curtail.config import ConfigError, project_root
+from curtail.config import ConfigError
 from curtail.errors import CurtailError
+from curtail.examples import example_config, write_examples
 from curtail.planning.traces import TraceError
 from curtail.tracking import TrackingError
 
@@ -52,12 +54,6 @@ def _count(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.2f}{unit}"
     return f"{value:.0f}"
-
-
-def _default_config(name: str) -> Path:
-    """A bundled experiment, found from the working directory or the project root."""
-    local = Path(name)
-    return local if local.is_file() else project_root() / name
 
 
 def _print_table(rows: list[dict], title: str) -> None:
@@ -136,7 +132,7 @@ def _print_bounds(summaries: list[dict]) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from curtail.api import simulate
 
-    config = Path(args.config) if args.config else _default_config(DEFAULT_SIMULATION)
+    config = Path(args.config) if args.config else example_config(DEFAULT_SIMULATION)
     result = simulate(config, runs=args.run or None, output_dir=args.output_dir)
     if args.json:
         print(json.dumps(result.summaries, indent=2, default=str), file=args.stdout)
@@ -158,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         config = Path(args.config) if args.config else None  # given: it must be the run's own
     else:
-        config = Path(args.config) if args.config else _default_config(DEFAULT_RUN)
+        config = Path(args.config) if args.config else example_config(DEFAULT_RUN)
     console = Console(stderr=True)
     with Progress(
         TextColumn("[bold]{task.fields[clock]}"),
@@ -210,6 +206,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         + f" | {s['num_syncs']} syncs | final held-out loss {s['final_eval_loss']:.3f}"
     )
     print(f"run directory: {result.run_dir}   model: {result.model_dir}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    written = write_examples(args.directory, overwrite=args.force)
+    folder = Path(args.directory)
+    print(f"wrote {len(written)} files to {folder}/ (experiments/, data/traces/, data/text/); next:\n"
+          f"  cd {folder} && curtail simulate && curtail run", file=args.stdout)
     return 0
 
 
@@ -379,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--json", action="store_true", help="print the replay's summary.json object")
     replay.set_defaults(handler=cmd_replay)
 
+    init = commands.add_parser("init", help="write the example configs, traces and corpus into a folder")
+    init.add_argument("directory", nargs="?", default=".", help="where (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite example files already there")
+    init.set_defaults(handler=cmd_init)
     report = commands.add_parser("report", help="plot run directories (PNG and PDF)")
     report.add_argument("run_dirs", nargs="+", help="run directories written by simulate or run")
     report.add_argument("--out", default="reports", help="folder for the figures (default: reports)")
