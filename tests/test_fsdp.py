@@ -79,6 +79,7 @@ def test_sharded_sites_drain_die_and_resume_with_an_exact_ledger(ray_cluster, tm
             killed.append({"pid": pid, "tokens": progress["tokens"]})
 
     experiment = tiny_experiment(tmp_path)
+    experiment["runs"][0]["deadline"] = "2026-01-11T03:05:00Z"  # after both windows closed (a 02:00, b 03:00)
     experiment["training"] = {**experiment["training"], "parallelism": "fsdp", "workers_per_site": 2,
                               "checkpoint_interval_s": 240}  # the coordinator dies mid-round: work is lost
     result = curtail.run(experiment, output_dir=tmp_path / "runs", on_progress=kill_b_then_the_coordinator,
