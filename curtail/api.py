@@ -33,6 +33,7 @@ from curtail.config import (
 )
 from curtail.errors import CurtailError, PreflightError, ResumeError
 from curtail.examples import example_config
+from curtail.live_tracking import LiveTracker
 from curtail.planning.energy import PowerModel
 from curtail.planning.live_calendar import AppliedReading, signals_from_readings
 from curtail.planning.plan import RunPlan, load_experiment_traces, plan_recorded, plan_run
@@ -459,8 +460,16 @@ def run(
             remove_stale_placement_groups(spec.sites, SitePinning(experiment.training.site_pinning))
             if start_from is not None:
                 point_latest(run_dir, start_from)  # the run's state descends from it now
-        artifacts, restarts = _train(experiment, spec, store, start_from, max_restarts=max_restarts,
-                                     on_progress=on_progress, progress_interval_s=progress_interval_s)
+        live = LiveTracker.start(experiment.tracking, run_dir, experiment.name, spec.name)  # [tracking] while it trains
+        try:
+            artifacts, restarts = _train(experiment, spec, store, start_from, max_restarts=max_restarts,
+                                         on_progress=_reporting_to(live, on_progress),
+                                         progress_interval_s=progress_interval_s)
+        except BaseException:
+            if live is not None:
+                live.close(failed=True)
+            raise
+        mlflow_run_id = live.close() if live is not None else None
     finally:
         if started_ray:
             ray.shutdown()
@@ -488,9 +497,23 @@ def run(
     record.losses = losses_frame(artifacts.trajectory)
     record.timings = pd.DataFrame([vars(t) for t in artifacts.timings])
     write_run_dir(record, run_dir)
-    log_run(record, experiment.tracking)  # TensorBoard / MLflow, if [tracking] turns them on
+    log_run(record, experiment.tracking, mlflow_run_id)  # TensorBoard / MLflow, if [tracking] turns them on
     store.push_run()  # a run on object storage: the whole run directory goes there
     return RunResult(record.summary, run_dir, record)
+
+
+def _reporting_to(live: LiveTracker | None, on_progress: Callable[[dict[str, Any]], None] | None
+                  ) -> Callable[[dict[str, Any]], None] | None:
+    """The progress callback: the live tracker's, then the caller's."""
+    if live is None:
+        return on_progress
+
+    def report(progress: dict[str, Any]) -> None:
+        live.update(progress)
+        if on_progress is not None:
+            on_progress(progress)
+
+    return report
 
 
 def lost_time(events: pd.DataFrame) -> list[tuple[float, float]]:

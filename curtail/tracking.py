@@ -15,7 +15,10 @@ written, so tracking never slows the training path and both executors log the sa
   after every sync): step = tokens trained across sites, time = the instant on the run's clock;
 - ``summary/<key>``: every number in summary.json (nested keys joined with ``/``, booleans as
   0/1) at the final step;
-- MLflow artifacts: summary.json, manifest.json and report figures found in the run directory.
+- MLflow artifacts: summary.json, manifest.json, emissions.csv and report figures found in the run directory.
+
+While a real run trains, :mod:`curtail.live_tracking` logs its progress reports too (``live/...``)
+into the MLflow run this logging then completes.
 
 TensorBoard event files go to ``<run_dir>/tensorboard/``; MLflow to ``mlflow_tracking_uri``,
 by default a file store in the run directory (``<run_dir>/mlruns``), one MLflow run per run.
@@ -292,6 +295,7 @@ def _write_mlflow(
     params: Mapping[str, str],
     tags: Mapping[str, str],
     artifacts: list[Path],
+    run_id: str | None = None,
 ) -> tuple[str, str]:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -305,12 +309,14 @@ def _write_mlflow(
 
             FileStore(root.as_uri())
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        experiment_id = (
-            experiment.experiment_id if experiment is not None else client.create_experiment(experiment_name)
-        )
-        run = client.create_run(experiment_id, run_name=run_name)
-        run_id = run.info.run_id
+        if run_id is not None:  # the live tracker's run: complete it
+            experiment_id = client.get_run(run_id).info.experiment_id
+        else:
+            experiment = client.get_experiment_by_name(experiment_name)
+            experiment_id = (
+                experiment.experiment_id if experiment is not None else client.create_experiment(experiment_name)
+            )
+            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
         try:
             client.log_batch(
                 run_id,
@@ -327,8 +333,10 @@ def _write_mlflow(
     return experiment_id, run_id
 
 
-def log_run(record: RunRecord, tracking: TrackingConfig) -> Tracked:
-    """Log a written run (``record.path`` set) to the enabled backends; see the module doc."""
+def log_run(record: RunRecord, tracking: TrackingConfig, mlflow_run_id: str | None = None) -> Tracked:
+    """Log a written run (``record.path`` set) to the enabled backends; see the module doc.
+    ``mlflow_run_id``: the MLflow run a :class:`~curtail.live_tracking.LiveTracker` opened for
+    it, completed here instead of a new one."""
     if not tracking.enabled:
         return Tracked()
     if record.path is None:
@@ -343,7 +351,7 @@ def log_run(record: RunRecord, tracking: TrackingConfig) -> Tracked:
     uri = experiment_id = run_id = None
     if tracking.mlflow:
         uri = mlflow_tracking_uri(tracking, run_dir)
-        if tracking.mlflow_tracking_uri is None and (run_dir / MLFLOW_DIR).exists():
+        if tracking.mlflow_tracking_uri is None and mlflow_run_id is None and (run_dir / MLFLOW_DIR).exists():
             shutil.rmtree(run_dir / MLFLOW_DIR)  # the run directory's own store holds this run only
         summary = record.summary
         experiment = tracking.experiment_name or record.manifest.get("experiment") or "curtail"
@@ -355,7 +363,7 @@ def log_run(record: RunRecord, tracking: TrackingConfig) -> Tracked:
             "curtail.run_dir": str(run_dir.resolve()),
         }
         experiment_id, run_id = _write_mlflow(
-            uri, experiment, str(summary.get("run")), scalars, params, tags, _artifacts(run_dir)
+            uri, experiment, str(summary.get("run")), scalars, params, tags, _artifacts(run_dir), mlflow_run_id
         )
     return Tracked(tensorboard_dir, uri, experiment_id, run_id)
 

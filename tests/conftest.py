@@ -32,10 +32,10 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def two_runs(ray_cluster, tmp_path_factory):
+def two_runs(ray_cluster, tmp_path_factory, request):
     """The tiny two-site run, twice with the same seed (uninterrupted baselines); the second
     also logs to TensorBoard and MLflow (tests/test_tracking.py reads it back)."""
-    from runtime_fixtures import tiny_experiment
+    from runtime_fixtures import LIVE_READS, read_live_tracking, tiny_experiment
 
     import curtail
 
@@ -43,7 +43,16 @@ def two_runs(ray_cluster, tmp_path_factory):
     experiment = tiny_experiment(tmp)
     first = curtail.run(experiment, output_dir=tmp / "first")
     tracked = {**experiment, "tracking": {"tensorboard": True, "mlflow": True}}
-    second = curtail.run(tracked, output_dir=tmp / "second")
+    reads = request.config.stash.setdefault(LIVE_READS, [])
+
+    def read_while_training(progress: dict) -> None:  # tests/test_tracking.py: visible while it runs
+        if not reads and progress.get("mode") == "FEDERATED":
+            try:
+                reads.append(read_live_tracking(tmp / "second"))
+            except Exception as error:  # noqa: BLE001 -- the test reports it; the run goes on
+                reads.append({"error": repr(error)})
+
+    second = curtail.run(tracked, output_dir=tmp / "second", on_progress=read_while_training)
     return first, second
 
 

@@ -10,10 +10,31 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TOKENS = 2 * 64  # tiny preset: batch 2 × seq 64
 STEP_S = 120.0  # virtual seconds per step at each site
+LIVE_READS = pytest.StashKey[list]()
+"""What conftest.py's tracked run read back from its own MLflow store and TensorBoard files while it trained."""
+
+
+def read_live_tracking(runs: Path) -> dict:
+    """The live metrics of the one tracked run under ``runs``, read from outside the run."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from curtail.tracking import file_store_allowed
+
+    (store,) = runs.glob("*/*/mlruns")
+    with file_store_allowed(store.as_uri()):
+        client = MlflowClient(tracking_uri=store.as_uri())
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        tokens = [m.value for m in client.get_metric_history(run.info.run_id, "live/tokens")]
+    accumulator = EventAccumulator(str(store.parent / "tensorboard_live"))
+    accumulator.Reload()
+    return {"run_id": run.info.run_id, "status": run.info.status, "live_tokens": tokens,
+            "tensorboard_tags": set(accumulator.Tags()["scalars"])}
 
 
 def trace_csv(path: Path) -> Path:

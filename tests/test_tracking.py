@@ -220,6 +220,68 @@ def test_logging_a_run_directory_again_replaces_its_tracking_files(tracked, tmp_
 # ----------------------------------------------------------------------------- real run and sweep
 
 
+def test_live_metrics_are_readable_while_the_run_goes_on_and_the_final_logging_completes_that_run(tmp_path):
+    from curtail.config import TrackingConfig
+    from curtail.live_tracking import LIVE_TENSORBOARD_DIR, LiveTracker
+    from curtail.tracking import log_run
+
+    record = curtail.simulate(paper(), runs=["threshold"], output_dir=tmp_path).records[0]
+    tracking = TrackingConfig(**ON)
+    live = LiveTracker.start(tracking, record.path, "paper", "threshold")
+    live.update({"phase": "preparing data"})  # no metrics before training starts
+    reports = [{"phase": "training", "tokens": 256.0 * i, "mode": mode, "active_sites": sites, "loss": loss}
+               for i, (mode, sites, loss) in enumerate([("SINGLE", ["a"], None), ("FEDERATED", ["a", "b"], 6.1),
+                                                         ("FEDERATED", ["a", "b"], 5.9)], start=1)]
+    for report in reports:
+        live.update(report)
+    # read back mid-run: the MLflow run is RUNNING with every report, TensorBoard's file is flushed
+    client, runs = mlflow_runs((record.path / "mlruns").as_uri(), "paper")
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING"
+    tokens = client.get_metric_history(runs[0].info.run_id, "live/tokens")
+    assert sorted(m.value for m in tokens) == [256.0, 512.0, 768.0]
+    assert {m.value for m in client.get_metric_history(runs[0].info.run_id, "live/mode")} == {1.0, 2.0}
+    assert sorted(m.value for m in client.get_metric_history(runs[0].info.run_id, "live/train_loss")) == [5.9, 6.1]
+    found = scalars(record.path / LIVE_TENSORBOARD_DIR)
+    assert {e.value for e in found["live/active_sites"]} == {1.0, 2.0}
+    # the end of the run: the same MLflow run gets the whole record and is FINISHED
+    tracked = log_run(record, tracking, live.close())
+    _, runs = mlflow_runs((record.path / "mlruns").as_uri(), "paper")
+    assert len(runs) == 1 and runs[0].info.run_id == tracked.mlflow_run_id and runs[0].info.status == "FINISHED"
+    assert {"live/tokens", "run/tokens", "summary/emissions_kg"} <= set(runs[0].data.metrics)
+
+
+def test_a_failed_run_is_marked_failed_and_a_dead_backend_never_stops_the_training(tmp_path):
+    from curtail.config import TrackingConfig
+    from curtail.live_tracking import LiveTracker
+
+    live = LiveTracker.start(TrackingConfig(mlflow=True), tmp_path, "paper", "threshold")
+    live.update({"phase": "training", "tokens": 1.0, "mode": "SINGLE", "active_sites": ["a"], "loss": 7.0})
+    assert live.close(failed=True) is None
+    _, runs = mlflow_runs((tmp_path / "mlruns").as_uri(), "paper")
+    assert runs[0].info.status == "FAILED"
+    broken = LiveTracker.start(TrackingConfig(mlflow=True), tmp_path / "other", "paper", "threshold")
+    broken.mlflow_run_id = "no-such-run"
+    with pytest.warns(UserWarning, match="live tracking: MLflow failed"):
+        broken.update({"phase": "training", "tokens": 1.0, "mode": "SINGLE", "active_sites": ["a"], "loss": None})
+    broken.update({"phase": "training", "tokens": 2.0, "mode": "SINGLE", "active_sites": ["a"], "loss": None})  # not asked again
+    assert LiveTracker.start(TrackingConfig(), tmp_path, "paper", "threshold") is None  # tracking off
+
+
+@pytest.mark.slow
+def test_a_real_run_is_visible_in_mlflow_and_tensorboard_while_it_trains(two_runs, request):
+    """Read back from inside the tracked run of conftest.py, while it trained (``live_reads``)."""
+    from runtime_fixtures import LIVE_READS
+
+    reads = request.config.stash[LIVE_READS]
+    assert reads, "the run was never read back while it trained"
+    first = reads[0]
+    assert "error" not in first, first
+    assert first["status"] == "RUNNING" and first["live_tokens"] and first["tensorboard_tags"] >= {"live/tokens"}
+    assert max(first["live_tokens"]) < two_runs[1].summary["tokens"]  # seen before the end
+    _, runs = mlflow_runs((two_runs[1].run_dir / "mlruns").as_uri(), "runtime-test")
+    assert len(runs) == 1 and runs[0].info.run_id == first["run_id"] and runs[0].info.status == "FINISHED"
+
+
 @pytest.mark.slow
 def test_real_run_logs_training_and_held_out_losses(two_runs):
     result = two_runs[1]  # the tiny two-site run with [tracking] on (conftest.py)
