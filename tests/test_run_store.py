@@ -42,8 +42,11 @@ def _remote_files(uri: str) -> dict[str, bytes]:
             try:
                 with filesystem.open_input_stream(info.path) as source:
                     result[info.path[len(root) + 1:]] = source.read()
-            except FileNotFoundError:  # a live run removed it since the listing (a fetched staging folder)
-                continue
+            except OSError as error:  # a live run removed it since the listing (a fetched staging folder):
+                # at the open (FileNotFoundError) or, S3 being S3, at the read (RESOURCE_NOT_FOUND)
+                if isinstance(error, FileNotFoundError) or "NOT_FOUND" in str(error):
+                    continue
+                raise
     return result
 
 
