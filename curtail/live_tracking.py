@@ -20,7 +20,6 @@ asked again: the training never waits on it and never fails because of it.
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -28,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from curtail.config import TrackingConfig
-from curtail.tracking import MLFLOW_DIR, MODE_CODES, file_store_allowed, mlflow_tracking_uri
+from curtail.tracking import (
+    MODE_CODES,
+    clear_own_store,
+    create_mlflow_run,
+    file_store_allowed,
+    mlflow_tracking_uri,
+)
 
 LIVE_TENSORBOARD_DIR = "tensorboard_live"
 
@@ -50,14 +55,11 @@ class LiveTracker:
             from mlflow.tracking import MlflowClient
 
             self.uri = mlflow_tracking_uri(tracking, run_dir)
-            if tracking.mlflow_tracking_uri is None and (Path(run_dir) / MLFLOW_DIR).exists():
-                shutil.rmtree(Path(run_dir) / MLFLOW_DIR)  # the run directory's own store holds this run only
+            clear_own_store(tracking, run_dir)
             with file_store_allowed(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
-                name = tracking.experiment_name or experiment_name
-                found = self.client.get_experiment_by_name(name)
-                experiment_id = found.experiment_id if found is not None else self.client.create_experiment(name)
-                self.mlflow_run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+                self.mlflow_run_id = create_mlflow_run(self.client, tracking.experiment_name or experiment_name,
+                                                       run_name)
 
     @classmethod
     def start(cls, tracking: TrackingConfig, run_dir: Path, experiment_name: str, run_name: str) -> LiveTracker | None:

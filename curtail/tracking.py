@@ -309,14 +309,9 @@ def _write_mlflow(
 
             FileStore(root.as_uri())
         client = MlflowClient(tracking_uri=uri)
-        if run_id is not None:  # the live tracker's run: complete it
-            experiment_id = client.get_run(run_id).info.experiment_id
-        else:
-            experiment = client.get_experiment_by_name(experiment_name)
-            experiment_id = (
-                experiment.experiment_id if experiment is not None else client.create_experiment(experiment_name)
-            )
-            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        if run_id is None:
+            run_id = create_mlflow_run(client, experiment_name, run_name)
+        experiment_id = client.get_run(run_id).info.experiment_id
         try:
             client.log_batch(
                 run_id,
@@ -331,6 +326,21 @@ def _write_mlflow(
             raise
         client.set_terminated(run_id, "FINISHED")
     return experiment_id, run_id
+
+
+def create_mlflow_run(client: Any, experiment_name: str, run_name: str) -> str:
+    """A new run (status RUNNING) in the MLflow experiment ``experiment_name``, created if
+    needed; its id."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(experiment_name)
+    return client.create_run(experiment_id, run_name=run_name).info.run_id
+
+
+def clear_own_store(tracking: TrackingConfig, run_dir: Path) -> None:
+    """Remove the run directory's own MLflow store (the default, ``RUN_DIR/mlruns``): it holds
+    this run only, so logging the run anew starts from an empty one. A configured store is kept."""
+    if tracking.mlflow_tracking_uri is None and (Path(run_dir) / MLFLOW_DIR).exists():
+        shutil.rmtree(Path(run_dir) / MLFLOW_DIR)
 
 
 def log_run(record: RunRecord, tracking: TrackingConfig, mlflow_run_id: str | None = None) -> Tracked:
@@ -351,8 +361,8 @@ def log_run(record: RunRecord, tracking: TrackingConfig, mlflow_run_id: str | No
     uri = experiment_id = run_id = None
     if tracking.mlflow:
         uri = mlflow_tracking_uri(tracking, run_dir)
-        if tracking.mlflow_tracking_uri is None and mlflow_run_id is None and (run_dir / MLFLOW_DIR).exists():
-            shutil.rmtree(run_dir / MLFLOW_DIR)  # the run directory's own store holds this run only
+        if mlflow_run_id is None:
+            clear_own_store(tracking, run_dir)
         summary = record.summary
         experiment = tracking.experiment_name or record.manifest.get("experiment") or "curtail"
         tags = {
