@@ -224,10 +224,9 @@ def site_colour(site: str, region: str | None = None) -> str:
     return SITE_COLOURS[zlib.crc32(key.encode()) % len(SITE_COLOURS)]
 
 
-def site_colours_of(summary: Mapping[str, Any], sites: Sequence[str] = ()) -> dict[str, str]:
-    """:func:`site_colour` of every site of a run (``summary["regions"]`` names their regions)."""
-    regions = summary.get("regions") or {}
-    return {site: site_colour(site, regions.get(site)) for site in [*summary.get("sites", []), *sites]}
+def site_colours_of(sites: Sequence[str], regions: Mapping[str, str] | None = None) -> dict[str, str]:
+    """:func:`site_colour` of each of ``sites`` (``regions``: a run summary's site → region)."""
+    return {site: site_colour(site, (regions or {}).get(site)) for site in sites}
 
 
 def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
@@ -238,7 +237,7 @@ def timeline_figure(record: RunRecord, *, title: str | None = None) -> Figure:
     summary = record.summary
     sites: list[str] = list(summary["sites"])
     regions: dict[str, str] = summary.get("regions") or {}
-    site_colours = site_colours_of(summary)
+    site_colours = site_colours_of(sites, regions)
     start, finish = _utc(summary["start"]), _utc(summary["finish"])
     x0, x1 = mdates.date2num(start), mdates.date2num(finish)
     if x1 <= x0:
@@ -589,7 +588,7 @@ def loss_figure(losses: pd.DataFrame, *, title: str, sites: Sequence[str] = (),
     (:func:`site_colour`), the global model in black; evaluations dashed with markers."""
     from matplotlib.ticker import FuncFormatter
 
-    colours = site_colours_of({"sites": list(sites), "regions": regions}, sorted(set(losses["site"]) - {""}))
+    colours = site_colours_of([*sites, *sorted(set(losses["site"]) - {""})], regions)
     colours[""] = "black"
     fig = _figure(figsize=(9, 5))
     ax = fig.add_subplot()
@@ -641,7 +640,7 @@ def sync_figure(traffic: pd.DataFrame, *, title: str, sites: Sequence[str] = (),
                 regions: Mapping[str, str] | None = None) -> Figure:
     """Per round and site: megabytes sent (pseudo-gradients) and received (global weights), and
     the seconds the site spent in them instead of training."""
-    colours = site_colours_of({"sites": list(sites), "regions": regions}, sorted(set(traffic["site"])))
+    colours = site_colours_of([*sites, *sorted(set(traffic["site"]))], regions)
     fig = _figure(figsize=(9, 5.5))
     volume, blocked = fig.subplots(2, 1, sharex=True)
     for site, group in traffic.groupby("site", sort=False):

@@ -86,9 +86,9 @@ def test_a_site_keeps_its_colour_in_every_figure_of_every_run() -> None:
     from curtail.report import REGION_COLOURS, site_colour, site_colours_of
 
     # the paper's regions in any order, any run: one colour each, all different
-    one = site_colours_of({"sites": ["nem_sa", "spp_tx"], "regions": {"nem_sa": "NEM_SA", "spp_tx": "SPP_TX"}})
-    two = site_colours_of({"sites": ["spp_tx", "caiso_north", "nem_sa"],
-                           "regions": {"nem_sa": "NEM_SA", "spp_tx": "SPP_TX", "caiso_north": "CAISO_NORTH"}})
+    one = site_colours_of(["nem_sa", "spp_tx"], {"nem_sa": "NEM_SA", "spp_tx": "SPP_TX"})
+    two = site_colours_of(["spp_tx", "caiso_north", "nem_sa"],
+                          {"nem_sa": "NEM_SA", "spp_tx": "SPP_TX", "caiso_north": "CAISO_NORTH"})
     assert one["nem_sa"] == two["nem_sa"] == REGION_COLOURS["NEM_SA"] and one["spp_tx"] == two["spp_tx"]
     assert len(set(two.values())) == 3
     assert site_colour("x", "Some_Region") == site_colour("y", "SOME-REGION")  # by region, stable
