@@ -246,7 +246,11 @@ class TrainingConfig(StrictModel):
     final_lr_fraction: float = Field(default=0.1, ge=0, le=1)
     outer_optimizer: Literal["nesterov", "average"] = "nesterov"
     outer_lr: float = Field(default=0.7, gt=0)
-    outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="the Nesterov outer momentum, or auto: set from the inner steps per round, 0.9·H/(H + 10) "
+        "(curtail.training.averaging.outer_momentum_for; H from round_s and the sites' tokens_per_s)",
+    )
     parallelism: Literal["ddp", "fsdp"] = Field(
         default="ddp",
         description="inside a site: ddp (every worker holds the whole model) or fsdp (each worker holds a dim-0 shard "

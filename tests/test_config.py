@@ -393,6 +393,18 @@ def test_replace_validates_what_it_changes():
         config.training.replace(presett="tiny")
 
 
+def test_outer_momentum_is_the_rule_by_default_or_a_number_below_one():
+    import curtail
+
+    config = curtail.load_experiment(PAPER_TOML)
+    assert config.training.outer_momentum == "auto"
+    assert config.training.replace(outer_momentum=0.6).outer_momentum == 0.6
+    with pytest.raises(ConfigError, match=r"outer_momentum"):
+        config.training.replace(outer_momentum=1.0)
+    with pytest.raises(ConfigError, match=r"outer_momentum"):
+        config.training.replace(outer_momentum="Auto")
+
+
 def test_the_cli_says_its_version(capsys):
     from curtail import __version__
     from curtail.cli import main

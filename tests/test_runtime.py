@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from runtime_fixtures import STEP_TOKENS
+from runtime_fixtures import STEP_S, STEP_TOKENS
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,13 @@ def test_run_goes_through_single_federated_and_idle(two_runs):
     assert summary["mode_hours"]["IDLE"] > 0.1
     assert summary["num_syncs"] >= 5
     assert summary["completed"] is False  # the trace ended first, as scripted
+
+
+def test_the_outer_momentum_follows_the_rounds_length(two_runs):
+    """``outer_momentum = "auto"``: 600-s rounds of 120-s steps are 5 inner steps, so μ = 0.9·5/15."""
+    summary = two_runs[0].summary
+    assert summary["inner_steps_per_round"] == pytest.approx(600 / STEP_S)
+    assert summary["outer_momentum"] == pytest.approx(0.9 * 5 / 15)
 
 
 def test_event_log_follows_the_calendar(two_runs):

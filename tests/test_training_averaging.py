@@ -10,6 +10,7 @@ from curtail.training.averaging import (
     AveragingOuterOptimizer,
     NesterovOuterOptimizer,
     make_outer_optimizer,
+    outer_momentum_for,
     pseudo_gradient,
     weighted_mean,
 )
@@ -167,3 +168,17 @@ def test_bf16_round_trip_error_bound() -> None:
     np.testing.assert_array_equal(restored["exact"], delta["exact"])
     fp32 = decompress(compress(delta, dtype="fp32"))
     np.testing.assert_array_equal(fp32["large"], delta["large"])
+
+
+def test_outer_momentum_rule_is_half_the_ceiling_at_the_inner_memory_and_nears_it_for_long_rounds() -> None:
+    """μ = 0.9·H/(H + 10): the CPU demo's ~11-step rounds get the 0.5 once set by hand, DiLoCo's
+    500-step rounds nearly its 0.9; never above the ceiling, rising with H."""
+    assert outer_momentum_for(10) == pytest.approx(0.45)
+    assert outer_momentum_for(11) == pytest.approx(0.4714, abs=1e-4)
+    assert outer_momentum_for(100) == pytest.approx(0.8182, abs=1e-4)
+    assert outer_momentum_for(500) == pytest.approx(0.8824, abs=1e-4)
+    rising = [outer_momentum_for(h) for h in (0.5, 1, 3, 30, 300, 3000, 1e6)]
+    assert rising == sorted(rising) and rising[-1] < 0.9
+    assert outer_momentum_for(20, inner_beta1=0.8, ceiling=0.95) == pytest.approx(0.95 * 20 / 25)
+    with pytest.raises(ValueError, match="inner steps per round must be > 0"):
+        outer_momentum_for(0)

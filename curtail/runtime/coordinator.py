@@ -49,6 +49,7 @@ from curtail.runtime.sites import SiteFailure, SiteGroup
 from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w, sync_traffic
 from curtail.runtime.work_account import WorkAccount
 from curtail.sources.live_feed import LiveSignal
+from curtail.training.averaging import outer_momentum_for
 from curtail.training.compression import WireFormat
 from curtail.training.data import load_corpus
 from curtail.training.ledger import DataLedger
@@ -72,13 +73,28 @@ def prepare_data(training: TrainingConfig, cache_dir: Path) -> tuple[Any, TokenA
     return tokenizer, np.array(train.tokens), np.array(held.tokens)
 
 
-def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, broadcast: WireFormat | None) -> Any:
+def inner_steps_per_round(plan: RunPlan, tokens_per_step: int) -> float:
+    """The inner steps a site trains in one federated round, the mean over the run's sites
+    (``round_s`` of the represented hardware's ``tokens_per_s``)."""
+    round_s = plan.context.execution.round_s
+    return float(np.mean([round_s * site.tokens_per_s / tokens_per_step for site in plan.context.sites.values()]))
+
+
+def resolve_outer_momentum(training: TrainingConfig, inner_steps: float) -> float:
+    """``training.outer_momentum``, or with ``"auto"`` the rule's for rounds of ``inner_steps``."""
+    if training.outer_momentum == "auto":
+        return outer_momentum_for(inner_steps)
+    return training.outer_momentum
+
+
+def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, broadcast: WireFormat | None,
+                   outer_momentum: float) -> Any:
     """The averaging actor beside the driver, or ``training.averager_actors`` of them, each
     holding an equal share of the parameters (:class:`~curtail.runtime.averager.AveragerShards`;
     with staggered fragments, one fragment each)."""
     def actor(params: dict[str, np.ndarray]) -> Any:
         return Averager.options(**control_plane()).remote(
-            params, training.outer_optimizer, training.outer_lr, training.outer_momentum, broadcast)
+            params, training.outer_optimizer, training.outer_lr, outer_momentum, broadcast)
 
     if training.averager_actors == 1:
         return actor(initial)
@@ -237,14 +253,17 @@ class Coordinator:
         initial = {n: p.detach().numpy().copy() for n, p in build_model(spec, model.vocab_size, config.seed).named_parameters()}
         broadcast = (None if training.broadcast_dtype == "fp32"
                      else WireFormat(training.broadcast_dtype, block_size=training.transfer_block_size))  # type: ignore[arg-type]
-        averager = start_averager(initial, training, broadcast)
+        tokens_per_step = training.batch_size * model.seq_len * training.workers_per_site
+        self._inner_steps_per_round = inner_steps_per_round(plan, tokens_per_step)
+        self._outer_momentum = resolve_outer_momentum(training, self._inner_steps_per_round)
+        averager = start_averager(initial, training, broadcast, self._outer_momentum)
         self._averager_pids = AveragerClient(averager).pids()
         evaluator = Evaluator.options(**control_plane()).remote(
             EvalConfig(model, share_tokens(heldout_tokens), training.eval_batches, training.eval_batch_size)
         )
         return RunSetup(
             tokenizer=tokenizer, model=model, num_train_tokens=len(train_tokens),
-            tokens_per_step=training.batch_size * model.seq_len * training.workers_per_site,
+            tokens_per_step=tokens_per_step,
             num_parameters=int(sum(v.size for v in initial.values())), averager=averager,
             mailbox=Mailbox.options(**control_plane()).remote(), evaluator=evaluator,
             train_tokens=share_tokens(train_tokens),
@@ -331,6 +350,8 @@ class Coordinator:
             "num_parameters": setup.num_parameters,
             "tokens_per_step": setup.tokens_per_step,
             "virtual_step_s": executor.clock.step_s,
+            "inner_steps_per_round": self._inner_steps_per_round,
+            "outer_momentum": self._outer_momentum,
             "ledger_trained_tokens": ledger.trained_tokens,
             "ledger_trained_by_site": ledger.trained_by_site,
             "ledger_epochs": ledger.epoch + 1 if ledger.trained_tokens else 0,
