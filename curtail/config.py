@@ -228,7 +228,7 @@ class TrainingConfig(StrictModel):
     ``realtime_speedup`` times faster than the trace.
     """
 
-    preset: Literal["tiny", "small", "d20", "d48"] = "small"
+    preset: Literal["tiny", "small", "d12", "d20", "d48"] = "small"
     corpus: list[Path] = Field(default_factory=lambda: [Path("data/text/tinyshakespeare.txt")], min_length=1)
     heldout: list[Path] | None = Field(default=None, description="default: the last heldout_fraction of corpus")
     heldout_fraction: float = Field(default=0.05, gt=0, lt=1)
@@ -300,6 +300,10 @@ class TrainingConfig(StrictModel):
     torch_threads_per_worker: int = Field(default=1, ge=1)
     eval_batches: int = Field(default=8, ge=1)
     eval_batch_size: int = Field(default=8, ge=1)
+    eval_gpus: float = Field(
+        default=0.0, ge=0, le=1,
+        description="share of a GPU on the driver's node for the evaluator (> 0: it scores on that GPU; 0: on CPUs)",
+    )
     clock: Literal["virtual", "realtime"] = "virtual"
     realtime_speedup: float = Field(default=1.0, gt=0)
     cache_dir: Path = Field(default=Path(".cache"), description="tokenizer and token arrays (reused across runs)")

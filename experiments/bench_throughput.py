@@ -343,7 +343,7 @@ def matmul_alignment(device: torch.device) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "d20", "d48"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "d12", "d20", "d48"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variant", action="append", default=None, help="NAME:key=value,... (repeatable)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32 on GPU, 4 on CPU)")

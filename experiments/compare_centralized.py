@@ -1,12 +1,21 @@
 """Experiment: held-out loss of the curtailment-aware run vs a centralized run, same budget.
 
-    .venv/bin/python experiments/compare_centralized.py            # ~10 min on 2 CPU cores
+    .venv/bin/python experiments/compare_centralized.py            # the CPU demo, ~10 min on 2 CPU cores
+    python3 experiments/compare_centralized.py --config experiments/gpu_quality.toml --compressed   # one H200
 
-Takes the main job (``experiments/demo.toml``: 3 sites on the paper trace, ``small`` preset,
-300k tokens of Tiny Shakespeare) and adds the centralized baseline: one site (South
-Australia), always on, the same model, data, seed, LR schedule and token budget. Both run for
-real on a local Ray cluster; the final global models are scored on the same held-out batches.
-The prior system reported its federated model within 0.3 perplexity of the centralized one.
+Runs, with the same model, data, seed, LR schedule and token budget:
+
+* ``aware``: the config's first run (its policy over its sites, on its trace);
+* ``centralized``: one site (the aware run's last), always on;
+* ``compressed`` (``--compressed``): the aware run with int4 pseudo-gradients (error feedback).
+
+Each runs for real on a local Ray cluster. Then every saved global model is loaded with
+``AutoModelForCausalLM.from_pretrained`` and its held-out loss recomputed on the evaluator's
+batches, which must match the run's last evaluation. ``OUTPUT_DIR/comparison.json`` collects
+the rows (``--runs`` runs a subset and adds to the rows already there, so the runs can be made
+in separate calls) and ``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the
+global model after each sync against tokens. The prior system reported its federated model
+within 0.3 perplexity of the centralized one.
 """
 
 from __future__ import annotations
@@ -15,36 +24,130 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("aware", "centralized", "compressed")
+
+
+def variants(experiment: Any, central_site: str | None) -> dict[str, tuple[Any, str]]:
+    """The experiment and run name of each comparison run."""
+    from curtail.config import RunSpec
+
+    aware = experiment.runs[0]
+    site = central_site or aware.sites[-1]
+    centralized = RunSpec(name=f"centralized-{site}", policy={"kind": "always_on"}, sites=[site],
+                          rules=experiment.rules.replace(provisioning_s=0),
+                          execution=experiment.execution.replace(group_start_s=0))
+    compressed = experiment.replace(training=experiment.training.replace(transfer_dtype="int4"),
+                                    runs=[aware.replace(name=f"{aware.name}-int4")])
+    return {"aware": (experiment, aware.name),
+            "centralized": (experiment.replace(runs=[*experiment.runs, centralized]), centralized.name),
+            "compressed": (compressed, f"{aware.name}-int4")}
+
+
+def reloaded_heldout_loss(experiment: Any, model_dir: Path, device: str) -> float:
+    """The saved model's held-out loss, loaded with transformers, on the evaluator's batches."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from curtail.preflight import resolve_data_path
+    from curtail.runtime.coordinator import prepare_data
+    from curtail.training.data import TokenCorpus
+    from curtail.training.model import get_spec
+
+    training = experiment.training
+    _, _, heldout = prepare_data(training, resolve_data_path(training.cache_dir))
+    corpus = TokenCorpus(heldout, "heldout")
+    seq_len = training.seq_len or get_spec(training.preset).seq_len
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
+    losses = []
+    with torch.no_grad():
+        for start in corpus.evaluation_starts(training.eval_batches, training.eval_batch_size, seq_len):
+            input_ids, labels = corpus.batch(int(start), training.eval_batch_size, seq_len)
+            logits = model(input_ids=input_ids.to(device)).logits
+            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())))
+    return sum(losses) / len(losses)
+
+
+def run_row(name: str, experiment: Any, run: str, output_dir: Path, device: str) -> dict[str, Any]:
+    import curtail
+    from curtail.runlog import read_run_dir
+
+    result = curtail.run(experiment, run=run, output_dir=output_dir)
+    s = result.summary
+    reloaded = reloaded_heldout_loss(experiment, Path(s["model_dir"]), device)
+    losses = read_run_dir(result.run_dir).losses
+    evals = losses[losses["kind"] == "eval"].sort_values("tokens")
+    return {"variant": name, "run": s["run"], "tokens": s["tokens"], "completed": s["completed"],
+            "final_eval_loss": s["final_eval_loss"], "reloaded_eval_loss": reloaded,
+            "perplexity": math.exp(s["final_eval_loss"]), "num_syncs": s["num_syncs"],
+            "inner_steps_per_round": s["inner_steps_per_round"], "outer_momentum": s["outer_momentum"],
+            "transfer_dtype": experiment.training.transfer_dtype, "num_parameters": s["num_parameters"],
+            "emissions_kg": s["emissions_kg"], "hours": s["hours"], "wall_s": s["wall_s"],
+            "run_dir": str(result.run_dir),
+            "eval_curve": [[float(t), float(v)] for t, v in zip(evals["tokens"], evals["loss"], strict=True)]}
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Every run's held-out loss of the global model after each sync, against tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    for row in rows:
+        tokens, losses = zip(*row["eval_curve"], strict=True)
+        axes.plot([t / 1e6 for t in tokens], losses, marker=".", label=f"{row['run']} ({row['final_eval_loss']:.3f})")
+    axes.set(xlabel="tokens trained (millions)", ylabel="held-out loss (nats/token)",
+             title="Held-out loss of the global model after each sync")
+    axes.set_ylim(top=min(axes.get_ylim()[1], 2 * max(row["final_eval_loss"] for row in rows)))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "experiments/demo.toml"))
-    parser.add_argument("--output-dir", default="runs")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--compressed", action="store_true", help="also the aware run with int4 pseudo-gradients")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, help="run only these (default: aware, centralized, "
+                        "and compressed with --compressed); rows from earlier calls are kept")
+    parser.add_argument("--central-site", help="the centralized run's site (default: the aware run's last)")
+    parser.add_argument("--device", default="cpu", help="where the saved models are re-scored (cuda on a GPU)")
+    parser.add_argument("--plot-only", action="store_true", help="no runs: draw OUTPUT_DIR/comparison.json's curves")
     args = parser.parse_args()
 
-    import curtail
-    from curtail.config import RunSpec, load_experiment
+    from curtail.config import load_experiment
 
     experiment = load_experiment(args.config)
-    centralized = RunSpec(name="centralized-nem_sa", policy={"kind": "always_on"}, sites=["nem_sa"],
-                          rules=experiment.rules.replace(provisioning_s=0),
-                          execution=experiment.execution.replace(group_start_s=0))
-    experiment = experiment.replace(runs=[*experiment.runs, centralized])
-    rows = []
-    for spec in experiment.runs:
-        result = curtail.run(experiment, run=spec.name, output_dir=args.output_dir)
-        s = result.summary
-        rows.append({"run": s["run"], "tokens": s["tokens"], "final_eval_loss": s["final_eval_loss"],
-                     "perplexity": math.exp(s["final_eval_loss"]), "emissions_kg": s["emissions_kg"],
-                     "hours": s["hours"], "wall_s": s["wall_s"], "run_dir": str(result.run_dir)})
-    print(json.dumps(rows, indent=2))
-    aware, central = rows
-    print(f"held-out loss {aware['final_eval_loss']:.4f} (curtailment-aware) vs {central['final_eval_loss']:.4f} "
-          f"(centralized): perplexity {aware['perplexity']:.2f} vs {central['perplexity']:.2f}, "
-          f"difference {aware['perplexity'] - central['perplexity']:+.2f}")
+    chosen = args.runs or [r for r in RUNS if r != "compressed" or args.compressed]
+    table = args.output_dir / "comparison.json"
+    rows = {row["variant"]: row for row in json.loads(table.read_text())} if table.is_file() else {}
+    for name, (variant, run) in variants(experiment, args.central_site).items():
+        if name in chosen and not args.plot_only:
+            rows[name] = run_row(name, variant, run, args.output_dir, args.device)
+            table.write_text(json.dumps(list(rows.values()), indent=2))
+    ordered = [rows[name] for name in RUNS if name in rows]
+    try:
+        plot(ordered, args.output_dir / "heldout_loss.png")
+    except ImportError as missing:  # a GPU image without matplotlib: draw it elsewhere with --plot-only
+        print(f"no figure ({missing}); draw it with --plot-only where matplotlib is installed")
+    by = {row["variant"]: row for row in ordered}
+    for row in ordered:
+        print(f"{row['run']}: held-out loss {row['final_eval_loss']:.4f} (reloaded {row['reloaded_eval_loss']:.4f}), "
+              f"perplexity {row['perplexity']:.2f}, {row['tokens']:,.0f} tokens, {row['wall_s']:.0f} s")
+    if "aware" in by and "centralized" in by:
+        gap = by["aware"]["final_eval_loss"] / by["centralized"]["final_eval_loss"] - 1
+        print(f"aware vs centralized: {100 * gap:+.2f}% held-out loss, perplexity "
+              f"{by['aware']['perplexity'] - by['centralized']['perplexity']:+.2f}")
+    if "aware" in by and "compressed" in by:
+        gap = by["compressed"]["final_eval_loss"] / by["aware"]["final_eval_loss"] - 1
+        print(f"int4 vs bf16 transfer: {100 * gap:+.2f}% held-out loss")
 
 
 if __name__ == "__main__":

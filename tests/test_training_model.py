@@ -23,6 +23,14 @@ def test_d20_has_about_561m_parameters() -> None:
     assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
+def test_d12_is_gpt2_small_sized() -> None:
+    model = build_model("d12", device="meta")
+    assert 135.0e6 <= count_parameters(model) <= 135.5e6, count_parameters(model)
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)
+    assert (config.intermediate_size, config.vocab_size, config.max_position_embeddings) == (2048, 32_768, 1024)
+
+
 def test_d48_does_not_fit_one_80_gb_gpu_unsharded() -> None:
     model = build_model("d48", device="meta")
     num_params = count_parameters(model)

@@ -258,8 +258,9 @@ class Coordinator:
         self._outer_momentum = resolve_outer_momentum(training, self._inner_steps_per_round)
         averager = start_averager(initial, training, broadcast, self._outer_momentum)
         self._averager_pids = AveragerClient(averager).pids()
-        evaluator = Evaluator.options(**control_plane()).remote(
-            EvalConfig(model, share_tokens(heldout_tokens), training.eval_batches, training.eval_batch_size)
+        evaluator = Evaluator.options(**control_plane(), num_gpus=training.eval_gpus).remote(
+            EvalConfig(model, share_tokens(heldout_tokens), training.eval_batches, training.eval_batch_size,
+                       device="cuda" if training.eval_gpus > 0 else "cpu")
         )
         return RunSetup(
             tokenizer=tokenizer, model=model, num_train_tokens=len(train_tokens),

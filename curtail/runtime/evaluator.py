@@ -20,7 +20,8 @@ from curtail.runtime.protocol import EvalConfig, open_tokens
 
 @ray.remote(num_cpus=0)
 class Evaluator:
-    """Scores global-weights snapshots on the held-out split (CPU, off the training path).
+    """Scores global-weights snapshots on the held-out split (off the training path; on CPUs, or
+    on a share of a GPU with ``training.eval_gpus``).
 
     Example::
 
@@ -36,7 +37,7 @@ class Evaluator:
 
         torch.set_num_threads(config.model.torch_threads)
         self._config = config
-        self._trainer = SiteTrainer(config.model.spec, config.model.vocab_size, config.model.seed, device="cpu")
+        self._trainer = SiteTrainer(config.model.spec, config.model.vocab_size, config.model.seed, device=config.device)
         self._heldout = TokenCorpus(open_tokens(config.heldout_tokens), "heldout")
 
     def evaluate(self, snapshot: tuple[int, dict[str, np.ndarray]]) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class EvalConfig:
     heldout_tokens: Any  # token source (share_tokens): the held-out tokens
     num_batches: int
     batch_size: int
+    device: str = "cpu"  # "cuda": the evaluator holds a share of a GPU (training.eval_gpus)
 
 
 # ------------------------------------------------------------------------------------- replies

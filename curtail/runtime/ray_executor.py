@@ -476,7 +476,10 @@ class RayExecutor(Executor):
         if current is not None and current.kind is RunMode.SINGLE:
             for site in set(current.members) & set(tokens):  # single site: deliver periodically
                 if end_s - self.last_publish_s.get(site, start_s) >= self.options.single_publish_interval_s:
+                    published_from = self.global_version
                     self._publish(site, end_s, index)
+                    if self.global_version != published_from:  # a single site's sync: score it too
+                        self._evaluate(end_s)
         if self.on_progress is not None:
             self.on_progress(self, end_s, self.tokens + sum(tokens.values()))
         return tokens

@@ -46,6 +46,21 @@ class TokenCorpus:
         self.tokens = tokens
         self.name = name
 
+    def evaluation_starts(self, num_batches: int, batch_size: int, seq_len: int) -> np.ndarray:
+        """Where the ``num_batches`` evaluation batches of ``batch_size × seq_len`` start: spread
+        evenly over the corpus, the same every call (fewer if the corpus is too short)."""
+        if num_batches <= 0:
+            raise ValueError(f"num_batches must be > 0, got {num_batches}")
+        num_batch_tokens = batch_size * seq_len
+        last_start = self.num_trainable_tokens - num_batch_tokens
+        if last_start < 0:
+            raise ValueError(
+                f"{self.name} has {self.num_tokens} tokens, fewer than one {batch_size}x"
+                f"{seq_len} batch; use a smaller batch or a larger held-out corpus"
+            )
+        num_batches = min(num_batches, last_start // num_batch_tokens + 1)
+        return np.linspace(0, last_start, num_batches).astype(np.int64)
+
     @property
     def num_tokens(self) -> int:
         """Tokens in the array."""

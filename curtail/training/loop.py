@@ -419,17 +419,7 @@ class SiteTrainer:
         rounds and sites. Fewer batches are used if the corpus is too short.
         """
         seq_len = seq_len or self.spec.seq_len
-        if num_batches <= 0:
-            raise ValueError(f"num_batches must be > 0, got {num_batches}")
-        num_batch_tokens = batch_size * seq_len
-        last_start = corpus.num_trainable_tokens - num_batch_tokens
-        if last_start < 0:
-            raise ValueError(
-                f"{corpus.name} has {corpus.num_tokens} tokens, fewer than one {batch_size}x"
-                f"{seq_len} batch; use a smaller batch or a larger held-out corpus"
-            )
-        num_batches = min(num_batches, last_start // num_batch_tokens + 1)
-        starts = np.linspace(0, last_start, num_batches).astype(np.int64)
+        starts = corpus.evaluation_starts(num_batches, batch_size, seq_len)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Quality at scale on a GPU machine (docs/BENCHMARKS.md, "Quality at scale"): builds the corpus
+# (the installed packages' Python source, split by package) and its d12 token shards once under
+# .cache/, then makes the comparison runs of experiments/gpu_quality.toml.
+#
+#   bash experiments/gpu_quality.sh                        # aware, centralized, compressed
+#   bash experiments/gpu_quality.sh --runs centralized     # one of them (rows accumulate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -f .cache/pycorpus-d12/manifest.json ]; then
+    "$PY" experiments/python_corpus.py --output .cache/pycorpus --max-train-mb 1000 --max-heldout-mb 8
+    "$PY" -m curtail.cli prepare-data .cache/pycorpus/train.txt --heldout .cache/pycorpus/heldout.txt \
+        --vocab-size 32768 --num-proc "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --output .cache/pycorpus-d12 --json
+fi
+[ "$#" -gt 0 ] || set -- --compressed
+"$PY" experiments/compare_centralized.py --config experiments/gpu_quality.toml --device cuda \
+    --output-dir .cache/quality "$@"
