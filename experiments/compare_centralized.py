@@ -99,6 +99,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 4.5), layout="constrained")
     for row in rows:
+        if not row["eval_curve"]:
+            continue
         tokens, losses = zip(*row["eval_curve"], strict=True)
         axes.plot([t / 1e6 for t in tokens], losses, marker=".", label=f"{row['run']} ({row['final_eval_loss']:.3f})")
     axes.set(xlabel="tokens trained (millions)", ylabel="held-out loss (nats/token)",

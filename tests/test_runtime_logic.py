@@ -519,6 +519,17 @@ def test_a_site_joining_a_federated_round_loads_the_newest_global_version(tmp_pa
     assert_consistent(run, trajectory)
 
 
+def test_a_single_site_delivers_every_interval_from_its_first_step(tmp_path):
+    """Alone from the start, a delivers (and so checkpoints) every 1,000 s of the run's clock
+    (longer than one of its 600-s stretches), before any hand-off: not only once another site
+    joins (a crash in a long single-site stretch would otherwise lose all of it)."""
+    run, trajectory = single_run(tmp_path, publish_interval_s=1000)
+    start = run.at(run.events(trajectory, "round_start")[0])
+    publishes = [run.at(t) for t in run.executor.telemetry.timings if t.kind == "publish" and t.site == "a"]
+    assert [t - start for t in publishes[:2]] == [1200, 2100]  # the 2nd stretch's end, then the hand-off
+    assert_consistent(run, trajectory)
+
+
 def test_a_rejoining_site_starts_from_the_newest_global_version(tmp_path):
     # publishing every 240 s, b's last stretch before its window closes (11280 s to 11400 s)
     # is delivered by its leaving, not by a periodic publish

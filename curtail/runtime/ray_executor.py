@@ -475,7 +475,8 @@ class RayExecutor(Executor):
         self._land(end_s, wait=False)
         if current is not None and current.kind is RunMode.SINGLE:
             for site in set(current.members) & set(tokens):  # single site: deliver periodically
-                if end_s - self.last_publish_s.get(site, start_s) >= self.options.single_publish_interval_s:
+                since_s = self.last_publish_s.setdefault(site, start_s)  # never delivered: since it began
+                if end_s - since_s >= self.options.single_publish_interval_s:
                     published_from = self.global_version
                     self._publish(site, end_s, index)
                     if self.global_version != published_from:  # a single site's sync: score it too
