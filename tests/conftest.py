@@ -9,16 +9,6 @@ import pytest
 TEST_SITES = ("a", "b", "c")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep each test file on one xdist worker (``--dist loadgroup``, pyproject.toml), so a
-    module fixture runs once; the files that share the session's ``two_runs`` go together, so
-    it runs once too. Each worker starts its own ``ray_cluster``."""
-    sharing = {item.path for item in items if "two_runs" in getattr(item, "fixturenames", ())}
-    for item in items:
-        group = "two_runs" if item.path in sharing else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 2-CPU local Ray cluster declaring one resource per test site, shared by all Ray tests."""
