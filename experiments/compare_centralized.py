@@ -13,7 +13,8 @@ Each runs for real on a local Ray cluster. Then every saved global model is load
 ``AutoModelForCausalLM.from_pretrained`` and its held-out loss recomputed on the evaluator's
 batches, which must match the run's last evaluation. ``OUTPUT_DIR/comparison.json`` collects
 the rows (``--runs`` runs a subset and adds to the rows already there, so the runs can be made
-in separate calls) and ``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the
+in separate calls; a run stopped with Ctrl-C, e.g. ``timeout -s INT``, is continued from its
+checkpoint by the next call) and ``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the
 global model after each sync against tokens. The prior system reported its federated model
 within 0.3 perplexity of the centralized one.
 """
@@ -75,7 +76,12 @@ def run_row(name: str, experiment: Any, run: str, output_dir: Path, device: str)
     import curtail
     from curtail.runlog import read_run_dir
 
-    result = curtail.run(experiment, run=run, output_dir=output_dir)
+    run_dir = output_dir / experiment.name / run
+    if (run_dir / "checkpoints" / "LATEST").is_file() and not (run_dir / "summary.json").is_file():
+        print(f"{run}: continuing the interrupted run in {run_dir}")
+        result = curtail.run(resume=run_dir)
+    else:
+        result = curtail.run(experiment, run=run, output_dir=output_dir)
     s = result.summary
     reloaded = reloaded_heldout_loss(experiment, Path(s["model_dir"]), device)
     losses = read_run_dir(result.run_dir).losses
@@ -124,6 +130,7 @@ def main() -> None:
     parser.add_argument("--plot-only", action="store_true", help="no runs: draw OUTPUT_DIR/comparison.json's curves")
     args = parser.parse_args()
 
+    from curtail.api import RunInterrupted
     from curtail.config import load_experiment
 
     experiment = load_experiment(args.config)
@@ -132,7 +139,10 @@ def main() -> None:
     rows = {row["variant"]: row for row in json.loads(table.read_text())} if table.is_file() else {}
     for name, (variant, run) in variants(experiment, args.central_site).items():
         if name in chosen and not args.plot_only:
-            rows[name] = run_row(name, variant, run, args.output_dir, args.device)
+            try:
+                rows[name] = run_row(name, variant, run, args.output_dir, args.device)
+            except RunInterrupted as stopped:
+                raise SystemExit(f"{run}: {stopped}; the next call with the same arguments continues it") from None
             table.write_text(json.dumps(list(rows.values()), indent=2))
     ordered = [rows[name] for name in RUNS if name in rows]
     try:
