@@ -106,7 +106,9 @@ def test_training_learns_and_the_model_loads_with_transformers(two_runs):
     result = two_runs[0]
     losses = pd.read_csv(result.run_dir / "losses.csv")
     train = losses[losses.kind == "train"].loss.to_numpy()
-    assert train[-5:].mean() < train[:5].mean() - 0.3
+    # from ln(512) = 6.24 at the start; ~0.2 nats lower after 19k tokens (the federated phase
+    # steps with the rule's outer momentum 0.3 for these 5-step rounds, not DiLoCo's 0.9)
+    assert train[-5:].mean() < train[:5].mean() - 0.15
     model = AutoModelForCausalLM.from_pretrained(result.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
     ids = torch.tensor([tokenizer.encode("ROMEO: What light")])
