@@ -62,7 +62,7 @@ def reloaded_heldout_loss(experiment: Any, model_dir: Path, device: str) -> floa
     _, _, heldout = prepare_data(training, resolve_data_path(training.cache_dir))
     corpus = TokenCorpus(heldout, "heldout")
     seq_len = training.seq_len or get_spec(training.preset).seq_len
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     losses = []
     with torch.no_grad():
         for start in corpus.evaluation_starts(training.eval_batches, training.eval_batch_size, seq_len):
