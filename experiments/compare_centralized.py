@@ -48,28 +48,23 @@ def variants(experiment: Any, central_site: str | None) -> dict[str, tuple[Any, 
 
 
 def reloaded_heldout_loss(experiment: Any, model_dir: Path, device: str) -> float:
-    """The saved model's held-out loss, loaded with transformers, on the evaluator's batches."""
-    import torch
-    import torch.nn.functional as F
+    """The saved model's held-out loss: loaded with transformers, scored as the run's evaluator
+    scores (the same batches and loss, :meth:`SiteTrainer.evaluate`)."""
     from transformers import AutoModelForCausalLM
 
     from curtail.preflight import resolve_data_path
     from curtail.runtime.coordinator import prepare_data
     from curtail.training.data import TokenCorpus
+    from curtail.training.loop import SiteTrainer
     from curtail.training.model import get_spec
 
     training = experiment.training
-    _, _, heldout = prepare_data(training, resolve_data_path(training.cache_dir))
-    corpus = TokenCorpus(heldout, "heldout")
-    seq_len = training.seq_len or get_spec(training.preset).seq_len
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    losses = []
-    with torch.no_grad():
-        for start in corpus.evaluation_starts(training.eval_batches, training.eval_batch_size, seq_len):
-            input_ids, labels = corpus.batch(int(start), training.eval_batch_size, seq_len)
-            logits = model(input_ids=input_ids.to(device)).logits
-            losses.append(float(F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())))
-    return sum(losses) / len(losses)
+    tokenizer, _, heldout = prepare_data(training, resolve_data_path(training.cache_dir))
+    saved = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = SiteTrainer(get_spec(training.preset), len(tokenizer), experiment.seed, device=device)
+    trainer.load_global({name: value.detach().numpy() for name, value in saved.named_parameters()})
+    return trainer.evaluate(TokenCorpus(heldout, "heldout"), training.eval_batches, training.eval_batch_size,
+                            training.seq_len)
 
 
 def run_row(name: str, experiment: Any, run: str, output_dir: Path, device: str) -> dict[str, Any]:

@@ -126,6 +126,8 @@ class RunSetup:
     mailbox: Any
     evaluator: Any
     train_tokens: Any  # token source (share_tokens)
+    inner_steps_per_round: float  # a site's inner steps per federated round (the outer-momentum rule's H)
+    outer_momentum: float  # the averager's: training.outer_momentum, or the rule's for those rounds
 
     @property
     def actors(self) -> tuple[Any, ...]:
@@ -254,9 +256,9 @@ class Coordinator:
         broadcast = (None if training.broadcast_dtype == "fp32"
                      else WireFormat(training.broadcast_dtype, block_size=training.transfer_block_size))  # type: ignore[arg-type]
         tokens_per_step = training.batch_size * model.seq_len * training.workers_per_site
-        self._inner_steps_per_round = inner_steps_per_round(plan, tokens_per_step)
-        self._outer_momentum = resolve_outer_momentum(training, self._inner_steps_per_round)
-        averager = start_averager(initial, training, broadcast, self._outer_momentum)
+        inner_steps = inner_steps_per_round(plan, tokens_per_step)
+        outer_momentum = resolve_outer_momentum(training, inner_steps)
+        averager = start_averager(initial, training, broadcast, outer_momentum)
         self._averager_pids = AveragerClient(averager).pids()
         evaluator = Evaluator.options(**control_plane(), num_gpus=training.eval_gpus).remote(
             EvalConfig(model, share_tokens(heldout_tokens), training.eval_batches, training.eval_batch_size,
@@ -268,6 +270,7 @@ class Coordinator:
             num_parameters=int(sum(v.size for v in initial.values())), averager=averager,
             mailbox=Mailbox.options(**control_plane()).remote(), evaluator=evaluator,
             train_tokens=share_tokens(train_tokens),
+            inner_steps_per_round=inner_steps, outer_momentum=outer_momentum,
         )
 
     def _site_groups(self, plan: RunPlan, setup: RunSetup) -> dict[str, SiteGroup]:
@@ -351,8 +354,8 @@ class Coordinator:
             "num_parameters": setup.num_parameters,
             "tokens_per_step": setup.tokens_per_step,
             "virtual_step_s": executor.clock.step_s,
-            "inner_steps_per_round": self._inner_steps_per_round,
-            "outer_momentum": self._outer_momentum,
+            "inner_steps_per_round": setup.inner_steps_per_round,
+            "outer_momentum": setup.outer_momentum,
             "ledger_trained_tokens": ledger.trained_tokens,
             "ledger_trained_by_site": ledger.trained_by_site,
             "ledger_epochs": ledger.epoch + 1 if ledger.trained_tokens else 0,

@@ -409,17 +409,19 @@ class RayExecutor(Executor):
             if withdrawn:
                 self.recorder.event(t_s, "", "withdrawn", round=round_index, sites=withdrawn)
 
-    def _publish(self, site: str, t_s: float, round_index: int) -> None:
+    def _publish(self, site: str, t_s: float, round_index: int) -> bool:
         """Single-site delivery: the site's weights become global (nothing to do without new work).
-        A site that dies after its weights reached the averager still delivered them."""
+        A site that dies after its weights reached the averager still delivered them. Whether
+        the global weights changed."""
         self._land(t_s, wait=True)
         if not self.account.undelivered(site):
-            return
+            return False
         replies, failures = self._send_all({site: Publish()}, t_s, round_index)
         if site in replies:
             self._count_bytes(site, sent=replies[site].num_bytes)
         version = replies[site].version if site in replies else self.averager.published_by(site)
-        if version is not None and version > self.global_version:
+        delivered = version is not None and version > self.global_version
+        if delivered:
             self.global_version = version
             self.loaded_version[site] = version
             self.last_publish_s[site] = t_s
@@ -428,6 +430,7 @@ class RayExecutor(Executor):
                 self.recorder.event(t_s, site, "publish_arrived", version=version)
         if site in failures:
             self._fail(site, failures[site], t_s)
+        return delivered
 
     def _evaluate(self, t_s: float) -> None:
         """Score this sync's global weights in the background (no site waits for it)."""
@@ -476,11 +479,9 @@ class RayExecutor(Executor):
         if current is not None and current.kind is RunMode.SINGLE:
             for site in set(current.members) & set(tokens):  # single site: deliver periodically
                 since_s = self.last_publish_s.setdefault(site, start_s)  # never delivered: since it began
-                if end_s - since_s >= self.options.single_publish_interval_s:
-                    published_from = self.global_version
-                    self._publish(site, end_s, index)
-                    if self.global_version != published_from:  # a single site's sync: score it too
-                        self._evaluate(end_s)
+                due = end_s - since_s >= self.options.single_publish_interval_s
+                if due and self._publish(site, end_s, index):  # a single site's sync: score it too
+                    self._evaluate(end_s)
         if self.on_progress is not None:
             self.on_progress(self, end_s, self.tokens + sum(tokens.values()))
         return tokens
