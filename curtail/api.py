@@ -28,6 +28,7 @@ import pandas as pd
 from curtail.config import (
     ExperimentConfig,
     RunSpec,
+    TrainingConfig,
     load_experiment,
     parse_experiment,
 )
@@ -297,6 +298,11 @@ class RunInterrupted(Exception):
         return f"curtail run --resume {self.location}"
 
 
+def _averager_resources(training: TrainingConfig) -> dict[str, float]:
+    """What a local cluster declares for ``training.averager_resource``: a unit per averaging actor."""
+    return {training.averager_resource: training.averager_actors} if training.averager_resource else {}
+
+
 def _new_run_dir(root: str | Path, experiment: ExperimentConfig, run: str) -> RunStore:
     """``root/experiment/run`` (a folder, or a URI with its working copy) with ``run.json`` in it;
     a real run never overwrites another: a time suffix if taken."""
@@ -408,8 +414,14 @@ def run(
     # (ModuleNotFoundError; tests/test_multinode.py).
     import curtail.runtime.coordinator  # noqa: F401
     from curtail.runtime.checkpoint import point_latest, select_checkpoint
-    from curtail.runtime.cluster import check_capacity, connect, remove_stale_placement_groups
+    from curtail.runtime.cluster import (
+        check_capacity,
+        connect,
+        object_store_bytes,
+        remove_stale_placement_groups,
+    )
     from curtail.runtime.placement import SitePinning
+    from curtail.training.model import get_spec
 
     if checkpoint is not None and resume is None:
         raise ResumeError("a checkpoint is picked for a resume: pass resume=RUN_DIR (--resume RUN_DIR) too")
@@ -448,6 +460,9 @@ def run(
         traces_checksums = traces.checksums
     started_ray = connect(
         list(spec.sites), address=address, workers_per_site=experiment.training.workers_per_site,
+        object_store_memory_bytes=object_store_bytes(get_spec(experiment.training.preset).num_parameters(),
+                                                     len(spec.sites)),
+        local_resources=_averager_resources(experiment.training),
         autoscaled_sites=experiment.training.autoscaled_sites,
         pinning=SitePinning(experiment.training.site_pinning),
     )

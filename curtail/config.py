@@ -264,6 +264,12 @@ class TrainingConfig(StrictModel):
         description="split the global weights, their broadcast view and the outer-optimizer state across this "
         "many averaging actors (equal shares of the parameters; the same result as one, bit for bit)",
     )
+    averager_resource: str | None = Field(
+        default=None, min_length=1,
+        description="each averaging actor asks for one unit of this custom resource, so the actors run on the nodes "
+        "that declare it (ray start --resources '{\"averager\": 1}': one actor per unit; a local cluster declares "
+        "them); default: beside the driver",
+    )
     sync_fragments: int = Field(
         default=1, ge=1,
         description="sync the model in this many fragments at staggered points of the round (Streaming DiLoCo; "

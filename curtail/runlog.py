@@ -11,7 +11,8 @@
       timeseries.parquet  per site at trace resolution: state, run_mode, power, energy, CI,
                        emissions, tokens, loss (Parquet: a simulated year is 300k rows)
       losses.csv       (real runs) t_s, site, tokens, loss, kind (train per site, eval of the global model)
-      timings.csv      (real runs) measured wall seconds of every train / submit / load / eval command
+      timings.csv      (real runs) measured wall seconds of every train / submit / load / eval command,
+                       and of each worker group's start-up phases (start_ray_train, start_corpus, ...)
       emissions.csv    CodeCarbon's columns and units, a row per site (curtail.planning.codecarbon)
       model/           (real runs) the final global model and tokenizer (save_pretrained)
 

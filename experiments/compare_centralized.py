@@ -13,8 +13,8 @@ Each runs for real on a local Ray cluster. Then every saved global model is load
 ``AutoModelForCausalLM.from_pretrained`` and its held-out loss recomputed on the evaluator's
 batches, which must match the run's last evaluation. ``OUTPUT_DIR/comparison.json`` collects
 the rows (``--runs`` runs a subset and adds to the rows already there, so the runs can be made
-in separate calls; a run stopped with Ctrl-C, e.g. ``timeout -s INT``, is continued from its
-checkpoint by the next call) and ``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the
+in separate calls; a run with a row is not made again, and a run stopped with Ctrl-C, e.g.
+``timeout -s INT``, is continued from its checkpoint by the next call with the same arguments) and ``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the
 global model after each sync against tokens. The prior system reported its federated model
 within 0.3 perplexity of the centralized one.
 """
@@ -72,14 +72,16 @@ def run_row(name: str, experiment: Any, run: str, output_dir: Path, device: str)
     from curtail.runlog import read_run_dir
 
     run_dir = output_dir / experiment.name / run
-    if (run_dir / "checkpoints" / "LATEST").is_file() and not (run_dir / "summary.json").is_file():
+    if (run_dir / "summary.json").is_file():  # stopped while its saved model was scored
+        print(f"{run}: finished by an earlier call, scoring its saved model")
+    elif (run_dir / "checkpoints" / "LATEST").is_file():
         print(f"{run}: continuing the interrupted run in {run_dir}")
-        result = curtail.run(resume=run_dir)
+        curtail.run(resume=run_dir)
     else:
-        result = curtail.run(experiment, run=run, output_dir=output_dir)
-    s = result.summary
+        run_dir = curtail.run(experiment, run=run, output_dir=output_dir).run_dir
+    s = json.loads((run_dir / "summary.json").read_text())
     reloaded = reloaded_heldout_loss(experiment, Path(s["model_dir"]), device)
-    losses = read_run_dir(result.run_dir).losses
+    losses = read_run_dir(run_dir).losses
     evals = losses[losses["kind"] == "eval"].sort_values("tokens")
     return {"variant": name, "run": s["run"], "tokens": s["tokens"], "completed": s["completed"],
             "final_eval_loss": s["final_eval_loss"], "reloaded_eval_loss": reloaded,
@@ -87,7 +89,7 @@ def run_row(name: str, experiment: Any, run: str, output_dir: Path, device: str)
             "inner_steps_per_round": s["inner_steps_per_round"], "outer_momentum": s["outer_momentum"],
             "transfer_dtype": experiment.training.transfer_dtype, "num_parameters": s["num_parameters"],
             "emissions_kg": s["emissions_kg"], "hours": s["hours"], "wall_s": s["wall_s"],
-            "run_dir": str(result.run_dir),
+            "run_dir": str(run_dir),
             "eval_curve": [[float(t), float(v)] for t, v in zip(evals["tokens"], evals["loss"], strict=True)]}
 
 
@@ -119,7 +121,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs"))
     parser.add_argument("--compressed", action="store_true", help="also the aware run with int4 pseudo-gradients")
     parser.add_argument("--runs", nargs="+", choices=RUNS, help="run only these (default: aware, centralized, "
-                        "and compressed with --compressed); rows from earlier calls are kept")
+                        "and compressed with --compressed); rows from earlier calls are kept, and their runs not made again")
     parser.add_argument("--central-site", help="the centralized run's site (default: the aware run's last)")
     parser.add_argument("--device", default="cpu", help="where the saved models are re-scored (cuda on a GPU)")
     parser.add_argument("--plot-only", action="store_true", help="no runs: draw OUTPUT_DIR/comparison.json's curves")
@@ -133,12 +135,16 @@ def main() -> None:
     table = args.output_dir / "comparison.json"
     rows = {row["variant"]: row for row in json.loads(table.read_text())} if table.is_file() else {}
     for name, (variant, run) in variants(experiment, args.central_site).items():
-        if name in chosen and not args.plot_only:
-            try:
-                rows[name] = run_row(name, variant, run, args.output_dir, args.device)
-            except RunInterrupted as stopped:
-                raise SystemExit(f"{run}: {stopped}; the next call with the same arguments continues it") from None
-            table.write_text(json.dumps(list(rows.values()), indent=2))
+        if name not in chosen or args.plot_only:
+            continue
+        if name in rows:
+            print(f"{run}: measured by an earlier call (its row in {table}; delete that to run it again)")
+            continue
+        try:
+            rows[name] = run_row(name, variant, run, args.output_dir, args.device)
+        except RunInterrupted as stopped:
+            raise SystemExit(f"{run}: {stopped}; the next call with the same arguments continues it") from None
+        table.write_text(json.dumps(list(rows.values()), indent=2))
     ordered = [rows[name] for name in RUNS if name in rows]
     try:
         plot(ordered, args.output_dir / "heldout_loss.png")

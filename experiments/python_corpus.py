@@ -7,8 +7,10 @@ Writes ``train.txt`` and ``heldout.txt`` (and ``manifest.json``) under ``--outpu
 package**, so no file, and no package's idioms, leak from training into the held-out text.
 The held-out packages are those named by ``--heldout-packages`` (default: a fixed list of
 packages that are usually installed; the ones present are used), in sorted path order; the
-rest train, in sorted path order, until ``--max-train-mb``. Files are separated by a blank
-line; files that are not UTF-8 are skipped and counted.
+rest train until ``--max-train-mb``, their files shuffled (``--seed``; a pretraining corpus
+is a shuffle of its documents: in package order every stretch of training would see one
+package's code, ``--in-package-order``). Files are separated by a blank line; files that are
+not UTF-8 are skipped and counted.
 
 The text is real, permissively licensed code (BSD, MIT, Apache 2.0, PSF: the licences of the
 packages it is read from; see ``manifest.json`` for which packages went where). It is built on
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import site
 import sysconfig
 from pathlib import Path
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--max-train-mb", type=float, default=60.0)
     parser.add_argument("--max-heldout-mb", type=float, default=6.0)
     parser.add_argument("--heldout-packages", nargs="*", default=list(DEFAULT_HELDOUT))
+    parser.add_argument("--seed", type=int, default=0, help="the training files' shuffle")
+    parser.add_argument("--in-package-order", action="store_true", help="no shuffle: the training files by package")
     parser.add_argument("--root", type=Path, action="append",
                         help="site-packages folder(s) to read (default: this interpreter's)")
     args = parser.parse_args()
@@ -81,13 +86,16 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     mb = 1 << 20
     train_files = [(name, f) for name in train for f in packages[name]]
+    if not args.in_package_order:
+        random.Random(args.seed).shuffle(train_files)
     train_stats = write_text(args.output / "train.txt", [f for _, f in train_files], int(args.max_train_mb * mb))
     train = sorted({name for name, _ in train_files[:train_stats[1] + train_stats[2]]})  # those the cap reached
     heldout_stats = write_text(args.output / "heldout.txt", [f for name in heldout for f in packages[name]],
                                int(args.max_heldout_mb * mb))
     manifest = {
         "roots": [str(r) for r in roots],
-        "train": {"packages": train, "bytes": train_stats[0], "files": train_stats[1], "skipped": train_stats[2]},
+        "train": {"packages": train, "order": "packages" if args.in_package_order else f"shuffled, seed {args.seed}",
+                  "bytes": train_stats[0], "files": train_stats[1], "skipped": train_stats[2]},
         "heldout": {"packages": heldout, "bytes": heldout_stats[0], "files": heldout_stats[1],
                     "skipped": heldout_stats[2]},
     }

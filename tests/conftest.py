@@ -21,7 +21,7 @@ def ray_cluster():
     ray.init(
         address="local",
         num_cpus=2,
-        resources={f"site_{s}": 2 for s in TEST_SITES},
+        resources={**{f"site_{s}": 2 for s in TEST_SITES}, "averager": 4},  # averager: training.averager_resource
         include_dashboard=False,
         object_store_memory=300 * 2**20,
         namespace="curtail-test",

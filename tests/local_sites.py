@@ -58,6 +58,7 @@ class LocalSites:
 
     sites: dict[str, int]  # site -> workers it can hold (its site_<name> resource)
     cpus_per_site: int = 1
+    node_resources: dict[str, float] = field(default_factory=dict)  # more custom resources on each site's raylet
     object_store_bytes: int = 200 * 2**20
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ct-", dir="/tmp")))
     gcs_port: int = field(default_factory=free_port)
@@ -190,7 +191,7 @@ class LocalSites:
                         "--labels",
                         f"site={site}",
                         "--resources",
-                        json.dumps({f"site_{site}": capacity}),
+                        json.dumps({f"site_{site}": capacity, **self.node_resources}),
                     ]
                 )
             self.wait_for_nodes(1 if self.autoscale else 1 + len(self.sites))
@@ -305,7 +306,8 @@ STEP_S = 300.0  # virtual seconds per step at each site
 
 
 def write_tiny_experiment(
-    folder: Path, name: str = "multinode", token_budget: int = 10_000_000, autoscaled_sites: bool = False
+    folder: Path, name: str = "multinode", token_budget: int = 10_000_000, autoscaled_sites: bool = False,
+    training: str = "",
 ) -> Path:
     """A TOML experiment: sites a and b on a 2-hour scripted trace, the tiny preset.
 
@@ -357,6 +359,7 @@ cpus_per_worker = 0.5
 cache_dir = "{folder / "cache"}"
 command_timeout_s = 120
 autoscaled_sites = {"true" if autoscaled_sites else "false"}
+{training}
 
 [sites.a]
 region = "A"

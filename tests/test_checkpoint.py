@@ -245,7 +245,7 @@ def test_run_resumes_by_itself_when_the_coordinator_then_the_averager_dies(ray_c
 
     callback, killed = _kill_in_turn([("coordinator", 5000), ("averager", 9000)])
     experiment = _mid_round(tiny_experiment(tmp_path))  # int4 with error feedback, overlapped syncs
-    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4",
+    experiment["training"] = {**experiment["training"], "transfer_dtype": "int4", "averager_resource": "averager",
                               "sync_fragments": 2}  # two staggered fragments, an actor each; one is killed
     experiment["execution"] = {**experiment["execution"], "overlap_sync": True}
     result = curtail.run(experiment, output_dir=tmp_path / "runs", on_progress=callback, progress_interval_s=0.3)
@@ -253,6 +253,7 @@ def test_run_resumes_by_itself_when_the_coordinator_then_the_averager_dies(ray_c
     shards = result.summary["averager_shards"]
     names = [name for group in shards for name in group]
     assert len(shards) == 2 and all(shards) and len(set(names)) == len(names) and "lm_head.weight" in names
+    assert len(result.summary["averager_nodes"]) == 2  # each asked for its unit of "averager", also when restarted
     assert result.summary["link"]["sync_fragments"] == 2
     assert len(result.summary["restarts"]) == 2
     assert (result.run_dir / "checkpoints" / "LATEST").is_file()

@@ -9,7 +9,9 @@ must say ``RAY_AUTH_MODE=token`` and find the token (here ``RAY_AUTH_TOKEN_PATH`
 The run is ``ray job submit --working-dir . -- python -m curtail run CONFIG``: the job's driver
 joins the cluster through the ``RAY_ADDRESS`` Ray sets for it, and the tests read the run
 directory it wrote. The run directory records the Ray node of every site's workers
-(``summary.json`` → ``site_nodes``); each must be its own raylet. ``curtail run CONFIG`` joining
+(``summary.json`` → ``site_nodes``); each must be its own raylet. The run's two averaging actors
+ask for the ``averager`` resource each raylet declares, so each runs on its own raylet too
+(``averager_nodes``). ``curtail run CONFIG`` joining
 through ``RAY_ADDRESS`` from a subprocess is checked with a config whose site no node declares.
 This pytest process never joins this cluster, so the session fixture ``ray_cluster`` in
 conftest.py and this cluster never share a process.
@@ -33,14 +35,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    sites = LocalSites({"a": 1, "b": 1}).start()
+    sites = LocalSites({"a": 1, "b": 1}, node_resources={"averager": 1}).start()
     yield sites
     sites.stop()
 
 
 @pytest.fixture(scope="module")
 def submitted_run(cluster, tmp_path_factory):
-    config = write_tiny_experiment(tmp_path_factory.mktemp("submitted"), name="submitted")
+    config = write_tiny_experiment(tmp_path_factory.mktemp("submitted"), name="submitted",
+                                   training='averager_shards = 2\naverager_resource = "averager"')
     env = cluster.env()
     del env["RAY_ADDRESS"]  # the client names the dashboard, the job gets RAY_ADDRESS from Ray
     command = [
@@ -82,6 +85,13 @@ def test_each_site_trained_only_on_its_own_raylet(submitted_run):
     assert set(by_site) == {"a", "b"}
     assert summary["site_nodes"] == {"a": [by_site["a"]], "b": [by_site["b"]]}
     assert head not in summary["site_nodes"]["a"] + summary["site_nodes"]["b"]
+
+
+def test_the_averaging_actors_ran_on_the_nodes_declaring_their_resource(submitted_run):
+    summary, _, nodes, _, _ = submitted_run
+    declaring = {node["node_id"] for node in nodes if node["resources"].get("averager")}
+    assert len(summary["averager_shards"]) == 2
+    assert len(set(summary["averager_nodes"])) == 2 and set(summary["averager_nodes"]) == declaring
 
 
 def test_the_run_trained_federated_across_the_two_raylets(submitted_run):

@@ -4,11 +4,18 @@ nodes are a site's, capacity checks. tests/test_multinode.py runs a label-pinned
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from curtail.config import TrainingConfig
 from curtail.runtime.capacity import SiteCapacity, live_site_nodes, site_bundles
-from curtail.runtime.cluster import capacity_problems
+from curtail.runtime.cluster import (
+    MIN_OBJECT_STORE_BYTES,
+    averager_problems,
+    capacity_problems,
+    object_store_bytes,
+)
 from curtail.runtime.placement import NODE_ID_LABEL, SitePinning, control_plane, labels_supported
 
 LABELS = SitePinning("labels")
@@ -73,3 +80,23 @@ def test_pinning_is_a_checked_config_key():
 
     with pytest.raises(ValidationError, match="site_pinning"):
         TrainingConfig(site_pinning="label")
+
+
+def test_a_local_clusters_object_store_holds_the_models_a_sync_moves():
+    assert object_store_bytes(164_672, 2) == MIN_OBJECT_STORE_BYTES  # tiny: the floor
+    d12 = object_store_bytes(135_285_504, 3)
+    assert d12 == 4 * 135_285_504 * 8  # three sites' fp32 models twice, the weights and momentum
+    assert d12 > 4 * 2**30
+    memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert object_store_bytes(5_838_769_152, 8) == int(0.3 * memory_bytes)  # d48 × 8 sites: Ray's default cap
+
+
+def test_the_averaging_actors_need_a_unit_of_their_resource_each():
+    nodes = [{"Resources": {"CPU": 4, "averager": 1}}, {"Resources": {"CPU": 4, "averager": 1}},
+             {"Alive": False, "Resources": {"averager": 4}}]
+    assert averager_problems(nodes, TrainingConfig(averager_shards=2)) == []  # unset: beside the driver
+    assert averager_problems(nodes, TrainingConfig(averager_shards=2, averager_resource="averager")) == []
+    (short,) = averager_problems(nodes, TrainingConfig(averager_shards=3, averager_resource="averager"))
+    assert short.startswith("training.averager_resource = 'averager': the run's 3 averaging actor(s) take one unit "
+                            "each, but the nodes declare 2")
+    assert "ray start --resources '{\"averager\": 1}'" in short

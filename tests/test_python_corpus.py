@@ -53,11 +53,30 @@ def test_the_training_cap_stops_at_whole_files_and_names_the_packages_reached(tm
     out = tmp_path / "corpus"
     one_file_mb = (len("# alpha 0\n" + "x = 1\n" * 50) + 2) / (1 << 20)
     monkeypatch.setattr(sys, "argv", ["python_corpus.py", "--output", str(out), "--root", str(tmp_path / "site"),
-                                      "--heldout-packages", "beta", "--max-train-mb", str(2.5 * one_file_mb)])
+                                      "--heldout-packages", "beta", "--max-train-mb", str(2.5 * one_file_mb),
+                                      "--in-package-order"])
     script.main()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["train"]["files"] == 2 and manifest["train"]["packages"] == ["alpha"]
     assert (out / "train.txt").read_text().count("# alpha") == 2
+
+
+def test_the_training_files_are_shuffled_by_seed_and_none_is_lost(tmp_path: Path, monkeypatch) -> None:
+    script = load_script()
+    make_site_packages(tmp_path / "site")
+
+    def first_lines(*options: str) -> list[str]:
+        out = tmp_path / "-".join(options)
+        monkeypatch.setattr(sys, "argv", ["python_corpus.py", "--output", str(out), "--root", str(tmp_path / "site"),
+                                          "--heldout-packages", "beta", *options])
+        script.main()
+        return [line for line in (out / "train.txt").read_text().splitlines() if line.startswith("# ")]
+
+    in_order = first_lines("--in-package-order")
+    assert in_order == ["# alpha 0", "# alpha 1", "# alpha 2", "# gamma 0", "# gamma 1", "# single"]
+    shuffled = first_lines("--seed", "0")
+    assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
+    assert first_lines("--seed", "0") == shuffled and first_lines("--seed", "1") != shuffled
 
 
 def test_no_installed_held_out_package_is_an_error_that_says_what_to_pass(tmp_path: Path, monkeypatch) -> None:

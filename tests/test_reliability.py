@@ -690,6 +690,7 @@ def _checkpoints(run_dir: Path) -> list[str]:
 def test_ctrl_c_stops_at_a_checkpoint_and_resume_completes_the_run(ray_cluster, tmp_path):
     """A terminal's Ctrl-C (SIGINT to the process group) on ``python -m curtail run``; both
     commands join the session's cluster with ``--address`` (it is not in their process group)."""
+    from curtail.runlog import read_run_dir
     from curtail.runtime.checkpoint import audit_journal, verify_checkpoint
 
     config = write_config(_mid_round(tiny_experiment(tmp_path)), tmp_path / "tiny.toml")
@@ -734,6 +735,9 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_completes_the_run(ray_cluster, 
     (resume,) = summary["resumes"]
     assert resume["tokens"] == 0  # stopped at a safe point: nothing to train again
     assert audit_journal(run_dir)["mismatched_tokens"] == 0
+    losses = read_run_dir(run_dir).losses
+    scored_s = losses.loc[losses["kind"] == "eval", "t_s"]
+    assert (scored_s <= resume["checkpoint_t_s"]).any(), "the syncs scored before the checkpoint were lost"
     print(f"Ctrl-C: exit 130 {stop_s:.1f} s after SIGINT, checkpoint {written}; resumed: tokens "
           f"{summary['tokens']}, re-trained {summary['ledger_retrained_tokens']}, held-out loss "
           f"{summary['final_eval_loss']!r}")

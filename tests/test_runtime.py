@@ -61,6 +61,19 @@ def test_active_sites_hold_identical_weights_after_each_sync(two_runs):
         assert entry["loaded_versions"] == [entry["version"]] * len(entry["sites"]), entry
 
 
+def test_each_worker_group_start_says_where_its_time_went(two_runs):
+    from curtail.runlog import read_run_dir
+    from curtail.runtime.protocol import STARTUP_PHASES
+
+    timings = read_run_dir(two_runs[0].run_dir).timings
+    for phase in STARTUP_PHASES:  # a's two windows and b's one: three worker groups started
+        rows = timings[timings.kind == f"start_{phase}"]
+        assert sorted(rows.site) == ["a", "a", "b"], phase
+        assert (rows.wall_s >= 0).all(), rows
+    ray_train = timings[timings.kind == "start_ray_train"].wall_s
+    assert (ray_train > 1.0).all(), ray_train  # new processes, torch imported: seconds, never nothing
+
+
 def test_rejoining_site_starts_from_the_newest_global_weights(two_runs):
     digests = two_runs[0].summary["weight_digests"]
     rejoin_after_s = pd.Timestamp("2026-01-11T03:15:00Z").timestamp()

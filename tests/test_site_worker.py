@@ -227,6 +227,13 @@ def test_load_takes_the_global_weights(corpus, averager) -> None:
     assert loaded.digest == worker.trainer.weights_fingerprint() == expected.weights_fingerprint()
 
 
+def test_the_first_load_carries_the_groups_start_up_and_only_the_first(corpus, averager) -> None:
+    phases = {"ray_train": 12.5, "corpus": 0.1, "model": 3.0, "optimizer": 0.0}
+    worker = make_worker(corpus, averager, startup_s=phases)
+    assert worker.execute(Load()).startup_s == tuple(phases.items())
+    assert worker.execute(Load()).startup_s == ()
+
+
 @pytest.mark.parametrize("transfer_dtype", ["bf16", "fp32"])
 def test_submit_sends_reference_minus_local_in_the_transfer_dtype(corpus, averager, transfer_dtype) -> None:
     worker = make_worker(corpus, averager, transfer_dtype)

@@ -39,6 +39,16 @@ def test_d48_does_not_fit_one_80_gb_gpu_unsharded() -> None:
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.intermediate_size) == (48, 3072, 8192)
 
 
+def test_the_closed_form_parameter_count_is_the_built_models() -> None:
+    grouped = ModelSpec(name="gqa", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
+                        intermediate_size=96, vocab_size=300, seq_len=16)
+    tied = grouped.model_copy(update={"tie_embeddings": True})
+    for spec in [*(preset() for preset in PRESETS.values()), grouped, tied]:
+        assert spec.num_parameters() == count_parameters(build_model(spec, device="meta")), spec.name
+    assert get_spec("d12").num_parameters(vocab_size=1000) == count_parameters(
+        build_model("d12", vocab_size=1000, device="meta"))
+
+
 def test_presets_are_frozen_specs() -> None:
     for name, preset in PRESETS.items():
         spec = preset()

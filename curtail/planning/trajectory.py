@@ -136,8 +136,13 @@ class TrajectoryRecorder:
             "modes": [[m.mode.value, m.start_s, m.end_s] for m in self._modes],
             "tokens_by_site": dict(self.tokens_by_site),
             "num_syncs": self.num_syncs,
-            "losses": [[p.t_s, p.site, p.tokens, p.loss, p.kind] for p in self._losses],
+            "losses": [self.loss_state(p) for p in self._losses],
         }
+
+    @staticmethod
+    def loss_state(point: LossPoint) -> list[Any]:
+        """One loss point as :meth:`snapshot` holds it."""
+        return [point.t_s, point.site, point.tokens, point.loss, point.kind]
 
     @classmethod
     def restore(cls, state: dict[str, Any]) -> TrajectoryRecorder:

@@ -194,6 +194,9 @@ class Averager:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
     def state(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -415,3 +418,7 @@ class AveragerClient:
 
     def pids(self) -> list[int]:
         return self._all("pid")
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each averaging actor."""
+        return self._all("node_id")

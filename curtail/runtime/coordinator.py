@@ -89,11 +89,14 @@ def resolve_outer_momentum(training: TrainingConfig, inner_steps: float) -> floa
 
 def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, broadcast: WireFormat | None,
                    outer_momentum: float) -> Any:
-    """The averaging actor beside the driver, or ``training.averager_actors`` of them, each
-    holding an equal share of the parameters (:class:`~curtail.runtime.averager.AveragerShards`;
-    with staggered fragments, one fragment each)."""
+    """The averaging actor, or ``training.averager_actors`` of them, each holding an equal share
+    of the parameters (:class:`~curtail.runtime.averager.AveragerShards`; with staggered
+    fragments, one fragment each): beside the driver, or each on a node declaring
+    ``training.averager_resource``."""
+    where = {"resources": {training.averager_resource: 1}} if training.averager_resource else control_plane()
+
     def actor(params: dict[str, np.ndarray]) -> Any:
-        return Averager.options(**control_plane()).remote(
+        return Averager.options(**where).remote(
             params, training.outer_optimizer, training.outer_lr, outer_momentum, broadcast)
 
     if training.averager_actors == 1:
@@ -387,4 +390,5 @@ class Coordinator:
                          "error_feedback_decay": self.config.training.error_feedback_decay},
             "averager_shards": [list(names) for names in setup.averager.names]
             if isinstance(setup.averager, AveragerShards) else None,
+            "averager_nodes": AveragerClient(setup.averager).node_ids(),
         }

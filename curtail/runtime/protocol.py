@@ -127,6 +127,18 @@ class Loaded(Reply):
     node_ids: tuple[str, ...]  # Ray nodes the site's ranks run on
     pid: int  # rank 0's process (fault-injection tests kill it)
     num_bytes: int = 0  # global weights received from the averager
+    # the first load of a worker group: seconds of each phase of its start-up (STARTUP_PHASES)
+    startup_s: tuple[tuple[str, float], ...] = ()
+
+
+STARTUP_PHASES = {
+    "ray_train": "from the coordinator's start to the train function: Ray Train's controller, placement "
+                 "group and worker processes, the imports, the process group",
+    "corpus": "opening the training tokens",
+    "model": "building the model and its inner optimizer on the device",
+    "optimizer": "the inner optimizer of the site's last window (its drain checkpoint)",
+}
+"""What a worker group's start-up spends its time on (``timings.csv`` rows ``start_<phase>``)."""
 
 
 @dataclass(frozen=True)

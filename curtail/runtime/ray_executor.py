@@ -42,7 +42,7 @@ import ray
 
 from curtail.planning.executor import Executor, RoundView
 from curtail.planning.policy import Policy, PolicyContext, SiteState
-from curtail.planning.trajectory import LossPoint, RunMode, Trajectory
+from curtail.planning.trajectory import LossPoint, RunMode, Trajectory, TrajectoryRecorder
 from curtail.run_store import join
 from curtail.runtime.averager import AveragerClient
 from curtail.runtime.capacity import SiteCapacity
@@ -90,6 +90,18 @@ class DeferredCheckpoint:
     ledger: DataLedger  # a copy at the sync: the round's ranges still claimed
     in_flight: dict[str, list[tuple[TokenRange, int]]]  # each member's round: completed at the landing
     bookkeeping: dict[str, Any]  # the coordinator's, with the journal mark of the sync
+    scoring: list[tuple[float, float, Any]]  # held-out scores still running at the sync (added when written)
+
+
+def scores(scoring: list[tuple[float, float, Any]]) -> list[LossPoint]:
+    """The held-out scores of syncs being evaluated, ``(t_s, tokens, ref)`` each (waits for them)."""
+    return [LossPoint(t_s, "", tokens, float(ray.get(ref)["loss"]), kind="eval") for t_s, tokens, ref in scoring]
+
+
+def add_scores(executor_state: dict[str, Any], scoring: list[tuple[float, float, Any]]) -> None:
+    """Add the held-out scores still running when a checkpoint was taken to its executor state
+    (in the checkpoint writer, off the coordinator's thread: a resume keeps every sync's score)."""
+    executor_state["recorder"]["losses"] += [TrajectoryRecorder.loss_state(scored) for scored in scores(scoring)]
 
 
 class RayExecutor(Executor):
@@ -212,7 +224,7 @@ class RayExecutor(Executor):
                     self.in_flight[0], self.snapshot(t_s, next_decision_s),
                     DataLedger.from_dict(self.account.ledger.to_dict()),
                     {site: list(pending) for site, (pending, _) in self.account.in_flight.items()},
-                    self._bookkeeping(),
+                    self._bookkeeping(), list(self.pending_evals),
                 )
             return False
         if not self.account.settled:
@@ -224,12 +236,14 @@ class RayExecutor(Executor):
     def _checkpoint(self, t_s: float, next_decision_s: float) -> None:
         assert self.checkpointer is not None
         started = time.perf_counter()
+        scoring = list(self.pending_evals)
         self.checkpointer.save(
             self.global_version,
             averager_state=self.averager.state_later(),
             save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
             state=lambda: {"ledger": self.account.ledger.to_dict(),
                            "executor": self.snapshot(t_s, next_decision_s), "coordinator": self._bookkeeping()},
+            complete_executor=lambda executor: add_scores(executor, scoring),
         )
         self.telemetry.action(t_s, "checkpoint", self.num_rounds, time.perf_counter() - started)
 
@@ -248,6 +262,7 @@ class RayExecutor(Executor):
             save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
             state=lambda: {"ledger": deferred.ledger.to_dict(), "executor": deferred.executor,
                            "coordinator": {**deferred.bookkeeping, "global_version": self.global_version}},
+            complete_executor=lambda executor: add_scores(executor, deferred.scoring),
         )
         self.telemetry.action(t_s, "checkpoint", deferred.round_index, time.perf_counter() - started)
 
@@ -439,8 +454,9 @@ class RayExecutor(Executor):
             self.pending_evals.append((t_s, self.tokens, self.evaluator.evaluate.remote(snapshot)))
 
     def collect_evaluations(self) -> None:
-        for t_s, tokens, ref in self.pending_evals:
-            self.recorder.loss(LossPoint(t_s, "", tokens, float(ray.get(ref)["loss"]), kind="eval"))
+        """Record the held-out scores of every sync (waits for those still running)."""
+        for scored in scores(self.pending_evals):
+            self.recorder.loss(scored)
         self.pending_evals = []
 
     # ------------------------------------------------------------------ executor hooks

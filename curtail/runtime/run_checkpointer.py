@@ -44,12 +44,14 @@ class RunCheckpointer:
         averager_state: Callable[[], dict[str, Any]],
         save_inner: Callable[[str], bool],
         state: Callable[[], dict[str, Any]],
+        complete_executor: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """Take checkpoint ``sequence + 1``. ``save_inner(location)`` asks the running sites to save
         their inner optimizers there, a folder or a URI (True if any did); ``state()`` returns the JSON parts
         (``ledger``, ``executor``, ``coordinator``), gathered after the sites' saves; the writer
         calls ``averager_state()`` (the averaging actor's state, requested before: the sites train
-        on while gigabytes of weights and momentum come out of the actor)."""
+        on while gigabytes of weights and momentum come out of the actor) and
+        ``complete_executor(executor_state)`` (what is still being computed, e.g. held-out scores)."""
         self.wait()  # at most one write in flight
         self.sequence += 1
         sequence = self.sequence
@@ -61,14 +63,18 @@ class RunCheckpointer:
         self._write = self._writer.submit(
             self._write_and_upload, sequence, averager_state=averager_state,
             ledger_state=parts["ledger"], executor_state=parts["executor"],
-            coordinator_state=parts["coordinator"], inner_dir=inner_dir,
+            coordinator_state=parts["coordinator"], inner_dir=inner_dir, complete_executor=complete_executor,
         )
         self.checkpointed_version = global_version
         self.last_written = f"{sequence:06d}"
 
     def _write_and_upload(self, sequence: int, *, inner_dir: Path | None,
-                          averager_state: Callable[[], dict[str, Any]], **parts: dict[str, Any]) -> None:
+                          averager_state: Callable[[], dict[str, Any]],
+                          complete_executor: Callable[[dict[str, Any]], None] | None,
+                          **parts: dict[str, Any]) -> None:
         parts["averager_state"] = averager_state()
+        if complete_executor is not None:
+            complete_executor(parts["executor_state"])
         if inner_dir is not None and self.store.remote is not None:  # the sites saved them to the URI
             staged = inner_dir.relative_to(self.run_dir).as_posix()
             self.store.fetch(staged)

@@ -198,8 +198,10 @@ class SiteWorker:
         power: PowerSampler | None = None,
         report_checkpoint: Callable[[dict[str, Any], str], None] = report_to_ray_train,
         report_metrics: Callable[[dict[str, Any]], None] = report_metrics_to_ray_train,
+        startup_s: dict[str, float] | None = None,
     ) -> None:
         self.config = config
+        self.startup_s = dict(startup_s or {})  # the group's start-up phases, sent with its first load
         self.trainer = trainer
         self.train_corpus = train
         self.averager = averager
@@ -319,8 +321,9 @@ class SiteWorker:
             _broadcast_params(self.trainer, self.world)
         digest = self.trainer.weights_fingerprint() if self.talks else ""  # (FSDP: a collective)
         node_ids = tuple(sorted(set(_gather_object(self.node_id, self.world))))
+        startup, self.startup_s = tuple(self.startup_s.items()), {}
         return Loaded(wall_s=self._elapsed_s(), version=version, digest=digest, node_ids=node_ids, pid=os.getpid(),
-                      num_bytes=num_bytes)
+                      num_bytes=num_bytes, startup_s=startup)
 
     def submit(self, command: Submit) -> Submitted:
         """Send the round's pseudo-gradient (reference − local weights) with its token weight;
@@ -505,8 +508,9 @@ def site_trainer(config: SiteLoopConfig, device: torch.device) -> SiteTrainer:
     )
 
 
-def _ray_train_worker(config: SiteLoopConfig) -> SiteWorker:
-    """This Ray Train rank's worker, with the inner optimizer of the site's last window if any."""
+def _ray_train_worker(config: SiteLoopConfig, launched_at_s: float) -> SiteWorker:
+    """This Ray Train rank's worker, with the inner optimizer of the site's last window if any;
+    ``launched_at_s`` (wall clock) is when the coordinator started the group."""
     import ray.train
     import torch
 
@@ -514,34 +518,39 @@ def _ray_train_worker(config: SiteLoopConfig) -> SiteWorker:
     from curtail.training.data import TokenCorpus
     from curtail.training.power import PowerSampler
 
+    phases = {"ray_train": time.time() - launched_at_s}  # (its imports included: they run in this process)
+    started = time.perf_counter()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config.model.torch_threads)
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     train = TokenCorpus(open_tokens(config.train_tokens), "train")
+    phases["corpus"], started = time.perf_counter() - started, time.perf_counter()
     trainer = site_trainer(config, device)
     # Measured GPU power (NVML) for the train replies; None on CPUs or without nvidia-ml-py.
     power = PowerSampler.create(device.index) if config.use_gpu else None
+    phases["model"], started = time.perf_counter() - started, time.perf_counter()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a later window of this site: keep the inner optimizer's moments
         with checkpoint.as_directory() as folder:
             _load_optimizer_file(trainer, Path(folder) / f"inner_optimizer_rank{rank}.pt")
+    phases["optimizer"] = time.perf_counter() - started
     node_id = str(ray.get_runtime_context().get_node_id())  # where the site trained, shown in the run
     return SiteWorker(config, trainer, train, AveragerClient(config.averager), rank=rank, world=world,
-                      node_id=node_id, power=power)
+                      node_id=node_id, power=power, startup_s=phases)
 
 
-def site_worker_loop(config: SiteLoopConfig) -> dict[str, Any]:
+def site_worker_loop(config: SiteLoopConfig, launched_at_s: float) -> dict[str, Any]:
     """The Ray Train function of one site: build the worker, serve commands until Stop."""
-    worker = _ray_train_worker(config)
+    worker = _ray_train_worker(config, launched_at_s)
     steps = worker.serve(MailboxChannel(config.mailbox, config.site))
     return {"site": config.site, "steps": steps}
 
 
-def _site_train_function(train_loop_config: dict[str, SiteLoopConfig]) -> dict[str, Any]:
+def _site_train_function(train_loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's entry point. Its config must be a dict: with ``RAY_TRAIN_ENABLE_STATE_TRACKING=1``
     (the dashboard's Train view) Ray validates ``train_loop_config`` as one and fails the run."""
-    return site_worker_loop(train_loop_config["site_config"])
+    return site_worker_loop(train_loop_config["site_config"], train_loop_config["launched_at_s"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,7 +561,8 @@ START_ATTEMPTS = 4  # Ray Train's tries to start a worker group: the first and c
 
 
 @ray.remote(num_cpus=0)
-def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: str, storage_path: str) -> dict[str, Any]:
+def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: str, storage_path: str,
+              launched_at_s: float) -> dict[str, Any]:
     """Run one window of a site: ``TorchTrainer.fit()`` until the site is told to stop."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -562,7 +572,7 @@ def _fit_site(loop_config: SiteLoopConfig, scaling: dict[str, Any], run_name: st
         filesystem, storage_path = open_location(storage_path)
     trainer = TorchTrainer(
         _site_train_function,
-        train_loop_config={"site_config": loop_config},
+        train_loop_config={"site_config": loop_config, "launched_at_s": launched_at_s},
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -623,7 +633,7 @@ class SiteGroup:
         self.fit_ref = _fit_site.options(
             **self.placement, runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": attempt_s}},
         ).remote(
-            self.loop_config, self.scaling, self.run_name, self.storage_path
+            self.loop_config, self.scaling, self.run_name, self.storage_path, time.time()
         )
 
     def send(self, command: Command) -> None:

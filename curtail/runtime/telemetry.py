@@ -131,6 +131,8 @@ class Telemetry:
         for site, reply in replies.items():
             self.site_nodes[site].update(reply.node_ids)
             self.site_pids[site] = reply.pid
+            for phase, seconds in reply.startup_s:  # a group's first load: where its start-up went
+                self.timings.append(Timing(t_s, site, f"start_{phase}", round_index, seconds))
         self.digests.append({
             "t_s": t_s, "round": round_index, "version": version, "sites": sorted(replies),
             "digests": sorted({reply.digest for reply in replies.values()}),

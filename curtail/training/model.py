@@ -70,6 +70,14 @@ class ModelSpec(BaseModel):
         projections, 3 MLP projections, 2 norms), the final norm, and the LM head unless tied."""
         return 1 + 9 * self.num_layers + 1 + (0 if self.tie_embeddings else 1)
 
+    def num_parameters(self, vocab_size: int | None = None) -> int:
+        """Parameters of the model at ``vocab_size`` (default the spec's), without building it."""
+        kv_width = (self.num_kv_heads or self.num_heads) * (self.hidden_size // self.num_heads)
+        attention = 2 * self.hidden_size * (self.hidden_size + kv_width)  # q, o; k, v
+        layer = attention + 3 * self.hidden_size * self.intermediate_size + 2 * self.hidden_size
+        embeddings = (vocab_size or self.vocab_size) * self.hidden_size * (1 if self.tie_embeddings else 2)
+        return embeddings + self.num_layers * layer + self.hidden_size
+
     def llama_config(self, vocab_size: int | None = None) -> LlamaConfig:
         """The ``transformers`` config for this spec (``vocab_size`` overrides the spec's)."""
         return LlamaConfig(
