@@ -66,6 +66,13 @@ def unwritable_dir(path: Path) -> str | None:
 def check_run_files(experiment: ExperimentConfig) -> None:
     """Every file ``[training]`` reads exists and is readable, and its cache can be written."""
     training = experiment.training
+    if training.fp8_linear:
+        from curtail.training.float8 import require_torchao
+
+        try:
+            require_torchao()
+        except ImportError as missing:
+            raise PreflightError(f"training.fp8_linear: {missing}") from None
     problems = []
     if training.corpus_shards is not None:
         from curtail.errors import CorpusError

@@ -11,8 +11,8 @@ in one graph, ``model`` = the model alone with an eager loss, as before), ``fuse
 LM head + cross-entropy), ``micro`` (micro-batch rows), ``chunk`` (tokens per loss chunk),
 ``pad`` (MLP width padded to a multiple of this; 0 = off; default 64 on GPUs), ``sdpa``
 (attention backend: ``flash``, ``cudnn``, ``efficient`` or ``math``; default: torch's choice),
-``fsdp`` (1: FSDP2, ``parallelism = "fsdp"``; on one device a process group of one) and ``ac``
-(1: activation checkpointing).
+``fsdp`` (1: FSDP2, ``parallelism = "fsdp"``; on one device a process group of one), ``ac``
+(1: activation checkpointing) and ``fp8`` (1: the decoder's linear layers in float8, torchao).
 ``--world-size N`` runs each variant data parallel over N GPUs (NCCL; gloo on CPUs), one
 process per GPU, the way a site of N GPUs trains (gradient all-reduce inside the step), and
 reports tokens/s per GPU beside the one-GPU figure: the scaling efficiency inside a site.
@@ -66,10 +66,10 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "effici
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     name, _, options = text.partition(":")
     pairs = dict(item.split("=", 1) for item in options.split(",") if item)
-    unknown = set(pairs) - {"compile", "fused", "micro", "chunk", "pad", "sdpa", "fsdp", "ac"}
+    unknown = set(pairs) - {"compile", "fused", "micro", "chunk", "pad", "sdpa", "fsdp", "ac", "fp8"}
     if unknown:
         raise SystemExit(f"variant {name!r}: unknown keys {sorted(unknown)}; "
-                         "use compile, fused, micro, chunk, pad, sdpa, fsdp, ac")
+                         "use compile, fused, micro, chunk, pad, sdpa, fsdp, ac, fp8")
     if pairs.get("sdpa", "flash") not in SDPA_BACKENDS:
         raise SystemExit(f"variant {name!r}: sdpa={pairs['sdpa']!r}; use one of {sorted(SDPA_BACKENDS)}")
     return name, pairs
@@ -110,6 +110,7 @@ def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> 
         loss_chunk_tokens=int(options.get("chunk", 8192)),
         pad_mlp_multiple=int(options["pad"]) if "pad" in options else None,
         parallelism=parallelism, activation_checkpointing=options.get("ac", "0") == "1",
+        fp8_linear=options.get("fp8", "0") == "1",
     )
     if compile_option == "model":  # the previous layout: compiled model, eager loss outside it
         compiled = torch.compile(trainer.model)

@@ -299,6 +299,7 @@ class Coordinator:
                 emulated_link=links.by_site[site] if training.emulate_link else None,
                 staggered=training.sync_fragments > 1,
                 parallelism=training.parallelism, activation_checkpointing=training.activation_checkpointing,
+                fp8_linear=training.fp8_linear,
             )
             groups[site] = SiteGroup(
                 site=site, mailbox=setup.mailbox, loop_config=loop_config,

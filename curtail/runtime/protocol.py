@@ -78,6 +78,7 @@ class SiteLoopConfig:
     staggered: bool = False  # the averager's shards are fragments synced at staggered points (sync_fragments)
     parallelism: str = "ddp"  # or "fsdp": each rank holds, and exchanges, its rows of every parameter
     activation_checkpointing: bool = False
+    fp8_linear: bool = False  # the decoder's linear layers in float8 (curtail.training.float8)
 
 
 @dataclass(frozen=True)

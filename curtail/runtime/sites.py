@@ -505,6 +505,7 @@ def site_trainer(config: SiteLoopConfig, device: torch.device) -> SiteTrainer:
         micro_batch_size=config.micro_batch_size,
         parallelism=config.parallelism,
         activation_checkpointing=config.activation_checkpointing,
+        fp8_linear=config.fp8_linear,
     )
 
 

@@ -60,6 +60,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from curtail.training.averaging import pseudo_gradient
 from curtail.training.compression import CompressedState, ErrorFeedback, WireFormat
 from curtail.training.data import TokenCorpus
+from curtail.training.float8 import convert_linears, project
 from curtail.training.fsdp import (
     local,
     optimizer_state_from_local,
@@ -105,6 +106,9 @@ class SiteTrainer:
             touch this rank's rows only.
         activation_checkpointing: recompute each layer's activations in the backward pass
             instead of keeping them (less memory, about a third more compute).
+        fp8_linear: train the decoder blocks' linear layers in float8
+            (:mod:`curtail.training.float8`, torchao; Hopper-class GPUs). The MLP is padded
+            (``pad_mlp_multiple`` default 64 also on CPUs) so its matmuls qualify.
         keep_reference: keep a device copy of the weights last loaded by :meth:`load_global`
             so :meth:`compressed_pseudo_gradient` needs no host round trip (one more copy of
             the parameters in device memory). Default: on CUDA only (on a CPU the reference
@@ -132,6 +136,7 @@ class SiteTrainer:
         pad_mlp_multiple: int | None = None,
         parallelism: str = "ddp",
         activation_checkpointing: bool = False,
+        fp8_linear: bool = False,
     ) -> None:
         if grad_clip_norm is not None and grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm}")
@@ -150,10 +155,11 @@ class SiteTrainer:
         use_causal_sdpa(self.model)  # no [seq, seq] mask under torch.compile: causal kernels
         self.model.train()
         if pad_mlp_multiple is None:
-            pad_mlp_multiple = 64 if self.device.type == "cuda" else 0
+            pad_mlp_multiple = 64 if self.device.type == "cuda" or fp8_linear else 0
         self.pad_mlp_multiple = pad_mlp_multiple
         if pad_mlp_multiple:
             pad_mlp_width(self.model, pad_mlp_multiple)
+        self.float8_layers = convert_linears(self.model) if fp8_linear else []
         if activation_checkpointing:  # recompute each layer's activations in the backward pass
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -562,9 +568,9 @@ def pad_mlp_width(model: torch.nn.Module, multiple: int = 64) -> int:
 
 def _padded_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     pad = self._curtail_mlp_pad
-    gate = F.linear(x, F.pad(self.gate_proj.weight, (0, 0, 0, pad)))
-    up = F.linear(x, F.pad(self.up_proj.weight, (0, 0, 0, pad)))
-    return F.linear(self.act_fn(gate) * up, F.pad(self.down_proj.weight, (0, pad)))
+    gate = project(self.gate_proj, x, F.pad(self.gate_proj.weight, (0, 0, 0, pad)))
+    up = project(self.up_proj, x, F.pad(self.up_proj.weight, (0, 0, 0, pad)))
+    return project(self.down_proj, self.act_fn(gate) * up, F.pad(self.down_proj.weight, (0, pad)))
 
 
 def linear_cross_entropy(

@@ -1,0 +1,209 @@
+"""Float8 against bf16 on the same real tokens: the loss curve, tokens/s and where a step's time goes.
+
+    python3 experiments/fp8_quality.py --shards .cache/pyc-small --preset d20 --steps 300 \\
+        --batch-size 16 --micro 16 --output-dir .cache/fp8            # the H200 measurement
+    .venv/bin/python experiments/fp8_quality.py --text data/text/tinyshakespeare.txt \\
+        --preset tiny --steps 30 --batch-size 4 --output-dir /tmp/fp8 # CPU, seconds
+
+Each precision (``--precisions``, default ``bf16 fp8``) builds a fresh
+:class:`~curtail.training.loop.SiteTrainer` from the same seed (compiled on GPUs, bf16 autocast,
+``fp8_linear`` for fp8) and trains ``--steps`` optimizer steps on the same batches: consecutive
+windows of the shard folder's training tokens (``curtail prepare-data``) or of a text file
+tokenised with a byte-level BPE, all moved to the device before the clock starts. The learning
+rate follows the runs' warmup / constant / warmdown schedule. Reported per precision: the loss
+at every step (``losses.csv``), the mean loss of the last ``--tail`` steps and its gap to the
+first precision's, tokens/s and MFU over the steps after ``--warmup`` (the first includes
+compilation), peak memory, the board's power and joules per token (NVML), and, with ``--profile``,
+two steps under ``torch.profiler`` split into matmuls, attention, fused elementwise kernels
+(Triton), the optimizer and the rest, against the steps' wall time (``profile_<precision>.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench_throughput import flops_per_token, peak_flops, synchronize
+
+from curtail.training.loop import SiteTrainer
+from curtail.training.power import PowerSampler
+from curtail.training.schedule import LRSchedule
+
+KERNEL_GROUPS = (  # (group, substrings of a CUDA kernel's name), first match wins
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("triton (fused elementwise, norms, casts)", ("triton",)),
+)
+
+
+def load_tokens(args: argparse.Namespace, needed: int) -> tuple[np.ndarray, int]:
+    """``needed`` training tokens and the vocabulary size they were cut with."""
+    if args.shards is not None:
+        from curtail.training.shards import ShardedTokens
+
+        corpus = ShardedTokens.open(args.shards).train()
+        if len(corpus) < needed:
+            raise SystemExit(f"{args.shards}: {len(corpus):,} training tokens, the steps need {needed:,}; "
+                             "use fewer --steps or a smaller --batch-size")
+        return np.asarray(corpus[0:needed], dtype=np.int64), corpus.manifest.vocab_size
+    from curtail.training.data import tokenize_files
+    from curtail.training.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([args.text], vocab_size=args.vocab_size)
+    tokens = np.asarray(tokenize_files([args.text], tokenizer), dtype=np.int64)
+    repeats = -(-needed // len(tokens))
+    return np.tile(tokens, repeats)[:needed], len(tokenizer)
+
+
+def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]],
+          vocab_size: int, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(0)
+    trainer = SiteTrainer(args.preset, vocab_size, seed=0, device=device, micro_batch_size=args.micro,
+                          autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                          compile_model=device.type == "cuda" and not args.eager, fp8_linear=precision == "fp8")
+    tokens_per_step = batches[0][0].numel()
+    schedule = LRSchedule.from_fractions(args.peak_lr, tokens_per_step * len(batches), 0.05, 0.3, 0.1)
+    losses: list[torch.Tensor] = []
+    sampler = PowerSampler.create(device.index) if device.type == "cuda" else None
+    started = timed_from = time.perf_counter()
+    for step, (inputs, labels) in enumerate(batches):
+        if step == args.warmup:
+            synchronize(device)
+            timed_from = time.perf_counter()
+            if sampler is not None:
+                sampler.start()
+        losses.append(trainer.train_step(inputs, labels, schedule.lr_at(step * tokens_per_step), sync=False))
+    synchronize(device)
+    ended = time.perf_counter()
+    power = sampler.stop() if sampler is not None else None
+    timed_steps = len(batches) - args.warmup
+    tokens_per_s = tokens_per_step * timed_steps / (ended - timed_from)
+    peak = peak_flops(device)
+    result = {
+        "precision": precision,
+        "float8_layers": len(trainer.float8_layers),
+        "losses": [float(loss) for loss in losses],
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token(trainer, batches[0][0].shape[1]) / peak if peak else None,
+        "wall_s": ended - started,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "power_w": power.mean_power_w if power else None,
+        "joules_per_token": power.energy_j / (tokens_per_step * timed_steps) if power else None,
+    }
+    if args.profile:
+        result["profile"] = profile(trainer, batches, args.output_dir / f"profile_{precision}.txt")
+    return result
+
+
+def profile(trainer: SiteTrainer, batches: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> dict[str, float]:
+    """Device seconds per kernel group over two steps, and the steps' wall seconds."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    synchronize(trainer.device)
+    with torch_profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for inputs, labels in batches[:2]:
+            trainer.train_step(inputs, labels, lr=1e-5, sync=False)
+        synchronize(trainer.device)
+        wall_s = time.perf_counter() - started
+    groups = {name: 0.0 for name, _ in KERNEL_GROUPS} | {"other kernels": 0.0}
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0) or 0
+        if not device_us or getattr(event, "device_type", None) is None or "CUDA" not in str(event.device_type):
+            continue
+        name = event.key.lower()
+        group = next((group for group, keys in KERNEL_GROUPS if any(key in name for key in keys)), "other kernels")
+        groups[group] += device_us / 1e6
+    busy = sum(groups.values())
+    summary = {"wall_s": wall_s, "device_busy_s": busy, **groups}
+    lines = [f"two steps: {wall_s:.3f} s wall, {busy:.3f} s of kernels ({busy / wall_s:.0%} busy)"]
+    lines += [f"  {group:<42}{seconds:8.3f} s  {seconds / wall_s:6.1%}" for group, seconds in groups.items()]
+    sort_by = "cuda_time_total" if trainer.device.type == "cuda" else "cpu_time_total"
+    path.write_text("\n".join(lines) + "\n\n" + prof.key_averages().table(sort_by=sort_by, row_limit=30))
+    print("\n".join(lines))
+    return summary
+
+
+def write(results: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, seq_len: int,
+          vocab_size: int) -> dict[str, Any]:
+    """losses.csv and summary.json of the precisions trained so far; the tail gaps against the first."""
+    reference = float(np.mean(results[0]["losses"][-args.tail:]))
+    for result in results:
+        result["tail_loss"] = float(np.mean(result["losses"][-args.tail:]))
+        result["tail_gap"] = result["tail_loss"] / reference - 1
+    with open(args.output_dir / "losses.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", *(f"loss_{r['precision']}" for r in results)])
+        writer.writerows([step, *(r["losses"][step] for r in results)] for step in range(args.steps))
+    summary = {
+        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "seq_len": seq_len,
+        "vocab_size": vocab_size, "tokens_per_step": args.batch_size * seq_len,
+        "runs": [{k: v for k, v in r.items() if k != "losses"} for r in results],
+    }
+    (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", type=Path, help="a shard folder of curtail prepare-data")
+    source.add_argument("--text", type=Path, help="a text file, tokenised here")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="with --text: the BPE's vocabulary")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "d12", "d20", "d48"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--micro", type=int, default=None, help="sequences per forward/backward")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--peak-lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=20, help="steps left out of tokens/s (compilation)")
+    parser.add_argument("--tail", type=int, default=50, help="steps whose mean loss is compared")
+    parser.add_argument("--eager", action="store_true", help="no torch.compile on GPUs")
+    parser.add_argument("--profile", action="store_true", help="profile two steps of each precision")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps or not 0 < args.tail <= args.steps:
+        raise SystemExit("need 0 <= --warmup < --steps and 0 < --tail <= --steps")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    from curtail.training.model import get_spec
+
+    seq_len = args.seq_len or get_spec(args.preset).seq_len
+    tokens, vocab_size = load_tokens(args, args.steps * args.batch_size * seq_len + 1)
+    batches = []
+    for step in range(args.steps):
+        window = torch.from_numpy(tokens[step * args.batch_size * seq_len:][: args.batch_size * seq_len + 1])
+        batches.append((window[:-1].view(args.batch_size, seq_len).to(device),
+                        window[1:].view(args.batch_size, seq_len).to(device)))
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for precision in args.precisions:  # the files are rewritten after each, so a failing one keeps the others
+        results.append(train(precision, args, batches, vocab_size, device))
+        summary = write(results, args, device, seq_len, vocab_size)
+    for r in summary["runs"]:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        print(f"{r['precision']:>5}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  tail loss {r['tail_loss']:.4f} "
+              f"({r['tail_gap']:+.2%})  float8 layers {r['float8_layers']}  J/token {r.get('joules_per_token', '-')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
