@@ -16,6 +16,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+
+def _quiet_optional_imports() -> None:
+    """transformers imports torchao whenever it is installed (the ``fp8`` extra); torchao then
+    warns, on every process start, about its C++ kernels for other torch builds, which float8
+    training does not use, and torch about the enums it registers. A CLI error is one line."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_quiet_optional_imports()
+
 _API = {
     "simulate": "curtail.api",
     "run": "curtail.api",

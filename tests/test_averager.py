@@ -144,13 +144,15 @@ def test_more_averager_shards_than_tensors_is_found_before_ray(tmp_path):
         check_run_files(experiment)
 
 
-def test_a_sharded_averager_equals_the_single_actor_bit_for_bit(ray_cluster):
+def test_a_sharded_averager_equals_the_single_actor_bit_for_bit(ray_cluster, tmp_path):
     """Three actors holding a third of tiny's parameters each, against one actor: blocking and
     overlapped rounds of int4 top-k pseudo-gradients, a withdrawal, a hand-off, a compressed
-    broadcast, the checkpoint state and a resume from it — every array equal bit for bit."""
+    broadcast, the checkpoint (each actor writes its own files) and resumes from it — every
+    array equal bit for bit."""
     import ray
 
     from curtail.runtime.averager import Averager, AveragerClient, AveragerShards, shard_names
+    from curtail.runtime.checkpoint import averager_staging_dir, read_checkpoint, write_checkpoint
     from curtail.training.compression import WireFormat
     from curtail.training.model import build_model, get_spec
 
@@ -199,13 +201,28 @@ def test_a_sharded_averager_equals_the_single_actor_bit_for_bit(ray_cluster):
     assert snapshot[0] == 2 and snapshot[1].keys() == initial.keys()
     assert sharded.publish("a", state["params"]) == single.publish("a", state["params"]) == 3
     assert sharded.published_by("a") == 3 and sharded.published_by("b") is None
-    # a resume: the single actor's checkpoint state loads into fresh shards
-    fresh = AveragerClient(AveragerShards(tuple(start({n: initial[n] for n in g}) for g in names), names))
-    fresh.load_state(state["params"], state["optimizer"], state["version"], state["num_outer_steps"])
-    resumed = fresh.state()
-    same(resumed["params"], state["params"])
-    same(resumed["optimizer"]["momentum_buffers"], state["optimizer"]["momentum_buffers"])
-    for client in (single, sharded, fresh):
+    # checkpoints: each actor writes its own part; resumes into three fresh actors (each reads its
+    # own file), into one actor (the parts joined) and from the single actor's file into shards
+    state = single.state()
+    checkpoints = {}
+    for label, client in (("single", single), ("sharded", sharded)):
+        folder = averager_staging_dir(tmp_path / label, 1)
+        checkpoints[label] = read_checkpoint(write_checkpoint(
+            tmp_path / label, 1, averager_state=client.save_later(str(folder))(), averager_dir=folder,
+            ledger_state={}, executor_state={}, coordinator_state={}))
+    assert len(checkpoints["single"].parts) == 1 and len(checkpoints["sharded"].parts) == 3
+    assert [checkpoints["sharded"].part_names(i) for i in range(3)] == [set(g) for g in names]
+    resumed = []
+    for label, into in (("sharded", 3), ("sharded", 1), ("single", 3)):
+        fresh = AveragerClient(start(initial) if into == 1 else AveragerShards(
+            tuple(start({n: initial[n] for n in g}) for g in names), names))
+        assert fresh.load_checkpoint(checkpoints[label], str) == 3
+        resumed.append(fresh)
+        restored = fresh.state()
+        assert restored["version"] == 3 and restored["num_outer_steps"] == state["num_outer_steps"]
+        same(restored["params"], state["params"])
+        same(restored["optimizer"]["momentum_buffers"], state["optimizer"]["momentum_buffers"])
+    for client in (single, sharded, *resumed):
         for handle in client.handles:
             ray.kill(handle)
 

@@ -107,7 +107,8 @@ def test_checkpoint_round_trip_and_torn_checkpoints(tmp_path):
         f"{sequence:06d}" for sequence in range(2, KEEP + 2)]
     loaded = read_checkpoint(latest)
     np.testing.assert_array_equal(loaded.params["w"], params["w"])
-    np.testing.assert_array_equal(loaded.optimizer["momentum_buffers"]["w"], params["w"] * 2)
+    np.testing.assert_array_equal(loaded.outer_optimizer_state()["momentum_buffers"]["w"], params["w"] * 2)
+    assert "momentum_buffers" not in loaded.optimizer  # the JSON part; the buffers stay in their file
     assert loaded.executor == {"t_s": float(KEEP + 1)}
     (latest / "ledger.json").unlink()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
@@ -130,6 +131,48 @@ def test_inner_optimizer_states_move_into_their_checkpoint(tmp_path):
     assert not staged.exists() and not stale.exists()
     path = write_checkpoint(tmp_path, 3, averager_state=state, ledger_state={}, executor_state={}, coordinator_state={})
     assert read_checkpoint(path).inner_dir is None  # no site was running
+
+
+def test_each_averaging_actor_writes_and_reads_its_own_part_of_a_checkpoint(tmp_path):
+    """Per-actor files: the parts join to the whole, the manifest covers them, damage names the file."""
+    from curtail.errors import CheckpointError
+    from curtail.runtime.checkpoint import (
+        averager_staging_dir,
+        join_averager_parts,
+        read_checkpoint,
+        read_tensors,
+        verify_checkpoint,
+        write_averager_part,
+        write_checkpoint,
+    )
+
+    names = [["a", "b"], ["c"]]
+    whole = {n: np.full((2, 2), i, dtype=np.float32) for i, n in enumerate("abc")}
+    folder = averager_staging_dir(tmp_path, 1)
+    parts = [write_averager_part(folder, {"version": 5, "num_outer_steps": 4, "params": {n: whole[n] for n in owned},
+                                          "optimizer": {"name": "nesterov", "lr": 0.7,
+                                                        "momentum_buffers": {n: -whole[n] for n in owned}}}, i, 2)
+             for i, owned in enumerate(names)]
+    joined = join_averager_parts(parts)
+    assert joined["files"] == {"global": ["global-00001-of-00002.safetensors", "global-00002-of-00002.safetensors"],
+                               "outer_momentum": ["outer_momentum-00001-of-00002.safetensors",
+                                                  "outer_momentum-00002-of-00002.safetensors"]}
+    path = write_checkpoint(tmp_path, 1, averager_state=joined, averager_dir=folder, ledger_state={},
+                            executor_state={}, coordinator_state={})
+    assert not folder.exists() and not (path / "global.safetensors").exists()
+    assert verify_checkpoint(path) == []
+    loaded = read_checkpoint(path)
+    assert [loaded.part_names(i) for i in range(2)] == [{"a", "b"}, {"c"}]
+    assert {n: v.tolist() for n, v in loaded.params.items()} == {n: v.tolist() for n, v in whole.items()}
+    assert loaded.outer_optimizer_state()["momentum_buffers"]["c"].tolist() == (-whole["c"]).tolist()
+    assert read_tensors(path / loaded.parts[1][1])["c"].tolist() == (-whole["c"]).tolist()
+    with pytest.raises(CheckpointError, match="different versions"):
+        join_averager_parts([parts[0], {**parts[1], "version": 6}])
+    damaged = path / "outer_momentum-00002-of-00002.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    assert verify_checkpoint(path)[0].startswith("outer_momentum-00002-of-00002.safetensors is truncated")
+    with pytest.raises(CheckpointError, match="outer_momentum-00002-of-00002.safetensors is unreadable"):
+        read_checkpoint(path)
 
 
 def test_journal_says_exactly_what_a_resume_trains_again(tmp_path):

@@ -35,10 +35,12 @@ from curtail.runtime.averager import AveragerClient
 from curtail.runtime.checkpoint import (
     RunCheckpoint,
     audit_journal,
+    join_averager_parts,
     lost_since,
     read_checkpoint,
     read_journal,
     select_checkpoint,
+    write_averager_part,
 )
 from curtail.runtime.protocol import (
     Command,
@@ -348,7 +350,8 @@ def autospec_averager(averager: FakeAverager) -> AveragerClient:
     client = create_autospec(AveragerClient, instance=True, spec_set=True)
     for method in ("outer_step", "withdraw", "state", "global_snapshot", "published_by", "expect", "round_status"):
         getattr(client, method).side_effect = getattr(averager, method)
-    client.state_later.side_effect = lambda: functools.partial(dict, averager.state())  # the state of now
+    client.save_later.side_effect = lambda folder: functools.partial(  # the state of now, written now
+        join_averager_parts, [write_averager_part(folder, averager.state())])
     return client
 
 
@@ -803,6 +806,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tmp_pat
     checkpoint = newest_checkpoint(run_dir)
     assert checkpoint.path.name == first.executor.checkpointer.last_written
     saved_inner = sorted(folder.name for folder in (checkpoint.path / "inner").iterdir())
+    saved_weights = checkpoint.params  # read before the resumed run's checkpoints replace this one
     run, resumed = resume(tmp_path, run_dir, checkpoint)
     # the same run: the same events, modes, stretches of work and tokens, and the clock where it was
     assert comparable(resumed) == comparable(baseline)
@@ -835,7 +839,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tmp_pat
         assert site.log[2].reply.version == checkpoint.averager["version"]
     (restored,) = run.events(resumed, "inner_optimizer_restored")
     assert restored.details == {"sites": up}
-    assert checkpoint.params["w"].tolist() == [checkpoint.averager["version"]] * 3
+    assert saved_weights["w"].tolist() == [checkpoint.averager["version"]] * 3
 
 
 # ------------------------------------------------------------------------------ overlapped syncs

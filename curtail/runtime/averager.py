@@ -33,11 +33,19 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
+from curtail.runtime.checkpoint import (
+    RunCheckpoint,
+    join_averager_parts,
+    outer_optimizer_state,
+    read_tensors,
+    write_averager_part,
+)
 from curtail.training.averaging import make_outer_optimizer
 from curtail.training.compression import CompressedState, WireFormat, compress, decompress
 
@@ -69,6 +77,17 @@ class Averager:
         self.version, self.num_outer_steps = int(version), int(num_outer_steps)
         self._reset_view()
         return self.version
+
+    def save_part(self, folder: str, index: int, count: int) -> dict[str, Any]:
+        """Write this actor's weights and outer momentum into ``folder`` (a path or a URI) for a
+        run checkpoint, as part ``index`` of ``count``; returns the JSON rest of its state."""
+        return write_averager_part(folder, self.state(), index, count)
+
+    def load_part(self, weights: str, momentum: str | None, optimizer: dict[str, Any], version: int,
+                  num_outer_steps: int) -> int:
+        """Restore from this actor's files of a run checkpoint (paths or URIs; resume)."""
+        buffers = read_tensors(momentum) if momentum is not None else None
+        return self.load_state(read_tensors(weights), outer_optimizer_state(optimizer, buffers), version, num_outer_steps)
 
     def get_global(self) -> tuple[int, dict[str, np.ndarray]]:
         return self.version, self._params
@@ -404,6 +423,29 @@ class AveragerClient:
 
     def state(self) -> dict[str, Any]:
         return self.state_later()()
+
+    def save_later(self, folder: str) -> Callable[[], dict[str, Any]]:
+        """Each actor writes its part of the state of now into ``folder`` (a path or a URI);
+        the returned function waits for them and gives ``averager.json``'s content. Nothing of
+        the weights passes through the caller."""
+        count = len(self.handles)
+        refs = [h.save_part.remote(folder, index, count) for index, h in enumerate(self.handles)]
+        return lambda: join_averager_parts(ray.get(refs))
+
+    def load_checkpoint(self, checkpoint: RunCheckpoint, where: Callable[[Path], str]) -> int:
+        """Restore every actor from a run checkpoint; returns the version. Where the checkpoint
+        has one part per actor with the actor's parameter names, each actor reads its own files
+        (``where(path)``: how the actors' nodes reach them); otherwise (the number of actors
+        changed) the parts are joined here and split anew."""
+        parts = checkpoint.parts
+        names = self.shards.names if self.shards else None
+        version, steps = checkpoint.averager["version"], checkpoint.averager["num_outer_steps"]
+        if len(parts) == len(self.handles) and (
+                names is None or all(checkpoint.part_names(i) == set(owned) for i, owned in enumerate(names))):
+            return _same("version", self._each("load_part", [
+                (where(checkpoint.path / weights), None if momentum is None else where(checkpoint.path / momentum))
+                for weights, momentum in parts], checkpoint.optimizer, version, steps))
+        return self.load_state(checkpoint.params, checkpoint.outer_optimizer_state(), version, steps)
 
     def state_later(self) -> Callable[[], dict[str, Any]]:
         """The state of now, fetched when the returned function is called (the request is sent

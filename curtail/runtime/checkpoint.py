@@ -1,7 +1,10 @@
 """Whole-run checkpoints: what a resumed run needs, written atomically.
 
 A checkpoint is a folder ``RUN_DIR/checkpoints/NNNNNN/`` holding the global weights and the
-outer optimizer's momentum (safetensors: loading never executes code), and JSON for the rest:
+outer optimizer's momentum (safetensors: loading never executes code) — one file of each per
+averaging actor, written by that actor (``global.safetensors`` for one actor,
+``global-00001-of-00002.safetensors``… for a sharded averager, listed in ``averager.json``), so
+no process ever holds the whole state to checkpoint it — and JSON for the rest:
 the averaging actor's version counters, the data ledger, the executor's state machine
 (sites, round, clock, the trajectory so far) and the coordinator's bookkeeping, and
 ``manifest.json`` with the size and sha256 of every file in it. The folder is written under a
@@ -34,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from curtail.errors import CheckpointError, ResumeError
+from curtail.run_store import is_uri, join, read_bytes, redact, write_bytes
 from curtail.training.intervals import add_interval, remove_interval
 
 CHECKPOINTS = "checkpoints"
@@ -46,15 +51,13 @@ KEEP = 3  # the newest three: two to fall back to if the newest is damaged
 JOURNAL = "ledger_journal.jsonl"
 MANIFEST = "manifest.json"  # inside a checkpoint folder: every file's size and sha256
 MANIFEST_FORMAT = 1
-REQUIRED = ("global.safetensors", "outer_optimizer.json", "averager.json", "ledger.json", "executor.json",
-            "coordinator.json")
+REQUIRED = ("outer_optimizer.json", "averager.json", "ledger.json", "executor.json", "coordinator.json")
 
 
 @dataclass
 class RunCheckpoint:
     path: Path
-    params: dict[str, np.ndarray]
-    optimizer: dict[str, Any]
+    optimizer: dict[str, Any]  # the outer optimizer's settings and counters, without its momentum buffers
     averager: dict[str, Any]
     ledger: dict[str, Any]
     executor: dict[str, Any]
@@ -65,6 +68,99 @@ class RunCheckpoint:
         """The sites' inner optimizer states at this checkpoint (``inner/<site>/rank<r>.pt``)."""
         inner = self.path / INNER
         return inner if inner.is_dir() else None
+
+    @property
+    def parts(self) -> list[tuple[str, str | None]]:
+        """Each averaging actor's ``(weights file, momentum file or None)``, in actor order."""
+        weights, momentum = weight_files(self.averager, self.path)
+        return [(name, momentum[index] if momentum else None) for index, name in enumerate(weights)]
+
+    def part_names(self, index: int) -> set[str]:
+        """The parameter names in part ``index`` (read from its file's header only)."""
+        with safe_open(self.path / self.parts[index][0], framework="numpy") as file:
+            return set(file.keys())
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The whole global weights, every part loaded (a resume loads each part in its actor)."""
+        return {name: value for weights, _ in self.parts for name, value in load_file(self.path / weights).items()}
+
+    def outer_optimizer_state(self) -> dict[str, Any]:
+        """The whole outer optimizer's state, every part's momentum loaded."""
+        buffers = [load_file(self.path / momentum) for _, momentum in self.parts if momentum is not None]
+        return outer_optimizer_state(self.optimizer, {k: v for part in buffers for k, v in part.items()}
+                                     if buffers else None)
+
+
+def part_file_names(index: int, count: int) -> tuple[str, str]:
+    """The weights' and the outer momentum's file names of averaging actor ``index`` of ``count``."""
+    suffix = "" if count == 1 else f"-{index + 1:05d}-of-{count:05d}"
+    return f"global{suffix}.safetensors", f"outer_momentum{suffix}.safetensors"
+
+
+def weight_files(averager: dict[str, Any], path: Path) -> tuple[list[str], list[str]]:
+    """The weights' and the momentum's files a checkpoint's ``averager.json`` lists (a checkpoint
+    of one actor written before the list existed: ``global.safetensors`` and, if there,
+    ``outer_momentum.safetensors``)."""
+    files = averager.get("files")
+    if files is None:
+        return ["global.safetensors"], ["outer_momentum.safetensors"] if (path / "outer_momentum.safetensors").is_file() else []
+    return list(files["global"]), list(files["outer_momentum"])
+
+
+def outer_optimizer_state(optimizer: dict[str, Any], buffers: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The outer optimizer's ``load_state_dict`` input from its JSON part and its momentum (None:
+    no file; Nesterov before its first step has empty buffers)."""
+    if buffers is not None:
+        return {**optimizer, "momentum_buffers": buffers}
+    return {**optimizer, "momentum_buffers": {}} if optimizer.get("name") == "nesterov" else dict(optimizer)
+
+
+def write_averager_part(folder: str | Path, state: dict[str, Any], index: int = 0, count: int = 1) -> dict[str, Any]:
+    """Write one averaging actor's weights and outer momentum into ``folder`` (a path or a URI);
+    returns the rest of its state for ``averager.json``: version, outer steps, the optimizer's
+    settings and the files written. Each file is whole or absent (written beside and renamed)."""
+    weights, momentum = part_file_names(index, count)
+    optimizer = dict(state["optimizer"])
+    buffers = optimizer.pop("momentum_buffers", None)
+    _save_tensors(folder, weights, state["params"])
+    files = {"global": [weights], "outer_momentum": []}
+    if buffers:
+        _save_tensors(folder, momentum, buffers)
+        files["outer_momentum"].append(momentum)
+    return {"version": int(state["version"]), "num_outer_steps": int(state["num_outer_steps"]),
+            "optimizer": optimizer, "files": files}
+
+
+def join_averager_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The averaging actors' :func:`write_averager_part` results as one (what ``averager.json`` holds)."""
+    versions = {part["version"] for part in parts}
+    if len(versions) != 1:
+        raise CheckpointError(f"the averaging actors saved different versions {sorted(versions)}: not one state")
+    return {**parts[0], "files": {kind: [name for part in parts for name in part["files"][kind]]
+                                  for kind in ("global", "outer_momentum")}}
+
+
+def read_tensors(location: str | Path) -> dict[str, np.ndarray]:
+    """A safetensors file at a path or a URI."""
+    if not is_uri(location):
+        return load_file(Path(location))
+    data = read_bytes(str(location))
+    if data is None:
+        raise CheckpointError(f"{redact(str(location))} is missing")
+    return safetensors.numpy.load(data)
+
+
+def _save_tensors(folder: str | Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    arrays = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+    if is_uri(folder):
+        write_bytes(join(str(folder), name), safetensors.numpy.save(arrays))
+        return
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{name}.tmp")
+    save_file(arrays, staged)
+    os.replace(staged, path)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -97,9 +193,13 @@ def write_checkpoint(
     executor_state: dict[str, Any],
     coordinator_state: dict[str, Any],
     inner_dir: Path | None = None,
+    averager_dir: Path | None = None,
 ) -> Path:
     """Write checkpoint ``sequence`` and point ``LATEST`` at it; keeps the newest :data:`KEEP`.
 
+    ``averager_state``: the averaging actor's whole state (weights and momentum as arrays,
+    written here as one part), or, with ``averager_dir``, what :func:`join_averager_parts`
+    returned for the parts the actors wrote into that folder (moved in here).
     ``inner_dir`` (from :func:`inner_staging_dir`), where the sites saved their inner
     optimizer states for this checkpoint, moves into it as ``inner/``.
     """
@@ -108,13 +208,14 @@ def write_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     if inner_dir is not None and Path(inner_dir).is_dir():
         os.replace(inner_dir, staging / INNER)
-    optimizer = dict(averager_state["optimizer"])
-    buffers = optimizer.pop("momentum_buffers", None)
-    save_file({k: np.ascontiguousarray(v) for k, v in averager_state["params"].items()}, staging / "global.safetensors")
-    if buffers:
-        save_file({k: np.ascontiguousarray(v) for k, v in buffers.items()}, staging / "outer_momentum.safetensors")
-    _write_json(staging / "outer_optimizer.json", optimizer)
-    _write_json(staging / "averager.json", {k: averager_state[k] for k in ("version", "num_outer_steps")})
+    if averager_dir is None:
+        averager_state = write_averager_part(staging, averager_state)
+    else:
+        for name in [*averager_state["files"]["global"], *averager_state["files"]["outer_momentum"]]:
+            os.replace(Path(averager_dir) / name, staging / name)
+        shutil.rmtree(averager_dir, ignore_errors=True)
+    _write_json(staging / "outer_optimizer.json", averager_state["optimizer"])
+    _write_json(staging / "averager.json", {k: averager_state[k] for k in ("version", "num_outer_steps", "files")})
     _write_json(staging / "ledger.json", ledger_state)
     _write_json(staging / "executor.json", executor_state)
     _write_json(staging / "coordinator.json", coordinator_state)
@@ -126,15 +227,21 @@ def write_checkpoint(
     point_latest(run_dir, final)
     for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".inner-*"):  # left by a crash before its checkpoint was written
-        if stale.name < inner_staging_dir(run_dir, sequence).name:
-            shutil.rmtree(stale, ignore_errors=True)
+    for kind, staged in ((".inner-", inner_staging_dir), (".averager-", averager_staging_dir)):
+        for stale in root.glob(f"{kind}*"):  # left by a crash before its checkpoint was written
+            if stale.name < staged(run_dir, sequence).name:
+                shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
 def inner_staging_dir(run_dir: Path, sequence: int) -> Path:
     """Where the sites save their inner optimizer states before checkpoint ``sequence``."""
     return Path(run_dir) / CHECKPOINTS / f".inner-{sequence:06d}"
+
+
+def averager_staging_dir(run_dir: Path, sequence: int) -> Path:
+    """Where the averaging actors write their parts before checkpoint ``sequence``."""
+    return Path(run_dir) / CHECKPOINTS / f".averager-{sequence:06d}"
 
 
 def point_latest(run_dir: Path, checkpoint: Path) -> None:
@@ -185,13 +292,15 @@ def verify_checkpoint(path: Path) -> list[str]:
         return ["the folder is missing"]
     if not (path / MANIFEST).is_file():
         missing = [f"{name} is missing" for name in REQUIRED if not (path / name).is_file()]
-        return missing or [problem for name in REQUIRED if (problem := _loads(path / name))]
+        needed = [*REQUIRED, *_listed_weights(path)]
+        missing += [f"{name} is missing" for name in needed[len(REQUIRED):] if not (path / name).is_file()]
+        return missing or [problem for name in needed if (problem := _loads(path / name))]
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
         expected_sizes = {name: int(entry["bytes"]) for name, entry in files.items()}
     except (ValueError, KeyError, TypeError, OSError) as error:
         return [f"{MANIFEST} is unreadable ({_first_line(error)})"]
-    problems = [f"{name} is not in {MANIFEST}" for name in REQUIRED if name not in files]
+    problems = [f"{name} is not in {MANIFEST}" for name in [*REQUIRED, *_listed_weights(path)] if name not in files]
     for name, expected_bytes in sorted(expected_sizes.items()):
         file = path / name
         if not file.is_file():
@@ -202,6 +311,15 @@ def verify_checkpoint(path: Path) -> list[str]:
         elif sha256_file(file) != files[name]["sha256"]:
             problems.append(f"{name} does not match its sha256 in {MANIFEST}")
     return problems
+
+
+def _listed_weights(path: Path) -> list[str]:
+    """The weight and momentum files ``averager.json`` lists ([] where it does not load: reported elsewhere)."""
+    try:
+        weights, momentum = weight_files(json.loads((path / "averager.json").read_text()), path)
+    except (ValueError, KeyError, TypeError, OSError):
+        return []
+    return [*weights, *momentum]
 
 
 def checkpoint_names(run_dir: Path) -> list[str]:
@@ -286,25 +404,27 @@ def read_checkpoint(path: Path) -> RunCheckpoint:
         raise CheckpointError(f"{path} is not a complete checkpoint (missing {', '.join(missing)}); resume "
                               "from an earlier one: curtail run --resume RUN_DIR --checkpoint N")
 
+    def unreadable(name: str, error: BaseException) -> CheckpointError:
+        return CheckpointError(f"{path / name} is unreadable ({_first_line(error)}); resume from an "
+                               "earlier checkpoint: curtail run --resume RUN_DIR --checkpoint N")
+
     def load(name: str) -> Any:
         try:
-            if name.endswith(".safetensors"):
-                return load_file(path / name)
             return json.loads((path / name).read_text())
-        except (SafetensorError, ValueError, OSError) as error:
-            raise CheckpointError(f"{path / name} is unreadable ({_first_line(error)}); resume from an "
-                                  "earlier checkpoint: curtail run --resume RUN_DIR --checkpoint N") from None
+        except (ValueError, OSError) as error:
+            raise unreadable(name, error) from None
 
-    optimizer = load("outer_optimizer.json")
-    if (path / "outer_momentum.safetensors").is_file():
-        optimizer["momentum_buffers"] = load("outer_momentum.safetensors")
-    elif optimizer.get("name") == "nesterov":
-        optimizer["momentum_buffers"] = {}
+    averager = load("averager.json")
+    for name in [n for part in weight_files(averager, path) for n in part]:  # headers only: the actors load the data
+        try:
+            with safe_open(path / name, framework="numpy"):
+                pass
+        except (SafetensorError, ValueError, OSError) as error:
+            raise unreadable(name, error) from None
     return RunCheckpoint(
         path=path,
-        params=load("global.safetensors"),
-        optimizer=optimizer,
-        averager=load("averager.json"),
+        optimizer=load("outer_optimizer.json"),
+        averager=averager,
         ledger=load("ledger.json"),
         executor=load("executor.json"),
         coordinator=load("coordinator.json"),

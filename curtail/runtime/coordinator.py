@@ -315,10 +315,7 @@ class Coordinator:
         """A fresh ledger, or the checkpoint's with every claim back in the pool."""
         if checkpoint is None:
             return DataLedger(setup.num_train_tokens - 1, block_tokens=setup.tokens_per_step)
-        AveragerClient(setup.averager).load_state(
-            checkpoint.params, checkpoint.optimizer, checkpoint.averager["version"],
-            checkpoint.averager["num_outer_steps"],
-        )
+        AveragerClient(setup.averager).load_checkpoint(checkpoint, self.store.location)
         ledger = DataLedger.from_dict(checkpoint.ledger)
         ledger.release_all()
         return ledger

@@ -239,7 +239,7 @@ class RayExecutor(Executor):
         scoring = list(self.pending_evals)
         self.checkpointer.save(
             self.global_version,
-            averager_state=self.averager.state_later(),
+            save_averager=self.averager.save_later,
             save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
             state=lambda: {"ledger": self.account.ledger.to_dict(),
                            "executor": self.snapshot(t_s, next_decision_s), "coordinator": self._bookkeeping()},
@@ -258,7 +258,7 @@ class RayExecutor(Executor):
                 deferred.ledger.complete(site, token_range, trained)
         started = time.perf_counter()
         self.checkpointer.save(
-            self.global_version, averager_state=self.averager.state_later(),
+            self.global_version, save_averager=self.averager.save_later,
             save_inner=lambda folder: self._save_inner_optimizers(folder, t_s),
             state=lambda: {"ledger": deferred.ledger.to_dict(), "executor": deferred.executor,
                            "coordinator": {**deferred.bookkeeping, "global_version": self.global_version}},

@@ -2,8 +2,8 @@
 
 A checkpoint is taken at a safe point (no site holds undelivered work) after the global
 weights changed (a sync or a single-site hand-off). Everything it needs is gathered there —
-the averaging actor's state (fetched now: once the safe point is passed the checkpoint no
-longer depends on that actor staying alive), the sites' inner optimizers (saved by the sites
+the averaging actors' parts (each actor writes its own weights and momentum files, asked now:
+an actor serves the request before any later change), the sites' inner optimizers (saved by the sites
 into a staging folder), the ledger, the state machine and the coordinator's bookkeeping — and
 the files are written by one background thread, so the sites go on training meanwhile. For a
 run directory on object storage (:class:`~curtail.run_store.RunStore`) the sites save their inner
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from curtail.run_store import RunStore
-from curtail.runtime.checkpoint import inner_staging_dir, write_checkpoint
+from curtail.runtime.checkpoint import averager_staging_dir, inner_staging_dir, write_checkpoint
 
 
 class RunCheckpointer:
@@ -41,45 +41,50 @@ class RunCheckpointer:
         self,
         global_version: int,
         *,
-        averager_state: Callable[[], dict[str, Any]],
+        save_averager: Callable[[str], Callable[[], dict[str, Any]]],
         save_inner: Callable[[str], bool],
         state: Callable[[], dict[str, Any]],
         complete_executor: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        """Take checkpoint ``sequence + 1``. ``save_inner(location)`` asks the running sites to save
-        their inner optimizers there, a folder or a URI (True if any did); ``state()`` returns the JSON parts
+        """Take checkpoint ``sequence + 1``. ``save_averager(location)`` asks the averaging actors
+        to write their parts there, a folder or a URI, and returns a function that waits for them
+        (``AveragerClient.save_later``: the sites train on while gigabytes of weights and momentum
+        are written, and no process gathers them); ``save_inner(location)`` asks the running sites
+        to save their inner optimizers there (True if any did); ``state()`` returns the JSON parts
         (``ledger``, ``executor``, ``coordinator``), gathered after the sites' saves; the writer
-        calls ``averager_state()`` (the averaging actor's state, requested before: the sites train
-        on while gigabytes of weights and momentum come out of the actor) and
-        ``complete_executor(executor_state)`` (what is still being computed, e.g. held-out scores)."""
+        calls ``complete_executor(executor_state)`` (what is still being computed, e.g. held-out scores)."""
         self.wait()  # at most one write in flight
         self.sequence += 1
         sequence = self.sequence
+        averager_dir = averager_staging_dir(self.run_dir, sequence)
+        averager_saved = save_averager(self.store.location(averager_dir))
         inner_dir = None
         if self.inner_optimizer:
             folder = inner_staging_dir(self.run_dir, sequence)
             inner_dir = folder if save_inner(self.store.location(folder)) else None
         parts = state()
         self._write = self._writer.submit(
-            self._write_and_upload, sequence, averager_state=averager_state,
+            self._write_and_upload, sequence, averager_saved=averager_saved, averager_dir=averager_dir,
             ledger_state=parts["ledger"], executor_state=parts["executor"],
             coordinator_state=parts["coordinator"], inner_dir=inner_dir, complete_executor=complete_executor,
         )
         self.checkpointed_version = global_version
         self.last_written = f"{sequence:06d}"
 
-    def _write_and_upload(self, sequence: int, *, inner_dir: Path | None,
-                          averager_state: Callable[[], dict[str, Any]],
+    def _write_and_upload(self, sequence: int, *, inner_dir: Path | None, averager_dir: Path,
+                          averager_saved: Callable[[], dict[str, Any]],
                           complete_executor: Callable[[dict[str, Any]], None] | None,
                           **parts: dict[str, Any]) -> None:
-        parts["averager_state"] = averager_state()
+        parts["averager_state"] = averager_saved()
         if complete_executor is not None:
             complete_executor(parts["executor_state"])
-        if inner_dir is not None and self.store.remote is not None:  # the sites saved them to the URI
-            staged = inner_dir.relative_to(self.run_dir).as_posix()
-            self.store.fetch(staged)
-            self.store.remove(staged)
-        final = write_checkpoint(self.run_dir, sequence, inner_dir=inner_dir, **parts)
+        if self.store.remote is not None:  # the actors and the sites wrote to the URI
+            for folder in (averager_dir, inner_dir):
+                if folder is not None:
+                    staged = folder.relative_to(self.run_dir).as_posix()
+                    self.store.fetch(staged)
+                    self.store.remove(staged)
+        final = write_checkpoint(self.run_dir, sequence, inner_dir=inner_dir, averager_dir=averager_dir, **parts)
         self.store.push_checkpoint(final)
 
     def wait(self) -> None:

@@ -18,7 +18,6 @@ CPU kernel), which the tests use; it only pays on GPUs with float8 tensor cores.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -30,16 +29,11 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 def require_torchao() -> None:
     """Raise a message that says how to get torchao when it is missing."""
-    quiet = logging.getLogger("torchao")  # its C++ kernels for other torch builds; float8 training needs none
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
         import torchao.float8  # noqa: F401
     except ImportError as missing:
         raise ImportError("fp8_linear = true needs torchao: pip install 'curtail[fp8]' "
                           f"(or set fp8_linear = false) ({missing})") from missing
-    finally:
-        quiet.setLevel(level)
 
 
 def convert_linears(model: torch.nn.Module) -> list[str]:
