@@ -111,24 +111,34 @@ def as_experiment(config: ExperimentConfig | str | Path | dict[str, Any]) -> Exp
     return load_experiment(config)
 
 
-def _with_measured_power(plan: RunPlan, config: ExperimentConfig, per_gpu_w: dict[str, float]) -> tuple[RunPlan, dict[str, Any]]:
+def _with_measured_power(plan: RunPlan, config: ExperimentConfig, per_gpu_w: dict[str, float],
+                         host_w: dict[str, dict[str, float]]) -> tuple[RunPlan, dict[str, Any]]:
     """With ``training.power = "measured"``, account each site's training at its measured watts
-    per GPU times its ``num_gpus`` and ``pue``; sites without readings (no NVML) keep the modelled power."""
-    if config.training.power == "model":
-        return plan, {"power_source": "model"}
+    per GPU times its ``num_gpus`` and ``pue``; sites without readings (no NVML) keep the modelled
+    power. With ``training.host_power = "codecarbon"`` the site's workers' measured CPU and memory
+    watts (times ``pue``) are added to its training power."""
     power = dict(plan.power)
-    measured = {}
-    for site, watts in per_gpu_w.items():
-        measured[site] = watts * config.sites[site].num_gpus * config.sites[site].pue
-        power[site] = PowerModel(training_w=measured[site], idle_w=plan.power[site].idle_w)
-    missing = sorted(set(plan.power) - set(measured))
-    note: dict[str, Any] = {"power_source": "measured" if not missing else "measured where available",
-                            "measured_training_power_w": measured}
-    if missing:
-        note["power_warning"] = (
-            f"no NVML power readings for {', '.join(missing)} (no GPU, or nvidia-ml-py missing): "
-            "their training power is the configured model"
-        )
+    note: dict[str, Any] = {"power_source": "model"}
+    if config.training.power == "measured":
+        measured = {}
+        for site, watts in per_gpu_w.items():
+            measured[site] = watts * config.sites[site].num_gpus * config.sites[site].pue
+            power[site] = PowerModel(training_w=measured[site], idle_w=plan.power[site].idle_w)
+        missing = sorted(set(plan.power) - set(measured))
+        note = {"power_source": "measured" if not missing else "measured where available",
+                "measured_training_power_w": measured}
+        if missing:
+            note["power_warning"] = (
+                f"no NVML power readings for {', '.join(missing)} (no GPU, or nvidia-ml-py missing): "
+                "their training power is the configured model"
+            )
+    if config.training.host_power == "codecarbon":
+        for site, watts in host_w.items():
+            added_w = (watts["cpu_w"] + watts["ram_w"]) * config.sites[site].pue
+            power[site] = PowerModel(training_w=power[site].training_w + added_w, idle_w=power[site].idle_w)
+        note |= {"host_power_source": "codecarbon", "measured_host_power_w": host_w}
+        if missing := sorted(set(plan.power) - set(host_w)):
+            note["host_power_warning"] = f"no CodeCarbon host power readings for {', '.join(missing)}"
     return dataclasses.replace(plan, power=power), note
 
 
@@ -494,7 +504,8 @@ def run(
         plan = _recorded_plan(experiment, spec, readings, forecasts, artifacts.trajectory.start_s,
                               artifacts.trajectory.finish_s)
         live_note = _live_note(experiment, readings, forecasts, artifacts.trajectory)
-    plan, power_note = _with_measured_power(plan, experiment, artifacts.summary_extra["measured_power_per_gpu_w"])
+    plan, power_note = _with_measured_power(plan, experiment, artifacts.summary_extra["measured_power_per_gpu_w"],
+                                            artifacts.summary_extra["measured_host_power_w"])
     record = record_of(
         plan,
         artifacts.trajectory,

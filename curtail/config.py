@@ -348,6 +348,12 @@ class TrainingConfig(StrictModel):
         description="training power in the accounting: the sites' configured watts, or NVML-measured GPU watts "
         "(per GPU, times the site's num_gpus); falls back to the model, with a warning, where NVML is missing",
     )
+    host_power: Literal["off", "codecarbon"] = Field(
+        default="off",
+        description="also measure the site workers' CPU and memory watts with CodeCarbon (each worker its own "
+        "process's share: RAPL where readable, else CodeCarbon's TDP-and-load and memory models) and add them to "
+        "the sites' training power in the accounting and emissions.csv; needs pip install 'curtail[host-power]'",
+    )
     checkpoint_interval_s: float = Field(
         default=600.0, gt=0,
         description="single-site mode: deliver the site's weights and checkpoint the run at least this often "

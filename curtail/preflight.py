@@ -73,6 +73,13 @@ def check_run_files(experiment: ExperimentConfig) -> None:
             require_torchao()
         except ImportError as missing:
             raise PreflightError(f"training.fp8_linear: {missing}") from None
+    if training.host_power == "codecarbon":
+        from curtail.training.host_power import require_codecarbon
+
+        try:
+            require_codecarbon()
+        except ImportError as missing:
+            raise PreflightError(f"training.host_power: {missing}") from None
     problems = []
     if training.corpus_shards is not None:
         from curtail.errors import CorpusError

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install curtail with its test tools and the tracking, sweep and fp8 extras. Idempotent: a second run is fast.
+# Create .venv and install curtail with its test tools and the tracking, sweep, fp8 and host-power extras. Idempotent: a second run is fast.
 # CPU machines get the CPU build of torch (constraints-cpu.txt); GPU machines keep the resolver's choice.
 # Installs with uv where it can be had (seconds), else with pip (minutes); both read pip's configuration.
 set -euo pipefail
@@ -9,7 +9,7 @@ PYTHON="${PYTHON:-python3}"
 constraints=()
 if ! command -v nvidia-smi >/dev/null 2>&1; then constraints=(-c constraints-cpu.txt); fi
 stamp=.venv/.curtail-installed
-target='.[dev,tracking,sweep,fp8]'
+target='.[dev,tracking,sweep,fp8,host-power]'
 
 with_uv() {
     .venv/bin/python -m pip install -q --disable-pip-version-check uv >/dev/null 2>&1 || return 1

@@ -34,7 +34,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def two_runs(ray_cluster, tmp_path_factory, request):
     """The tiny two-site run, twice with the same seed (uninterrupted baselines); the second
-    also logs to TensorBoard and MLflow (tests/test_tracking.py reads it back)."""
+    also logs to TensorBoard and MLflow (tests/test_tracking.py reads it back) and measures its
+    workers' CPU and memory power with CodeCarbon (tests/test_codecarbon.py)."""
     from runtime_fixtures import LIVE_READS, read_live_tracking, tiny_experiment
 
     import curtail
@@ -42,7 +43,8 @@ def two_runs(ray_cluster, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("runtime")
     experiment = tiny_experiment(tmp)
     first = curtail.run(experiment, output_dir=tmp / "first")
-    tracked = {**experiment, "tracking": {"tensorboard": True, "mlflow": True}}
+    tracked = {**experiment, "tracking": {"tensorboard": True, "mlflow": True},
+               "training": {**experiment["training"], "host_power": "codecarbon"}}  # tests/test_codecarbon.py
     reads = request.config.stash.setdefault(LIVE_READS, [])
 
     def read_while_training(progress: dict) -> None:  # tests/test_tracking.py: visible while it runs

@@ -62,3 +62,27 @@ def test_a_sites_pue_scales_its_energy_and_emissions_and_nothing_else(tmp_path: 
 def test_a_pue_below_one_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pue"):
         simulate(tmp_path, nem_sa={"pue": 0.9})
+
+
+@pytest.mark.slow
+def test_a_real_run_measures_its_workers_cpu_and_memory_and_emissions_csv_splits_them_out(two_runs) -> None:
+    """conftest.py's second tiny run has ``host_power = "codecarbon"``: every worker measured its
+    own process; the watts join the training power, and emissions.csv carries them as CPU and RAM."""
+    plain, measured = two_runs
+    summary = measured.summary
+    host = summary["measured_host_power_w"]
+    assert sorted(host) == sorted(summary["sites"]) and summary["host_power_source"] == "codecarbon"
+    assert all(w["cpu_w"] > 0 and w["ram_w"] > 0 for w in host.values()), host
+    assert "measured_host_power_w" not in plain.summary or plain.summary["measured_host_power_w"] == {}
+    frame = pd.read_csv(measured.run_dir / "emissions.csv").set_index("run_id")
+    assert frame.energy_consumed.sum() == pytest.approx(summary["energy_kwh"], rel=1e-9)
+    assert frame.emissions.sum() == pytest.approx(summary["emissions_kg"], rel=1e-9)
+    for site, watts in host.items():
+        training_h = summary["site_hours"][site]["training"]
+        assert frame.loc[site, "cpu_energy"] == pytest.approx(watts["cpu_w"] * training_h / 1000)
+        assert frame.loc[site, "ram_energy"] == pytest.approx(watts["ram_w"] * training_h / 1000)
+        it_kwh = frame.loc[site, "cpu_energy"] + frame.loc[site, "gpu_energy"] + frame.loc[site, "ram_energy"]
+        assert it_kwh * frame.loc[site, "pue"] == pytest.approx(frame.loc[site, "energy_consumed"])
+    # the measured watts were added: the second run's energy exceeds the first's by them
+    assert summary["energy_kwh"] > plain.summary["energy_kwh"]
+

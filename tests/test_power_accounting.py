@@ -57,7 +57,7 @@ def _paper_plan(training: dict):
 
 def test_measured_watts_replace_the_training_power_model():
     config, plan = _paper_plan({"power": "measured"})
-    measured, note = _with_measured_power(plan, config, {"caiso_north": 650.0, "nem_sa": 600.0})
+    measured, note = _with_measured_power(plan, config, {"caiso_north": 650.0, "nem_sa": 600.0}, {})
     assert measured.power["caiso_north"].training_w == pytest.approx(4 * 650.0)
     assert measured.power["nem_sa"].training_w == pytest.approx(2 * 600.0)
     assert measured.power["nem_sa"].idle_w == plan.power["nem_sa"].idle_w  # idle stays modelled
@@ -66,7 +66,7 @@ def test_measured_watts_replace_the_training_power_model():
 
 def test_sites_without_readings_keep_the_model_and_say_so():
     config, plan = _paper_plan({"power": "measured"})
-    measured, note = _with_measured_power(plan, config, {"caiso_north": 650.0})
+    measured, note = _with_measured_power(plan, config, {"caiso_north": 650.0}, {})
     assert measured.power["nem_sa"] == plan.power["nem_sa"]
     assert note["power_source"] == "measured where available"
     assert "nem_sa" in note["power_warning"] and "caiso_north" not in note["power_warning"]
@@ -74,8 +74,48 @@ def test_sites_without_readings_keep_the_model_and_say_so():
 
 def test_the_default_ignores_readings():
     config, plan = _paper_plan({})
-    same, note = _with_measured_power(plan, config, {"caiso_north": 650.0})
+    same, note = _with_measured_power(plan, config, {"caiso_north": 650.0}, {})
     assert same.power == plan.power and note == {"power_source": "model"}
+
+
+def test_measured_host_watts_add_to_the_training_power_times_pue():
+    config, plan = _paper_plan({"host_power": "codecarbon"})
+    host = {"caiso_north": {"cpu_w": 40.0, "ram_w": 10.0}}
+    summed, note = _with_measured_power(plan, config, {}, host)
+    pue = config.sites["caiso_north"].pue
+    assert summed.power["caiso_north"].training_w == pytest.approx(plan.power["caiso_north"].training_w + 50.0 * pue)
+    assert summed.power["caiso_north"].idle_w == plan.power["caiso_north"].idle_w
+    assert summed.power["nem_sa"] == plan.power["nem_sa"] and "nem_sa" in note["host_power_warning"]
+    assert note["host_power_source"] == "codecarbon" and note["measured_host_power_w"] == host
+    both, _ = _with_measured_power(_paper_plan({"power": "measured", "host_power": "codecarbon"})[1],
+                                   _paper_plan({"power": "measured", "host_power": "codecarbon"})[0],
+                                   {"caiso_north": 650.0}, host)
+    assert both.power["caiso_north"].training_w == pytest.approx(4 * 650.0 * pue + 50.0 * pue)
+
+
+def test_a_worker_measures_its_own_cpu_and_memory_watts_with_codecarbon():
+    """The real CodeCarbon tracker, in this process: CPU watts follow the load."""
+    import time
+
+    from curtail.training.host_power import HostPowerMeter
+
+    meter = HostPowerMeter.create(measure_power_s=0.2)
+    try:
+        readings = []
+        for busy in (True, False):
+            meter.start()
+            started, spins = time.perf_counter(), 0
+            while time.perf_counter() - started < 1.0:
+                if busy:
+                    spins += 1
+                else:
+                    time.sleep(0.05)
+            readings.append(meter.stop())
+    finally:
+        meter.close()
+    busy, idle = readings
+    assert busy.cpu_power_w > 0 and busy.cpu_power_w > 2 * idle.cpu_power_w
+    assert busy.ram_power_w > 0 and busy.duration_s == pytest.approx(1.0, abs=0.3)
 
 
 def test_micro_batch_must_divide_the_batch():

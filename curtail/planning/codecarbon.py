@@ -6,9 +6,12 @@ carries one with its columns, in its units (``duration`` s, ``emissions`` kg CO2
 
 - one row per site of the run, ``project_name`` = ``EXPERIMENT/RUN``, ``run_id`` = the site;
 - ``duration``: the site's provisioned seconds (training and provisioned idle);
-- ``gpu_energy``: the site's IT energy (the configured or measured power model covers the site's
-  accelerators and their hosts; curtail does not split CPU and memory out, so ``cpu_*`` and
-  ``ram_*`` are 0); ``energy_consumed`` = ``gpu_energy × pue``, the energy the grid supplied;
+- ``cpu_energy`` / ``ram_energy``: the site's workers' CPU and memory energy while training,
+  where ``[training] host_power = "codecarbon"`` measured them (``measured_host_power_w`` of the
+  summary × the site's training hours), else 0; ``gpu_energy``: the rest of the site's IT energy
+  (the configured or measured power of its accelerators — and of their hosts, where not measured
+  apart); ``energy_consumed`` = (``cpu_energy + gpu_energy + ram_energy``) × ``pue``, the energy
+  the grid supplied;
 - ``region`` the site's grid region; ``pue`` the site's;
 - ``codecarbon_version`` is empty: curtail wrote the file, not CodeCarbon.
 
@@ -46,6 +49,9 @@ def emissions_frame(summary: Mapping[str, Any], sites: Mapping[str, SiteConfig],
         duration_s = (hours["training"] + hours["provisioned_idle"]) * _S_PER_H
         energy_kwh, emissions_kg = summary["energy_kwh_by_site"][site], summary["emissions_kg_by_site"][site]
         it_energy_kwh = energy_kwh / config.pue
+        host_w = summary.get("measured_host_power_w", {}).get(site, {"cpu_w": 0.0, "ram_w": 0.0})
+        cpu_kwh, ram_kwh = (host_w[key] * hours["training"] / 1000 for key in ("cpu_w", "ram_w"))
+        gpu_kwh = it_energy_kwh - cpu_kwh - ram_kwh
         rows.append({
             "timestamp": summary["finish"].removesuffix("Z"),
             "project_name": f"{experiment}/{summary['run']}",
@@ -53,12 +59,12 @@ def emissions_frame(summary: Mapping[str, Any], sites: Mapping[str, SiteConfig],
             "duration": duration_s,
             "emissions": emissions_kg,
             "emissions_rate": emissions_kg / duration_s if duration_s > 0 else 0.0,
-            "cpu_power": 0.0,
-            "gpu_power": it_energy_kwh * _J_PER_KWH / duration_s if duration_s > 0 else 0.0,
-            "ram_power": 0.0,
-            "cpu_energy": 0.0,
-            "gpu_energy": it_energy_kwh,
-            "ram_energy": 0.0,
+            "cpu_power": _mean_w(cpu_kwh, duration_s),
+            "gpu_power": _mean_w(gpu_kwh, duration_s),
+            "ram_power": _mean_w(ram_kwh, duration_s),
+            "cpu_energy": cpu_kwh,
+            "gpu_energy": gpu_kwh,
+            "ram_energy": ram_kwh,
             "energy_consumed": energy_kwh,
             "country_name": "", "country_iso_code": "",
             "region": config.region,
@@ -75,3 +81,7 @@ def emissions_frame(summary: Mapping[str, Any], sites: Mapping[str, SiteConfig],
             "pue": config.pue,
         })
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _mean_w(energy_kwh: float, duration_s: float) -> float:
+    return energy_kwh * _J_PER_KWH / duration_s if duration_s > 0 else 0.0

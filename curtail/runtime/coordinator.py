@@ -46,7 +46,12 @@ from curtail.runtime.protocol import (
 from curtail.runtime.ray_executor import ExecutorOptions, RayExecutor
 from curtail.runtime.run_checkpointer import RunCheckpointer
 from curtail.runtime.sites import SiteFailure, SiteGroup
-from curtail.runtime.telemetry import Timing, measured_power_per_gpu_w, sync_traffic
+from curtail.runtime.telemetry import (
+    Timing,
+    measured_host_power_w,
+    measured_power_per_gpu_w,
+    sync_traffic,
+)
 from curtail.runtime.work_account import WorkAccount
 from curtail.sources.live_feed import LiveSignal
 from curtail.training.averaging import outer_momentum_for
@@ -300,6 +305,7 @@ class Coordinator:
                 staggered=training.sync_fragments > 1,
                 parallelism=training.parallelism, activation_checkpointing=training.activation_checkpointing,
                 fp8_linear=training.fp8_linear,
+                host_power=training.host_power == "codecarbon",
             )
             groups[site] = SiteGroup(
                 site=site, mailbox=setup.mailbox, loop_config=loop_config,
@@ -375,6 +381,7 @@ class Coordinator:
             "site_capacity": executor.capacity.summary() if executor.capacity is not None else {},
             "site_nodes": {site: sorted(nodes) for site, nodes in executor.telemetry.site_nodes.items()},
             "measured_power_per_gpu_w": measured_power_per_gpu_w(executor.telemetry.timings),
+            "measured_host_power_w": measured_host_power_w(executor.telemetry.timings),
             "sync_traffic": sync_traffic(executor.telemetry.timings),
             "link": {"emulated": self.config.training.emulate_link, "overlap_sync": self.config.execution.overlap_sync,
                      "sync_fragments": self.config.training.sync_fragments,

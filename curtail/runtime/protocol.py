@@ -79,6 +79,7 @@ class SiteLoopConfig:
     parallelism: str = "ddp"  # or "fsdp": each rank holds, and exchanges, its rows of every parameter
     activation_checkpointing: bool = False
     fp8_linear: bool = False  # the decoder's linear layers in float8 (curtail.training.float8)
+    host_power: bool = False  # measure the workers' CPU and memory watts (curtail.training.host_power)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class Trained(Reply):
     loss: float  # mean training loss over the steps (nan when no step ran)
     power_w: float | None = None  # NVML-measured watts of the site's GPUs over the command
     gpus: int = 0  # how many GPUs power_w covers
+    host_power_w: tuple[float, float] | None = None  # the site's workers' (CPU, memory) watts (CodeCarbon)
     pack_s: float = 0.0  # seconds spent packing staggered fragments between the steps (not training)
 
 

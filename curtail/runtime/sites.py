@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # the worker side imports torch lazily: the coordinator side 
 
     from curtail.runtime.averager import AveragerClient
     from curtail.training.data import TokenCorpus
+    from curtail.training.host_power import HostPowerMeter, HostReading
     from curtail.training.loop import SiteTrainer
     from curtail.training.power import PowerSampler
 
@@ -121,6 +122,14 @@ def _site_power_w(reading: Any, world: int) -> float | None:
     # the board's energy counter over the command (exact) rather than the mean of ~1-s-averaged samples
     readings = _gather_object(None if reading is None else reading.energy_j / max(reading.duration_s, 1e-9), world)
     return None if any(r is None for r in readings) else float(sum(readings))
+
+
+def _site_host_power_w(reading: HostReading | None, world: int) -> tuple[float, float] | None:
+    """The site's workers' (CPU, memory) watts: the sum over its ranks' processes, or None unless all measured."""
+    readings = _gather_object(None if reading is None else (reading.cpu_power_w, reading.ram_power_w), world)
+    if any(r is None for r in readings):
+        return None
+    return float(sum(r[0] for r in readings)), float(sum(r[1] for r in readings))
 
 
 def _load_optimizer_file(trainer: SiteTrainer, state_file: Path) -> bool:
@@ -196,6 +205,7 @@ class SiteWorker:
         world: int = 1,
         node_id: str = "",
         power: PowerSampler | None = None,
+        host_power: HostPowerMeter | None = None,
         report_checkpoint: Callable[[dict[str, Any], str], None] = report_to_ray_train,
         report_metrics: Callable[[dict[str, Any]], None] = report_metrics_to_ray_train,
         startup_s: dict[str, float] | None = None,
@@ -208,6 +218,7 @@ class SiteWorker:
         self.rank, self.world = rank, world
         self.node_id = node_id
         self.power = power  # NVML sampler of this rank's GPU; None on CPUs or without NVML
+        self.host_power = host_power  # CodeCarbon meter of this process's CPU and memory ([training] host_power)
         self.report_checkpoint = report_checkpoint
         self.report_metrics = report_metrics
         self.metrics: dict[str, Any] = {}  # the site's progress as last reported
@@ -276,6 +287,8 @@ class SiteWorker:
         self.pack_s = 0.0
         if self.power is not None:
             self.power.start()
+        if self.host_power is not None:
+            self.host_power.start()
         for start_token, num_steps in command.chunks:
             for step in range(num_steps):
                 if command.until_wall is not None and not _broadcast_object(time.time() < command.until_wall, self.world):
@@ -294,6 +307,10 @@ class SiteWorker:
         power_w = None
         if self.config.use_gpu:  # a collective only where there is something to measure (same on every rank)
             power_w = _site_power_w(self.power.stop() if self.power is not None else None, self.world)
+        host_power_w = None
+        if self.config.host_power:  # (the same on every rank: a collective)
+            host_power_w = _site_host_power_w(self.host_power.stop() if self.host_power is not None else None,
+                                              self.world)
         if command.report:  # every rank reports (Ray Train's report is a barrier); the controller keeps rank 0's
             run_tokens = command.tokens_before + steps * self.tokens_per_step * command.concurrency
             self.metrics = {
@@ -301,10 +318,11 @@ class SiteWorker:
                 "window_tokens": self.steps_done * self.tokens_per_step, "run_tokens": run_tokens,
                 "loss": mean_loss, "lr": self.config.schedule.lr_at(run_tokens),
                 **({"power_w": power_w} if power_w is not None else {}),
+                **({"cpu_power_w": host_power_w[0], "ram_power_w": host_power_w[1]} if host_power_w else {}),
             }
             self.report_metrics(self.metrics)
         return Trained(wall_s=self._elapsed_s(), steps=steps, tokens=steps * self.tokens_per_step, loss=mean_loss,
-                       power_w=power_w, gpus=self.world, pack_s=self.pack_s)
+                       power_w=power_w, gpus=self.world, host_power_w=host_power_w, pack_s=self.pack_s)
 
     def load(self, command: Load) -> Loaded:
         """Take the averager's newest global weights on rank 0 and broadcast them."""
@@ -517,6 +535,7 @@ def _ray_train_worker(config: SiteLoopConfig, launched_at_s: float) -> SiteWorke
 
     from curtail.runtime.averager import AveragerClient
     from curtail.training.data import TokenCorpus
+    from curtail.training.host_power import HostPowerMeter
     from curtail.training.power import PowerSampler
 
     phases = {"ray_train": time.time() - launched_at_s}  # (its imports included: they run in this process)
@@ -530,6 +549,7 @@ def _ray_train_worker(config: SiteLoopConfig, launched_at_s: float) -> SiteWorke
     trainer = site_trainer(config, device)
     # Measured GPU power (NVML) for the train replies; None on CPUs or without nvidia-ml-py.
     power = PowerSampler.create(device.index) if config.use_gpu else None
+    host_power = HostPowerMeter.create() if config.host_power else None
     phases["model"], started = time.perf_counter() - started, time.perf_counter()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a later window of this site: keep the inner optimizer's moments
@@ -538,13 +558,17 @@ def _ray_train_worker(config: SiteLoopConfig, launched_at_s: float) -> SiteWorke
     phases["optimizer"] = time.perf_counter() - started
     node_id = str(ray.get_runtime_context().get_node_id())  # where the site trained, shown in the run
     return SiteWorker(config, trainer, train, AveragerClient(config.averager), rank=rank, world=world,
-                      node_id=node_id, power=power, startup_s=phases)
+                      node_id=node_id, power=power, host_power=host_power, startup_s=phases)
 
 
 def site_worker_loop(config: SiteLoopConfig, launched_at_s: float) -> dict[str, Any]:
     """The Ray Train function of one site: build the worker, serve commands until Stop."""
     worker = _ray_train_worker(config, launched_at_s)
-    steps = worker.serve(MailboxChannel(config.mailbox, config.site))
+    try:
+        steps = worker.serve(MailboxChannel(config.mailbox, config.site))
+    finally:
+        if worker.host_power is not None:
+            worker.host_power.close()
     return {"site": config.site, "steps": steps}
 
 

@@ -31,6 +31,8 @@ class Timing:
     at_wall_s: float = field(default_factory=time.time)  # when the coordinator recorded it
     power_w: float | None = None  # NVML-measured GPU watts of the site's workers (train commands)
     gpus: int = 0  # how many GPUs power_w covers
+    cpu_power_w: float | None = None  # the site's workers' CPU watts (CodeCarbon, [training] host_power)
+    ram_power_w: float | None = None  # the site's workers' memory watts (CodeCarbon)
     num_bytes: int = 0  # bytes over the wire: sent (submit: pseudo-gradient; publish: weights), received (load)
 
 
@@ -42,15 +44,31 @@ def measured_power_per_gpu_w(timings: list[Timing], warmup_factor: float = 3.0) 
     ``warmup_factor`` times the site's median is the first of a worker group (CUDA start-up
     and compilation, the board mostly idle), not the steady training the accounting prices.
     """
-    train = [t for t in timings if t.kind == "train" and t.power_w is not None and t.gpus > 0
-             and t.wall_s > 0 and t.steps > 0]
+    train = [t for t in timings if t.kind == "train" and t.power_w is not None and t.gpus > 0]
+    return {site: sum(t.power_w / t.gpus * t.wall_s for t in rows) / sum(t.wall_s for t in rows)
+            for site, rows in _steady_train(train, warmup_factor).items()}
+
+
+def measured_host_power_w(timings: list[Timing], warmup_factor: float = 3.0) -> dict[str, dict[str, float]]:
+    """Each site's time-weighted mean CPU and memory watts (``{"cpu_w", "ram_w"}``, its workers
+    together) over its steady train commands, as :func:`measured_power_per_gpu_w` selects them."""
+    train = [t for t in timings if t.kind == "train" and t.cpu_power_w is not None and t.ram_power_w is not None]
+    result = {}
+    for site, rows in _steady_train(train, warmup_factor).items():
+        seconds = sum(t.wall_s for t in rows)
+        result[site] = {"cpu_w": sum(t.cpu_power_w * t.wall_s for t in rows) / seconds,
+                        "ram_w": sum(t.ram_power_w * t.wall_s for t in rows) / seconds}
+    return result
+
+
+def _steady_train(train: list[Timing], warmup_factor: float) -> dict[str, list[Timing]]:
+    """Per site, its train commands without the warm-up ones (see :func:`measured_power_per_gpu_w`)."""
+    train = [t for t in train if t.wall_s > 0 and t.steps > 0]
     result = {}
     for site in sorted({t.site for t in train}):
         rows = [t for t in train if t.site == site]
         median_step_s = float(np.median([t.wall_s / t.steps for t in rows]))
-        steady = [t for t in rows if t.wall_s / t.steps <= warmup_factor * median_step_s]
-        seconds = sum(t.wall_s for t in steady)
-        result[site] = sum(t.power_w / t.gpus * t.wall_s for t in steady) / seconds
+        result[site] = [t for t in rows if t.wall_s / t.steps <= warmup_factor * median_step_s]
     return result
 
 
@@ -108,7 +126,9 @@ class Telemetry:
         match reply:
             case Trained():
                 self.timings.append(Timing(t_s, site, kind, round_index, reply.wall_s, reply.steps,
-                                           power_w=reply.power_w, gpus=reply.gpus))
+                                           power_w=reply.power_w, gpus=reply.gpus,
+                                           cpu_power_w=reply.host_power_w[0] if reply.host_power_w else None,
+                                           ram_power_w=reply.host_power_w[1] if reply.host_power_w else None))
                 if reply.pack_s:  # staggered fragments packed between its steps
                     self.timings.append(Timing(t_s, site, "pack", round_index, reply.pack_s))
                 self.last_loss = reply.loss
