@@ -30,14 +30,19 @@ def train_both_ways(rank: int, world: int, port: int, out_dir: str) -> None:
     corpus = TokenCorpus(data, "train")
     step_tokens = BATCH_SIZE * SEQ_LEN
 
-    def make(parallelism: str) -> SiteTrainer:
-        return SiteTrainer(tiny(), vocab_size=256, seed=7, device="cpu", parallelism=parallelism)
+    def make(parallelism: str, fused: bool = False) -> SiteTrainer:
+        return SiteTrainer(tiny(), vocab_size=256, seed=7, device="cpu", parallelism=parallelism,
+                           fused_cross_entropy=fused, loss_chunk_tokens=100)
 
     def train(trainer: SiteTrainer, first: int, steps: int) -> list[float]:
         return [trainer.train_step(*corpus.batch((first + step) * world * step_tokens + rank * step_tokens,
                                                  BATCH_SIZE, SEQ_LEN), lr=3e-3) for step in range(steps)]
 
     result: dict[str, object] = {}
+    for parallelism in ("ddp", "fsdp"):  # the chunked LM head + loss (under FSDP: inside the root's call)
+        fused = make(parallelism, fused=True)
+        result[f"{parallelism}_fused"] = {"losses": train(fused, 0, STEPS), "params": fused.export_params(),
+                                          "heldout": fused.evaluate(corpus, 2, BATCH_SIZE, SEQ_LEN)}
     for parallelism in ("ddp", "fsdp"):
         trainer = make(parallelism)
         start = trainer.export_params()

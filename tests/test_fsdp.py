@@ -31,6 +31,18 @@ def test_fsdp_trains_as_ddp_does_over_20_steps(ranks) -> None:
     assert ranks[1]["fsdp"]["losses"] == fsdp["losses"]  # the mean over ranks, on every rank
 
 
+def test_the_fused_lm_head_and_loss_train_under_fsdp_as_ddp_does(ranks) -> None:
+    """The chunked head + cross-entropy reads the head's weight outside the model's forward; under
+    FSDP it runs inside the root's call, so the weight is gathered and its gradient reduced."""
+    ddp, fused = ranks[0]["ddp_fused"], ranks[0]["fsdp_fused"]
+    np.testing.assert_allclose(fused["losses"], ranks[0]["ddp"]["losses"], rtol=1e-4)  # the same function
+    np.testing.assert_allclose(fused["losses"], ddp["losses"], rtol=1e-5)
+    for name, array in ddp["params"].items():  # the head and the embeddings were trained too
+        np.testing.assert_allclose(fused["params"][name], array, atol=1e-5, err_msg=name)
+    assert ranks[1]["fsdp_fused"]["losses"] == fused["losses"]
+    assert np.isfinite(fused["heldout"])  # the model's own forward still evaluates
+
+
 def test_each_rank_holds_and_sends_only_its_rows(ranks) -> None:
     params = ranks[0]["fsdp"]["params"]
     total = sum(array.size for array in params.values())

@@ -17,7 +17,8 @@ device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +40,29 @@ def shard_model(model: torch.nn.Module, group: dist.ProcessGroup | None, device:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def route_through_root(model: torch.nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``loss(input_ids, labels)`` computed from inside ``model``'s own call; returns the function
+    to call instead.
+
+    The fused LM head + cross-entropy reads ``lm_head.weight`` (and the body the embeddings)
+    outside ``model.forward``. Under FSDP2 those belong to the root's parameter group, which is
+    gathered only around a call of the root (its pre-forward hook), and whose gradients are
+    reduce-scattered only after a backward through such a call. The model's ``forward`` takes an
+    extra keyword, ``fused_loss_labels``: with it, the call returns the loss; without it (the
+    evaluation, export) it is the model's own forward.
+    """
+    plain = model.forward
+
+    def forward(self: torch.nn.Module, *args: Any, fused_loss_labels: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if fused_loss_labels is None:
+            return plain(*args, **kwargs)
+        return loss(kwargs["input_ids"], fused_loss_labels)
+
+    model.forward = types.MethodType(forward, model)
+    return lambda input_ids, labels: model(input_ids=input_ids, fused_loss_labels=labels)
 
 
 def is_sharded(param: torch.Tensor) -> bool:

@@ -65,6 +65,7 @@ from curtail.training.fsdp import (
     local,
     optimizer_state_from_local,
     optimizer_state_to_local,
+    route_through_root,
     shard_model,
     shard_rows,
 )
@@ -146,9 +147,6 @@ class SiteTrainer:
             raise ValueError(f"loss_chunk_tokens must be > 0, got {loss_chunk_tokens}")
         if parallelism not in ("ddp", "fsdp"):
             raise ValueError(f'parallelism must be "ddp" or "fsdp", got {parallelism!r}')
-        if parallelism == "fsdp" and fused_cross_entropy:  # it reads lm_head.weight outside the model's forward
-            raise ValueError('fused_cross_entropy does not work with parallelism = "fsdp" yet (the LM head would be '
-                             "read while sharded); use the compiled loss (compile_model) instead")
         self.spec = get_spec(preset)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LlamaForCausalLM = build_model(self.spec, vocab_size, seed, self.device)
@@ -179,6 +177,8 @@ class SiteTrainer:
         if fused_cross_entropy:
             body = torch.compile(self.model.model) if compile_model else self.model.model
             self._train_loss = lambda ids, targets: self._fused_loss(body, ids, targets)
+            if self.sharded:  # from inside the root's own call: FSDP gathers the embeddings and the head for it
+                self._train_loss = route_through_root(self.model, self._train_loss)
         else:
             self._train_loss = torch.compile(self._loss) if compile_model else self._loss
         self._reference: dict[str, torch.Tensor] | None = None
