@@ -264,6 +264,11 @@ class TrainingConfig(StrictModel):
         description="train the decoder blocks' linear layers in float8 (torchao, dynamic per-tensor scaling; fp32 "
         "master weights): faster steps on Hopper-class GPUs; needs pip install 'curtail[fp8]'",
     )
+    fp8_recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = Field(
+        default="tensorwise",
+        description="float8 scaling (torchao's recipes): one scale per tensor (fastest), per row (more accurate), "
+        "or per row with the weight gradient in high precision",
+    )
     averager_shards: int = Field(
         default=1, ge=1,
         description="split the global weights, their broadcast view and the outer-optimizer state across this "

@@ -12,7 +12,8 @@ LM head + cross-entropy), ``micro`` (micro-batch rows), ``chunk`` (tokens per lo
 ``pad`` (MLP width padded to a multiple of this; 0 = off; default 64 on GPUs), ``sdpa``
 (attention backend: ``flash``, ``cudnn``, ``efficient`` or ``math``; default: torch's choice),
 ``fsdp`` (1: FSDP2, ``parallelism = "fsdp"``; on one device a process group of one), ``ac``
-(1: activation checkpointing) and ``fp8`` (1: the decoder's linear layers in float8, torchao).
+(1: activation checkpointing) and ``fp8`` (1 or a recipe, ``rowwise``…: the decoder's linear
+layers in float8, torchao).
 ``--world-size N`` runs each variant data parallel over N GPUs (NCCL; gloo on CPUs), one
 process per GPU, the way a site of N GPUs trains (gradient all-reduce inside the step), and
 reports tokens/s per GPU beside the one-GPU figure: the scaling efficiency inside a site.
@@ -110,7 +111,8 @@ def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> 
         loss_chunk_tokens=int(options.get("chunk", 8192)),
         pad_mlp_multiple=int(options["pad"]) if "pad" in options else None,
         parallelism=parallelism, activation_checkpointing=options.get("ac", "0") == "1",
-        fp8_linear=options.get("fp8", "0") == "1",
+        fp8_linear=options.get("fp8", "0") != "0",
+        fp8_recipe="tensorwise" if options.get("fp8", "0") in ("0", "1") else options["fp8"],
     )
     if compile_option == "model":  # the previous layout: compiled model, eager loss outside it
         compiled = torch.compile(trainer.model)

@@ -5,9 +5,10 @@
     .venv/bin/python experiments/fp8_quality.py --text data/text/tinyshakespeare.txt \\
         --preset tiny --steps 30 --batch-size 4 --output-dir /tmp/fp8 # CPU, seconds
 
-Each precision (``--precisions``, default ``bf16 fp8``) builds a fresh
+Each precision (``--precisions``, default ``bf16 fp8``; ``fp8-rowwise`` and
+``fp8-rowwise_with_gw_hp`` pick torchao's other scaling recipes) builds a fresh
 :class:`~curtail.training.loop.SiteTrainer` from the same seed (compiled on GPUs, bf16 autocast,
-``fp8_linear`` for fp8) and trains ``--steps`` optimizer steps on the same batches: consecutive
+``fp8_linear`` for the fp8 ones) and trains ``--steps`` optimizer steps on the same batches: consecutive
 windows of the shard folder's training tokens (``curtail prepare-data``) or of a text file
 tokenised with a byte-level BPE, all moved to the device before the clock starts. The learning
 rate follows the runs' warmup / constant / warmdown schedule. Reported per precision: the loss
@@ -37,10 +38,12 @@ if str(ROOT) not in sys.path:
 
 from bench_throughput import flops_per_token, peak_flops, synchronize
 
+from curtail.training.float8 import FLOAT8_RECIPES
 from curtail.training.loop import SiteTrainer
 from curtail.training.power import PowerSampler
 from curtail.training.schedule import LRSchedule
 
+PRECISIONS = ["bf16", "fp8", *(f"fp8-{recipe}" for recipe in FLOAT8_RECIPES if recipe != "tensorwise")]
 OP_GROUPS = (  # (group, substrings of the aten operators whose kernels make it up), first match wins
     ("matmul", ("aten::mm", "aten::_scaled_mm", "aten::addmm", "aten::bmm")),
     ("attention", ("attention", "flash")),
@@ -72,7 +75,8 @@ def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Te
     torch.manual_seed(0)
     trainer = SiteTrainer(args.preset, vocab_size, seed=0, device=device, micro_batch_size=args.micro,
                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
-                          compile_model=device.type == "cuda" and not args.eager, fp8_linear=precision == "fp8")
+                          compile_model=device.type == "cuda" and not args.eager, fp8_linear=precision != "bf16",
+                          fp8_recipe=precision.removeprefix("fp8-") if precision.startswith("fp8-") else "tensorwise")
     tokens_per_step = batches[0][0].numel()
     schedule = LRSchedule.from_fractions(args.peak_lr, tokens_per_step * len(batches), 0.05, 0.3, 0.1)
     losses: list[torch.Tensor] = []
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocab-size", type=int, default=2048, help="with --text: the BPE's vocabulary")
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "d12", "d20", "d48"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=PRECISIONS,
+                        help="fp8: the tensorwise recipe; fp8-RECIPE another (curtail.training.float8)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--micro", type=int, default=None, help="sequences per forward/backward")

@@ -49,6 +49,19 @@ def test_fp8_converts_every_decoder_linear_including_the_padded_mlp_and_keeps_th
     assert scaled_matmuls(plain, inputs, labels) == 0
 
 
+def test_every_scaling_recipe_trains_and_an_unknown_one_is_refused_by_name() -> None:
+    inputs, labels = batches(1)[0]
+    scales = set()
+    for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp"):
+        trainer = SiteTrainer("tiny", vocab_size=256, seed=0, device="cpu", fp8_linear=True, fp8_recipe=recipe)
+        layer = trainer.model.model.layers[0].self_attn.q_proj
+        scales.add(str(layer.config.cast_config_input.scaling_granularity))
+        assert np.isfinite(trainer.train_step(inputs, labels, lr=1e-3))
+    assert len(scales) == 2  # per tensor, per row
+    with pytest.raises(ValueError, match="fp8_recipe 'rowise': use one of tensorwise, rowwise"):
+        SiteTrainer("tiny", vocab_size=256, seed=0, device="cpu", fp8_linear=True, fp8_recipe="rowise")
+
+
 def test_fp8_weights_keep_their_names_shapes_and_values_for_the_averager() -> None:
     plain = SiteTrainer("tiny", vocab_size=256, seed=3, device="cpu", pad_mlp_multiple=64)
     fp8 = SiteTrainer("tiny", vocab_size=256, seed=3, device="cpu", fp8_linear=True)
@@ -76,8 +89,10 @@ def test_fp8_is_wired_from_the_config_to_the_site_trainer() -> None:
 
     from curtail.runtime.sites import site_trainer
 
-    config = dataclasses.replace(make_config(), fp8_linear=True)
-    assert len(site_trainer(config, torch.device("cpu")).float8_layers) == 14
+    config = dataclasses.replace(make_config(), fp8_linear=True, fp8_recipe="rowwise")
+    trainer = site_trainer(config, torch.device("cpu"))
+    assert len(trainer.float8_layers) == 14
+    assert "AXISWISE" in str(trainer.model.model.layers[1].mlp.down_proj.config.cast_config_weight.scaling_granularity)
     experiment = load_experiment(REPO / "experiments" / "demo.toml")
     changed = experiment.replace(training=experiment.training.replace(fp8_linear=True))
     assert changed.training.fp8_linear and not experiment.training.fp8_linear

@@ -304,7 +304,7 @@ class Coordinator:
                 emulated_link=links.by_site[site] if training.emulate_link else None,
                 staggered=training.sync_fragments > 1,
                 parallelism=training.parallelism, activation_checkpointing=training.activation_checkpointing,
-                fp8_linear=training.fp8_linear,
+                fp8_linear=training.fp8_linear, fp8_recipe=training.fp8_recipe,
                 host_power=training.host_power == "codecarbon",
             )
             groups[site] = SiteGroup(

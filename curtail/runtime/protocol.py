@@ -79,6 +79,7 @@ class SiteLoopConfig:
     parallelism: str = "ddp"  # or "fsdp": each rank holds, and exchanges, its rows of every parameter
     activation_checkpointing: bool = False
     fp8_linear: bool = False  # the decoder's linear layers in float8 (curtail.training.float8)
+    fp8_recipe: str = "tensorwise"  # its scaling recipe
     host_power: bool = False  # measure the workers' CPU and memory watts (curtail.training.host_power)
 
 

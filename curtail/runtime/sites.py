@@ -524,6 +524,7 @@ def site_trainer(config: SiteLoopConfig, device: torch.device) -> SiteTrainer:
         parallelism=config.parallelism,
         activation_checkpointing=config.activation_checkpointing,
         fp8_linear=config.fp8_linear,
+        fp8_recipe=config.fp8_recipe,
     )
 
 

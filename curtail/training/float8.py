@@ -7,6 +7,10 @@ the parameter names and shapes stay as they are, so checkpoints, export, pseudo-
 the averager see nothing of it. The LM head stays in bf16 (its logits feed the loss directly,
 the usual float8 recipe), as do the embeddings and norms.
 
+The scaling recipe (``FLOAT8_RECIPES``, torchao's names): ``tensorwise`` (one scale per tensor,
+the fastest), ``rowwise`` (one per row: more accurate, more scaling work) and
+``rowwise_with_gw_hp`` (rowwise, with the weight gradient's matmul kept in high precision).
+
 ``torch._scaled_mm`` needs both matrix dimensions divisible by 16: a layer whose shape is not
 (after the padded-MLP widening of :func:`curtail.training.loop.pad_mlp_width`) stays in bf16.
 :func:`project` computes a projection with a weight other than the module's own (the padded
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm: both dimensions of each operand divisible by 16
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -36,12 +41,15 @@ def require_torchao() -> None:
                           f"(or set fp8_linear = false) ({missing})") from missing
 
 
-def convert_linears(model: torch.nn.Module) -> list[str]:
-    """Make the decoder blocks' linear layers train in float8; returns the converted names.
+def convert_linears(model: torch.nn.Module, recipe: str = "tensorwise") -> list[str]:
+    """Make the decoder blocks' linear layers train in float8 with the scaling ``recipe``;
+    returns the converted names.
 
     Call after :func:`~curtail.training.loop.pad_mlp_width` (a padded MLP's projections are
     judged by the widths they compute at) and before sharding and compiling.
     """
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"fp8_recipe {recipe!r}: use one of {', '.join(FLOAT8_RECIPES)}")
     require_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -49,7 +57,8 @@ def convert_linears(model: torch.nn.Module) -> list[str]:
     if not eligible:
         raise ValueError("fp8_linear: no linear layer of this model has dimensions divisible by "
                          f"{FLOAT8_MULTIPLE} (pad_mlp_multiple pads the MLP's); use a larger preset or fp8_linear = false")
-    convert_to_float8_training(model, config=Float8LinearConfig(), module_filter_fn=lambda _, name: name in eligible)
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
+                               module_filter_fn=lambda _, name: name in eligible)
     return sorted(eligible)
 
 

@@ -110,6 +110,7 @@ class SiteTrainer:
         fp8_linear: train the decoder blocks' linear layers in float8
             (:mod:`curtail.training.float8`, torchao; Hopper-class GPUs). The MLP is padded
             (``pad_mlp_multiple`` default 64 also on CPUs) so its matmuls qualify.
+        fp8_recipe: float8 scaling (``tensorwise``, ``rowwise``, ``rowwise_with_gw_hp``).
         keep_reference: keep a device copy of the weights last loaded by :meth:`load_global`
             so :meth:`compressed_pseudo_gradient` needs no host round trip (one more copy of
             the parameters in device memory). Default: on CUDA only (on a CPU the reference
@@ -138,6 +139,7 @@ class SiteTrainer:
         parallelism: str = "ddp",
         activation_checkpointing: bool = False,
         fp8_linear: bool = False,
+        fp8_recipe: str = "tensorwise",
     ) -> None:
         if grad_clip_norm is not None and grad_clip_norm <= 0:
             raise ValueError(f"grad_clip_norm must be > 0 or None, got {grad_clip_norm}")
@@ -157,7 +159,7 @@ class SiteTrainer:
         self.pad_mlp_multiple = pad_mlp_multiple
         if pad_mlp_multiple:
             pad_mlp_width(self.model, pad_mlp_multiple)
-        self.float8_layers = convert_linears(self.model) if fp8_linear else []
+        self.float8_layers = convert_linears(self.model, fp8_recipe) if fp8_linear else []
         if activation_checkpointing:  # recompute each layer's activations in the backward pass
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x; the old name warns
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
