@@ -220,6 +220,11 @@ class RunStore:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if info.type == pafs.FileType.Directory:  # the local folders its files go into
+                target.mkdir(exist_ok=True)
+                for entry in filesystem.get_file_info(pafs.FileSelector(source, recursive=True)):
+                    if entry.type == pafs.FileType.File:
+                        (target / entry.path[len(source):].lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(source, str(target), source_filesystem=filesystem,
                             destination_filesystem=pafs.LocalFileSystem())
         except OSError as error:

@@ -110,6 +110,12 @@ def test_a_site_writes_to_the_uri_and_the_checkpoint_takes_it_into_the_working_c
     store.remove("checkpoints/.inner-000003")
     assert _remote_files(store.remote) == {}
     assert read_bytes(join(store.location(staged), "b", "rank1.pt")) is None
+    # the averaging actors' parts: several files straight in the folder
+    parts = store.local / "checkpoints" / ".averager-000003"
+    for index in range(4):
+        write_bytes(join(store.location(parts), f"global-{index:05d}-of-00004.safetensors"), bytes([index]) * 1000)
+    assert store.fetch("checkpoints/.averager-000003") == parts
+    assert sorted(p.read_bytes()[:1] for p in parts.iterdir()) == [bytes([index]) for index in range(4)]
 
 
 def test_a_pull_replaces_the_working_copy_with_the_remote_run(in_tmp, s3_server):
