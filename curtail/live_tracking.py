@@ -48,9 +48,11 @@ class LiveTracker:
         self.client: Any = None
         self.mlflow_run_id: str | None = None
         if tracking.tensorboard:
-            from tensorboardX import SummaryWriter
+            # TensorBoard's own writer: its flush() blocks until every event is on disk
+            # (tensorboardX's returns while its thread may still hold some)
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self.writer = SummaryWriter(logdir=str(Path(run_dir) / LIVE_TENSORBOARD_DIR))
+            self.writer = EventFileWriter(str(Path(run_dir) / LIVE_TENSORBOARD_DIR))
         if tracking.mlflow:
             from mlflow.tracking import MlflowClient
 
@@ -94,8 +96,11 @@ class LiveTracker:
         return None if failed else self.mlflow_run_id
 
     def _write_tensorboard(self, values: Mapping[str, float], step: int, now: float) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, global_step=step, walltime=now)
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
+        self.writer.add_event(Event(wall_time=now, step=step, summary=summary))
         self.writer.flush()
 
     def _write_mlflow(self, values: Mapping[str, float], step: int, now: float) -> None:
