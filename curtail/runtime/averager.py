@@ -422,7 +422,9 @@ class AveragerClient:
                                            version, num_outer_steps))
 
     def state(self) -> dict[str, Any]:
-        return self.state_later()()
+        """Every actor's state, joined (what a single actor's :meth:`Averager.state` returns)."""
+        states = self._all("state")
+        return states[0] if len(states) == 1 else _join_states(states)
 
     def save_later(self, folder: str) -> Callable[[], dict[str, Any]]:
         """Each actor writes its part of the state of now into ``folder`` (a path or a URI);
@@ -446,12 +448,6 @@ class AveragerClient:
                 (where(checkpoint.path / weights), None if momentum is None else where(checkpoint.path / momentum))
                 for weights, momentum in parts], checkpoint.optimizer, version, steps))
         return self.load_state(checkpoint.params, checkpoint.outer_optimizer_state(), version, steps)
-
-    def state_later(self) -> Callable[[], dict[str, Any]]:
-        """The state of now, fetched when the returned function is called (the request is sent
-        here and the actor serves it before any later change; the caller goes on meanwhile)."""
-        refs = [h.state.remote() for h in self.handles]
-        return lambda: ray.get(refs[0]) if len(refs) == 1 else _join_states(ray.get(refs))
 
     def global_snapshot(self) -> Any:
         """A reference to the current ``(version, params)``, for the evaluator (no wait)."""
