@@ -4,6 +4,8 @@
 # experiments/fp8_quality.py (300 steps of 16 × 2,048 tokens each, the same batches for each
 # precision, two steps of each profiled). Extra arguments go to fp8_quality.py, e.g.
 # --precisions bf16 fp8 fp8-rowwise
+# Needs torchao where the GPU image lacks it: carry its wheel (torchao 0.18 for torch 2.11 was
+# measured) and pip install it into the bundle's site folder first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
