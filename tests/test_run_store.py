@@ -43,8 +43,10 @@ def _remote_files(uri: str) -> dict[str, bytes]:
                 with filesystem.open_input_stream(info.path) as source:
                     result[info.path[len(root) + 1:]] = source.read()
             except OSError as error:  # a live run removed it since the listing (a fetched staging folder):
-                # at the open (FileNotFoundError) or, S3 being S3, at the read (RESOURCE_NOT_FOUND)
-                if isinstance(error, FileNotFoundError) or "NOT_FOUND" in str(error):
+                # at the open (FileNotFoundError) or, S3 being S3, at the read (RESOURCE_NOT_FOUND,
+                # NO_SUCH_KEY)
+                if isinstance(error, FileNotFoundError) or any(code in str(error) for code in ("NOT_FOUND",
+                                                                                              "NO_SUCH_KEY")):
                     continue
                 raise
     return result
