@@ -1,6 +1,7 @@
 """curtail: train language models on Ray across sites, only while their grids curtail renewables.
 
-Python API (imports are lazy so ``import curtail`` stays light and side-effect free)::
+Python API (imports are lazy so ``import curtail`` stays light; its one side effect: two
+optional dependencies' import-time warnings are quieted, see ``_quiet_optional_imports``)::
 
     import curtail
     result = curtail.simulate("experiments/paper.toml")   # fast simulator, run directories

@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # the worker side imports torch lazily: the coordinator side 
 
     from curtail.runtime.averager import AveragerClient
     from curtail.training.data import TokenCorpus
-    from curtail.training.host_power import HostPowerMeter, HostReading
+    from curtail.training.host_power import HostPowerMeter
     from curtail.training.loop import SiteTrainer
     from curtail.training.power import PowerSampler
 
@@ -117,19 +117,10 @@ def _gather_object(obj: Any, world: int) -> list[Any]:
     return gathered
 
 
-def _site_power_w(reading: Any, world: int) -> float | None:
-    """The site's measured GPU watts: the sum over its ranks' GPUs, or None unless all measured."""
-    # the board's energy counter over the command (exact) rather than the mean of ~1-s-averaged samples
-    readings = _gather_object(None if reading is None else reading.energy_j / max(reading.duration_s, 1e-9), world)
-    return None if any(r is None for r in readings) else float(sum(readings))
-
-
-def _site_host_power_w(reading: HostReading | None, world: int) -> tuple[float, float] | None:
-    """The site's workers' (CPU, memory) watts: the sum over its ranks' processes, or None unless all measured."""
-    readings = _gather_object(None if reading is None else (reading.cpu_power_w, reading.ram_power_w), world)
-    if any(r is None for r in readings):
-        return None
-    return float(sum(r[0] for r in readings)), float(sum(r[1] for r in readings))
+def _summed_over_ranks(watts: tuple[float, ...] | None, world: int) -> tuple[float, ...] | None:
+    """The site's measured watts: each rank's summed over the ranks, or None unless all measured."""
+    readings = _gather_object(watts, world)
+    return None if any(r is None for r in readings) else tuple(float(sum(column)) for column in zip(*readings))
 
 
 def _load_optimizer_file(trainer: SiteTrainer, state_file: Path) -> bool:
@@ -306,10 +297,15 @@ class SiteWorker:
         mean_loss = float(torch.stack(losses).mean()) if losses else float("nan")
         power_w = None
         if self.config.use_gpu:  # a collective only where there is something to measure (same on every rank)
-            power_w = _site_power_w(self.power.stop() if self.power is not None else None, self.world)
+            reading = self.power.stop() if self.power is not None else None
+            # the board's energy counter over the command (exact) rather than the mean of ~1-s-averaged samples
+            gpu_w = _summed_over_ranks(None if reading is None else (reading.energy_j / max(reading.duration_s, 1e-9),),
+                                       self.world)
+            power_w = gpu_w[0] if gpu_w is not None else None
         host_power_w = None
         if self.config.host_power:  # (the same on every rank: a collective)
-            host_power_w = _site_host_power_w(self.host_power.stop() if self.host_power is not None else None,
+            host = self.host_power.stop() if self.host_power is not None else None
+            host_power_w = _summed_over_ranks(None if host is None else (host.cpu_power_w, host.ram_power_w),
                                               self.world)
         if command.report:  # every rank reports (Ray Train's report is a barrier); the controller keeps rank 0's
             run_tokens = command.tokens_before + steps * self.tokens_per_step * command.concurrency

@@ -22,8 +22,6 @@ CPU kernel), which the tests use; it only pays on GPUs with float8 tensor cores.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -100,5 +98,5 @@ def _eligible_names(model: torch.nn.Module) -> list[str]:
 
 
 def _in_decoder_block(name: str) -> bool:
-    parts: list[Any] = name.split(".")
+    parts = name.split(".")
     return "layers" in parts and parts[-1] != "lm_head"
