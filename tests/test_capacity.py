@@ -144,3 +144,14 @@ def test_a_failing_sample_does_not_stop_the_sampler(broken):
         time.sleep(0.01)
     capacity.stop()
     assert len(calls) >= 3
+
+
+def test_a_node_left_out_of_one_listing_is_still_counted_and_a_dead_one_is_not():
+    """A busy GCS can answer ``ray.nodes()`` without a node that is up: the node is carried at its
+    last state. Ray lists a node that died as dead, and then it counts no more."""
+    head = {"NodeID": "h", "Alive": True, "Resources": {"CPU": 0.0}}
+    b = {"NodeID": "n1", "Alive": True, "Resources": {"CPU": 1.0, "site_b": 1.0}}
+    listings = iter([[head, b], [], [head], [head, {**b, "Alive": False}], [head]])
+    capacity = SiteCapacity(site_bundles(["b"], 1, 0.5, 0.0), request=lambda bundles, selectors: None,
+                            list_nodes=lambda: next(listings))
+    assert [capacity.sample()["b"] for _ in range(5)] == [1, 1, 1, 0, 0]

@@ -127,7 +127,9 @@ class SiteCapacity:
         self.windows: list[CapacityWindow] = []
         self.samples: list[tuple[float, str, int]] = []  # (wall_s, site, live nodes)
         self._open: dict[str, CapacityWindow] = {}  # the sites asked for now
+        self._known: dict[str, dict[str, Any]] = {}  # every node listed so far, by id, as last listed
         self._lock = threading.Lock()
+        self._known_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -171,7 +173,17 @@ class SiteCapacity:
     # ------------------------------------------------------------------ measurement
 
     def _count(self) -> dict[str, int]:
-        return live_site_nodes(self.list_nodes(), self.bundles, self.pinning)
+        return live_site_nodes(self._listed(), self.bundles, self.pinning)
+
+    def _listed(self) -> list[dict[str, Any]]:
+        """The cluster's nodes, each as last listed. Ray keeps a node that died in its table,
+        marked dead; a node left out of one listing (a busy GCS answered without it) is carried
+        at its last state instead of being counted as gone."""
+        nodes = self.list_nodes()
+        unnamed = [node for node in nodes if not node.get("NodeID")]
+        with self._known_lock:
+            self._known.update({node["NodeID"]: node for node in nodes if node.get("NodeID")})
+            return list(self._known.values()) + unnamed
 
     def sample(self) -> dict[str, int]:
         """Count every site's live nodes now; the first node of an asked-for site marks it up."""
