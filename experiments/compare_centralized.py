@@ -14,16 +14,28 @@ Each runs for real on a local Ray cluster. Then every saved global model is load
 batches, which must match the run's last evaluation. ``OUTPUT_DIR/comparison.json`` collects
 the rows (``--runs`` runs a subset and adds to the rows already there, so the runs can be made
 in separate calls; a run with a row is not made again, and a run stopped with Ctrl-C, e.g.
-``timeout -s INT``, is continued from its checkpoint by the next call with the same arguments) and ``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the
-global model after each sync against tokens. The prior system reported its federated model
-within 0.3 perplexity of the centralized one.
+``timeout -s INT``, is continued from its checkpoint by the next call with the same arguments) and
+``OUTPUT_DIR/heldout_loss.png`` plots every run's held-out loss of the global model after each
+sync against tokens. The prior system reported its federated model within 0.3 perplexity of the
+centralized one.
+
+``--parallel`` makes the runs at once, each in its own process and local Ray cluster (its output
+in ``OUTPUT_DIR/<run>.log``). On one GPU they share the device: the steps of one fill the time
+another spends starting a worker group, compiling or syncing, and every run trains the same steps
+as alone (a train command's steps follow the run's clock, not the device's speed), so the
+losses do not change; the wall times do.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +105,47 @@ def run_row(name: str, experiment: Any, run: str, output_dir: Path, device: str)
             "eval_curve": [[float(t), float(v)] for t, v in zip(evals["tokens"], evals["loss"], strict=True)]}
 
 
+@contextmanager
+def locked_rows(table: Path, *, write: bool = True) -> Iterator[dict[str, dict[str, Any]]]:
+    """The table's rows by variant, read (and written back, if ``write``) while no other process
+    writes them: runs made at once each add their own row."""
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with table.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = {row["variant"]: row for row in json.loads(table.read_text())} if table.is_file() else {}
+        yield rows
+        if write:
+            table.write_text(json.dumps(list(rows.values()), indent=2))
+
+
+def run_in_parallel(names: list[str], args: argparse.Namespace) -> None:
+    """Each run in a process of its own, all at once; Ctrl-C reaches them all (one process group),
+    and each stops at a checkpoint that the next call continues."""
+    own = ["--config", args.config, "--output-dir", str(args.output_dir), "--device", args.device]
+    if args.central_site:
+        own += ["--central-site", args.central_site]
+    children = {}
+    for name in names:
+        log = (args.output_dir / f"{name}.log").open("a")
+        children[name] = subprocess.Popen([sys.executable, __file__, *own, "--runs", name], stdout=log,
+                                          stderr=subprocess.STDOUT)
+        print(f"{name}: started (pid {children[name].pid}, output in {log.name})")
+    failed = []
+    for name, child in children.items():
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # the children got it too: let them reach their checkpoints
+                continue
+        print(f"{name}: exit status {code}")
+        if code != 0:
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} did not finish (see their logs in {args.output_dir}); "
+                         "the next call with the same arguments continues them")
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Every run's held-out loss of the global model after each sync, against tokens."""
     import matplotlib
@@ -124,6 +177,7 @@ def main() -> None:
                         "and compressed with --compressed); rows from earlier calls are kept, and their runs not made again")
     parser.add_argument("--central-site", help="the centralized run's site (default: the aware run's last)")
     parser.add_argument("--device", default="cpu", help="where the saved models are re-scored (cuda on a GPU)")
+    parser.add_argument("--parallel", action="store_true", help="make the runs at once, each in its own process")
     parser.add_argument("--plot-only", action="store_true", help="no runs: draw OUTPUT_DIR/comparison.json's curves")
     args = parser.parse_args()
 
@@ -133,19 +187,31 @@ def main() -> None:
     experiment = load_experiment(args.config)
     chosen = args.runs or [r for r in RUNS if r != "compressed" or args.compressed]
     table = args.output_dir / "comparison.json"
-    rows = {row["variant"]: row for row in json.loads(table.read_text())} if table.is_file() else {}
+    with locked_rows(table, write=False) as rows:
+        done = set(rows)
+    pending = {}
     for name, (variant, run) in variants(experiment, args.central_site).items():
         if name not in chosen or args.plot_only:
             continue
-        if name in rows:
+        if name in done:
             print(f"{run}: measured by an earlier call (its row in {table}; delete that to run it again)")
-            continue
+        else:
+            pending[name] = (variant, run)
+    if args.parallel and len(pending) > 1:
+        run_in_parallel(list(pending), args)
+        pending = {}
+    for name, (variant, run) in pending.items():
         try:
-            rows[name] = run_row(name, variant, run, args.output_dir, args.device)
+            row = run_row(name, variant, run, args.output_dir, args.device)
         except RunInterrupted as stopped:
             raise SystemExit(f"{run}: {stopped}; the next call with the same arguments continues it") from None
-        table.write_text(json.dumps(list(rows.values()), indent=2))
+        with locked_rows(table) as rows:
+            rows[name] = row
+    with locked_rows(table, write=False) as rows:
+        pass
     ordered = [rows[name] for name in RUNS if name in rows]
+    if not ordered:
+        raise SystemExit(f"no runs measured yet in {table}")
     try:
         plot(ordered, args.output_dir / "heldout_loss.png")
     except ImportError as missing:  # a GPU image without matplotlib: draw it elsewhere with --plot-only

@@ -3,8 +3,10 @@
 # (the installed packages' Python source, split by package) and its d12 token shards once under
 # .cache/, then makes the comparison runs of experiments/gpu_quality.toml.
 #
-#   bash experiments/gpu_quality.sh                        # aware, centralized, compressed
+#   bash experiments/gpu_quality.sh                        # aware, centralized, compressed, at once
 #   bash experiments/gpu_quality.sh --runs centralized     # one of them (rows accumulate)
+#
+# Stopped with SIGINT (timeout -s INT), the runs checkpoint; the same command continues them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -13,6 +15,6 @@ if [ ! -f .cache/pycorpus-d12/manifest.json ]; then
     "$PY" -m curtail.cli prepare-data .cache/pycorpus/train.txt --heldout .cache/pycorpus/heldout.txt \
         --vocab-size 32768 --num-proc "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --output .cache/pycorpus-d12 --json
 fi
-[ "$#" -gt 0 ] || set -- --compressed
+[ "$#" -gt 0 ] || set -- --compressed --parallel
 "$PY" experiments/compare_centralized.py --config experiments/gpu_quality.toml --device cuda \
     --output-dir .cache/quality "$@"
