@@ -118,6 +118,12 @@ def locked_rows(table: Path, *, write: bool = True) -> Iterator[dict[str, dict[s
             table.write_text(json.dumps(list(rows.values()), indent=2))
 
 
+def read_rows(table: Path) -> dict[str, dict[str, Any]]:
+    """The table's rows by variant as they are now (none while another process writes them)."""
+    with locked_rows(table, write=False) as rows:
+        return rows
+
+
 def run_in_parallel(names: list[str], args: argparse.Namespace) -> None:
     """Each run in a process of its own, all at once; Ctrl-C reaches them all (one process group),
     and each stops at a checkpoint that the next call continues."""
@@ -187,8 +193,7 @@ def main() -> None:
     experiment = load_experiment(args.config)
     chosen = args.runs or [r for r in RUNS if r != "compressed" or args.compressed]
     table = args.output_dir / "comparison.json"
-    with locked_rows(table, write=False) as rows:
-        done = set(rows)
+    done = set(read_rows(table))
     pending = {}
     for name, (variant, run) in variants(experiment, args.central_site).items():
         if name not in chosen or args.plot_only:
@@ -207,8 +212,7 @@ def main() -> None:
             raise SystemExit(f"{run}: {stopped}; the next call with the same arguments continues it") from None
         with locked_rows(table) as rows:
             rows[name] = row
-    with locked_rows(table, write=False) as rows:
-        pass
+    rows = read_rows(table)
     ordered = [rows[name] for name in RUNS if name in rows]
     if not ordered:
         raise SystemExit(f"no runs measured yet in {table}")

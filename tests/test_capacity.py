@@ -21,12 +21,13 @@ class FakeCluster:
     """``ray.nodes()`` and the autoscaler's standing request, by hand; a clock stepped by the test."""
 
     def __init__(self):
-        self.nodes: list[dict] = [{"Alive": True, "Resources": {"CPU": 0.0}}]  # the head
+        self.nodes: list[dict] = [{"NodeID": "head", "Alive": True, "Resources": {"CPU": 0.0}}]
         self.requests: list[list[dict]] = []
         self.wall = 1000.0
 
     def launch(self, site: str) -> None:
-        self.nodes.append({"Alive": True, "Resources": {"CPU": 1.0, f"site_{site}": 1.0}})
+        self.nodes.append({"NodeID": f"node-{len(self.nodes)}", "Alive": True,
+                           "Resources": {"CPU": 1.0, f"site_{site}": 1.0}})
 
     def terminate(self, site: str) -> None:
         for node in self.nodes:

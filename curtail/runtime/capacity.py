@@ -180,10 +180,9 @@ class SiteCapacity:
         marked dead; a node left out of one listing (a busy GCS answered without it) is carried
         at its last state instead of being counted as gone."""
         nodes = self.list_nodes()
-        unnamed = [node for node in nodes if not node.get("NodeID")]
         with self._known_lock:
-            self._known.update({node["NodeID"]: node for node in nodes if node.get("NodeID")})
-            return list(self._known.values()) + unnamed
+            self._known.update({node["NodeID"]: node for node in nodes})
+            return list(self._known.values())
 
     def sample(self) -> dict[str, int]:
         """Count every site's live nodes now; the first node of an asked-for site marks it up."""
