@@ -3,7 +3,8 @@
     .venv/bin/python experiments/momentum_seeds.py --seeds 0 1 2 --momenta auto 0.5   # ~4 min per run, 2 CPU cores
 
 Runs the main job (``experiments/demo.toml``, or ``--config``) once per seed and outer momentum
-(``auto``: the rule μ = 0.9·H/(H + 10) of ``outer_momentum = "auto"``; a number: that momentum),
+(``auto``: the rule μ = 0.9·H/(H + 10) of ``outer_momentum = "auto"``; a number: that momentum;
+``average``: plain token-weighted averaging, ``outer_optimizer = "average"``),
 everything else equal, and prints each run's final held-out loss, each momentum's mean and
 spread over the seeds, and the mean difference from the first momentum with its seed-to-seed
 spread. Rows accumulate in ``OUTPUT_DIR/momentum_seeds.json`` (a run with a row is not made again).
@@ -15,12 +16,23 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from curtail.config import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def momentum(text: str) -> float | str:
-    return text if text == "auto" else float(text)
+    return text if text in ("auto", "average") else float(text)
+
+
+def with_setting(training: TrainingConfig, setting: float | str) -> TrainingConfig:
+    """The training config with this outer setting (a momentum, ``auto`` or ``average``)."""
+    if setting == "average":
+        return training.replace(outer_optimizer="average")
+    return training.replace(outer_optimizer="nesterov", outer_momentum=setting)
 
 
 def main() -> None:
@@ -43,10 +55,10 @@ def main() -> None:
             if (setting, seed) in done:
                 continue
             run = f"{base.runs[0].name}-mu{setting}-seed{seed}"
-            experiment = base.replace(seed=seed, training=base.training.replace(outer_momentum=setting),
+            experiment = base.replace(seed=seed, training=with_setting(base.training, setting),
                                       runs=[base.runs[0].replace(name=run)])
             summary = curtail.run(experiment, output_dir=args.output_dir).summary
-            rows.append({"outer_momentum_setting": setting, "seed": seed, "outer_momentum": summary["outer_momentum"],
+            rows.append({"outer_momentum_setting": setting, "seed": seed, "outer_momentum": summary.get("outer_momentum"),
                          "final_eval_loss": summary["final_eval_loss"], "tokens": summary["tokens"],
                          "wall_s": summary["wall_s"]})
             args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -55,9 +67,9 @@ def main() -> None:
           for setting in args.momenta}
     for setting, runs in by.items():
         losses = [runs[s]["final_eval_loss"] for s in args.seeds if s in runs]
-        mu = next(iter(runs.values()))["outer_momentum"] if runs else float("nan")
+        mu = next(iter(runs.values()))["outer_momentum"] if runs else None
         spread = statistics.stdev(losses) if len(losses) > 1 else float("nan")
-        print(f"outer momentum {setting} (μ {mu:.3f}): " + ", ".join(f"{loss:.4f}" for loss in losses)
+        print(f"outer setting {setting}" + ("" if mu is None else f" (μ {mu:.3f})") + ": " + ", ".join(f"{loss:.4f}" for loss in losses)
               + f"; mean {statistics.fmean(losses):.4f}, sd {spread:.4f}")
     first, *others = args.momenta
     for other in others:
