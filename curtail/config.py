@@ -251,6 +251,12 @@ class TrainingConfig(StrictModel):
         description="the Nesterov outer momentum, or auto: set from the inner steps per round, 0.9·H/(H + 10) "
         "(curtail.training.averaging.outer_momentum_for; H from round_s and the sites' tokens_per_s)",
     )
+    outer_momentum_at_handoff: Literal["keep", "reset"] = Field(
+        default="keep",
+        description="when one site's weights become the global state (a single site hands off to a federated phase, "
+        "or the last site of one goes on alone): keep the outer momentum of the last federated phase, or reset it "
+        "to zero, so the next federated phase does not push along a direction from before the single-site training",
+    )
     parallelism: Literal["ddp", "fsdp"] = Field(
         default="ddp",
         description="inside a site: ddp (every worker holds the whole model) or fsdp (each worker holds a dim-0 shard "

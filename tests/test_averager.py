@@ -255,3 +255,26 @@ def test_staggered_fragments_land_when_every_actor_stepped_and_deliver_only_the_
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_handoff_resets_the_outer_momentum_only_when_asked(ray_cluster, reset):
+    """A single site's publish replaces the global weights; with ``outer_momentum_at_handoff =
+    "reset"`` the next federated phase's first outer step is a first step again, lr·(1 + μ)·g,
+    not one that also pushes along the phase before's momentum."""
+    import ray
+
+    from curtail.runtime.averager import Averager
+
+    lr, mu = 0.5, 0.75
+    actor = Averager.remote({"w": np.zeros(4, dtype=np.float32)}, "nesterov", lr, mu,
+                            reset_momentum_at_handoff=reset)
+    ray.get([actor.submit.remote("a", 1, _grad(1.0), 100), actor.submit.remote("b", 1, _grad(1.0), 100)])
+    ray.get(actor.outer_step.remote(1))  # v = 1
+    ray.get(actor.publish.remote("a", {"w": np.full(4, 10.0, dtype=np.float32)}))
+    ray.get([actor.submit.remote("a", 2, _grad(1.0), 100), actor.submit.remote("b", 2, _grad(1.0), 100)])
+    ray.get(actor.outer_step.remote(2))
+    stale = 0.0 if reset else 1.0  # v before the step: 0 after a reset, else the first phase's g
+    v = mu * stale + 1.0
+    np.testing.assert_allclose(ray.get(actor.get_global.remote())[1]["w"], 10.0 - lr * (1.0 + mu * v), rtol=1e-6)
+    ray.kill(actor)

@@ -182,3 +182,17 @@ def test_outer_momentum_rule_is_half_the_ceiling_at_the_inner_memory_and_nears_i
     assert outer_momentum_for(20, inner_beta1=0.8, ceiling=0.95) == pytest.approx(0.95 * 20 / 25)
     with pytest.raises(ValueError, match="inner steps per round must be > 0"):
         outer_momentum_for(0)
+
+
+def test_forgetting_the_momentum_makes_the_next_step_a_first_step():
+    from curtail.training.averaging import NesterovOuterOptimizer
+
+    fresh, used = NesterovOuterOptimizer(lr=0.7, momentum=0.9), NesterovOuterOptimizer(lr=0.7, momentum=0.9)
+    grad = {"w": np.full(3, 0.5, dtype=np.float32)}
+    used.step({"w": np.zeros(3, dtype=np.float32)}, {"a": grad}, {"a": 1})
+    used.forget_momentum()
+    assert set(used.state_dict()["momentum_buffers"]) == {"w"}  # kept, zeroed: checkpoints keep their shape
+    after_reset, first = np.ones(3, dtype=np.float32), np.ones(3, dtype=np.float32)
+    used.step({"w": after_reset}, {"a": grad}, {"a": 1})
+    fresh.step({"w": first}, {"a": grad}, {"a": 1})
+    np.testing.assert_array_equal(after_reset, first)

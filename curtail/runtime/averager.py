@@ -53,13 +53,14 @@ from curtail.training.compression import CompressedState, WireFormat, compress, 
 @ray.remote(num_cpus=0)
 class Averager:
     def __init__(self, initial_params: dict[str, np.ndarray], outer_optimizer: str, outer_lr: float, outer_momentum: float,
-                 broadcast: WireFormat | None = None):
+                 broadcast: WireFormat | None = None, reset_momentum_at_handoff: bool = False):
         self._params = {name: np.array(value, dtype=np.float32) for name, value in initial_params.items()}
         self._broadcast = broadcast  # None: sites download the exact weights (fp32)
         self._view: dict[str, np.ndarray] = {}  # the weights as broadcast (what the sites hold)
         self._change: tuple[int, CompressedState] | None = None  # (from version, packed view change)
         kwargs = {"lr": outer_lr, "momentum": outer_momentum} if outer_optimizer == "nesterov" else {}
         self._optimizer = make_outer_optimizer(outer_optimizer, **kwargs)
+        self._reset_momentum_at_handoff = reset_momentum_at_handoff  # at every publish
         self._pending: dict[int, dict[str, tuple[dict[str, np.ndarray], float]]] = {}
         self._expected: dict[int, set[str]] = {}  # overlapped rounds: the sites still to submit
         self._outcomes: dict[int, dict[str, Any]] = {}  # overlapped rounds' outer steps, by round
@@ -199,6 +200,8 @@ class Averager:
             return self.version + 1  # (the last part's publish makes it: nothing else moves the version meanwhile)
         for name, value in joined.items():
             self._params[name][...] = value
+        if self._reset_momentum_at_handoff:
+            self._optimizer.forget_momentum()
         self.version += 1
         self._published_by = (site, self.version)
         self._reset_view()  # the publishing site holds the exact weights: the view is them

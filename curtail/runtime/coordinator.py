@@ -102,7 +102,8 @@ def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, bro
 
     def actor(params: dict[str, np.ndarray]) -> Any:
         return Averager.options(**where).remote(
-            params, training.outer_optimizer, training.outer_lr, outer_momentum, broadcast)
+            params, training.outer_optimizer, training.outer_lr, outer_momentum, broadcast,
+            reset_momentum_at_handoff=training.outer_momentum_at_handoff == "reset")
 
     if training.averager_actors == 1:
         return actor(initial)

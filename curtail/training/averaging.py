@@ -135,6 +135,9 @@ class OuterOptimizer(ABC):
     def apply(self, global_params: StateDict, mean_pseudo_grad: StateDict) -> None:
         """Update ``global_params`` in place from the mean pseudo-gradient."""
 
+    def forget_momentum(self) -> None:
+        """Drop the direction carried from earlier steps (none for plain averaging)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Optimizer state (numpy arrays and plain values), for checkpoints."""
         return {"name": self.name}
@@ -191,6 +194,12 @@ class NesterovOuterOptimizer(OuterOptimizer):
             momentum.mul_(mu).add_(grad)
             grad.add_(momentum, alpha=mu).mul_(lr)
             torch.from_numpy(value).sub_(grad)
+
+    def forget_momentum(self) -> None:
+        """Zero the momentum buffers (kept, so checkpoints keep their shape): the next step is
+        the first step's ``lr·(1 + μ)·g``."""
+        for buffer in self.momentum_buffers.values():
+            buffer.fill(0.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {
