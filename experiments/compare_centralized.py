@@ -8,6 +8,8 @@ Runs, with the same model, data, seed, LR schedule and token budget:
 * ``aware``: the config's first run (its policy over its sites, on its trace);
 * ``centralized``: one site (the aware run's last), always on;
 * ``compressed`` (``--compressed``): the aware run with int4 pseudo-gradients (error feedback).
+* ``aware-mu<M>`` / ``aware-average`` (``--outer M average``): the aware run with another outer
+  setting, a fixed Nesterov momentum or plain token-weighted averaging.
 
 Each runs for real on a local Ray cluster. Then every saved global model is loaded with
 ``AutoModelForCausalLM.from_pretrained`` and its held-out loss recomputed on the evaluator's
@@ -43,7 +45,24 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("aware", "centralized", "compressed")
 
 
-def variants(experiment: Any, central_site: str | None) -> dict[str, tuple[Any, str]]:
+def outer_setting(text: str) -> float | str:
+    """An outer setting from the command line: ``auto`` (the rule), ``average`` or a momentum."""
+    return text if text in ("auto", "average") else float(text)
+
+
+def with_outer_setting(training: Any, setting: float | str) -> Any:
+    """The training config with this outer setting (a momentum, ``auto`` or ``average``)."""
+    if setting == "average":
+        return training.replace(outer_optimizer="average")
+    return training.replace(outer_optimizer="nesterov", outer_momentum=setting)
+
+
+def outer_variant(setting: float | str) -> str:
+    return f"aware-{setting}" if setting == "average" else f"aware-mu{setting}"
+
+
+def variants(experiment: Any, central_site: str | None,
+             outer: tuple[float | str, ...] = ()) -> dict[str, tuple[Any, str]]:
     """The experiment and run name of each comparison run."""
     from curtail.config import RunSpec
 
@@ -54,9 +73,15 @@ def variants(experiment: Any, central_site: str | None) -> dict[str, tuple[Any, 
                           execution=experiment.execution.replace(group_start_s=0))
     compressed = experiment.replace(training=experiment.training.replace(transfer_dtype="int4"),
                                     runs=[aware.replace(name=f"{aware.name}-int4")])
-    return {"aware": (experiment, aware.name),
+    made = {"aware": (experiment, aware.name),
             "centralized": (experiment.replace(runs=[*experiment.runs, centralized]), centralized.name),
             "compressed": (compressed, f"{aware.name}-int4")}
+    for setting in outer:
+        name = outer_variant(setting)
+        made[name] = (experiment.replace(training=with_outer_setting(experiment.training, setting),
+                                         runs=[aware.replace(name=f"{aware.name}-{name.removeprefix('aware-')}")]),
+                      f"{aware.name}-{name.removeprefix('aware-')}")
+    return made
 
 
 def reloaded_heldout_loss(experiment: Any, model_dir: Path, device: str) -> float:
@@ -130,6 +155,8 @@ def run_in_parallel(names: list[str], args: argparse.Namespace) -> None:
     own = ["--config", args.config, "--output-dir", str(args.output_dir), "--device", args.device]
     if args.central_site:
         own += ["--central-site", args.central_site]
+    if args.outer:
+        own += ["--outer", *map(str, args.outer)]
     children = {}
     for name in names:
         log = (args.output_dir / f"{name}.log").open("a")
@@ -179,8 +206,11 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "experiments/demo.toml"))
     parser.add_argument("--output-dir", type=Path, default=Path("runs"))
     parser.add_argument("--compressed", action="store_true", help="also the aware run with int4 pseudo-gradients")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, help="run only these (default: aware, centralized, "
-                        "and compressed with --compressed); rows from earlier calls are kept, and their runs not made again")
+    parser.add_argument("--outer", type=outer_setting, nargs="+", default=[],
+                        help="also the aware run with these outer settings: a Nesterov momentum, or average")
+    parser.add_argument("--runs", nargs="+", help="run only these (aware, centralized, compressed, aware-mu<M>, "
+                        "aware-average; default: aware, centralized, compressed with --compressed and those of --outer); "
+                        "rows from earlier calls are kept, and their runs not made again")
     parser.add_argument("--central-site", help="the centralized run's site (default: the aware run's last)")
     parser.add_argument("--device", default="cpu", help="where the saved models are re-scored (cuda on a GPU)")
     parser.add_argument("--parallel", action="store_true", help="make the runs at once, each in its own process")
@@ -191,11 +221,15 @@ def main() -> None:
     from curtail.config import load_experiment
 
     experiment = load_experiment(args.config)
-    chosen = args.runs or [r for r in RUNS if r != "compressed" or args.compressed]
+    made = variants(experiment, args.central_site, tuple(args.outer))
+    chosen = args.runs or [r for r in made if r != "compressed" or args.compressed]
+    if unknown := sorted(set(chosen) - set(made)):
+        parser.error(f"--runs {' '.join(unknown)}: choose from {', '.join(made)} (aware-mu<M> and aware-average "
+                     "need --outer)")
     table = args.output_dir / "comparison.json"
     done = set(read_rows(table))
     pending = {}
-    for name, (variant, run) in variants(experiment, args.central_site).items():
+    for name, (variant, run) in made.items():
         if name not in chosen or args.plot_only:
             continue
         if name in done:
@@ -213,7 +247,7 @@ def main() -> None:
         with locked_rows(table) as rows:
             rows[name] = row
     rows = read_rows(table)
-    ordered = [rows[name] for name in RUNS if name in rows]
+    ordered = [rows[name] for name in RUNS if name in rows] + [row for name, row in rows.items() if name not in RUNS]
     if not ordered:
         raise SystemExit(f"no runs measured yet in {table}")
     try:
@@ -231,6 +265,10 @@ def main() -> None:
     if "aware" in by and "compressed" in by:
         gap = by["compressed"]["final_eval_loss"] / by["aware"]["final_eval_loss"] - 1
         print(f"int4 vs bf16 transfer: {100 * gap:+.2f}% held-out loss")
+    for name in by:
+        if name not in RUNS and "centralized" in by:
+            gap = by[name]["final_eval_loss"] / by["centralized"]["final_eval_loss"] - 1
+            print(f"{name} vs centralized: {100 * gap:+.2f}% held-out loss")
 
 
 if __name__ == "__main__":

@@ -16,30 +16,20 @@ import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from curtail.config import TrainingConfig
+from compare_centralized import outer_setting, with_outer_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def momentum(text: str) -> float | str:
-    return text if text in ("auto", "average") else float(text)
 
-
-def with_setting(training: TrainingConfig, setting: float | str) -> TrainingConfig:
-    """The training config with this outer setting (a momentum, ``auto`` or ``average``)."""
-    if setting == "average":
-        return training.replace(outer_optimizer="average")
-    return training.replace(outer_optimizer="nesterov", outer_momentum=setting)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "experiments/demo.toml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--momenta", type=momentum, nargs="+", default=["auto", 0.5])
+    parser.add_argument("--momenta", type=outer_setting, nargs="+", default=["auto", 0.5])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/momentum"))
     args = parser.parse_args()
 
@@ -55,7 +45,7 @@ def main() -> None:
             if (setting, seed) in done:
                 continue
             run = f"{base.runs[0].name}-mu{setting}-seed{seed}"
-            experiment = base.replace(seed=seed, training=with_setting(base.training, setting),
+            experiment = base.replace(seed=seed, training=with_outer_setting(base.training, setting),
                                       runs=[base.runs[0].replace(name=run)])
             summary = curtail.run(experiment, output_dir=args.output_dir).summary
             rows.append({"outer_momentum_setting": setting, "seed": seed, "outer_momentum": summary.get("outer_momentum"),

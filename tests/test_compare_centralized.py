@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,27 @@ def test_runs_made_at_once_each_keep_their_row(tmp_path):
     with load_script().locked_rows(table, write=False) as read:
         read.clear()  # a reader changes nothing on disk
     assert len(json.loads(table.read_text())) == 4
+
+
+@pytest.mark.parametrize(("text", "variant", "optimizer", "momentum"), [
+    ("0.5", "aware-mu0.5", "nesterov", 0.5), ("average", "aware-average", "average", None)])
+def test_an_outer_variant_changes_only_the_outer_optimizer_and_the_run_name(text, variant, optimizer, momentum):
+    from curtail.config import load_experiment
+
+    script = load_script()
+    experiment = load_experiment(REPO / "experiments/long_rounds.toml")
+    made = script.variants(experiment, None, (script.outer_setting(text),))
+    changed, run = made[variant]
+    assert run == f"curtailment-aware-{variant.removeprefix('aware-')}" and [r.name for r in changed.runs] == [run]
+    assert changed.training.outer_optimizer == optimizer
+    if momentum is not None:
+        assert changed.training.outer_momentum == momentum
+    untouched = {"outer_optimizer", "outer_momentum"}
+    assert {k: v for k, v in changed.training.model_dump().items() if k not in untouched} == \
+        {k: v for k, v in experiment.training.model_dump().items() if k not in untouched}
+    assert changed.runs[0].sites == experiment.runs[0].sites and changed.seed == experiment.seed
+
+
+def test_an_outer_setting_that_is_not_a_number_is_refused():
+    with pytest.raises(ValueError):
+        load_script().outer_setting("averge")
