@@ -940,3 +940,14 @@ def test_a_crashed_overlapped_run_resumes_from_a_landed_checkpoint(tmp_path):
     (note,) = run.events(resumed, "retrained")
     assert note.details["tokens"] == fault["tokens"] - checkpoint.executor["tokens"] > 0
     assert audit_journal(run_dir)["mismatched_tokens"] == 0
+
+
+@pytest.mark.parametrize(("outer", "expected"), [
+    ({}, 0.9 * 110 / 120), ({"outer_momentum": 0.5}, 0.5), ({"outer_optimizer": "average"}, None)])
+def test_the_reported_outer_momentum_is_the_one_the_averager_applies(outer, expected):
+    """``summary.json``'s ``outer_momentum``: the rule's, the set one, or none for plain averaging."""
+    from curtail.config import TrainingConfig
+    from curtail.runtime.coordinator import resolve_outer_momentum
+
+    got = resolve_outer_momentum(TrainingConfig(**outer), inner_steps=110)
+    assert got == (pytest.approx(expected) if expected is not None else None)

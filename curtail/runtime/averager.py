@@ -52,7 +52,7 @@ from curtail.training.compression import CompressedState, WireFormat, compress, 
 
 @ray.remote(num_cpus=0)
 class Averager:
-    def __init__(self, initial_params: dict[str, np.ndarray], outer_optimizer: str, outer_lr: float, outer_momentum: float,
+    def __init__(self, initial_params: dict[str, np.ndarray], outer_optimizer: str, outer_lr: float, outer_momentum: float | None,
                  broadcast: WireFormat | None = None, reset_momentum_at_handoff: bool = False):
         self._params = {name: np.array(value, dtype=np.float32) for name, value in initial_params.items()}
         self._broadcast = broadcast  # None: sites download the exact weights (fp32)

@@ -85,15 +85,18 @@ def inner_steps_per_round(plan: RunPlan, tokens_per_step: int) -> float:
     return float(np.mean([round_s * site.tokens_per_s / tokens_per_step for site in plan.context.sites.values()]))
 
 
-def resolve_outer_momentum(training: TrainingConfig, inner_steps: float) -> float:
-    """``training.outer_momentum``, or with ``"auto"`` the rule's for rounds of ``inner_steps``."""
+def resolve_outer_momentum(training: TrainingConfig, inner_steps: float) -> float | None:
+    """``training.outer_momentum``, or with ``"auto"`` the rule's for rounds of ``inner_steps``;
+    None for plain averaging, which has no momentum."""
+    if training.outer_optimizer == "average":
+        return None
     if training.outer_momentum == "auto":
         return outer_momentum_for(inner_steps)
     return training.outer_momentum
 
 
 def start_averager(initial: dict[str, np.ndarray], training: TrainingConfig, broadcast: WireFormat | None,
-                   outer_momentum: float) -> Any:
+                   outer_momentum: float | None) -> Any:
     """The averaging actor, or ``training.averager_actors`` of them, each holding an equal share
     of the parameters (:class:`~curtail.runtime.averager.AveragerShards`; with staggered
     fragments, one fragment each): beside the driver, or each on a node declaring
@@ -136,7 +139,7 @@ class RunSetup:
     evaluator: Any
     train_tokens: Any  # token source (share_tokens)
     inner_steps_per_round: float  # a site's inner steps per federated round (the outer-momentum rule's H)
-    outer_momentum: float  # the averager's: training.outer_momentum, or the rule's for those rounds
+    outer_momentum: float | None  # the averager's: training.outer_momentum, or the rule's for those rounds
 
     @property
     def actors(self) -> tuple[Any, ...]:
