@@ -253,9 +253,9 @@ class TrainingConfig(StrictModel):
     )
     outer_momentum_at_handoff: Literal["keep", "reset"] = Field(
         default="keep",
-        description="when one site's weights become the global state (a single site hands off to a federated phase, "
-        "or the last site of one goes on alone): keep the outer momentum of the last federated phase, or reset it "
-        "to zero, so the next federated phase does not push along a direction from before the single-site training",
+        description="whenever a single site's weights become the global state (its periodic syncs, and when another "
+        "site joins or it leaves): keep the outer momentum of the last federated phase, or reset it to zero, so the "
+        "next federated phase does not push along a direction from before the single-site training",
     )
     parallelism: Literal["ddp", "fsdp"] = Field(
         default="ddp",

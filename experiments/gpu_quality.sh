@@ -3,7 +3,7 @@
 # (the installed packages' Python source, split by package) and its d12 token shards once under
 # .cache/, then makes the comparison runs of experiments/gpu_quality.toml.
 #
-#   bash experiments/gpu_quality.sh                        # aware, centralized, compressed, at once
+#   bash experiments/gpu_quality.sh                        # aware, centralized, compressed, averaged, at once
 #   bash experiments/gpu_quality.sh --runs centralized     # one of them (rows accumulate)
 #
 # Stopped with SIGINT (timeout -s INT), the runs checkpoint; the same command continues them.
@@ -15,6 +15,8 @@ if [ ! -f .cache/pycorpus-d12/manifest.json ]; then
     "$PY" -m curtail.cli prepare-data .cache/pycorpus/train.txt --heldout .cache/pycorpus/heldout.txt \
         --vocab-size 32768 --num-proc "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --output .cache/pycorpus-d12 --json
 fi
-[ "$#" -gt 0 ] || set -- --compressed --parallel
+# averaged: the aware run with plain averaging, which beat the rule's momentum on the CPU at both
+# round lengths (docs/BENCHMARKS.md, "Rounds as long as the GPU run's")
+[ "$#" -gt 0 ] || set -- --compressed --outer average --parallel
 "$PY" experiments/compare_centralized.py --config experiments/gpu_quality.toml --device cuda \
     --output-dir .cache/quality "$@"
