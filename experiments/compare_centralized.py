@@ -78,9 +78,9 @@ def variants(experiment: Any, central_site: str | None,
             "compressed": (compressed, f"{aware.name}-int4")}
     for setting in outer:
         name = outer_variant(setting)
+        run = f"{aware.name}-{name.removeprefix('aware-')}"
         made[name] = (experiment.replace(training=with_outer_setting(experiment.training, setting),
-                                         runs=[aware.replace(name=f"{aware.name}-{name.removeprefix('aware-')}")]),
-                      f"{aware.name}-{name.removeprefix('aware-')}")
+                                         runs=[aware.replace(name=run)]), run)
     return made
 
 

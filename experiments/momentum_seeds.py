@@ -22,9 +22,6 @@ from compare_centralized import outer_setting, with_outer_setting
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "experiments/demo.toml"))
@@ -48,7 +45,7 @@ def main() -> None:
             experiment = base.replace(seed=seed, training=with_outer_setting(base.training, setting),
                                       runs=[base.runs[0].replace(name=run)])
             summary = curtail.run(experiment, output_dir=args.output_dir).summary
-            rows.append({"outer_momentum_setting": setting, "seed": seed, "outer_momentum": summary.get("outer_momentum"),
+            rows.append({"outer_momentum_setting": setting, "seed": seed, "outer_momentum": summary["outer_momentum"],
                          "final_eval_loss": summary["final_eval_loss"], "tokens": summary["tokens"],
                          "wall_s": summary["wall_s"]})
             args.output_dir.mkdir(parents=True, exist_ok=True)
