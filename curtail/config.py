@@ -244,8 +244,13 @@ class TrainingConfig(StrictModel):
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     warmdown_fraction: float = Field(default=0.3, ge=0, lt=1)
     final_lr_fraction: float = Field(default=0.1, ge=0, le=1)
-    outer_optimizer: Literal["nesterov", "average"] = "nesterov"
-    outer_lr: float = Field(default=0.7, gt=0)
+    outer_optimizer: Literal["nesterov", "average"] = Field(
+        default="average",
+        description="average: the token-weighted mean of the sites' weights (lr 1, no momentum), the outer step that "
+        "ended with the lowest held-out loss at every round length measured (11 to 114 inner steps, the CPU demo to "
+        "d12 on 100M tokens: docs/BENCHMARKS.md); nesterov: DiLoCo's, with outer_lr and outer_momentum",
+    )
+    outer_lr: float = Field(default=0.7, gt=0, description="the Nesterov outer learning rate (DiLoCo's 0.7)")
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = Field(
         default="auto",
         description="the Nesterov outer momentum, or auto: set from the inner steps per round, 0.9·H/(H + 10) "

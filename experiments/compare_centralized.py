@@ -8,8 +8,9 @@ Runs, with the same model, data, seed, LR schedule and token budget:
 * ``aware``: the config's first run (its policy over its sites, on its trace);
 * ``centralized``: one site (the aware run's last), always on;
 * ``compressed`` (``--compressed``): the aware run with int4 pseudo-gradients (error feedback).
-* ``aware-mu<M>`` / ``aware-average`` (``--outer M average``): the aware run with another outer
-  setting, a fixed Nesterov momentum or plain token-weighted averaging.
+* ``aware-mu<M>`` / ``aware-auto`` / ``aware-average`` (``--outer M auto average``): the aware run
+  with another outer setting, a fixed Nesterov momentum, Nesterov with the momentum rule, or plain
+  token-weighted averaging.
 
 Each runs for real on a local Ray cluster. Then every saved global model is loaded with
 ``AutoModelForCausalLM.from_pretrained`` and its held-out loss recomputed on the evaluator's
@@ -58,7 +59,7 @@ def with_outer_setting(training: Any, setting: float | str) -> Any:
 
 
 def outer_variant(setting: float | str) -> str:
-    return f"aware-{setting}" if setting == "average" else f"aware-mu{setting}"
+    return f"aware-mu{setting}" if isinstance(setting, float) else f"aware-{setting}"
 
 
 def variants(experiment: Any, central_site: str | None,
@@ -207,9 +208,10 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("runs"))
     parser.add_argument("--compressed", action="store_true", help="also the aware run with int4 pseudo-gradients")
     parser.add_argument("--outer", type=outer_setting, nargs="+", default=[],
-                        help="also the aware run with these outer settings: a Nesterov momentum, or average")
+                        help="also the aware run with these outer settings: a Nesterov momentum, auto (Nesterov "
+                        "with the momentum rule) or average")
     parser.add_argument("--runs", nargs="+", help="run only these (aware, centralized, compressed, aware-mu<M>, "
-                        "aware-average; default: aware, centralized, compressed with --compressed and those of --outer); "
+                        "aware-auto, aware-average; default: aware, centralized, compressed with --compressed and those of --outer); "
                         "rows from earlier calls are kept, and their runs not made again")
     parser.add_argument("--central-site", help="the centralized run's site (default: the aware run's last)")
     parser.add_argument("--device", default="cpu", help="where the saved models are re-scored (cuda on a GPU)")
@@ -224,8 +226,8 @@ def main() -> None:
     made = variants(experiment, args.central_site, tuple(args.outer))
     chosen = args.runs or [r for r in made if r != "compressed" or args.compressed]
     if unknown := sorted(set(chosen) - set(made)):
-        parser.error(f"--runs {' '.join(unknown)}: choose from {', '.join(made)} (aware-mu<M> and aware-average "
-                     "need --outer)")
+        parser.error(f"--runs {' '.join(unknown)}: choose from {', '.join(made)} (aware-mu<M>, aware-auto and "
+                     "aware-average need --outer)")
     table = args.output_dir / "comparison.json"
     done = set(read_rows(table))
     pending = {}

@@ -15,8 +15,8 @@ if [ ! -f .cache/pycorpus-d12/manifest.json ]; then
     "$PY" -m curtail.cli prepare-data .cache/pycorpus/train.txt --heldout .cache/pycorpus/heldout.txt \
         --vocab-size 32768 --num-proc "$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))" --output .cache/pycorpus-d12 --json
 fi
-# averaged: the aware run with plain averaging, which beat the rule's momentum on the CPU at both
-# round lengths (docs/BENCHMARKS.md, "Rounds as long as the GPU run's")
+# aware-average: the aware run with plain averaging (a run's default), beside the measured rule's
+# Nesterov run of gpu_quality.toml (docs/BENCHMARKS.md, "Quality at scale")
 [ "$#" -gt 0 ] || set -- --compressed --outer average --parallel
 "$PY" experiments/compare_centralized.py --config experiments/gpu_quality.toml --device cuda \
     --output-dir .cache/quality "$@"

@@ -63,6 +63,8 @@ def tiny_experiment(tmp: Path) -> dict:
             "eval_batches": 2, "eval_batch_size": 2, "cpus_per_worker": 0.5,
             "cache_dir": str(tmp / "cache"), "command_timeout_s": 300,
             "micro_batch_size": 1, "power": "measured",  # no NVML here: falls back to the model
+            # the outer step with state (momentum in checkpoints and resumes); averaging's actor: test_averager.py
+            "outer_optimizer": "nesterov",
         },
         "sites": {"a": {"region": "A", **site}, "b": {"region": "B", **site}},
         "runs": [{"name": "two-sites", "policy": {"kind": "threshold"}, "sites": ["a", "b"]}],

@@ -45,7 +45,8 @@ def test_runs_made_at_once_each_keep_their_row(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "variant", "optimizer", "momentum"), [
-    ("0.5", "aware-mu0.5", "nesterov", 0.5), ("average", "aware-average", "average", None)])
+    ("0.5", "aware-mu0.5", "nesterov", 0.5), ("auto", "aware-auto", "nesterov", "auto"),
+    ("average", "aware-average", "average", None)])
 def test_an_outer_variant_changes_only_the_outer_optimizer_and_the_run_name(text, variant, optimizer, momentum):
     from curtail.config import load_experiment
 

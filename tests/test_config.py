@@ -393,10 +393,12 @@ def test_replace_validates_what_it_changes():
         config.training.replace(presett="tiny")
 
 
-def test_outer_momentum_is_the_rule_by_default_or_a_number_below_one():
+def test_the_outer_step_is_averaging_by_default_and_nesterov_momentum_the_rule_or_a_number_below_one():
     import curtail
 
     config = curtail.load_experiment(PAPER_TOML)
+    assert config.training.outer_optimizer == "average"
+    assert curtail.load_experiment(REPO / "experiments" / "demo.toml").training.outer_optimizer == "average"
     assert config.training.outer_momentum == "auto"
     assert config.training.replace(outer_momentum=0.6).outer_momentum == 0.6
     with pytest.raises(ConfigError, match=r"outer_momentum"):

@@ -943,7 +943,8 @@ def test_a_crashed_overlapped_run_resumes_from_a_landed_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(("outer", "expected"), [
-    ({}, 0.9 * 110 / 120), ({"outer_momentum": 0.5}, 0.5), ({"outer_optimizer": "average"}, None)])
+    ({"outer_optimizer": "nesterov"}, 0.9 * 110 / 120), ({"outer_optimizer": "nesterov", "outer_momentum": 0.5}, 0.5),
+    ({}, None)])
 def test_the_reported_outer_momentum_is_the_one_the_averager_applies(outer, expected):
     """``summary.json``'s ``outer_momentum``: the rule's, the set one, or none for plain averaging."""
     from curtail.config import TrainingConfig

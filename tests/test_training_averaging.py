@@ -42,6 +42,19 @@ def test_pseudo_gradient_and_weighted_mean() -> None:
     np.testing.assert_array_equal(weighted_mean(grads, TOKENS)["w"], f32(0.25, -0.125))
 
 
+def test_the_mean_does_not_depend_on_the_order_the_sites_arrived_in() -> None:
+    """The averaging actor collects submissions as they arrive; float32 sums round differently
+    in another order, so the mean must not follow it (a run's weights would then depend on
+    which site's upload finished first)."""
+    rng = np.random.default_rng(0)
+    grads = {site: {"w": rng.standard_normal(4096).astype(np.float32)} for site in ("a", "b", "c")}
+    tokens = {"a": 2816, "b": 2560, "c": 768}
+    first = weighted_mean(grads, tokens)["w"]
+    for order in (("b", "a", "c"), ("c", "b", "a")):
+        again = weighted_mean({site: grads[site] for site in order}, {site: tokens[site] for site in order})["w"]
+        np.testing.assert_array_equal(again, first)
+
+
 def test_average_is_the_token_weighted_mean_of_site_weights() -> None:
     global_params = {"w": GLOBAL["w"].copy()}
     result = AveragingOuterOptimizer().step(global_params, round_one_grads(), TOKENS)

@@ -10,11 +10,11 @@ the **token-weighted mean** ``g = Σ_k n_k g_k / Σ_k n_k`` (``n_k``: tokens sit
 this round, so a site with 3× the tokens pulls 3× harder) and applies an
 :class:`OuterOptimizer`:
 
-- :class:`NesterovOuterOptimizer` (DiLoCo's, the default): SGD with Nesterov momentum,
+- :class:`AveragingOuterOptimizer` (a run's default, ``outer_optimizer = "average"``): plain
+  weighted averaging of the sites' weights, ``θ ← θ − g`` (lr 1, no momentum; FedAvg).
+- :class:`NesterovOuterOptimizer` (DiLoCo's): SGD with Nesterov momentum,
   ``v ← μ·v + g``; ``θ ← θ − lr·(g + μ·v)``, lr 0.7, μ 0.9 (``torch.optim.SGD(nesterov=True)``'s update, to one ulp);
   runs set μ from their rounds' length (:func:`outer_momentum_for`).
-- :class:`AveragingOuterOptimizer`: plain weighted averaging of the sites' weights,
-  ``θ ← θ − g`` (lr 1, no momentum; FedAvg).
 
 A new outer optimizer is one small subclass implementing :meth:`OuterOptimizer.apply`.
 
@@ -84,7 +84,9 @@ def weighted_mean(
         raise ValueError(
             "no site trained any tokens this round; skip the outer step instead of calling it"
         )
-    sites = [site for site in pseudo_grads_by_site if tokens_by_site[site] > 0]
+    # in name order, not arrival order: float32 sums round by order, and the result must not
+    # depend on which site's upload finished first
+    sites = sorted(site for site in pseudo_grads_by_site if tokens_by_site[site] > 0)
     reference = pseudo_grads_by_site[sites[0]]
     for site in sites:
         _check_same_keys(reference, pseudo_grads_by_site[site], f"site {site!r} pseudo-gradient")
@@ -229,6 +231,8 @@ def outer_momentum_for(inner_steps_per_round: float, inner_beta1: float = 0.9, c
     and overshoots. So μ is half the ceiling at ``H = 1/(1 − β₁)`` and approaches it as rounds
     grow: 0.47 at H = 11 (the CPU demo's rounds, where 0.5 had been set by hand), 0.82 at 100,
     0.88 at 500 (DiLoCo's rounds, with 0.9). The outer learning rate stays DiLoCo's 0.7.
+    Measured, plain averaging ends closer to the centralized model than this rule at H = 11, 110
+    and 114 (docs/BENCHMARKS.md), so it applies only where a run chooses the Nesterov step.
     """
     if not inner_steps_per_round > 0:
         raise ValueError(f"inner steps per round must be > 0, got {inner_steps_per_round}")
