@@ -3,8 +3,8 @@
 Sites send pseudo-gradients (θ_global − θ_site, bf16 by default) with the tokens they
 trained; at the end of a federated round the actor takes the token-weighted mean and applies
 the outer optimizer (plain averaging by default, or Nesterov). A site leaving mid-round submits
-its partial work to the same round, so it still counts. In single-site mode the site's weights replace the
-global state when another site joins or it leaves (:meth:`Averager.publish`).
+its partial work to the same round, so it still counts. In single-site mode the site's weights
+replace the global state when another site joins or it leaves (:meth:`Averager.publish`).
 
 Weights leave the actor as numpy arrays through the object store (zero-copy, read-only on the
 same node). Every change bumps ``version``.
