@@ -59,6 +59,7 @@ from curtail.training.model import count_parameters, get_spec
 from curtail.training.power import PowerSampler
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PEAK_MEMORY_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # HBM, SXM datasheets
 DEFAULT_VARIANTS = {"cpu": ["eager:compile=0"], "cuda": ["compiled:compile=1,micro=8"]}
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -89,19 +90,24 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def peak_memory_bandwidth(device: torch.device) -> float | None:
+    """The GPU's datasheet HBM bandwidth in bytes/s (None on CPUs and unknown cards)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((rate for key, rate in PEAK_MEMORY_BYTES_PER_S.items() if key in name), None)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> SiteTrainer:
-    import torch.distributed as dist
-
     compile_option = options.get("compile", "0")
     parallelism = "fsdp" if options.get("fsdp", "0") == "1" else "ddp"
-    if parallelism == "fsdp" and not dist.is_initialized():  # FSDP over a group of one (this process)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if parallelism == "fsdp":
+        join_group_of_one(device)
     trainer = SiteTrainer(
         preset, seed=0, device=device,
         micro_batch_size=int(options["micro"]) if "micro" in options else None,
@@ -135,6 +141,15 @@ def make_trainer(preset: str, device: torch.device, options: dict[str, str]) -> 
 
         trainer._train_loss = pinned
     return trainer
+
+
+def join_group_of_one(device: torch.device) -> None:
+    """A process group of this process alone (FSDP over one device), unless one exists."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def _world_size() -> int:

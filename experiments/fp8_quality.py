@@ -16,7 +16,11 @@ at every step (``losses.csv``), the mean loss of the last ``--tail`` steps and i
 first precision's, tokens/s and MFU over the steps after ``--warmup`` (the first includes
 compilation), peak memory, the board's power and joules per token (NVML), and, with ``--profile``,
 two steps under ``torch.profiler`` split into matmuls, attention, fused elementwise kernels
-(Triton), the optimizer and the rest, against the steps' wall time (``profile_<precision>.txt``).
+(Triton), the optimizer and the rest, against the steps' wall time (``profile_<precision>.txt``);
+for each float8 run after a bf16 one, what its casts cost (its Triton time over bf16's), the
+least they could cost at the card's memory bandwidth, and the tokens/s its step would reach
+there (``ceiling_tokens_per_s``). ``--parallelism fsdp`` trains through FSDP2 over the one
+device: bf16 compute weights with float32 master weights, where DDP's path casts at each use.
 """
 
 from __future__ import annotations
@@ -36,14 +40,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench_throughput import flops_per_token, peak_flops, synchronize
+from bench_throughput import (
+    flops_per_token,
+    join_group_of_one,
+    peak_flops,
+    peak_memory_bandwidth,
+    synchronize,
+)
 
-from curtail.training.float8 import FLOAT8_RECIPES
+from curtail.training.float8 import FLOAT8_RECIPES, cast_traffic_bytes
 from curtail.training.loop import SiteTrainer
 from curtail.training.power import PowerSampler
 from curtail.training.schedule import LRSchedule
 
 PRECISIONS = ["bf16", "fp8", *(f"fp8-{recipe}" for recipe in FLOAT8_RECIPES if recipe != "tensorwise")]
+ACHIEVABLE_BANDWIDTH = 0.92  # of the datasheet's, for large elementwise kernels (torchao's roofline model)
+TRITON = "triton (fused elementwise, norms, casts)"
 OP_GROUPS = (  # (group, substrings of the aten operators whose kernels make it up), first match wins
     ("matmul", ("aten::mm", "aten::_scaled_mm", "aten::addmm", "aten::bmm")),
     ("attention", ("attention", "flash")),
@@ -73,10 +85,13 @@ def load_tokens(args: argparse.Namespace, needed: int) -> tuple[np.ndarray, int]
 def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]],
           vocab_size: int, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(0)
+    if args.parallelism == "fsdp":
+        join_group_of_one(device)
+    recipe = precision.removeprefix("fp8-") if precision.startswith("fp8-") else "tensorwise"
     trainer = SiteTrainer(args.preset, vocab_size, seed=0, device=device, micro_batch_size=args.micro,
                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                           compile_model=device.type == "cuda" and not args.eager, fp8_linear=precision != "bf16",
-                          fp8_recipe=precision.removeprefix("fp8-") if precision.startswith("fp8-") else "tensorwise")
+                          fp8_recipe=recipe, parallelism=args.parallelism)
     tokens_per_step = batches[0][0].numel()
     schedule = LRSchedule.from_fractions(args.peak_lr, tokens_per_step * len(batches), 0.05, 0.3, 0.1)
     losses: list[torch.Tensor] = []
@@ -108,7 +123,41 @@ def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Te
     }
     if args.profile:
         result["profile"] = profile(trainer, batches, args.output_dir / f"profile_{precision}.txt")
+        if trainer.float8_layers:
+            result["profile"]["float8_cast_roofline_s"] = cast_roofline_s(trainer, batches[0][0].shape, recipe, args)
     return result
+
+
+def cast_roofline_s(trainer: SiteTrainer, batch_shape: torch.Size, recipe: str,
+                    args: argparse.Namespace) -> list[float] | None:
+    """The least and the most device seconds the float8 casts of the two profiled steps can take
+    at the card's bandwidth (torchao's model, :func:`~curtail.training.float8.cast_traffic_bytes`):
+    casts fused into their producers with shared inputs cast once, and every cast its own kernels.
+    None where the card's bandwidth is unknown (CPUs)."""
+    bandwidth = peak_memory_bandwidth(trainer.device)
+    if bandwidth is None:
+        return None
+    rows, seq_len = batch_shape
+    micro = min(args.micro or rows, rows)
+    passes = 2 * -(-rows // micro)  # forward + backward passes of micro-batches in two steps
+    weight_bytes = 2 if args.parallelism == "fsdp" else 4  # FSDP's bf16 compute weights; else float32 under autocast
+    bounds = [cast_traffic_bytes(trainer.model, micro * seq_len, recipe, weight_bytes=weight_bytes,
+                                 fused_with_producer=fused, shared_inputs_once=fused) for fused in (True, False)]
+    return [passes * traffic / (bandwidth * ACHIEVABLE_BANDWIDTH) for traffic in bounds]
+
+
+def add_ceilings(results: list[dict[str, Any]], tokens_per_step: int) -> None:
+    """For each profiled float8 run: its casts' measured cost (its Triton time over the first,
+    bf16, run's) and the tokens/s its step would reach with the casts at the bandwidth floor."""
+    base = results[0].get("profile")
+    for result in results[1:]:
+        timings = result.get("profile") or {}
+        if base is None or not timings.get("float8_cast_roofline_s"):
+            continue
+        measured_s = timings[TRITON] - base[TRITON]
+        floor_s = timings["float8_cast_roofline_s"][0]
+        result["float8_casts_measured_s"] = measured_s
+        result["ceiling_tokens_per_s"] = 2 * tokens_per_step / (timings["wall_s"] - measured_s + floor_s)
 
 
 def profile(trainer: SiteTrainer, batches: list[tuple[torch.Tensor, torch.Tensor]], path: Path) -> dict[str, float]:
@@ -126,8 +175,7 @@ def profile(trainer: SiteTrainer, batches: list[tuple[torch.Tensor, torch.Tensor
         wall_s = time.perf_counter() - started
     # operators carry the device time of the kernels they launch (matmuls, attention, the
     # optimizer); what the compiled graphs launch themselves is Triton (norms, RoPE, SiLU, casts)
-    groups = {name: 0.0 for name, _ in OP_GROUPS} | {"triton (fused elementwise, norms, casts)": 0.0,
-                                                     "other kernels": 0.0}
+    groups = {name: 0.0 for name, _ in OP_GROUPS} | {TRITON: 0.0, "other kernels": 0.0}
     kernels_s = 0.0
     for event in prof.key_averages():
         device_s = (getattr(event, "self_device_time_total", 0) or 0) / 1e6
@@ -136,7 +184,7 @@ def profile(trainer: SiteTrainer, batches: list[tuple[torch.Tensor, torch.Tensor
         if "CUDA" in str(getattr(event, "device_type", "")):  # a kernel
             kernels_s += device_s
             if event.key.startswith("triton"):
-                groups["triton (fused elementwise, norms, casts)"] += device_s
+                groups[TRITON] += device_s
             continue
         group = next((group for group, keys in OP_GROUPS if any(key in event.key for key in keys)), None)
         if group is not None:
@@ -159,13 +207,14 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, device: torch
     for result in results:
         result["tail_loss"] = float(np.mean(result["losses"][-args.tail:]))
         result["tail_gap"] = result["tail_loss"] / reference - 1
+    add_ceilings(results, args.batch_size * seq_len)
     with open(args.output_dir / "losses.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", *(f"loss_{r['precision']}" for r in results)])
         writer.writerows([step, *(r["losses"][step] for r in results)] for step in range(args.steps))
     summary = {
         "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size, "seq_len": seq_len,
+        "torch": torch.__version__, "parallelism": args.parallelism, "steps": args.steps, "batch_size": args.batch_size, "seq_len": seq_len,
         "vocab_size": vocab_size, "tokens_per_step": args.batch_size * seq_len,
         "runs": [{k: v for k, v in r.items() if k != "losses"} for r in results],
     }
@@ -191,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of tokens/s (compilation)")
     parser.add_argument("--tail", type=int, default=50, help="steps whose mean loss is compared")
     parser.add_argument("--eager", action="store_true", help="no torch.compile on GPUs")
+    parser.add_argument("--parallelism", choices=["ddp", "fsdp"], default="ddp",
+                        help="fsdp: FSDP2 over this one device (bf16 compute weights, float32 master)")
     parser.add_argument("--profile", action="store_true", help="profile two steps of each precision")
     parser.add_argument("--output-dir", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -216,6 +267,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         print(f"{r['precision']:>5}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  tail loss {r['tail_loss']:.4f} "
               f"({r['tail_gap']:+.2%})  float8 layers {r['float8_layers']}  J/token {r.get('joules_per_token', '-')}")
+        if "ceiling_tokens_per_s" in r:
+            floor_s, unfused_s = r["profile"]["float8_cast_roofline_s"]
+            print(f"       float8 casts: {r['float8_casts_measured_s'] * 1e3:.1f} ms measured over two steps, "
+                  f"{floor_s * 1e3:.1f}-{unfused_s * 1e3:.1f} ms at the bandwidth floor; "
+                  f"at the floor: {r['ceiling_tokens_per_s']:,.0f} tok/s")
     return summary
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Float8 against bf16 on d20 on a GPU machine (docs/BENCHMARKS.md, "Float8 training"): a ~12M-token
+# Float8 against bf16 on d20 on a GPU machine (docs/BENCHMARKS.md, "Float8 against bf16"): a ~12M-token
 # slice of the installed packages' Python source tokenized once under .cache/, then
 # experiments/fp8_quality.py (300 steps of 16 × 2,048 tokens each, the same batches for each
-# precision, two steps of each profiled). Extra arguments go to fp8_quality.py, e.g.
-# --precisions bf16 fp8 fp8-rowwise
+# precision, two steps of each profiled, with the float8 casts' bandwidth ceiling). Extra
+# arguments go to fp8_quality.py, e.g. --precisions bf16 fp8 fp8-rowwise --parallelism fsdp
 # Needs torchao where the GPU image lacks it: carry its wheel (torchao 0.18 for torch 2.11 was
 # measured) and pip install it into the bundle's site folder first.
 set -euo pipefail

@@ -107,3 +107,27 @@ def test_fp8_without_torchao_is_a_preflight_error_that_says_what_to_install(monk
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(PreflightError, match=r"training.fp8_linear: .*pip install 'curtail\[fp8\]'"):
         check_run_files(experiment)
+
+
+def test_cast_traffic_counts_every_converted_layer_at_its_padded_width() -> None:
+    from curtail.training.float8 import cast_traffic_bytes
+
+    trainer = SiteTrainer("tiny", vocab_size=256, seed=0, device="cpu", fp8_linear=True)
+    tokens, layers = 1000, trainer.spec.num_layers  # width 64, the MLP padded from 172 to 192
+    weights = 4 * 64 * 64 + 2 * 192 * 64 + 192 * 64
+    # each cast: input and output gradient 6 bytes per element (amax, read, two float8
+    # layouts); the float32 weight 4 + 2·(4 + 1)
+    activations = 4 * (64 + 64) + 2 * (64 + 192) + (192 + 64)
+    assert cast_traffic_bytes(trainer.model, tokens) == layers * (6 * activations * tokens + 14 * weights)
+    # amax fused into the producer (4 bytes), q/k/v's and gate/up's shared input cast once
+    once = (64 + 64 + 64 + 192) + (4 * 64 + 2 * 192 + 64)
+    assert cast_traffic_bytes(trainer.model, tokens, fused_with_producer=True, shared_inputs_once=True) == \
+        layers * (4 * once * tokens + 14 * weights)
+    bf16_weights = cast_traffic_bytes(trainer.model, tokens, weight_bytes=2)
+    assert bf16_weights == layers * (6 * activations * tokens + 8 * weights)
+    by_recipe = {recipe: cast_traffic_bytes(trainer.model, tokens, recipe)
+                 for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp")}
+    assert by_recipe["rowwise_with_gw_hp"] < by_recipe["tensorwise"] < by_recipe["rowwise"]
+    assert cast_traffic_bytes(SiteTrainer("tiny", vocab_size=256, device="cpu").model, tokens) == 0
+    with pytest.raises(ValueError, match="fp8_recipe 'blockwise'"):
+        cast_traffic_bytes(trainer.model, tokens, "blockwise")

@@ -16,6 +16,11 @@ the fastest), ``rowwise`` (one per row: more accurate, more scaling work) and
 :func:`project` computes a projection with a weight other than the module's own (the padded
 MLP's zero-padded weights) the way the module would: in float8 when it was converted.
 
+:func:`cast_traffic_bytes` is the memory traffic the float8 casts of one training step add, by
+torchao's roofline model (``torchao/testing/training/roofline_utils.py``): the floor under the
+time those casts cost on a GPU, whose matmuls they feed (the benchmark compares it with the
+profiled cost).
+
 Needs torchao (``pip install 'curtail[fp8]'``). It also runs on CPUs (``_scaled_mm`` has a
 CPU kernel), which the tests use; it only pays on GPUs with float8 tensor cores.
 """
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm: both dimensions of each operand divisible by 16
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one tensor
+ACTIVATION_BYTES = 2  # activations and gradients reach the casts in bf16 (autocast)
 
 
 def require_torchao() -> None:
@@ -74,6 +81,60 @@ def project(module: torch.nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> t
     if torch.is_autocast_enabled():  # as Float8Linear.forward: the output in the autocast dtype
         x = x.to(torch.get_autocast_gpu_dtype())
     return matmul_with_hp_or_float8_args.apply(x, weight.t(), module.linear_mm_config, module.config)
+
+
+def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tensorwise", *,
+                       weight_bytes: int = 4, fused_with_producer: bool = False,
+                       shared_inputs_once: bool = False) -> int:
+    """Bytes the float8 casts of one forward + backward over ``tokens`` tokens read and write
+    from GPU memory, for the layers :func:`convert_linears` converted in ``model``.
+
+    torchao's roofline model, per converted layer with input ``[tokens, K]``, weight ``[N, K]``
+    and output gradient ``[tokens, N]`` (widths as the padded MLP computes them): each
+    activation and output gradient is read for its scale (amax; nothing if ``fused_with_producer``:
+    the kernel that wrote it also reduces it), then read again and written in float8 in the
+    layouts the forward and backward matmuls need; the weight (``weight_bytes`` per element:
+    4 for float32 master weights under autocast, 2 for bf16 ones) likewise, once per
+    forward/backward. ``shared_inputs_once`` counts an input several projections share (q, k, v;
+    gate, up) once, as a compiled graph that merges their identical casts computes it.
+    """
+    if recipe not in FLOAT8_RECIPES:
+        raise ValueError(f"fp8_recipe {recipe!r}: use one of {', '.join(FLOAT8_RECIPES)}")
+    if tokens <= 0 or weight_bytes <= 0:
+        raise ValueError(f"tokens and weight_bytes must be > 0, got {tokens} and {weight_bytes}")
+    act, wgt = _activation_cast_bytes(recipe, fused_with_producer), _weight_cast_bytes(recipe, weight_bytes)
+    total = 0
+    for parent_name, parent in model.named_modules():
+        pad = int(getattr(parent, "_curtail_mlp_pad", 0))
+        converted = {name: child for name, child in parent.named_children() if is_float8(child)}
+        input_cast_by = {name: group[0] for group in SHARED_INPUTS for name in group
+                         if shared_inputs_once and all(member in converted for member in group)}
+        for name, layer in converted.items():
+            out_features = layer.out_features + (pad if name in ("gate_proj", "up_proj") else 0)
+            in_features = layer.in_features + (pad if name == "down_proj" else 0)
+            if input_cast_by.get(name, name) == name:
+                total += act * tokens * in_features
+            total += act * tokens * out_features + wgt * out_features * in_features
+    return total
+
+
+def _activation_cast_bytes(recipe: str, fused_with_producer: bool) -> int:
+    """Bytes per element of an activation (or output gradient) in bf16 cast for both matmuls."""
+    amax = 0 if fused_with_producer else ACTIVATION_BYTES
+    if recipe == "tensorwise":  # amax; then read once, write two float8 layouts
+        return amax + ACTIVATION_BYTES + 2
+    if recipe == "rowwise":  # per-row scales: cast + bf16 transpose, then the transposed cast
+        return amax + 1 + ACTIVATION_BYTES + ACTIVATION_BYTES + 1
+    return amax + 1  # rowwise_with_gw_hp: one float8 layout; the weight gradient's matmul is bf16
+
+
+def _weight_cast_bytes(recipe: str, weight_bytes: int) -> int:
+    """Bytes per weight element cast for the forward and the backward matmul."""
+    if recipe == "tensorwise":  # amax, then a cast per pass
+        return weight_bytes + 2 * (weight_bytes + 1)
+    if recipe == "rowwise":  # cast, transpose, transposed cast
+        return (weight_bytes + 1) + 2 * weight_bytes + (weight_bytes + 1)
+    return 2 * (weight_bytes + 1)
 
 
 def _eligible_names(model: torch.nn.Module) -> list[str]:
