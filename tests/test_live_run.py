@@ -100,10 +100,11 @@ SIGNAL_FAULTS = [  # trace seconds after the run's start; each shorter than max_
     {"at_s": 1980, "kind": "down", "duration_s": 240},  # recovered at 00:37, while a trains alone
 ]
 # whole steps: a budget the real-time clock meets exactly. The real-time clock is the wall at 120x
-# and the sites train as fast as this machine lets them (idle: up to ~40 steps a wall second), so
-# the budget must outlast a's lone start (both sites from 00:44:30: the kill comes in the first
-# federated round) on a fast machine, yet end before 07:00 on a slow one.
-FAULTED_BUDGET = 1500 * STEP_TOKENS
+# and the sites train as fast as this machine lets them (idle, with torch 2.13: ~200 steps a wall
+# second; a alone from 00:09:30 to 00:44:30 is 17.5 s of wall, up to ~3,500 steps), so the budget
+# must outlast a's lone start (the kill comes in the first federated round) on a fast machine, yet
+# end before 07:00 on a slow one (at 15 steps a second per site, ~06:00).
+FAULTED_BUDGET = 5000 * STEP_TOKENS
 # A lone site publishes its weights every checkpoint_interval_s of the clock and a checkpoint
 # follows; a federated round checkpoints only at a sync where no site holds undelivered work,
 # which on a fast machine may not come before the budget. So the kill waits for a checkpoint
