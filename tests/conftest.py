@@ -47,14 +47,17 @@ def two_runs(ray_cluster, tmp_path_factory, request):
                "training": {**experiment["training"], "host_power": "codecarbon"}}  # tests/test_codecarbon.py
     reads = request.config.stash.setdefault(LIVE_READS, [])
 
-    def read_while_training(progress: dict) -> None:  # tests/test_tracking.py: visible while it runs
-        if not reads and progress.get("mode") == "FEDERATED":
+    # tests/test_tracking.py: visible while it runs. Read at the first report of trained tokens: a
+    # federated phase of this run lasts under a second of wall on an idle machine (torch 2.13),
+    # the site start-ups before it several seconds, and the coordinator reports after each exchange.
+    def read_while_training(progress: dict) -> None:
+        if not reads and progress.get("phase") == "training" and progress.get("tokens", 0) > 0:
             try:
                 reads.append(read_live_tracking(tmp / "second"))
             except Exception as error:  # noqa: BLE001 -- the test reports it; the run goes on
                 reads.append({"error": repr(error)})
 
-    second = curtail.run(tracked, output_dir=tmp / "second", on_progress=read_while_training)
+    second = curtail.run(tracked, output_dir=tmp / "second", on_progress=read_while_training, progress_interval_s=0.5)
     return first, second
 
 
