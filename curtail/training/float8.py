@@ -105,13 +105,12 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
     act, wgt = _activation_cast_bytes(recipe, fused_with_producer), _weight_cast_bytes(recipe, weight_bytes)
     total = 0
     for parent_name, parent in model.named_modules():
-        pad = int(getattr(parent, "_curtail_mlp_pad", 0))
+        pad = _mlp_pad(parent)
         converted = {name: child for name, child in parent.named_children() if is_float8(child)}
         input_cast_by = {name: group[0] for group in SHARED_INPUTS for name in group
                          if shared_inputs_once and all(member in converted for member in group)}
         for name, layer in converted.items():
-            out_features = layer.out_features + (pad if name in ("gate_proj", "up_proj") else 0)
-            in_features = layer.in_features + (pad if name == "down_proj" else 0)
+            out_features, in_features = _computed_shape(layer, name, pad)
             if input_cast_by.get(name, name) == name:
                 total += act * tokens * in_features
             total += act * tokens * out_features + wgt * out_features * in_features
@@ -141,21 +140,33 @@ def _eligible_names(model: torch.nn.Module) -> list[str]:
     """Linear layers of the decoder blocks whose matmul shapes ``_scaled_mm`` accepts."""
     names = []
     for parent_name, parent in model.named_modules():
-        pad = int(getattr(parent, "_curtail_mlp_pad", 0))
+        pad = _mlp_pad(parent)
         for child_name, child in parent.named_children():
             if not isinstance(child, torch.nn.Linear) or child.bias is not None:
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if not _in_decoder_block(name):
                 continue
-            out_features, in_features = child.out_features, child.in_features
-            if pad and child_name in ("gate_proj", "up_proj"):
-                out_features += pad
-            elif pad and child_name == "down_proj":
-                in_features += pad
+            out_features, in_features = _computed_shape(child, child_name, pad)
             if out_features % FLOAT8_MULTIPLE == 0 and in_features % FLOAT8_MULTIPLE == 0:
                 names.append(name)
     return names
+
+
+def _mlp_pad(module: torch.nn.Module) -> int:
+    """Units :func:`~curtail.training.loop.pad_mlp_width` adds to this module's MLP (0: none)."""
+    return int(getattr(module, "_curtail_mlp_pad", 0))
+
+
+def _computed_shape(layer: torch.nn.Linear, name: str, pad: int) -> tuple[int, int]:
+    """``(out_features, in_features)`` of ``layer`` (named ``name`` in its parent) as the padded
+    MLP computes it: gate and up ``pad`` rows wider, down ``pad`` columns."""
+    gate, up, down = MLP_PROJECTIONS
+    if name in (gate, up):
+        return layer.out_features + pad, layer.in_features
+    if name == down:
+        return layer.out_features, layer.in_features + pad
+    return layer.out_features, layer.in_features
 
 
 def _in_decoder_block(name: str) -> bool:
