@@ -140,9 +140,11 @@ def cast_roofline_s(trainer: SiteTrainer, batch_shape: torch.Size, recipe: str,
     rows, seq_len = batch_shape
     micro = min(args.micro or rows, rows)
     passes = 2 * -(-rows // micro)  # forward + backward passes of micro-batches in two steps
-    weight_bytes = 2 if args.parallelism == "fsdp" else 4  # FSDP's bf16 compute weights; else float32 under autocast
-    bounds = [cast_traffic_bytes(trainer.model, micro * seq_len, recipe, weight_bytes=weight_bytes,
-                                 fused_with_producer=fused, shared_inputs_once=fused) for fused in (True, False)]
+    # FSDP computes in bf16; DDP's autocast leaves the float32 weights and the norm's output in float32
+    element_bytes = 2 if args.parallelism == "fsdp" else 4
+    bounds = [cast_traffic_bytes(trainer.model, micro * seq_len, recipe, weight_bytes=element_bytes,
+                                 norm_output_bytes=element_bytes, fused_with_producer=fused,
+                                 shared_inputs_once=fused) for fused in (True, False)]
     return [passes * traffic / (bandwidth * ACHIEVABLE_BANDWIDTH) for traffic in bounds]
 
 

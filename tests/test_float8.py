@@ -125,6 +125,13 @@ def test_cast_traffic_counts_every_converted_layer_at_its_padded_width() -> None
         layers * (4 * once * tokens + 14 * weights)
     bf16_weights = cast_traffic_bytes(trainer.model, tokens, weight_bytes=2)
     assert bf16_weights == layers * (6 * activations * tokens + 8 * weights)
+    # the norm's output in float32 (autocast over float32): q/k/v's and gate/up's inputs read at
+    # 4 bytes (amax, cast) instead of 2
+    fp32_norm = cast_traffic_bytes(trainer.model, tokens, norm_output_bytes=4)
+    assert fp32_norm - cast_traffic_bytes(trainer.model, tokens) == layers * 4 * (5 * 64) * tokens
+    fp32_norm_fused = cast_traffic_bytes(trainer.model, tokens, norm_output_bytes=4, fused_with_producer=True,
+                                         shared_inputs_once=True)
+    assert fp32_norm_fused == layers * (4 * once * tokens + 2 * (64 + 64) * tokens + 14 * weights)
     by_recipe = {recipe: cast_traffic_bytes(trainer.model, tokens, recipe)
                  for recipe in ("tensorwise", "rowwise", "rowwise_with_gw_hp")}
     assert by_recipe["rowwise_with_gw_hp"] < by_recipe["tensorwise"] < by_recipe["rowwise"]

@@ -34,7 +34,7 @@ FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm: both dimensions of each operand divisible by 16
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one tensor
-ACTIVATION_BYTES = 2  # activations and gradients reach the casts in bf16 (autocast)
+ACTIVATION_BYTES = 2  # activations and gradients reach the casts in bf16 (autocast; see norm_output_bytes)
 
 
 def require_torchao() -> None:
@@ -84,8 +84,8 @@ def project(module: torch.nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> t
 
 
 def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tensorwise", *,
-                       weight_bytes: int = 4, fused_with_producer: bool = False,
-                       shared_inputs_once: bool = False) -> int:
+                       weight_bytes: int = 4, norm_output_bytes: int = ACTIVATION_BYTES,
+                       fused_with_producer: bool = False, shared_inputs_once: bool = False) -> int:
     """Bytes the float8 casts of one forward + backward over ``tokens`` tokens read and write
     from GPU memory, for the layers :func:`convert_linears` converted in ``model``.
 
@@ -95,7 +95,9 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
     the kernel that wrote it also reduces it), then read again and written in float8 in the
     layouts the forward and backward matmuls need; the weight (``weight_bytes`` per element:
     4 for float32 master weights under autocast, 2 for bf16 ones) likewise, once per
-    forward/backward. ``shared_inputs_once`` counts an input several projections share (q, k, v;
+    forward/backward. ``norm_output_bytes`` is the element size of the inputs the RMSNorm feeds
+    (q/k/v's and gate/up's): 4 where autocast leaves the norm's output in float32 (float32 weights
+    and residual stream, as under DDP), 2 where the model computes in bf16. ``shared_inputs_once`` counts an input several projections share (q, k, v;
     gate, up) once, as a compiled graph that merges their identical casts computes it.
     """
     if recipe not in FLOAT8_RECIPES:
@@ -103,6 +105,8 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
     if tokens <= 0 or weight_bytes <= 0:
         raise ValueError(f"tokens and weight_bytes must be > 0, got {tokens} and {weight_bytes}")
     act, wgt = _activation_cast_bytes(recipe, fused_with_producer), _weight_cast_bytes(recipe, weight_bytes)
+    norm_fed = _activation_cast_bytes(recipe, fused_with_producer, norm_output_bytes)
+    norm_fed_inputs = {name for group in SHARED_INPUTS for name in group}
     total = 0
     for parent_name, parent in model.named_modules():
         pad = _mlp_pad(parent)
@@ -112,18 +116,19 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
         for name, layer in converted.items():
             out_features, in_features = _computed_shape(layer, name, pad)
             if input_cast_by.get(name, name) == name:
-                total += act * tokens * in_features
+                total += (norm_fed if name in norm_fed_inputs else act) * tokens * in_features
             total += act * tokens * out_features + wgt * out_features * in_features
     return total
 
 
-def _activation_cast_bytes(recipe: str, fused_with_producer: bool) -> int:
-    """Bytes per element of an activation (or output gradient) in bf16 cast for both matmuls."""
-    amax = 0 if fused_with_producer else ACTIVATION_BYTES
+def _activation_cast_bytes(recipe: str, fused_with_producer: bool, element_bytes: int = ACTIVATION_BYTES) -> int:
+    """Bytes per element of an activation (or output gradient) of ``element_bytes`` each, cast for
+    both matmuls."""
+    amax = 0 if fused_with_producer else element_bytes
     if recipe == "tensorwise":  # amax; then read once, write two float8 layouts
-        return amax + ACTIVATION_BYTES + 2
+        return amax + element_bytes + 2
     if recipe == "rowwise":  # per-row scales: cast + bf16 transpose, then the transposed cast
-        return amax + 1 + ACTIVATION_BYTES + ACTIVATION_BYTES + 1
+        return amax + 1 + element_bytes + ACTIVATION_BYTES + 1
     return amax + 1  # rowwise_with_gw_hp: one float8 layout; the weight gradient's matmul is bf16
 
 
