@@ -34,6 +34,7 @@ FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 FLOAT8_MULTIPLE = 16  # torch._scaled_mm: both dimensions of each operand divisible by 16
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections of one tensor
+NORM_FED = frozenset(name for group in SHARED_INPUTS for name in group)  # their input is the RMSNorm's output
 ACTIVATION_BYTES = 2  # activations and gradients reach the casts in bf16 (autocast; see norm_output_bytes)
 
 
@@ -97,8 +98,9 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
     4 for float32 master weights under autocast, 2 for bf16 ones) likewise, once per
     forward/backward. ``norm_output_bytes`` is the element size of the inputs the RMSNorm feeds
     (q/k/v's and gate/up's): 4 where autocast leaves the norm's output in float32 (float32 weights
-    and residual stream, as under DDP), 2 where the model computes in bf16. ``shared_inputs_once`` counts an input several projections share (q, k, v;
-    gate, up) once, as a compiled graph that merges their identical casts computes it.
+    and residual stream, as under DDP), 2 where the model computes in bf16. ``shared_inputs_once``
+    counts an input several projections share (q, k, v; gate, up) once, as a compiled graph that
+    merges their identical casts computes it.
     """
     if recipe not in FLOAT8_RECIPES:
         raise ValueError(f"fp8_recipe {recipe!r}: use one of {', '.join(FLOAT8_RECIPES)}")
@@ -106,7 +108,6 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
         raise ValueError(f"tokens and weight_bytes must be > 0, got {tokens} and {weight_bytes}")
     act, wgt = _activation_cast_bytes(recipe, fused_with_producer), _weight_cast_bytes(recipe, weight_bytes)
     norm_fed = _activation_cast_bytes(recipe, fused_with_producer, norm_output_bytes)
-    norm_fed_inputs = {name for group in SHARED_INPUTS for name in group}
     total = 0
     for parent_name, parent in model.named_modules():
         pad = _mlp_pad(parent)
@@ -116,7 +117,7 @@ def cast_traffic_bytes(model: torch.nn.Module, tokens: int, recipe: str = "tenso
         for name, layer in converted.items():
             out_features, in_features = _computed_shape(layer, name, pad)
             if input_cast_by.get(name, name) == name:
-                total += (norm_fed if name in norm_fed_inputs else act) * tokens * in_features
+                total += (norm_fed if name in NORM_FED else act) * tokens * in_features
             total += act * tokens * out_features + wgt * out_features * in_features
     return total
 
