@@ -21,6 +21,7 @@ for each float8 run after a bf16 one, what its casts cost (its Triton time over 
 least they could cost at the card's memory bandwidth, and the tokens/s its step would reach
 there (``ceiling_tokens_per_s``). ``--parallelism fsdp`` trains through FSDP2 over the one
 device: bf16 compute weights with float32 master weights, where DDP's path casts at each use.
+``--compile-mode max-autotune-no-cudagraphs`` compiles every precision with Inductor's autotuning.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from bench_throughput import (
 )
 
 from curtail.training.float8 import FLOAT8_RECIPES, cast_traffic_bytes
-from curtail.training.loop import SiteTrainer
+from curtail.training.loop import COMPILE_MODES, SiteTrainer
 from curtail.training.power import PowerSampler
 from curtail.training.schedule import LRSchedule
 
@@ -91,7 +92,7 @@ def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Te
     trainer = SiteTrainer(args.preset, vocab_size, seed=0, device=device, micro_batch_size=args.micro,
                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                           compile_model=device.type == "cuda" and not args.eager, fp8_linear=precision != "bf16",
-                          fp8_recipe=recipe, parallelism=args.parallelism)
+                          compile_mode=args.compile_mode, fp8_recipe=recipe, parallelism=args.parallelism)
     tokens_per_step = batches[0][0].numel()
     schedule = LRSchedule.from_fractions(args.peak_lr, tokens_per_step * len(batches), 0.05, 0.3, 0.1)
     losses: list[torch.Tensor] = []
@@ -216,7 +217,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, device: torch
         writer.writerows([step, *(r["losses"][step] for r in results)] for step in range(args.steps))
     summary = {
         "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "parallelism": args.parallelism, "steps": args.steps, "batch_size": args.batch_size, "seq_len": seq_len,
+        "torch": torch.__version__, "parallelism": args.parallelism, "compile_mode": args.compile_mode,
+        "steps": args.steps, "batch_size": args.batch_size, "seq_len": seq_len,
         "vocab_size": vocab_size, "tokens_per_step": args.batch_size * seq_len,
         "runs": [{k: v for k, v in r.items() if k != "losses"} for r in results],
     }
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=20, help="steps left out of tokens/s (compilation)")
     parser.add_argument("--tail", type=int, default=50, help="steps whose mean loss is compared")
     parser.add_argument("--eager", action="store_true", help="no torch.compile on GPUs")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                        help="torch.compile's mode (max-autotune-no-cudagraphs: tuned Triton templates and kernels)")
     parser.add_argument("--parallelism", choices=["ddp", "fsdp"], default="ddp",
                         help="fsdp: FSDP2 over this one device (bf16 compute weights, float32 master)")
     parser.add_argument("--profile", action="store_true", help="profile two steps of each precision")

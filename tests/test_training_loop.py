@@ -18,7 +18,7 @@ from curtail.training.averaging import make_outer_optimizer, pseudo_gradient
 from curtail.training.compression import compress, decompress
 from curtail.training.data import TokenCorpus, load_corpus
 from curtail.training.ledger import DataLedger
-from curtail.training.loop import SiteTrainer
+from curtail.training.loop import COMPILE_MODES, SiteTrainer
 from curtail.training.schedule import LRSchedule
 from curtail.training.tokenizer import train_tokenizer
 
@@ -118,6 +118,14 @@ def test_weights_and_optimizer_state_move_between_trainers(tokenizer, corpora) -
 
     with pytest.raises(ValueError, match="missing"):
         resumed.load_global({"lm_head.weight": exported["lm_head.weight"]})
+
+
+def test_a_compile_mode_torch_lacks_is_refused_with_the_modes_it_has() -> None:
+    with pytest.raises(ValueError, match="compile_mode 'max_autotune': use one of default, max-autotune-no-cudagraphs"):
+        SiteTrainer("tiny", vocab_size=256, seed=0, device="cpu", compile_model=True, compile_mode="max_autotune")
+    import torch._inductor
+
+    assert set(COMPILE_MODES) <= set(torch._inductor.list_mode_options())  # each one torch.compile accepts
 
 
 def test_save_pretrained_reloads_with_transformers(tokenizer, corpora, tmp_path: Path) -> None:

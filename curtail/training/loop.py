@@ -73,6 +73,7 @@ from curtail.training.model import ModelSpec, build_model, get_spec, use_causal_
 
 #: Gradient elements per all-reduce (64M float32 = 256 MiB of extra memory at most).
 _ALL_REDUCE_BUCKET_NUMEL = 1 << 26
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")  # torch.compile's
 
 
 class SiteTrainer:
@@ -93,6 +94,9 @@ class SiteTrainer:
         compile_model: run the loss (model forward + cross-entropy) and its backward through
             ``torch.compile`` (GPUs: faster steps after a one-off compilation of tens of
             seconds; the trainer is long-lived, so it compiles once). Evaluation stays eager.
+        compile_mode: ``torch.compile``'s mode for the model and loss (``"default"``;
+            ``"max-autotune-no-cudagraphs"`` also benchmarks Triton templates against the
+            matmul libraries and tunes each fused kernel's launch, at minutes of compilation).
         fused_cross_entropy: compute the LM head and the cross-entropy in chunks of
             ``loss_chunk_tokens`` tokens (:func:`linear_cross_entropy`) so the full
             ``[tokens, vocab]`` logits never exist; same function, less memory.
@@ -132,6 +136,7 @@ class SiteTrainer:
         autocast_dtype: torch.dtype | None = None,
         process_group: dist.ProcessGroup | None = None,
         compile_model: bool = False,
+        compile_mode: str = "default",
         fused_cross_entropy: bool = False,
         loss_chunk_tokens: int = 8192,
         keep_reference: bool | None = None,
@@ -149,6 +154,8 @@ class SiteTrainer:
             raise ValueError(f"loss_chunk_tokens must be > 0, got {loss_chunk_tokens}")
         if parallelism not in ("ddp", "fsdp"):
             raise ValueError(f'parallelism must be "ddp" or "fsdp", got {parallelism!r}')
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         self.spec = get_spec(preset)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LlamaForCausalLM = build_model(self.spec, vocab_size, seed, self.device)
@@ -177,12 +184,12 @@ class SiteTrainer:
         # the fused loss the model body is compiled and the chunked head + loss (its own small
         # compiled kernels) runs between the body's forward and backward graphs.
         if fused_cross_entropy:
-            body = torch.compile(self.model.model) if compile_model else self.model.model
+            body = torch.compile(self.model.model, mode=compile_mode) if compile_model else self.model.model
             self._train_loss = lambda ids, targets: self._fused_loss(body, ids, targets)
             if self.sharded:  # from inside the root's own call: FSDP gathers the embeddings and the head for it
                 self._train_loss = route_through_root(self.model, self._train_loss)
         else:
-            self._train_loss = torch.compile(self._loss) if compile_model else self._loss
+            self._train_loss = torch.compile(self._loss, mode=compile_mode) if compile_model else self._loss
         self._reference: dict[str, torch.Tensor] | None = None
         self._reference_source: Mapping[str, np.ndarray] | None = None
         self._sent: dict[str, torch.Tensor] | None = None  # the weights at an overlapped submit
