@@ -22,12 +22,18 @@ least they could cost at the card's memory bandwidth, and the tokens/s its step 
 there (``ceiling_tokens_per_s``). ``--parallelism fsdp`` trains through FSDP2 over the one
 device: bf16 compute weights with float32 master weights, where DDP's path casts at each use.
 ``--compile-mode max-autotune-no-cudagraphs`` compiles every precision with Inductor's autotuning.
+``--seeds 0 1 2`` trains every precision from each seed (initial weights; the batches stay the
+same) and compares each run with the first precision's from its seed: the mean and range of those
+gaps tell float8's effect on the loss from the divergence any two runs show (profiles: first seed
+only). ``summary.json`` records the SHA-256 of the tokens trained on, so runs on machines with
+different corpora are told apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 import time
@@ -83,13 +89,13 @@ def load_tokens(args: argparse.Namespace, needed: int) -> tuple[np.ndarray, int]
     return np.tile(tokens, repeats)[:needed], len(tokenizer)
 
 
-def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]],
+def train(precision: str, seed: int, args: argparse.Namespace, batches: list[tuple[torch.Tensor, torch.Tensor]],
           vocab_size: int, device: torch.device) -> dict[str, Any]:
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     if args.parallelism == "fsdp":
         join_group_of_one(device)
     recipe = precision.removeprefix("fp8-") if precision.startswith("fp8-") else "tensorwise"
-    trainer = SiteTrainer(args.preset, vocab_size, seed=0, device=device, micro_batch_size=args.micro,
+    trainer = SiteTrainer(args.preset, vocab_size, seed=seed, device=device, micro_batch_size=args.micro,
                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
                           compile_model=device.type == "cuda" and not args.eager, fp8_linear=precision != "bf16",
                           compile_mode=args.compile_mode, fp8_recipe=recipe, parallelism=args.parallelism)
@@ -113,6 +119,7 @@ def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Te
     peak = peak_flops(device)
     result = {
         "precision": precision,
+        "seed": seed,
         "float8_layers": len(trainer.float8_layers),
         "losses": [float(loss) for loss in losses],
         "tokens_per_s": tokens_per_s,
@@ -122,7 +129,7 @@ def train(precision: str, args: argparse.Namespace, batches: list[tuple[torch.Te
         "power_w": power.mean_power_w if power else None,
         "joules_per_token": power.energy_j / (tokens_per_step * timed_steps) if power else None,
     }
-    if args.profile:
+    if args.profile and seed == args.seeds[0]:  # one profile per precision
         result["profile"] = profile(trainer, batches, args.output_dir / f"profile_{precision}.txt")
         if trainer.float8_layers:
             result["profile"]["float8_cast_roofline_s"] = cast_roofline_s(trainer, batches[0][0].shape, recipe, args)
@@ -151,11 +158,12 @@ def cast_roofline_s(trainer: SiteTrainer, batch_shape: torch.Size, recipe: str,
 
 def add_ceilings(results: list[dict[str, Any]], tokens_per_step: int) -> None:
     """For each profiled float8 run: its casts' measured cost (its Triton time over the first,
-    bf16, run's) and the tokens/s its step would reach with the casts at the bandwidth floor."""
-    base = results[0].get("profile")
-    for result in results[1:]:
+    bf16, run's of its seed) and the tokens/s its step would reach with the casts at the
+    bandwidth floor."""
+    for result in results:
+        base = baseline_of(result, results).get("profile")
         timings = result.get("profile") or {}
-        if base is None or not timings.get("float8_cast_roofline_s"):
+        if result is baseline_of(result, results) or base is None or not timings.get("float8_cast_roofline_s"):
             continue
         measured_s = timings[TRITON] - base[TRITON]
         floor_s = timings["float8_cast_roofline_s"][0]
@@ -203,23 +211,44 @@ def profile(trainer: SiteTrainer, batches: list[tuple[torch.Tensor, torch.Tensor
     return summary
 
 
+def baseline_of(result: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run ``result`` is compared with: the first precision's run from the same seed."""
+    return next(r for r in results if r["seed"] == result["seed"])
+
+
+def tail_gaps(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per precision after the first: its tail gaps over the seeds trained so far, their mean and
+    range (one seed's gap mixes float8's effect with the trajectories' divergence)."""
+    gaps: dict[str, list[float]] = {}
+    for result in results:
+        if result is not baseline_of(result, results):
+            gaps.setdefault(result["precision"], []).append(result["tail_gap"])
+    return {precision: {"seeds": len(values), "mean": float(np.mean(values)), "min": min(values),
+                        "max": max(values)} for precision, values in gaps.items()}
+
+
 def write(results: list[dict[str, Any]], args: argparse.Namespace, device: torch.device, seq_len: int,
-          vocab_size: int) -> dict[str, Any]:
-    """losses.csv and summary.json of the precisions trained so far; the tail gaps against the first."""
-    reference = float(np.mean(results[0]["losses"][-args.tail:]))
+          vocab_size: int, corpus_sha256: str) -> dict[str, Any]:
+    """losses.csv and summary.json of the runs so far; each run's tail gap against the first
+    precision's run from its seed."""
     for result in results:
         result["tail_loss"] = float(np.mean(result["losses"][-args.tail:]))
-        result["tail_gap"] = result["tail_loss"] / reference - 1
+    for result in results:
+        result["tail_gap"] = result["tail_loss"] / baseline_of(result, results)["tail_loss"] - 1
     add_ceilings(results, args.batch_size * seq_len)
+    several_seeds = len(args.seeds) > 1
     with open(args.output_dir / "losses.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", *(f"loss_{r['precision']}" for r in results)])
+        writer.writerow(["step", *(f"loss_{r['precision']}" + (f"_seed{r['seed']}" if several_seeds else "")
+                                   for r in results)])
         writer.writerows([step, *(r["losses"][step] for r in results)] for step in range(args.steps))
     summary = {
         "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "parallelism": args.parallelism, "compile_mode": args.compile_mode,
         "steps": args.steps, "batch_size": args.batch_size, "seq_len": seq_len,
         "vocab_size": vocab_size, "tokens_per_step": args.batch_size * seq_len,
+        "corpus_sha256": corpus_sha256,  # of the tokens trained on: runs on other machine images may differ
+        "seeds": args.seeds, "tail_gaps": tail_gaps(results),
         "runs": [{k: v for k, v in r.items() if k != "losses"} for r in results],
     }
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -237,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=PRECISIONS,
                         help="fp8: the tensorwise recipe; fp8-RECIPE another (curtail.training.float8)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="train each precision from each of these seeds (the same batches); gaps per seed")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--micro", type=int, default=None, help="sequences per forward/backward")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
@@ -264,20 +295,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         window = torch.from_numpy(tokens[step * args.batch_size * seq_len:][: args.batch_size * seq_len + 1])
         batches.append((window[:-1].view(args.batch_size, seq_len).to(device),
                         window[1:].view(args.batch_size, seq_len).to(device)))
+    corpus_sha256 = hashlib.sha256(tokens.tobytes()).hexdigest()
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    for precision in args.precisions:  # the files are rewritten after each, so a failing one keeps the others
-        results.append(train(precision, args, batches, vocab_size, device))
-        summary = write(results, args, device, seq_len, vocab_size)
+    for seed in args.seeds:
+        for precision in args.precisions:  # the files are rewritten after each, so a failing one keeps the others
+            results.append(train(precision, seed, args, batches, vocab_size, device))
+            summary = write(results, args, device, seq_len, vocab_size, corpus_sha256)
     for r in summary["runs"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-        print(f"{r['precision']:>5}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  tail loss {r['tail_loss']:.4f} "
+        print(f"{r['precision']:>5} seed {r['seed']}: {r['tokens_per_s']:>10,.0f} tok/s  MFU {mfu:>6}  tail loss {r['tail_loss']:.4f} "
               f"({r['tail_gap']:+.2%})  float8 layers {r['float8_layers']}  J/token {r.get('joules_per_token', '-')}")
         if "ceiling_tokens_per_s" in r:
             floor_s, unfused_s = r["profile"]["float8_cast_roofline_s"]
             print(f"       float8 casts: {r['float8_casts_measured_s'] * 1e3:.1f} ms measured over two steps, "
                   f"{floor_s * 1e3:.1f}-{unfused_s * 1e3:.1f} ms at the bandwidth floor; "
                   f"at the floor: {r['ceiling_tokens_per_s']:,.0f} tok/s")
+    for precision, gap in summary["tail_gaps"].items():
+        print(f"{precision} against {args.precisions[0]}, tail loss over {gap['seeds']} seed(s): "
+              f"{gap['mean']:+.2%} (from {gap['min']:+.2%} to {gap['max']:+.2%})")
     return summary
 
 

@@ -3,7 +3,7 @@
 # slice of the installed packages' Python source tokenized once under .cache/, then
 # experiments/fp8_quality.py (300 steps of 16 × 2,048 tokens each, the same batches for each
 # precision, two steps of each profiled, with the float8 casts' bandwidth ceiling). Extra
-# arguments go to fp8_quality.py, e.g. --precisions bf16 fp8 fp8-rowwise --parallelism fsdp
+# arguments go to fp8_quality.py, e.g. --precisions bf16 fp8 fp8-rowwise --parallelism fsdp --seeds 0 1 2
 # Needs torchao where the GPU image lacks it: carry its wheel (torchao 0.18 for torch 2.11 was
 # measured) and pip install it into the bundle's site folder first.
 set -euo pipefail
