@@ -161,9 +161,9 @@ def add_ceilings(results: list[dict[str, Any]], tokens_per_step: int) -> None:
     bf16, run's of its seed) and the tokens/s its step would reach with the casts at the
     bandwidth floor."""
     for result in results:
-        base = baseline_of(result, results).get("profile")
-        timings = result.get("profile") or {}
-        if result is baseline_of(result, results) or base is None or not timings.get("float8_cast_roofline_s"):
+        baseline = baseline_of(result, results)
+        base, timings = baseline.get("profile"), result.get("profile") or {}
+        if result is baseline or base is None or not timings.get("float8_cast_roofline_s"):
             continue
         measured_s = timings[TRITON] - base[TRITON]
         floor_s = timings["float8_cast_roofline_s"][0]
