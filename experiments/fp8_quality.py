@@ -231,9 +231,8 @@ def write(results: list[dict[str, Any]], args: argparse.Namespace, device: torch
           vocab_size: int, corpus_sha256: str) -> dict[str, Any]:
     """losses.csv and summary.json of the runs so far; each run's tail gap against the first
     precision's run from its seed."""
-    for result in results:
+    for result in results:  # a run's baseline comes first in results, so its tail loss is there
         result["tail_loss"] = float(np.mean(result["losses"][-args.tail:]))
-    for result in results:
         result["tail_gap"] = result["tail_loss"] / baseline_of(result, results)["tail_loss"] - 1
     add_ceilings(results, args.batch_size * seq_len)
     several_seeds = len(args.seeds) > 1
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         window = torch.from_numpy(tokens[step * args.batch_size * seq_len:][: args.batch_size * seq_len + 1])
         batches.append((window[:-1].view(args.batch_size, seq_len).to(device),
                         window[1:].view(args.batch_size, seq_len).to(device)))
-    corpus_sha256 = hashlib.sha256(tokens.tobytes()).hexdigest()
+    corpus_sha256 = hashlib.sha256(np.ascontiguousarray(tokens)).hexdigest()  # the buffer, no copy
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for seed in args.seeds:
